@@ -1,0 +1,81 @@
+"""A Hugging Face model folder: config.json, *.safetensors (with or without an index), tokenizer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import OffloadgenError
+from ..models import blocks, config_from_hf, family_of
+
+# Checkpoints saved by older code name tensors without the model-class prefix (facebook's OPT:
+# "decoder.layers.0..."; bigscience's BLOOM: "h.0..."), so each name is also tried without it.
+_PREFIXES = ("model.", "transformer.")
+
+
+class SafetensorsFolder:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.name = self.path.name
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise OffloadgenError(f"{self.path}: no config.json (is this a Hugging Face model folder?)")
+        try:
+            self.hf_config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise OffloadgenError(f"{config_file}: not valid JSON ({e})") from None
+        self.cfg = config_from_hf(self.hf_config, str(config_file))
+        self.family = family_of(self.cfg)
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            if list(self.path.glob("*.bin")) or list(self.path.glob("*.pt*")):
+                raise OffloadgenError(f"{self.path}: only pickled weights (*.bin/*.pt); offloadgen reads "
+                                      "safetensors only, since unpickling can run arbitrary code")
+            raise OffloadgenError(f"{self.path}: no *.safetensors files")
+        self._handles = {}
+        self._where: dict[str, Path] = {}
+        for f in files:
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise OffloadgenError(f"{f}: not a readable safetensors file, truncated or corrupt ({e})") from None
+            self._handles[f] = handle
+            for key in handle.keys():
+                self._where[key] = f
+        self._check_complete()
+
+    def _resolve(self, hf_name: str) -> str | None:
+        if hf_name in self._where:
+            return hf_name
+        for prefix in _PREFIXES:
+            if hf_name.startswith(prefix) and hf_name[len(prefix):] in self._where:
+                return hf_name[len(prefix):]
+        return None
+
+    def _check_complete(self) -> None:
+        """Every tensor the config implies must be present with its shape, before any is loaded."""
+        for block in blocks(self.cfg):
+            for hf_name, shape in self.family.block_tensors(self.cfg, block).values():
+                key = self._resolve(hf_name)
+                if key is None:
+                    raise OffloadgenError(f"{self.path}: tensor {hf_name!r} is missing from the safetensors files")
+                found = tuple(self._handles[self._where[key]].get_slice(key).get_shape())
+                if found != tuple(shape):
+                    raise OffloadgenError(f"{self.path}: tensor {hf_name!r} has shape {found}, "
+                                          f"config.json implies {tuple(shape)}")
+
+    def read_block(self, block, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        out = {}
+        for local, (hf_name, _) in self.family.block_tensors(self.cfg, block).items():
+            key = self._resolve(hf_name)
+            try:
+                out[local] = self._handles[self._where[key]].get_tensor(key).to(dtype)
+            except SafetensorError as e:
+                raise OffloadgenError(f"{self._where[key]}: cannot read {key!r} ({e})") from None
+        return out
+
+    def tokenizer(self):
+        from ..tokenizer import load_hf_tokenizer
+        return load_hf_tokenizer(self.path, self.cfg)

@@ -1,0 +1,131 @@
+"""Prefill and decode over the layer-major loop.
+
+For every forward pass the engine walks the blocks in order and runs each block over every
+micro-batch before moving on, so a block's weights are fetched once per pass however large the
+batch (FlexGen's zig-zag schedule). Where the weights come from is the weight source's business.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import OffloadgenError
+from .models import blocks, family_of
+from .models.layers import StepInputs
+from .offload.kv_cache import KVCache
+from .sampling import SamplingParams, sample
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # new tokens per row, without padding after a stop
+    finish_reasons: list[str]  # "stop" (EOS or stop string) or "length"
+    last_logits: torch.Tensor  # [B, V] float32, the logits the last token was chosen from
+
+
+class Engine:
+    def __init__(self, cfg, weights, device: torch.device, dtype: torch.dtype, micro_batch_size: int | None = None):
+        self.cfg = cfg
+        self.family = family_of(cfg)
+        self.weights = weights
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.micro_batch_size = micro_batch_size
+        self.blocks = blocks(cfg)
+
+    def micro_batches(self, batch: int) -> list[slice]:
+        size = self.micro_batch_size or batch
+        return [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        heads, head_dim = self.family.kv_heads(self.cfg)
+        return KVCache(self.cfg.n_layers, batch, max_len, heads, head_dim, self.dtype, self.device)
+
+    def forward(self, ids: torch.Tensor, steps: list[StepInputs], cache: KVCache) -> torch.Tensor:
+        """One pass over new tokens ids [B, t]; returns the last position's logits [B, V] in float32."""
+        cfg, fam, w = self.cfg, self.family, self.weights
+        parts = self.micro_batches(ids.shape[0])
+        block = w.get("embed")
+        hidden = [fam.embed(cfg, block, ids[rows], steps[j]) for j, rows in enumerate(parts)]
+        w.done("embed")
+        for i in range(cfg.n_layers):
+            block = w.get(i)
+            for j, rows in enumerate(parts):
+                k, v = cache.layer(i, rows)
+                hidden[j] = fam.layer(cfg, block, hidden[j], steps[j], k, v)
+            w.done(i)
+        block = w.get("head")
+        logits = torch.cat([fam.head(cfg, block, h[:, -1:]) for h in hidden])
+        w.done("head")
+        return logits[:, -1].float()
+
+    def _steps(self, start: int, positions: torch.Tensor, key_valid: torch.Tensor) -> list[StepInputs]:
+        steps = []
+        for rows in self.micro_batches(positions.shape[0]):
+            step = StepInputs(start=start, positions=positions[rows], key_valid=key_valid[rows])
+            self.family.prepare(self.cfg, step, self.dtype)
+            steps.append(step)
+        return steps
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
+                 eos_token_ids: set[int], pad_token_id: int,
+                 stop_fn: Callable[[int, list[int]], bool] | None = None,
+                 on_prefill: Callable[[], None] | None = None) -> GenerationOutput:
+        """Left-padded input_ids [B, P] with attention_mask [B, P] (1 = real token).
+
+        stop_fn(row, tokens) says whether a row's new tokens end in a stop string; on_prefill is
+        called once the prompt pass is done (benchmarks time it there).
+        """
+        ids = input_ids.to(self.device)
+        mask = attention_mask.to(self.device).bool()
+        batch, prompt_len = ids.shape
+        max_len = prompt_len + params.max_new_tokens
+        if max_len > self.cfg.max_position:
+            raise OffloadgenError(f"prompt of {prompt_len} tokens + {params.max_new_tokens} new tokens exceeds "
+                                  f"the model's context of {self.cfg.max_position} tokens")
+        cache = self.new_cache(batch, max_len)
+        key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
+        key_valid[:, :prompt_len] = mask
+        n_real = mask.long().sum(-1)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = self.forward(ids, self._steps(0, positions, key_valid[:, :prompt_len]), cache)
+        if on_prefill:
+            on_prefill()
+
+        eos = torch.tensor(sorted(eos_token_ids) or [-1], device=self.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        new_tokens = []
+        for i in range(params.max_new_tokens):
+            token = sample(logits, params, generator)
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            new_tokens.append(token)
+            if not params.ignore_eos:
+                finished |= torch.isin(token, eos)
+            if stop_fn is not None:
+                so_far = torch.stack(new_tokens, 1).tolist()
+                for row in range(batch):
+                    if not finished[row] and stop_fn(row, so_far[row]):
+                        finished[row] = True
+            if i == params.max_new_tokens - 1 or bool(finished.all()):
+                break
+            slot = prompt_len + i
+            key_valid[:, slot] = True
+            steps = self._steps(slot, (n_real + i)[:, None], key_valid[:, :slot + 1])
+            logits = self.forward(token[:, None], steps, cache)
+
+        tokens = torch.stack(new_tokens, 1).tolist()
+        out, reasons = [], []
+        for row in tokens:
+            cut = next((j + 1 for j, t in enumerate(row) if t in eos_token_ids), None) if not params.ignore_eos else None
+            out.append(row[:cut] if cut else row)
+            reasons.append("stop" if cut else "length")
+        if stop_fn is not None:
+            reasons = ["stop" if r == "length" and stop_fn(i, out[i]) else r for i, r in enumerate(reasons)]
+        return GenerationOutput(out, reasons, logits)

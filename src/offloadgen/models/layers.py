@@ -1,0 +1,126 @@
+"""Layer math shared by the model families: norms, rotary embeddings, attention over a KV cache.
+
+Every function takes plain tensors; no nn.Module holds weights, because weights arrive per layer
+from wherever the offload runtime keeps them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class StepInputs:
+    """What every layer of one forward pass over one micro-batch needs besides its weights.
+
+    The KV cache has one slot per step of the padded batch: slot j of every row holds the token fed
+    at step j, so all rows write the same slots and left padding is expressed by `key_valid`.
+    """
+
+    start: int  # first cache slot written by this pass
+    positions: torch.Tensor  # [B, t] position of each new token within its own sequence
+    key_valid: torch.Tensor  # [B, start + t] bool: slot holds a real (non-padding) token
+    mask: torch.Tensor | None = None  # [B, 1 or H, t, start + t] additive, built by the family
+    extras: dict = field(default_factory=dict)  # family-specific per-pass tensors (rope, alibi)
+
+    @property
+    def length(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+def attention_mask(step: StepInputs, dtype: torch.dtype, sliding_window: int | None = None) -> torch.Tensor:
+    """Additive mask [B, 1, t, S]: causal, padding keys hidden, optional sliding window.
+
+    A query always sees its own slot, so rows of padding never become fully masked (which would
+    make softmax produce NaN); real tokens never see padding, so those rows cannot leak into them.
+    """
+    device = step.positions.device
+    q_slots = torch.arange(step.start, step.end, device=device)[:, None]
+    k_slots = torch.arange(step.end, device=device)[None, :]
+    allowed = (k_slots <= q_slots)[None] & step.key_valid[:, None, :]
+    if sliding_window is not None:
+        allowed &= (k_slots > q_slots - sliding_window)[None]
+    allowed |= (k_slots == q_slots)[None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, float("-inf"))
+    return mask[:, None]
+
+
+def grouped_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """Repeat a [B, 1, t, S] mask for `group` query heads folded into the query axis."""
+    if group == 1:
+        return mask
+    b, one, t, s = mask.shape
+    return mask[:, :, None].expand(b, one, group, t, s).reshape(b, one, group * t, s)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
+           cache_v: torch.Tensor, step: StepInputs, mask: torch.Tensor,
+           scale: float | None = None) -> torch.Tensor:
+    """Write k, v into the cache at this pass's slots, then attend q over every slot so far.
+
+    q [B, H, t, D]; k, v [B, Hkv, t, D]; cache [B, Hkv, S_max, D]. Grouped-query attention folds
+    the H/Hkv query heads that share a KV head into the query axis, so the cache is never
+    repeated in memory. `mask` must already be grouped the same way (see grouped_mask).
+    """
+    cache_k[:, :, step.start:step.end] = k
+    cache_v[:, :, step.start:step.end] = v
+    keys, values = cache_k[:, :, :step.end], cache_v[:, :, :step.end]
+    b, h, t, d = q.shape
+    h_kv = keys.shape[1]
+    q = q.reshape(b, h_kv, (h // h_kv) * t, d)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(b, h, t, d)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # In float32 as transformers does, so half-precision runs keep the same rounding.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype,
+                 attention_scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [B, 1, t, D] for the given positions (float32 math, then cast)."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = (emb.cos() * attention_scaling).to(dtype)[:, None]
+    sin = (emb.sin() * attention_scaling).to(dtype)[:, None]
+    return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al.), with BLOOM's handling of head counts that are not 2^k."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest != n_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        n_extra = min(closest, n_heads - closest)
+        slopes += [extra_base ** (2 * i + 1) for i in range(n_extra)]
+    return torch.tensor(slopes, dtype=torch.float32)

@@ -1,0 +1,98 @@
+"""The command line: good input gives text on stdout; bad input a one-line error, exit 2."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from offloadgen.cli import main
+
+from conftest import make_checkpoint
+
+
+def run(capsys, *argv):
+    capsys.readouterr()  # drop what fixtures printed (transformers' save progress)
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("offloadgen: error:"), err
+    for n in needles:
+        assert n in lines[0]
+
+
+def test_missing_path(capsys, tmp_path):
+    one_line_error(*run(capsys, "generate", str(tmp_path / "nope"))[::2], "does not exist")
+
+
+def test_folder_without_config(capsys, tmp_path):
+    one_line_error(*run(capsys, "generate", str(tmp_path))[::2], "no config.json")
+
+
+def test_unsupported_architecture_names_the_supported_ones(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
+    one_line_error(*run(capsys, "generate", str(tmp_path))[::2], "gpt_neox", "llama", "opt", "bloom")
+
+
+def test_truncated_safetensors(capsys, tmp_path, tiny):
+    _, path = tiny("opt")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in path.iterdir():
+        data = f.read_bytes()
+        (bad / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    one_line_error(*run(capsys, "generate", str(bad))[::2], "truncated or corrupt")
+
+
+def test_missing_tensor(capsys, tmp_path):
+    from safetensors.torch import load_file, save_file
+    make_checkpoint("llama2-mha", tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    one_line_error(*run(capsys, "generate", str(tmp_path))[::2], "model.layers.1.mlp.up_proj.weight", "missing")
+
+
+def test_prompt_longer_than_context(capsys):
+    code, _, err = run(capsys, "generate", "opt-125m", "--dummy", "--prompt", "x" * 2100, "--max-new-tokens", "2")
+    one_line_error(code, err, "2100 tokens", "context is 2048")
+
+
+def test_unknown_preset(capsys):
+    one_line_error(*run(capsys, "generate", "opt-7b", "--dummy")[::2], "no built-in config", "opt-6.7b")
+
+
+def test_generate_prompt_to_stdout(capsys, tiny, tmp_path):
+    _, path = tiny("opt")
+    code, out, err = run(capsys, "generate", "opt-125m", "--dummy", "--prompt", "hello", "--max-new-tokens", "3")
+    assert code == 0 and out.startswith("hello")
+
+
+def test_jsonl_in_and_out(capsys, tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "one"}\n{"prompt": "two two"}\n{"id": 7, "messages": [{"role": "user", "content": "hi"}]}\n')
+    code, out, err = run(capsys, "generate", "opt-125m", "--dummy", "--input", str(src), "--output", str(dst),
+                         "--max-new-tokens", "4", "--batch-size", "2")
+    assert code == 0 and out == ""
+    rows = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", 2, 7]
+    assert all(r["tokens"] == 4 and r["finish_reason"] == "length" for r in rows)
+
+
+def test_bad_jsonl_line_is_named(capsys, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "ok"}\n{not json\n')
+    one_line_error(*run(capsys, "generate", "opt-125m", "--dummy", "--input", str(src))[::2], "in.jsonl:2")
+
+
+def test_no_traceback_from_the_real_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "offloadgen.cli", "generate", str(tmp_path / "missing")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert proc.stderr.strip().startswith("offloadgen: error:")
