@@ -73,11 +73,12 @@ class Engine:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
                  eos_token_ids: set[int], pad_token_id: int,
                  stop_fn: Callable[[int, list[int]], bool] | None = None,
-                 on_prefill: Callable[[], None] | None = None) -> GenerationOutput:
+                 on_prefill: Callable[[], None] | None = None,
+                 on_token: Callable[[int], None] | None = None) -> GenerationOutput:
         """Left-padded input_ids [B, P] with attention_mask [B, P] (1 = real token).
 
         stop_fn(row, tokens) says whether a row's new tokens end in a stop string; on_prefill is
-        called once the prompt pass is done (benchmarks time it there).
+        called once the prompt pass is done (benchmarks time it there), on_token after each token.
         """
         ids = input_ids.to(self.device)
         mask = attention_mask.to(self.device).bool()
@@ -106,6 +107,8 @@ class Engine:
             token = sample(logits, params, generator)
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             new_tokens.append(token)
+            if on_token:
+                on_token(i)
             if not params.ignore_eos:
                 finished |= torch.isin(token, eos)
             if stop_fn is not None:

@@ -65,6 +65,14 @@ def block_nbytes(cfg, block, bytes_per_param: float) -> int:
     return int(sum(math.prod(shape) for _, shape in tensors.values()) * bytes_per_param)
 
 
+def shared_nbytes(cfg, bytes_per_param: float) -> int:
+    """Bytes of tensors that the embed and head blocks share (tied embeddings): stored once."""
+    fam = family_of(cfg)
+    embed = {hf: shape for hf, shape in fam.block_tensors(cfg, "embed").values()}
+    head = {hf: shape for hf, shape in fam.block_tensors(cfg, "head").values()}
+    return int(sum(math.prod(embed[k]) for k in embed.keys() & head.keys()) * bytes_per_param)
+
+
 def param_count(cfg) -> int:
     """Real parameter count: every tensor once, tied embeddings once."""
     seen = {}

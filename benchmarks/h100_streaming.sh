@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Issue 9's matrix on one GPU: parity of streamed vs resident weights, then OPT-30B fp16 dummy,
+# weights in CPU RAM, 16 GiB GPU budget, prompt 512, gen 32, through `offloadgen bench`; then
+# the Accelerate peer on the same workload. Records go to $OUT (or ./out); a table prints last.
+#   bash benchmarks/h100_streaming.sh [parity] [bs8] [bs16] [pageable] [accelerate]
+set -uo pipefail
+out=${OUT:-out}; mkdir -p "$out"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+bench="python3 -m offloadgen.cli bench --model facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --prompt-len 512 --gen-len 32 --loops 2 --verbose 1 --json-file $out/offloadgen.jsonl"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+for what in "${@:-parity bs8 bs16}"; do
+  case $what in
+    parity) python3 benchmarks/gpu_parity.py 2>&1 | tee "$out/parity.txt" ;;
+    bs8) (cd "$out" && $bench --batch-size 8) ;;
+    bs16) (cd "$out" && $bench --batch-size 16 --micro-batch-size 4) ;;
+    pageable) (cd "$out" && $bench --batch-size 8 --pin-memory 0) ;;
+    accelerate) python3 benchmarks/peers/accelerate_peer.py --model opt-30b --batch-size 8 --gpu-memory 16GiB --json-file "$out/peers.jsonl" ;;
+  esac
+done
+python3 benchmarks/table.py "$out"/*.jsonl

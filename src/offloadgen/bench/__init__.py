@@ -1,0 +1,1 @@
+"""`offloadgen bench`: the reference's run_generation (DeepSpeed ZeRO-Inference), metrics and logs."""

@@ -1,0 +1,204 @@
+"""run_generation, as the reference defines it: fixed-length prompts, `loops` timed generations,
+prefill timed apart from decode, the reference's metrics printed and appended to a log file,
+plus a JSON record per run with what the reference does not say (placement, bus limit, start-up).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .. import __version__
+from ..api import resolve_dtype
+from ..checkpoint import open_checkpoint
+from ..engine import Engine
+from ..errors import OffloadgenError
+from ..models import param_count
+from ..offload import ResidentWeights
+from ..offload.placement import GiB, plan_placement
+from ..offload.streaming import StreamingWeights
+from ..sampling import SamplingParams
+from .hardware import h2d_bandwidth
+from .metrics import Metrics, cache_bytes, hidden_bytes, log_filename, log_lines
+
+PROMPT = "Paris is the capital city of"
+
+
+@dataclass
+class BenchArgs:
+    model: str = "facebook/opt-1.3b"
+    dummy: bool = False
+    batch_size: int = 1
+    prompt_len: int = 512
+    gen_len: int = 32
+    cpu_offload: bool = False
+    disk_offload: bool = False
+    offload_dir: str = "~/offload_dir"
+    kv_offload: bool = False
+    pin_kv_cache: bool = False
+    async_kv_offload: bool = False
+    quant_bits: int = 16
+    quant_group_size: int = 64
+    pin_memory: int = 1
+    num_nodes: int = 1
+    num_gpus_per_node: int = 1
+    output_file: str = "auto"
+    verbose: int = 2
+    loops: int = 2
+    gpu_memory: int | None = None  # bytes; None: what the card has free, less a margin
+    micro_batch_size: int | None = None
+    prefetch_depth: int = 1
+    device: str | None = None
+    dtype: str = "float16"
+    json_file: str | None = None  # default: the log file's name with .jsonl
+
+
+def check_supported(a: BenchArgs) -> None:
+    """Flags whose work lands in later issues are refused clearly, never silently ignored."""
+    if a.disk_offload:
+        raise OffloadgenError("--disk-offload is not implemented yet (weights on disk come with the KV/disk offload work); "
+                              "use --cpu-offload")
+    if a.kv_offload or a.pin_kv_cache or a.async_kv_offload:
+        raise OffloadgenError("--kv-offload / --pin-kv-cache / --async-kv-offload are not implemented yet; "
+                              "the KV cache stays on the GPU")
+    if a.quant_bits != 16:
+        raise OffloadgenError(f"--quant-bits {a.quant_bits}: weight quantization is not implemented yet; use 16")
+    if a.num_nodes * a.num_gpus_per_node != 1:
+        raise OffloadgenError("several GPUs/nodes are not implemented yet; use --num-nodes 1 --num-gpus-per-node 1")
+    for name in ("batch_size", "prompt_len", "gen_len", "loops"):
+        if getattr(a, name) < 1:
+            raise OffloadgenError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def bench_inputs(tokenizer, batch: int, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's workload: its sentence, left-padded with EOS to exactly prompt_len tokens."""
+    ids = tokenizer.encode(PROMPT)
+    if len(ids) > prompt_len:
+        raise OffloadgenError(f"--prompt-len {prompt_len} is shorter than the prompt ({len(ids)} tokens)")
+    eos = min(tokenizer.eos_token_ids)
+    row = [eos] * (prompt_len - len(ids)) + ids
+    mask = [0] * (prompt_len - len(ids)) + [1] * len(ids)
+    return torch.tensor([row] * batch), torch.tensor([mask] * batch)
+
+
+def default_budget(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free - max(1 * GiB, 0.05 * free))  # room for the CUDA context's own growth and fragmentation
+
+
+def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
+    check_supported(a)
+    device = torch.device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t_start = time.perf_counter()
+    checkpoint = open_checkpoint(a.model, dummy=a.dummy)
+    cfg = checkpoint.cfg
+    dtype = resolve_dtype(a.dtype, device, cfg)
+    elem = torch.empty((), dtype=dtype).element_size()
+    tokenizer = checkpoint.tokenizer()
+    input_ids, mask = bench_inputs(tokenizer, a.batch_size, a.prompt_len)
+
+    bandwidth = h2d_bandwidth(device) if device.type == "cuda" else None
+    budget = a.gpu_memory or default_budget(device)
+    placement = None
+    if budget is not None:
+        placement = plan_placement(cfg, elem, budget, a.batch_size, a.prompt_len, a.gen_len, a.micro_batch_size,
+                                   a.prefetch_depth, offload=a.cpu_offload)
+    t_load = time.perf_counter()
+    if placement is not None and placement.streamed:
+        weights = StreamingWeights(checkpoint, device, dtype, placement, pinned=bool(a.pin_memory),
+                                   progress=a.verbose > 0)
+    else:
+        weights = ResidentWeights(checkpoint, device, dtype, progress=a.verbose > 0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)  # the bandwidth probe's buffers are not ours to count
+    startup = time.perf_counter() - t_start
+    load_s = time.perf_counter() - t_load
+    if a.verbose:
+        where = placement.describe() if placement is not None else "all weights on the CPU"
+        print(f"model ready in {startup:.1f} s ({getattr(weights, 'timings', {})}); {where}", file=sys.stderr)
+
+    engine = Engine(cfg, weights, device, dtype, a.micro_batch_size)
+    params = SamplingParams(max_new_tokens=a.gen_len, ignore_eos=True)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    totals, prefills = [], []
+    for loop in range(a.loops):
+        bar = tqdm(total=a.gen_len, desc=f"loop {loop + 1}/{a.loops}", unit="tok", file=sys.stderr, leave=False,
+                   disable=None if a.verbose else True)
+        marks = {}
+
+        def on_prefill():
+            sync()
+            marks["prefill"] = time.perf_counter()
+
+        sync()
+        t0 = time.perf_counter()
+        result = engine.generate(input_ids, mask, params, set(), min(tokenizer.eos_token_ids),
+                                 on_prefill=on_prefill, on_token=lambda i: bar.update())
+        sync()
+        t1 = time.perf_counter()
+        bar.close()
+        totals.append(t1 - t0)
+        prefills.append(marks["prefill"] - t0)
+    if hasattr(weights, "close"):
+        weights.close()
+
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    m = Metrics(a.batch_size, a.prompt_len, a.gen_len, prefills[-1], totals[-1], peak)
+    seq = a.prompt_len + a.gen_len
+    model_bytes = param_count(cfg) * 2
+    cache, hidden = cache_bytes(a.batch_size, seq, cfg.n_layers, cfg.hidden_size), hidden_bytes(a.batch_size, seq, cfg.hidden_size)
+
+    if a.verbose >= 2:
+        texts = [tokenizer.decode(t) for t in result.tokens]
+        for i in sorted({0, len(texts) // 2, len(texts) - 1}):
+            print(f"Outputs {i}: {PROMPT}{texts[i]!r}", file=out)
+        assert all(len(t) == a.gen_len for t in result.tokens), "every output must be prompt_len + gen_len long"
+    lines = log_lines(model_bytes, cache, hidden, m)
+    if a.verbose >= 1:
+        print(lines, end="", file=out)
+
+    kind = "cpu" if a.cpu_offload else "gpu"
+    log_path = Path(a.output_file if a.output_file != "auto" else
+                    log_filename(a.model, a.batch_size, a.prompt_len, a.gen_len, a.num_nodes, a.num_gpus_per_node,
+                                 kind, a.kv_offload, a.quant_bits))
+    with open(log_path, "a") as f:
+        f.write(lines)
+    streamed = placement.streamed_bytes if placement is not None else 0
+    bus_limit_step = streamed / bandwidth if bandwidth else None
+    record = {
+        "system": "offloadgen", "version": __version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv), "model": a.model, "dummy": a.dummy, "batch_size": a.batch_size,
+        "prompt_len": a.prompt_len, "gen_len": a.gen_len, "loops": a.loops, "cpu_offload": a.cpu_offload,
+        "pin_memory": a.pin_memory, "quant_bits": a.quant_bits, "kv_offload": a.kv_offload, "dtype": str(dtype),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "gpu_budget_bytes": budget,
+        "placement": None if placement is None else {**placement.bytes, "resident_blocks": len(placement.resident),
+                                                     "streamed_blocks": len(placement.streamed)},
+        "h2d_bandwidth_bytes_s": bandwidth, "bus_limit_decode_step_s": bus_limit_step,
+        "model_bytes": model_bytes, "cache_bytes": cache, "hidden_bytes": hidden,
+        "prefill_latency_s": m.prefill_latency, "prefill_throughput": m.prefill_throughput,
+        "decode_latency_s": m.decode_latency, "decode_throughput": m.decode_throughput,
+        "decode_step_s": m.decode_step, "total_latency_s": m.total_latency, "total_throughput": m.total_throughput,
+        "decode_step_over_bus_limit": m.decode_step / bus_limit_step if bus_limit_step else None,
+        "peak_gpu_mem_bytes": peak, "startup_s": startup, "weights_load_s": load_s,
+        "weights_timings": getattr(weights, "timings", {}), "all_totals_s": totals, "all_prefills_s": prefills,
+        "log_file": str(log_path),
+    }
+    json_path = Path(a.json_file) if a.json_file else log_path.with_suffix(".jsonl")
+    with open(json_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if a.verbose and bus_limit_step:
+        print(f"decode step {m.decode_step:.3f} s; bus limit {bus_limit_step:.3f} s "
+              f"({streamed / 1e9:.2f} GB at {bandwidth / 1e9:.1f} GB/s): {bus_limit_step / m.decode_step:.1%} of the bus",
+              file=sys.stderr)
+    return record

@@ -1,0 +1,106 @@
+"""Which blocks stay resident on the GPU and which stream from CPU memory, under a memory budget.
+
+Everything that lives on the GPU counts against the budget: the KV cache, the ring of buffers
+that streamed blocks arrive in, the activations of the largest pass (the prefill), and the
+resident blocks. Every resident block saves its bytes on the bus in every pass, so the plan keeps
+as many as fit: the head and embeddings first (needed every pass, shared when tied), then layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import OffloadgenError
+from ..models import block_nbytes, blocks, family_of, shared_nbytes
+
+GiB = 1 << 30
+
+
+@dataclass
+class Placement:
+    resident: list  # blocks kept on the GPU
+    streamed: list  # blocks copied in every pass, in pass order
+    ring_slots: int
+    bytes: dict = field(default_factory=dict)  # what each part of the GPU memory holds
+
+    @property
+    def streamed_bytes(self) -> int:
+        return self.bytes["streamed_per_pass"]
+
+    def describe(self) -> str:
+        b = self.bytes
+        return (f"{len(self.resident)} blocks resident ({b['resident'] / GiB:.2f} GiB), {len(self.streamed)} streamed "
+                f"({b['streamed_per_pass'] / GiB:.2f} GiB per pass through {self.ring_slots} buffers of "
+                f"{b['ring'] / self.ring_slots / GiB if self.ring_slots else 0:.2f} GiB), KV cache {b['kv_cache'] / GiB:.2f} GiB, "
+                f"activations {b['activations'] / GiB:.2f} GiB")
+
+
+def activation_bytes(cfg, micro_batch: int, prompt_len: int, max_len: int, elem: int) -> int:
+    """A generous bound on the prefill's temporaries for one micro-batch.
+
+    Hidden state and its norm/residual copies, q/k/v/attention output, the MLP's intermediate
+    (two of them for SwiGLU), the additive attention mask, and float32 logits of the last
+    position. Attention scores are not materialised: SDPA's memory-efficient kernel runs with a mask.
+    """
+    h = cfg.hidden_size
+    ffn = getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None) or 4 * h
+    tokens = micro_batch * prompt_len
+    per_token = (8 * h + 3 * ffn) * elem
+    # BLOOM's mask carries ALiBi per head; grouped-query attention repeats it per group
+    mask_heads = cfg.n_heads if cfg.family == "bloom" else cfg.n_heads // cfg.n_kv_heads
+    mask = micro_batch * mask_heads * prompt_len * max_len * elem
+    logits = micro_batch * cfg.vocab_size * 4 * 2
+    return tokens * per_token + mask + logits
+
+
+def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: int, gen_len: int,
+                   micro_batch: int | None = None, prefetch_depth: int = 1, offload: bool = True,
+                   kv_on_gpu: bool = True, max_resident_layers: int | None = None) -> Placement:
+    """Place blocks under `budget` bytes of GPU memory; refuse, saying what would fit, if impossible."""
+    max_len = prompt_len + gen_len
+    heads, head_dim = family_of(cfg).kv_heads(cfg)
+    kv = 2 * cfg.n_layers * batch * max_len * heads * head_dim * elem_bytes if kv_on_gpu else 0
+    act = activation_bytes(cfg, micro_batch or batch, prompt_len, max_len, elem_bytes)
+    sizes = {b: block_nbytes(cfg, b, elem_bytes) for b in blocks(cfg)}
+    shared = shared_nbytes(cfg, elem_bytes)  # tied embeddings: one matrix for embed and head
+    everything = sum(sizes.values()) - shared
+    fixed = kv + act
+    if not offload:
+        need = fixed + everything
+        if need > budget:
+            raise OffloadgenError(f"the model needs {need / GiB:.1f} GiB of GPU memory (weights {everything / GiB:.1f}, "
+                                  f"KV cache {kv / GiB:.1f}, activations {act / GiB:.1f}) but the budget is "
+                                  f"{budget / GiB:.1f} GiB: add --cpu-offload, or lower the batch size")
+        return Placement(list(blocks(cfg)), [], 0, dict(resident=everything, kv_cache=kv, activations=act,
+                                                         ring=0, streamed_per_pass=0))
+    slots = prefetch_depth + 1
+    layer_bytes = max(sizes[i] for i in range(cfg.n_layers))
+    # The embedding and head (one tensor when tied) are wanted resident; if they cannot be, they
+    # stream like a layer and the ring must hold the largest block.
+    ends = ["head", "embed"]
+    ends_bytes = sizes["head"] + sizes["embed"] - shared
+    ring = slots * layer_bytes
+    if fixed + ring + ends_bytes > budget:
+        ring = slots * max(sizes.values())
+        ends, ends_bytes = [], 0
+    if fixed + ring > budget:
+        largest = max(1, batch // 2)
+        raise OffloadgenError(
+            f"batch {batch} does not fit a {budget / GiB:.1f} GiB GPU budget: KV cache {kv / GiB:.1f} GiB + "
+            f"activations {act / GiB:.1f} GiB + {slots} layer buffers {ring / GiB:.1f} GiB = "
+            f"{(fixed + ring) / GiB:.1f} GiB. Try a smaller --batch-size (e.g. {largest}), a larger --gpu-memory, "
+            f"or --micro-batch-size to shrink activations")
+    free = budget - fixed - ring - ends_bytes
+    n_resident = min(cfg.n_layers, int(free // layer_bytes))
+    if max_resident_layers is not None:
+        n_resident = min(n_resident, max_resident_layers)
+    if n_resident == cfg.n_layers:  # everything fits: no ring needed at all
+        return plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
+                              offload=False, kv_on_gpu=kv_on_gpu)
+    # Keep the last layers resident: the copy of the next pass's first layers then overlaps them.
+    resident_layers = list(range(cfg.n_layers - n_resident, cfg.n_layers))
+    resident = [b for b in blocks(cfg) if b in ends or b in resident_layers]
+    streamed = [b for b in blocks(cfg) if b not in resident]
+    streamed_bytes = sum(sizes[b] for b in streamed)
+    resident_bytes = sum(sizes[b] for b in resident) - (shared if "embed" in resident else 0)
+    return Placement(resident, streamed, slots, dict(resident=resident_bytes, kv_cache=kv, activations=act, ring=ring,
+                                                     streamed_per_pass=streamed_bytes))

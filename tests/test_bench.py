@@ -1,0 +1,59 @@
+"""`offloadgen bench`: the reference's flags, metrics, log lines and file names."""
+import json
+import re
+
+import pytest
+
+from offloadgen.bench.metrics import Metrics, log_filename
+from offloadgen.cli import main
+
+
+def test_metric_formulas_are_the_references():
+    m = Metrics(batch=8, prompt_len=512, gen_len=32, prefill_latency=2.0, total_latency=10.0, peak_gpu_mem=0)
+    assert m.decode_latency == 8.0
+    assert m.prefill_throughput == 8 * 512 / 2.0
+    assert m.decode_throughput == 8 * 31 / 8.0
+    assert m.total_throughput == 8 * 32 / 10.0
+
+
+def test_log_file_names_follow_the_reference():
+    assert log_filename("facebook/opt-175b", 8, 512, 32, 1, 1, "cpu", True, 4) == \
+        "ds-opt-175b-bs8-prompt512-gen32-n1x1-cpu-kv_offload-w_quant.log"
+    assert log_filename("opt-30b", 16, 512, 32, 1, 1, "gpu", False, 16) == "ds-opt-30b-bs16-prompt512-gen32-n1x1-gpu.log"
+
+
+def test_bench_run_writes_the_four_log_lines_and_a_json_record(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # the reference's underscore spellings are accepted
+    code = main(["bench", "--model", "facebook/opt-125m", "--dummy", "--batch_size", "3", "--prompt_len", "40",
+                 "--gen_len", "5", "--loops", "2", "--dtype", "float32", "--verbose", "2"])
+    assert code == 0
+    log = tmp_path / "ds-opt-125m-bs3-prompt40-gen5-n1x1-gpu.log"
+    lines = log.read_text().splitlines()
+    assert len(lines) == 4
+    number = r"[0-9]+\.[0-9]{3}"
+    assert re.fullmatch(rf"model size: {number} GB\tcache size: {number} GB\thidden size \(p\): {number} GB", lines[0])
+    assert re.fullmatch(rf"peak gpu mem: {number} GB\tprefill latency: {number} s\tprefill throughput: {number} token/s", lines[1])
+    assert re.fullmatch(rf"decode latency: {number} s\tdecode throughput: {number} token/s", lines[2])
+    assert re.fullmatch(rf"total latency: {number} s\ttotal throughput: {number} token/s", lines[3])
+    rec = json.loads(log.with_suffix(".jsonl").read_text())
+    assert rec["decode_latency_s"] == pytest.approx(rec["total_latency_s"] - rec["prefill_latency_s"])
+    assert rec["decode_throughput"] == pytest.approx(3 * 4 / rec["decode_latency_s"])
+    assert len(rec["all_totals_s"]) == 2
+    out = capsys.readouterr().out
+    assert "Outputs 0:" in out and "Outputs 2:" in out
+    # appended, not overwritten
+    main(["bench", "--model", "opt-125m", "--dummy", "--batch-size", "3", "--prompt-len", "40", "--gen-len", "5",
+          "--loops", "1", "--dtype", "float32", "--verbose", "0"])
+    assert len(log.read_text().splitlines()) == 8
+
+
+@pytest.mark.parametrize("flags,needle", [(["--disk-offload"], "--disk-offload"), (["--kv-offload"], "--kv-offload"),
+                                          (["--quant_bits", "4"], "--quant-bits 4"),
+                                          (["--num-gpus-per-node", "2"], "several GPUs"),
+                                          (["--prompt-len", "3"], "shorter than the prompt")])
+def test_flags_not_yet_supported_are_refused_clearly(capsys, tmp_path, monkeypatch, flags, needle):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--model", "opt-125m", "--dummy", *flags]) == 2
+    assert needle in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -1,0 +1,99 @@
+"""The streaming weight source and the placement planner, checked on the CPU."""
+import pytest
+import torch
+
+from offloadgen.checkpoint import DummyCheckpoint, SafetensorsFolder
+from offloadgen.engine import Engine
+from offloadgen.errors import OffloadgenError
+from offloadgen.models import block_nbytes, blocks, preset
+from offloadgen.offload import ResidentWeights
+from offloadgen.offload.placement import GiB, Placement, plan_placement
+from offloadgen.offload.streaming import StreamingWeights
+from offloadgen.sampling import SamplingParams
+
+from test_parity import ragged_batch
+
+CPU = torch.device("cpu")
+
+
+def streamed_placement(cfg, resident=(), depth=1):
+    order = [b for b in blocks(cfg) if b not in resident]
+    return Placement(list(resident), order, depth + 1, dict(streamed_per_pass=0))
+
+
+@pytest.mark.parametrize("variant,resident,depth", [("llama3-gqa-rope-scaling", (), 1), ("opt", ("head", "embed", 2), 2),
+                                                    ("bloom", (1,), 3), ("smollm-tied", ("embed",), 1)])
+def test_streamed_generation_equals_resident(tiny, variant, resident, depth):
+    _, path = tiny(variant)
+    ckpt = SafetensorsFolder(path)
+    ids, mask = ragged_batch(seed=7)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    ref = Engine(ckpt.cfg, ResidentWeights(ckpt, CPU, torch.float32, progress=False), CPU, torch.float32, 2) \
+        .generate(ids, mask, params, set(), 0)
+    weights = StreamingWeights(ckpt, CPU, torch.float32, streamed_placement(ckpt.cfg, resident, depth), progress=False)
+    out = Engine(ckpt.cfg, weights, CPU, torch.float32, micro_batch_size=2).generate(ids, mask, params, set(), 0)
+    assert out.tokens == ref.tokens
+    assert torch.equal(out.last_logits, ref.last_logits)
+
+
+def test_prefetch_schedule_runs_ahead_and_reuses_slots_in_order():
+    cfg = preset("opt-125m")
+    ck = DummyCheckpoint(cfg)
+    placement = streamed_placement(cfg, resident=("embed", "head", 11), depth=2)
+    w = StreamingWeights(ck, CPU, torch.float32, placement, progress=False)
+    order = placement.streamed  # layers 0..10
+    # before any use, depth + 1 blocks are already issued
+    assert [b for _, b, _ in w.issued_log] == order[:3]
+    for step in range(2):  # two passes: the prefetch wraps around from layer 10 to layer 0
+        for b in blocks(cfg):
+            w.get(b)
+            w.done(b)
+    log = w.issued_log
+    assert [b for _, b, _ in log] == [order[i % len(order)] for i in range(len(log))]
+    assert all(slot == i % 3 for i, _, slot in log)
+    assert len(log) == 2 * len(order) + 3  # always exactly depth + 1 ahead of use
+    with pytest.raises(AssertionError, match="pass order"):
+        w.get(order[5])  # out of order: the schedule refuses rather than return the wrong weights
+
+
+def test_packed_views_hold_each_tensor():
+    cfg = preset("opt-125m")
+    ck = DummyCheckpoint(cfg)
+    w = StreamingWeights(ck, CPU, torch.float32, streamed_placement(cfg), progress=False)
+    got = w.get("embed")
+    for name, t in ck.read_block("embed", torch.float32).items():
+        assert torch.equal(got[name], t)
+        assert (got[name].data_ptr() - w.ring[0].data_ptr()) % 256 == 0  # aligned within the flat buffer
+
+
+def test_placement_fills_the_budget_with_resident_layers():
+    cfg = preset("opt-30b")
+    layer = block_nbytes(cfg, 0, 2)
+    small = plan_placement(cfg, 2, 10 * GiB, 8, 512, 32, offload=True)
+    large = plan_placement(cfg, 2, 16 * GiB, 8, 512, 32, offload=True)
+    assert "head" in large.resident and len(large.resident) > len(small.resident)
+    for p, budget in ((small, 10 * GiB), (large, 16 * GiB)):
+        used = sum(v for k, v in p.bytes.items() if k != "streamed_per_pass")
+        assert used <= budget < used + layer + 1  # under budget, and not one more layer would fit
+        assert p.streamed_bytes == sum(block_nbytes(cfg, b, 2) for b in p.streamed)
+        assert p.resident[-1] == cfg.n_layers - 1 or p.resident[-1] == "head"
+
+
+def test_placement_refuses_with_what_would_fit():
+    cfg = preset("opt-30b")
+    with pytest.raises(OffloadgenError, match=r"batch 64 does not fit .*smaller --batch-size"):
+        plan_placement(cfg, 2, 16 * GiB, 64, 512, 32, offload=True)
+    with pytest.raises(OffloadgenError, match=r"needs .* GiB .*--cpu-offload"):
+        plan_placement(cfg, 2, 16 * GiB, 8, 512, 32, offload=False)
+
+
+def test_everything_fits_means_nothing_streams():
+    p = plan_placement(preset("opt-1.3b"), 2, 16 * GiB, 4, 128, 8, offload=True)
+    assert p.streamed == [] and p.ring_slots == 0
+
+
+def test_tied_embeddings_counted_once():
+    cfg = preset("opt-1.3b")
+    p = plan_placement(cfg, 2, 40 * GiB, 1, 16, 4, offload=False)
+    total = sum(block_nbytes(cfg, b, 2) for b in blocks(cfg))
+    assert p.bytes["resident"] == total - cfg.vocab_size * cfg.hidden_size * 2  # the shared matrix once
