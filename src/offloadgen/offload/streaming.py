@@ -63,6 +63,8 @@ class StreamingWeights:
         self.device = torch.device(device)
         self.dtype = dtype
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.placement = placement
         self.order = list(placement.streamed)
         self.position = {b: i for i, b in enumerate(self.order)}
@@ -129,6 +131,7 @@ class StreamingWeights:
             self.staged_free = [None] * slots
             self.jobs: queue.Queue = queue.Queue()
             self.issued = {}
+            self.worker_error = None
             self.worker = threading.Thread(target=self._stage_worker, daemon=True)
             self.worker.start()
         for _ in range(min(slots, len(self.order))):
@@ -165,20 +168,27 @@ class StreamingWeights:
             job = self.jobs.get()
             if job is None:
                 return
-            block, slot, free_event, issued = job
-            src, staging = self.host[block], self.staging[slot]
-            if self.staged_free[slot] is not None:
-                self.staged_free[slot].synchronize()  # the staging buffer's last copy has left it
-            staging[:src.numel()].copy_(src)
-            with torch.cuda.stream(self.copy_stream):
-                if free_event is not None:
-                    self.copy_stream.wait_event(free_event)
-                self.ring[slot][:src.numel()].copy_(staging[:src.numel()], non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(self.copy_stream)
-            self.ready[block] = ready
-            self.staged_free[slot] = ready
-            issued.set()
+            try:
+                self._stage(*job)
+            except BaseException as e:  # hand the failure to the engine's thread instead of hanging it
+                self.worker_error = e
+                job[3].set()
+                return
+
+    def _stage(self, block, slot, free_event, issued) -> None:
+        src, staging = self.host[block], self.staging[slot]
+        if self.staged_free[slot] is not None:
+            self.staged_free[slot].synchronize()  # the staging buffer's last copy has left it
+        staging[:src.numel()].copy_(src)
+        with torch.cuda.stream(self.copy_stream):
+            if free_event is not None:
+                self.copy_stream.wait_event(free_event)
+            self.ring[slot][:src.numel()].copy_(staging[:src.numel()], non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.copy_stream)
+        self.ready[block] = ready
+        self.staged_free[slot] = ready
+        issued.set()
 
     def get(self, block) -> dict[str, torch.Tensor]:
         if block in self.resident:
@@ -188,6 +198,8 @@ class StreamingWeights:
         if self.cuda:
             if not self.pinned:
                 self.issued[block].wait()  # the worker has recorded the block's ready event
+                if self.worker_error is not None:
+                    raise RuntimeError("the weight staging thread failed") from self.worker_error
             torch.cuda.current_stream(self.device).wait_event(self.ready[block])
         slot = self.slot_of[block]
         return self.packed[block].views(self.ring[slot])
