@@ -13,7 +13,7 @@ for what in "${@:-parity bs8 bs16}"; do
     parity) python3 benchmarks/gpu_parity.py 2>&1 | tee "$out/parity.txt" ;;
     bs8) (cd "$out" && $bench --batch-size 8) ;;
     bs16) (cd "$out" && $bench --batch-size 16 --micro-batch-size 4) ;;
-    pageable) (cd "$out" && $bench --batch-size 8 --pin-memory 0) ;;
+    pageable) (cd "$out" && $bench --batch-size 8 --pin-memory 0 --loops 1) ;;
     accelerate) python3 benchmarks/peers/accelerate_peer.py --model opt-30b --batch-size 8 --gpu-memory 16GiB --json-file "$out/peers.jsonl" ;;
   esac
 done
