@@ -149,6 +149,7 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
         bar.close()
         totals.append(t1 - t0)
         prefills.append(marks["prefill"] - t0)
+    copy_only = weights.copy_only_pass_s() if hasattr(weights, "copy_only_pass_s") else None
     if hasattr(weights, "close"):
         weights.close()
 
@@ -174,7 +175,8 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
     with open(log_path, "a") as f:
         f.write(lines)
     streamed = placement.streamed_bytes if placement is not None else 0
-    bus_limit_step = streamed / bandwidth if bandwidth else None
+    # The bus limit of a step: the streamed bytes over the best pinned bandwidth the probe saw.
+    bus_limit_step = streamed / bandwidth["best"] if bandwidth and streamed else None
     record = {
         "system": "offloadgen", "version": __version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv), "model": a.model, "dummy": a.dummy, "batch_size": a.batch_size,
@@ -184,7 +186,10 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
         "torch": torch.__version__, "gpu_budget_bytes": budget,
         "placement": None if placement is None else {**placement.bytes, "resident_blocks": len(placement.resident),
                                                      "streamed_blocks": len(placement.streamed)},
-        "h2d_bandwidth_bytes_s": bandwidth, "bus_limit_decode_step_s": bus_limit_step,
+        "h2d_bandwidth_bytes_s": bandwidth and bandwidth["best"], "h2d_bandwidth_median_bytes_s": bandwidth and bandwidth["median"],
+        "bus_limit_decode_step_s": bus_limit_step, "copy_only_step_s": copy_only,
+        "decode_step_over_copy_only": m.decode_step / copy_only if copy_only else None,
+        "streamed_bytes_per_step": streamed,
         "model_bytes": model_bytes, "cache_bytes": cache, "hidden_bytes": hidden,
         "prefill_latency_s": m.prefill_latency, "prefill_throughput": m.prefill_throughput,
         "decode_latency_s": m.decode_latency, "decode_throughput": m.decode_throughput,
@@ -198,7 +203,8 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
     with open(json_path, "a") as f:
         f.write(json.dumps(record) + "\n")
     if a.verbose and bus_limit_step:
-        print(f"decode step {m.decode_step:.3f} s; bus limit {bus_limit_step:.3f} s "
-              f"({streamed / 1e9:.2f} GB at {bandwidth / 1e9:.1f} GB/s): {bus_limit_step / m.decode_step:.1%} of the bus",
-              file=sys.stderr)
+        print(f"decode step {m.decode_step:.3f} s = {streamed / m.decode_step / 1e9:.1f} GB/s of streamed weights; "
+              f"bus limit {bus_limit_step:.3f} s ({streamed / 1e9:.2f} GB at the probe's best {bandwidth['best'] / 1e9:.1f} GB/s, "
+              f"median {bandwidth['median'] / 1e9:.1f}): {bus_limit_step / m.decode_step:.1%} of the bus; "
+              f"copy-only pass {copy_only:.3f} s: step = {m.decode_step / copy_only:.3f}x copy-only", file=sys.stderr)
     return record

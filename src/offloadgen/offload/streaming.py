@@ -216,6 +216,23 @@ class StreamingWeights:
         self.next_use += 1
         self._issue()
 
+    def copy_only_pass_s(self, passes: int = 3) -> float | None:
+        """Seconds to move one pass's streamed blocks through the ring with no compute (best of
+        `passes`): the floor a decode step can reach with this placement, measured on the same
+        buffers and memory as the real steps. Call between generations (at a pass boundary)."""
+        if not self.cuda or not self.order:
+            return None
+        times = []
+        for _ in range(passes):
+            torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            for b in self.order:
+                self.get(b)
+                self.done(b)
+            torch.cuda.synchronize(self.device)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
     def close(self) -> None:
         if getattr(self, "worker", None) is not None:
             self.jobs.put(None)
