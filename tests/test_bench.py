@@ -49,7 +49,6 @@ def test_bench_run_writes_the_four_log_lines_and_a_json_record(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("flags,needle", [(["--disk-offload"], "--disk-offload"), (["--kv-offload"], "--kv-offload"),
-                                          (["--quant_bits", "4"], "--quant-bits 4"),
                                           (["--num-gpus-per-node", "2"], "several GPUs"),
                                           (["--prompt-len", "3"], "shorter than the prompt")])
 def test_flags_not_yet_supported_are_refused_clearly(capsys, tmp_path, monkeypatch, flags, needle):
@@ -57,3 +56,12 @@ def test_flags_not_yet_supported_are_refused_clearly(capsys, tmp_path, monkeypat
     assert main(["bench", "--model", "opt-125m", "--dummy", *flags]) == 2
     assert needle in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_quantized_bench_names_its_log_w_quant(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--model", "opt-125m", "--dummy", "--batch-size", "2", "--prompt-len", "32", "--gen-len", "3",
+                 "--quant_bits", "4", "--quant_group_size", "32", "--loops", "1", "--dtype", "float32",
+                 "--verbose", "0"]) == 0
+    rec = json.loads((tmp_path / "ds-opt-125m-bs2-prompt32-gen3-n1x1-gpu-w_quant.jsonl").read_text())
+    assert rec["quant_bits"] == 4 and rec["quant_group_size"] == 32

@@ -102,14 +102,26 @@ class LLM:
 
 
 def load(model: str | None = None, *, dummy: bool = False, device: str | torch.device | None = None,
-         dtype: str | torch.dtype = "auto", micro_batch_size: int | None = None, progress: bool = True) -> LLM:
-    """Load a model folder, a GGUF file, a preset (dummy=True), or the embedded default (None)."""
+         dtype: str | torch.dtype = "auto", micro_batch_size: int | None = None, progress: bool = True,
+         quant_bits: int = 16, quant_group_size: int = 64, tokenizer=None) -> LLM:
+    """Load a model folder, a GGUF file, a preset (dummy=True), or the embedded default (None).
+
+    quant_bits 4 or 8 stores the decoder layers' linear weights group-wise quantized and
+    dequantizes each layer just before it runs."""
     checkpoint = open_checkpoint(model, dummy=dummy)
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OffloadgenError("device 'cuda' asked for, but this machine has no CUDA GPU")
-    return LLM(checkpoint, device, resolve_dtype(dtype, device, checkpoint.cfg),
-               micro_batch_size=micro_batch_size, progress=progress)
+    dtype = resolve_dtype(dtype, device, checkpoint.cfg)
+    weights = None
+    if quant_bits != 16:
+        from .offload.placement import all_resident
+        from .offload.streaming import StreamingWeights
+        from .quant import QuantConfig
+        weights = StreamingWeights(checkpoint, device, dtype, all_resident(checkpoint.cfg), progress=progress,
+                                   quant=QuantConfig(quant_bits, quant_group_size))
+    return LLM(checkpoint, device, dtype, weights=weights, micro_batch_size=micro_batch_size, progress=progress,
+               tokenizer=tokenizer)
 
 
 def generate(llm: LLM, prompts: list[str] | str, sampling: SamplingParams | None = None) -> list[Completion]:

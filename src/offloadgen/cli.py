@@ -33,6 +33,9 @@ def _add_generate(sub):
     p.add_argument("--micro-batch-size", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (default: float32 on CPU)")
+    p.add_argument("--quant-bits", "--quant_bits", type=int, default=16, choices=[4, 8, 16],
+                   help="group-wise quantize the decoder layers' linear weights (16 = none)")
+    p.add_argument("--quant-group-size", "--quant_group_size", type=int, default=64)
     p.set_defaults(func=cmd_generate)
 
 
@@ -63,6 +66,9 @@ def cmd_generate(args) -> int:
 
     from .api import LLM, default_device, encode_prompts, resolve_dtype
     from .checkpoint import open_checkpoint
+    from .offload.placement import all_resident
+    from .offload.streaming import StreamingWeights
+    from .quant import QuantConfig
     from .sampling import SamplingParams
 
     if args.batch_size < 1:
@@ -80,8 +86,12 @@ def cmd_generate(args) -> int:
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OffloadgenError("--device cuda: this machine has no CUDA GPU")
-    llm = LLM(checkpoint, device, resolve_dtype(args.dtype, device, checkpoint.cfg),
-              micro_batch_size=args.micro_batch_size, tokenizer=tokenizer)
+    weights = None
+    dtype = resolve_dtype(args.dtype, device, checkpoint.cfg)
+    if args.quant_bits != 16:
+        weights = StreamingWeights(checkpoint, device, dtype, all_resident(checkpoint.cfg),
+                                   quant=QuantConfig(args.quant_bits, args.quant_group_size))
+    llm = LLM(checkpoint, device, dtype, weights=weights, micro_batch_size=args.micro_batch_size, tokenizer=tokenizer)
     out = open(args.output, "w", encoding="utf-8") if args.output else None
     try:
         for start in range(0, len(items), args.batch_size):

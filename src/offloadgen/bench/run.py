@@ -22,7 +22,8 @@ from ..engine import Engine
 from ..errors import OffloadgenError
 from ..models import param_count
 from ..offload import ResidentWeights
-from ..offload.placement import GiB, plan_placement
+from ..offload.placement import GiB, all_resident, plan_placement
+from ..quant import QuantConfig
 from ..offload.streaming import StreamingWeights
 from ..sampling import SamplingParams
 from .hardware import h2d_bandwidth
@@ -68,8 +69,6 @@ def check_supported(a: BenchArgs) -> None:
     if a.kv_offload or a.pin_kv_cache or a.async_kv_offload:
         raise OffloadgenError("--kv-offload / --pin-kv-cache / --async-kv-offload are not implemented yet; "
                               "the KV cache stays on the GPU")
-    if a.quant_bits != 16:
-        raise OffloadgenError(f"--quant-bits {a.quant_bits}: weight quantization is not implemented yet; use 16")
     if a.num_nodes * a.num_gpus_per_node != 1:
         raise OffloadgenError("several GPUs/nodes are not implemented yet; use --num-nodes 1 --num-gpus-per-node 1")
     for name in ("batch_size", "prompt_len", "gen_len", "loops"):
@@ -107,15 +106,16 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
     input_ids, mask = bench_inputs(tokenizer, a.batch_size, a.prompt_len)
 
     bandwidth = h2d_bandwidth(device) if device.type == "cuda" else None
+    quant = QuantConfig(a.quant_bits, a.quant_group_size) if a.quant_bits != 16 else None
     budget = a.gpu_memory or default_budget(device)
     placement = None
     if budget is not None:
         placement = plan_placement(cfg, elem, budget, a.batch_size, a.prompt_len, a.gen_len, a.micro_batch_size,
-                                   a.prefetch_depth, offload=a.cpu_offload)
+                                   a.prefetch_depth, offload=a.cpu_offload, quant=quant)
     t_load = time.perf_counter()
-    if placement is not None and placement.streamed:
-        weights = StreamingWeights(checkpoint, device, dtype, placement, pinned=bool(a.pin_memory),
-                                   progress=a.verbose > 0)
+    if quant is not None or (placement is not None and placement.streamed):
+        weights = StreamingWeights(checkpoint, device, dtype, placement or all_resident(cfg),
+                                   pinned=bool(a.pin_memory), progress=a.verbose > 0, quant=quant)
     else:
         weights = ResidentWeights(checkpoint, device, dtype, progress=a.verbose > 0)
     if device.type == "cuda":
@@ -181,7 +181,7 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
         "system": "offloadgen", "version": __version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv), "model": a.model, "dummy": a.dummy, "batch_size": a.batch_size,
         "prompt_len": a.prompt_len, "gen_len": a.gen_len, "loops": a.loops, "cpu_offload": a.cpu_offload,
-        "pin_memory": a.pin_memory, "quant_bits": a.quant_bits, "kv_offload": a.kv_offload, "dtype": str(dtype),
+        "pin_memory": a.pin_memory, "quant_bits": a.quant_bits, "quant_group_size": a.quant_group_size, "kv_offload": a.kv_offload, "dtype": str(dtype),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "gpu_budget_bytes": budget,
         "placement": None if placement is None else {**placement.bytes, "resident_blocks": len(placement.resident),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..errors import OffloadgenError
 from ..models import block_nbytes, blocks, family_of, shared_nbytes
 
@@ -52,15 +54,35 @@ def activation_bytes(cfg, micro_batch: int, prompt_len: int, max_len: int, elem:
     return tokens * per_token + mask + logits
 
 
+def all_resident(cfg) -> Placement:
+    """Every block on the compute device (CPU runs, or a model that fits)."""
+    return Placement(list(blocks(cfg)), [], 0, dict(streamed_per_pass=0))
+
+
+def block_sizes(cfg, elem_bytes: int, quant=None) -> tuple[dict, int]:
+    """Bytes of each block as stored (quantized layers packed), and the dense workspace that
+    dequantized layers need on the device."""
+    if quant is None:
+        return {b: block_nbytes(cfg, b, elem_bytes) for b in blocks(cfg)}, 0
+    from .streaming import PackedBlock
+    dtype = {2: torch.float16, 4: torch.float32}[elem_bytes]
+    fam = family_of(cfg)
+    layouts = {b: PackedBlock(b, {k: s for k, (_, s) in fam.block_tensors(cfg, b).items()}, dtype, quant)
+               for b in blocks(cfg)}
+    return ({b: l.nbytes for b, l in layouts.items()},
+            max(l.dense_numel for l in layouts.values()) * elem_bytes)
+
+
 def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: int, gen_len: int,
                    micro_batch: int | None = None, prefetch_depth: int = 1, offload: bool = True,
-                   kv_on_gpu: bool = True, max_resident_layers: int | None = None) -> Placement:
+                   kv_on_gpu: bool = True, max_resident_layers: int | None = None, quant=None) -> Placement:
     """Place blocks under `budget` bytes of GPU memory; refuse, saying what would fit, if impossible."""
     max_len = prompt_len + gen_len
     heads, head_dim = family_of(cfg).kv_heads(cfg)
     kv = 2 * cfg.n_layers * batch * max_len * heads * head_dim * elem_bytes if kv_on_gpu else 0
     act = activation_bytes(cfg, micro_batch or batch, prompt_len, max_len, elem_bytes)
-    sizes = {b: block_nbytes(cfg, b, elem_bytes) for b in blocks(cfg)}
+    sizes, workspace = block_sizes(cfg, elem_bytes, quant)
+    act += workspace  # one dequantized layer at a time
     shared = shared_nbytes(cfg, elem_bytes)  # tied embeddings: one matrix for embed and head
     everything = sum(sizes.values()) - shared
     fixed = kv + act
@@ -95,7 +117,7 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
         n_resident = min(n_resident, max_resident_layers)
     if n_resident == cfg.n_layers:  # everything fits: no ring needed at all
         return plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
-                              offload=False, kv_on_gpu=kv_on_gpu)
+                              offload=False, kv_on_gpu=kv_on_gpu, quant=quant)
     # Keep the last layers resident: the copy of the next pass's first layers then overlaps them.
     resident_layers = list(range(cfg.n_layers - n_resident, cfg.n_layers))
     resident = [b for b in blocks(cfg) if b in ends or b in resident_layers]

@@ -14,6 +14,7 @@ one through a pinned buffer: no slow pinning at start-up, at the price of a CPU 
 """
 from __future__ import annotations
 
+import math
 import queue
 import sys
 import threading
@@ -23,42 +24,78 @@ import torch
 from tqdm import tqdm
 
 from ..models import family_of
+from ..quant import QuantConfig, QuantizedTensor, dequantize, is_quantized_tensor, quantize
 from .pinned import pin_tensors, unpin_tensors
 
 ALIGN = 256  # bytes: keeps every tensor view aligned for vectorised kernels
 
 
 class PackedBlock:
-    """One block's tensors laid out in a single flat buffer, with (offset, shape) per tensor."""
+    """One block's tensors laid out in a single flat byte buffer.
 
-    def __init__(self, layout: dict[str, tuple[int, tuple]], numel: int):
-        self.layout = layout
-        self.numel = numel
+    A 16-bit tensor is one entry; a quantized one is three (packed values, scales, minimums) and
+    is turned back into dense weights by `dense`, into a workspace shared by all blocks.
+    """
 
-    @staticmethod
-    def plan(shapes: dict[str, tuple], elem: int) -> "PackedBlock":
-        layout, pos, align = {}, 0, max(1, ALIGN // elem)
-        for name, shape in shapes.items():
-            n = 1
-            for s in shape:
-                n *= s
-            layout[name] = (pos, tuple(shape))
-            pos += -(-n // align) * align
-        return PackedBlock(layout, pos)
+    def __init__(self, block, shapes: dict[str, tuple], dtype: torch.dtype, quant: QuantConfig | None = None):
+        self.block, self.dtype, self.quant = block, dtype, quant
+        self.entries: dict[str, tuple[int, torch.dtype, tuple]] = {}
+        self.quantized: dict[str, tuple] = {}
+        pos = 0
+
+        def add(key, dt, shape):
+            nonlocal pos
+            self.entries[key] = (pos, dt, tuple(shape))
+            pos += -(-math.prod(shape) * _elem(dt) // ALIGN) * ALIGN
+
+        for local, shape in shapes.items():
+            if quant is not None and is_quantized_tensor(block, local, shape):
+                self.quantized[local] = tuple(shape)
+                for part, pshape in quant.packed_shapes(shape).items():
+                    add(f"{local}.{part}", torch.uint8 if part == "packed" else torch.float16, pshape)
+            else:
+                add(local, dtype, shape)
+        self.nbytes = pos
+        self.dense_numel = sum(math.prod(s) for s in self.quantized.values())
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, (off, shape) in self.layout.items():
-            n = 1
-            for s in shape:
-                n *= s
-            out[name] = flat[off:off + n].view(shape)
+        return {key: flat[off:off + math.prod(shape) * _elem(dt)].view(dt).view(shape)
+                for key, (off, dt, shape) in self.entries.items()}
+
+    def write(self, flat: torch.Tensor, tensors: dict[str, torch.Tensor], quant_device: torch.device) -> None:
+        """Store a block's 16-bit tensors into `flat`, quantizing where the layout says so."""
+        views = self.views(flat)
+        for local, t in tensors.items():
+            if local in self.quantized:
+                qt = quantize(t.to(quant_device), self.quant)
+                for part in ("packed", "scale", "min"):
+                    views[f"{local}.{part}"].copy_(getattr(qt, part))
+            else:
+                views[local].copy_(t)
+
+    def dense(self, flat: torch.Tensor, workspace: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        views = self.views(flat)
+        out, pos = {}, 0
+        for key, t in views.items():
+            local = key.rsplit(".", 1)[0]
+            if local in self.quantized and key.endswith(".packed"):
+                shape = self.quantized[local]
+                n = math.prod(shape)
+                qt = QuantizedTensor(t, views[local + ".scale"], views[local + ".min"], shape, self.quant)
+                out[local] = dequantize(qt, self.dtype, out=workspace[pos:pos + n].view(shape))
+                pos += n
+            elif local not in self.quantized:
+                out[key] = t
         return out
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 class StreamingWeights:
     def __init__(self, checkpoint, device: torch.device, dtype: torch.dtype, placement, pinned: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, quant: QuantConfig | None = None):
         self.cfg = checkpoint.cfg
         self.device = torch.device(device)
         self.dtype = dtype
@@ -69,9 +106,11 @@ class StreamingWeights:
         self.order = list(placement.streamed)
         self.position = {b: i for i, b in enumerate(self.order)}
         family = family_of(self.cfg)
-        elem = torch.empty((), dtype=dtype).element_size()
-        self.packed = {b: PackedBlock.plan({k: s for k, (_, s) in family.block_tensors(self.cfg, b).items()}, elem)
-                       for b in self.order}
+        self.quant = quant
+        self.layouts = {b: PackedBlock(b, {k: s for k, (_, s) in family.block_tensors(self.cfg, b).items()}, dtype, quant)
+                        for b in [*placement.resident, *self.order]}
+        # Quantizing 60 GB is fast on the GPU and slow on the CPU: do it where the weights go.
+        quant_device = self.device
         self.timings = {}
 
         # Resident blocks: straight to the device. Tied tensors (same checkpoint name) are shared.
@@ -80,24 +119,28 @@ class StreamingWeights:
         self.resident = {}
         bar = tqdm(total=len(placement.resident) + len(self.order), desc="placing weights", unit="block",
                    file=sys.stderr, leave=False, disable=None if progress else True)
+        self.resident_packed = {}  # quantized resident blocks: flat bytes on the device, dequantized per use
         for b in placement.resident:
-            names = family.block_tensors(self.cfg, b)
-            weights = {}
-            for local, t in checkpoint.read_block(b, dtype).items():
-                key = names[local][0]
-                if key not in shared:
-                    shared[key] = t.to(self.device)
-                weights[local] = shared[key]
-            self.resident[b] = weights
+            if self.layouts[b].quantized:
+                flat = torch.empty(self.layouts[b].nbytes, dtype=torch.uint8, device=self.device)
+                self.layouts[b].write(flat, checkpoint.read_block(b, dtype), quant_device)
+                self.resident_packed[b] = flat
+            else:
+                names = family.block_tensors(self.cfg, b)
+                weights = {}
+                for local, t in checkpoint.read_block(b, dtype).items():
+                    key = names[local][0]
+                    if key not in shared:
+                        shared[key] = t.to(self.device)
+                    weights[local] = shared[key]
+                self.resident[b] = weights
             bar.update()
 
         # Streamed blocks: packed host buffers, filled straight from the checkpoint.
         self.host = {}
         for b in self.order:
-            flat = torch.empty(self.packed[b].numel, dtype=dtype)
-            views = self.packed[b].views(flat)
-            for local, t in checkpoint.read_block(b, dtype).items():
-                views[local].copy_(t)
+            flat = torch.empty(self.layouts[b].nbytes, dtype=torch.uint8)
+            self.layouts[b].write(flat, checkpoint.read_block(b, dtype), quant_device)
             self.host[b] = flat
             bar.update()
         bar.close()
@@ -116,8 +159,10 @@ class StreamingWeights:
         self.timings["pin_s"] = time.perf_counter() - t0
 
         slots = placement.ring_slots if self.order else 0
-        ring_numel = max((p.numel for p in self.packed.values()), default=0)
-        self.ring = [torch.empty(ring_numel, dtype=dtype, device=self.device) for _ in range(slots)]
+        ring_numel = max((self.layouts[b].nbytes for b in self.order), default=0)
+        self.ring = [torch.empty(ring_numel, dtype=torch.uint8, device=self.device) for _ in range(slots)]
+        dense = max((layout.dense_numel for layout in self.layouts.values()), default=0)
+        self.workspace = torch.empty(dense, dtype=dtype, device=self.device) if dense else None
         self.depth = slots - 1
         self.slot_of: dict = {}  # block -> ring slot it was last issued into
         self.ready: dict = {}  # block -> event recorded after its copy
@@ -127,7 +172,7 @@ class StreamingWeights:
         self.issued_log: list = []  # (issue index, block, slot) for tests of the schedule
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         if not self.pinned and self.cuda and self.order:
-            self.staging = [torch.empty(ring_numel, dtype=dtype).pin_memory() for _ in range(slots)]
+            self.staging = [torch.empty(ring_numel, dtype=torch.uint8).pin_memory() for _ in range(slots)]
             self.staged_free = [None] * slots
             self.jobs: queue.Queue = queue.Queue()
             self.issued = {}
@@ -193,6 +238,14 @@ class StreamingWeights:
     def get(self, block) -> dict[str, torch.Tensor]:
         if block in self.resident:
             return self.resident[block]
+        if block in self.resident_packed:
+            return self.layouts[block].dense(self.resident_packed[block], self.workspace)
+        self.wait_copy(block)
+        slot = self.slot_of[block]
+        return self.layouts[block].dense(self.ring[slot], self.workspace)
+
+    def wait_copy(self, block) -> None:
+        """Make the compute stream wait until a streamed block has arrived in its ring slot."""
         expected = self.order[self.next_use % len(self.order)]
         assert block == expected, f"streamed blocks must be asked for in pass order: got {block}, expected {expected}"
         if self.cuda:
@@ -201,11 +254,9 @@ class StreamingWeights:
                 if self.worker_error is not None:
                     raise RuntimeError("the weight staging thread failed") from self.worker_error
             torch.cuda.current_stream(self.device).wait_event(self.ready[block])
-        slot = self.slot_of[block]
-        return self.packed[block].views(self.ring[slot])
 
     def done(self, block) -> None:
-        if block in self.resident:
+        if block in self.resident or block in self.resident_packed:
             return
         slot = self.slot_of[block]
         if self.cuda:
@@ -227,7 +278,7 @@ class StreamingWeights:
             torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
             for b in self.order:
-                self.get(b)
+                self.wait_copy(b)
                 self.done(b)
             torch.cuda.synchronize(self.device)
             times.append(time.perf_counter() - t0)
