@@ -21,6 +21,11 @@ for what in "${@:-parity bs8 bs16}"; do
     opt175q4) (cd "$out" && python3 -m offloadgen.cli bench --model facebook/opt-175b --dummy --cpu-offload \
                  --gpu-memory 70GiB --batch-size 8 --quant-bits 4 --quant-group-size 64 --loops 1 --verbose 1 \
                  --json-file "$out/offloadgen-175b.jsonl") ;;
+    plan) for q in 16 8 4; do python3 -m offloadgen.cli plan facebook/opt-30b --dummy --gpu-memory 16GiB \
+            --batch-sizes 8,16 --quant-bits $q; done 2>&1 | tee "$out/plan.txt"
+          python3 -m offloadgen.cli plan facebook/opt-30b --dummy --gpu-memory 16GiB --batch-sizes 16 \
+            --micro-batch-size 4 --quant-bits 16 | tee -a "$out/plan.txt" ;;
+    bs16mb4) (cd "$out" && $bench --batch-size 16 --micro-batch-size 4) ;;
     accelerate) python3 benchmarks/peers/accelerate_peer.py --model opt-30b --batch-size 8 --gpu-memory 16GiB --json-file "$out/peers.jsonl" ;;
   esac
 done

@@ -77,17 +77,18 @@ def test_jsonl_in_and_out(capsys, tmp_path):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text('{"id": "a", "prompt": "one"}\n{"prompt": "two two"}\n{"id": 7, "messages": [{"role": "user", "content": "hi"}]}\n')
     code, out, err = run(capsys, "generate", "opt-125m", "--dummy", "--input", str(src), "--output", str(dst),
-                         "--max-new-tokens", "4", "--batch-size", "2")
+                         "--max-new-tokens", "4", "--batch-size", "2", "--ordered")
     assert code == 0 and out == ""
     rows = [json.loads(line) for line in dst.read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["a", 2, 7]
+    assert [r["id"] for r in rows] == ["a", 2, 7] and [r["line"] for r in rows] == [1, 2, 3]
     assert all(r["tokens"] == 4 and r["finish_reason"] == "length" for r in rows)
+    assert "3 prompts answered" in err
 
 
-def test_bad_jsonl_line_is_named(capsys, tmp_path):
+def test_input_without_output_is_refused(capsys, tmp_path):
     src = tmp_path / "in.jsonl"
-    src.write_text('{"prompt": "ok"}\n{not json\n')
-    one_line_error(*run(capsys, "generate", "opt-125m", "--dummy", "--input", str(src))[::2], "in.jsonl:2")
+    src.write_text('{"prompt": "ok"}\n')
+    one_line_error(*run(capsys, "generate", "opt-125m", "--dummy", "--input", str(src))[::2], "--output")
 
 
 def test_no_traceback_from_the_real_command(tmp_path):

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 # Never reach for a model hub, and keep transformers' advice off the user's terminal.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,7 +23,8 @@ def _add_generate(sub):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     src.add_argument("--input", help="JSONL file: one {'prompt': ...} or {'messages': [...]} per line, optional 'id'")
-    p.add_argument("--output", help="JSONL file for the results (default: text to standard output)")
+    p.add_argument("--output", help="JSONL file for the results, appended; rerunning resumes (default: stdout)")
+    p.add_argument("--ordered", action="store_true", help="rewrite --output in input order at the end")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -37,28 +39,6 @@ def _add_generate(sub):
                    help="group-wise quantize the decoder layers' linear weights (16 = none)")
     p.add_argument("--quant-group-size", "--quant_group_size", type=int, default=64)
     p.set_defaults(func=cmd_generate)
-
-
-def _read_jsonl(path: str, tokenizer) -> list[tuple[object, str]]:
-    try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except OSError as e:
-        raise OffloadgenError(f"cannot read --input {path}: {e.strerror}") from None
-    items = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise OffloadgenError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not ("prompt" in rec or "messages" in rec):
-            raise OffloadgenError(f"{path}:{n}: expected an object with 'prompt' or 'messages'")
-        prompt = rec["prompt"] if "prompt" in rec else tokenizer.apply_chat_template(rec["messages"])
-        if not isinstance(prompt, str):
-            raise OffloadgenError(f"{path}:{n}: 'prompt' must be a string")
-        items.append((rec.get("id", n), prompt))
-    return items
 
 
 def cmd_generate(args) -> int:
@@ -79,10 +59,14 @@ def cmd_generate(args) -> int:
     checkpoint = open_checkpoint(args.model, dummy=args.dummy)
     tokenizer = checkpoint.tokenizer()
     if args.input:
-        items = _read_jsonl(args.input, tokenizer)
+        if not Path(args.input).is_file():
+            raise OffloadgenError(f"--input {args.input}: no such file")
+        if not args.output:
+            raise OffloadgenError("--input needs --output (a JSONL file; rerunning with it resumes)")
+        items = []
     else:
         items = list(enumerate(args.prompt or ["Paris is the capital city of"]))
-    encode_prompts(tokenizer, checkpoint.cfg, [p for _, p in items], [i for i, _ in items])
+        encode_prompts(tokenizer, checkpoint.cfg, [p for _, p in items], [i for i, _ in items])
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OffloadgenError("--device cuda: this machine has no CUDA GPU")
@@ -92,6 +76,8 @@ def cmd_generate(args) -> int:
         weights = StreamingWeights(checkpoint, device, dtype, all_resident(checkpoint.cfg),
                                    quant=QuantConfig(args.quant_bits, args.quant_group_size))
     llm = LLM(checkpoint, device, dtype, weights=weights, micro_batch_size=args.micro_batch_size, tokenizer=tokenizer)
+    if args.input:
+        return _run_job(llm, args, sampling)
     out = open(args.output, "w", encoding="utf-8") if args.output else None
     try:
         for start in range(0, len(items), args.batch_size):
@@ -112,6 +98,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _run_job(llm, args, sampling) -> int:
+    from .jobs import run_job
+    s = run_job(llm, args.input, args.output, sampling, args.batch_size, args.ordered)
+    rate = s.tokens / s.seconds if s.seconds else 0.0
+    print(f"offloadgen: {s.done} prompts answered this run ({s.skipped} already done earlier), {s.errors} bad lines, "
+          f"{s.tokens} tokens in {s.seconds:.1f} s ({rate:.1f} tokens/s) -> {args.output}", file=sys.stderr)
+    if s.interrupted:
+        print(f"offloadgen: stopped by {s.interrupted}; finished work is in {args.output}. "
+              f"Run the same command again to resume.", file=sys.stderr)
+        return 130 if s.interrupted == "SIGINT" else 143
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offloadgen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,9 +120,58 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench(sub)
     except ImportError:
         pass
+    _add_plan(sub)
     p = sub.add_parser("presets", help="list the built-in model configs usable with --dummy")
     p.set_defaults(func=cmd_presets)
     return parser
+
+
+def _add_plan(sub):
+    from .bench.cli import parse_bytes
+    p = sub.add_parser("plan", help="where weights and KV cache would go, and the predicted speed",
+                       description="Plan a run before loading anything: placement under the GPU budget, bytes per "
+                                   "step over each link, predicted decode step and tokens/s per batch size.")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    p.add_argument("--dummy", action="store_true")
+    p.add_argument("--gpu-memory", type=parse_bytes, default=None, help="GPU budget (default: free memory, or 16GiB without a GPU)")
+    p.add_argument("--cpu-memory", type=parse_bytes, default=None, help="CPU RAM to plan for (default: available now)")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--batch-sizes", default="1,2,4,8,16,32,64", help="comma-separated")
+    p.add_argument("--micro-batch-size", type=int, default=None)
+    p.add_argument("--quant-bits", "--quant_bits", type=int, default=16, choices=[4, 8, 16])
+    p.add_argument("--quant-group-size", "--quant_group_size", type=int, default=64)
+    p.add_argument("--h2d-bandwidth", type=parse_bytes, default=None, help="bytes/s, e.g. 50GB (default: measured)")
+    p.add_argument("--no-offload", action="store_true", help="plan for everything on the GPU")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    import torch
+
+    from .checkpoint import open_checkpoint
+    from .plan import available_host_memory, load_calibration, plan_table, print_plan
+    from .quant import QuantConfig
+
+    try:
+        batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise OffloadgenError(f"--batch-sizes {args.batch_sizes!r}: expected numbers like 1,8,16") from None
+    checkpoint = open_checkpoint(args.model, dummy=args.dummy)  # reads config.json and headers only
+    quant = QuantConfig(args.quant_bits, args.quant_group_size) if args.quant_bits != 16 else None
+    if args.gpu_memory:
+        budget = args.gpu_memory
+    elif torch.cuda.is_available():
+        from .bench.run import default_budget
+        budget = default_budget(torch.device("cuda"))
+    else:
+        budget = 16 << 30
+    host = args.cpu_memory or available_host_memory()
+    cal = load_calibration(args.h2d_bandwidth)
+    rows = plan_table(checkpoint.cfg, budget, batches, args.prompt_len, args.gen_len, 2, quant,
+                      args.micro_batch_size, cal, host, offload=not args.no_offload)
+    print_plan(checkpoint.cfg, args.model or "embedded default", rows, cal, budget, host, quant, sys.stdout)
+    return 0 if any("error" not in r for r in rows) else 2
 
 
 def cmd_presets(args) -> int:

@@ -23,6 +23,7 @@ from ..errors import OffloadgenError
 from ..models import param_count
 from ..offload import ResidentWeights
 from ..offload.placement import GiB, all_resident, plan_placement
+from ..plan import check_host_memory
 from ..quant import QuantConfig
 from ..offload.streaming import StreamingWeights
 from ..sampling import SamplingParams
@@ -112,6 +113,8 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
     if budget is not None:
         placement = plan_placement(cfg, elem, budget, a.batch_size, a.prompt_len, a.gen_len, a.micro_batch_size,
                                    a.prefetch_depth, offload=a.cpu_offload, quant=quant)
+    if placement is not None and placement.streamed:
+        check_host_memory(placement, quantized=quant is not None)
     t_load = time.perf_counter()
     if quant is not None or (placement is not None and placement.streamed):
         weights = StreamingWeights(checkpoint, device, dtype, placement or all_resident(cfg),

@@ -1,0 +1,217 @@
+"""Batch generation jobs that lose nothing: a JSONL file of prompts in, one JSON line per prompt out.
+
+- Each finished batch is appended, flushed and fsynced before the next starts; a rerun with the
+  same output file skips every input line already answered (resume), so a kill loses at most the
+  batch in flight. A torn last line (a write cut short) is dropped and redone.
+- A bad input line (not JSON, no prompt, empty, longer than the context) becomes an error record
+  with its line number; the job goes on.
+- Prompts run in batches of similar length (less padding); --ordered rewrites the output in input
+  order once every line is answered.
+- SIGINT / SIGTERM: the batch in flight finishes and is written, then the job stops, says how to
+  resume, and exits non-zero. CUDA out of memory: the batch is retried with half the micro-batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .errors import OffloadgenError
+from .sampling import SamplingParams
+
+
+@dataclass
+class JobItem:
+    line: int  # 1-based line number in the input file: the resume key
+    id: object
+    prompt: str | None = None
+    error: str | None = None
+    n_tokens: int = 0
+
+
+@dataclass
+class JobSummary:
+    total: int
+    skipped: int = 0  # answered by an earlier run
+    done: int = 0
+    errors: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    interrupted: str | None = None
+    retries: list = field(default_factory=list)
+
+
+def parse_input_line(text: str, n: int, tokenizer, max_context: int) -> JobItem:
+    """One input line -> a prompt, or an error that says what is wrong with it; never raises."""
+    try:
+        rec = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        return JobItem(n, n, error=f"line {n}: not valid JSON ({getattr(e, 'msg', e)})")
+    if not isinstance(rec, dict):
+        return JobItem(n, n, error=f"line {n}: expected a JSON object with 'prompt' or 'messages'")
+    item_id = rec.get("id", n)
+    if not isinstance(item_id, (str, int, float, bool)) and item_id is not None:
+        item_id = json.dumps(item_id)
+    try:
+        if "prompt" in rec:
+            prompt = rec["prompt"]
+            if not isinstance(prompt, str):
+                return JobItem(n, item_id, error=f"line {n}: 'prompt' must be a string")
+        elif "messages" in rec:
+            messages = rec["messages"]
+            if not (isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                      and isinstance(m.get("content"), str) for m in messages)
+                    and messages):
+                return JobItem(n, item_id, error=f"line {n}: 'messages' must be a non-empty list of "
+                                                 "{'role': str, 'content': str}")
+            prompt = tokenizer.apply_chat_template(messages)
+        else:
+            return JobItem(n, item_id, error=f"line {n}: no 'prompt' or 'messages'")
+        if not prompt.strip():
+            return JobItem(n, item_id, error=f"line {n}: empty prompt")
+        n_tokens = len(tokenizer.encode(prompt))
+    except OffloadgenError as e:
+        return JobItem(n, item_id, error=f"line {n}: {e}")
+    except Exception as e:  # a tokenizer or template failure on odd input: report it, keep going
+        return JobItem(n, item_id, error=f"line {n}: cannot tokenize ({type(e).__name__}: {e})")
+    if n_tokens == 0:
+        return JobItem(n, item_id, error=f"line {n}: prompt has no tokens")
+    if n_tokens >= max_context:
+        return JobItem(n, item_id, error=f"line {n}: prompt has {n_tokens} tokens; the model's context is {max_context}")
+    return JobItem(n, item_id, prompt, n_tokens=n_tokens)
+
+
+def read_done(output: Path) -> set[int]:
+    """Input lines answered by earlier runs. A torn last line is cut off so appends stay valid."""
+    if not output.exists():
+        return set()
+    data = output.read_bytes()
+    done, good_end, pos = set(), 0, 0
+    for raw in data.split(b"\n"):
+        end = pos + len(raw) + 1
+        if raw.strip():
+            try:
+                done.add(int(json.loads(raw)["line"]))
+                good_end = min(end, len(data))
+            except (ValueError, KeyError, TypeError):
+                if end < len(data):  # only the last line may be torn; anything else is not ours
+                    line_no = data[:pos].count(b"\n") + 1
+                    raise OffloadgenError(f"{output}: line {line_no} is not a result record; "
+                                          "is this the output of another program?") from None
+                break
+        pos = end
+    if good_end < len(data) and data[good_end:].strip():
+        print(f"offloadgen: {output}: dropping a torn last line (a write cut short); it will be redone",
+              file=sys.stderr)
+        with open(output, "r+b") as f:
+            f.truncate(good_end)
+    elif data and not data.endswith(b"\n"):
+        with open(output, "ab") as f:
+            f.write(b"\n")
+    return done
+
+
+def batches_by_length(items: list[JobItem], batch_size: int) -> list[list[JobItem]]:
+    items = sorted(items, key=lambda it: it.n_tokens)
+    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, batch_size: int = 16,
+            ordered: bool = False, progress: bool = True) -> JobSummary:
+    src, out_path = Path(input_path), Path(output_path)
+    try:
+        lines = src.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as e:
+        raise OffloadgenError(f"cannot read --input {input_path}: {e.strerror}") from None
+    if out_path.resolve() == src.resolve():
+        raise OffloadgenError("--output must not be the --input file")
+    done = read_done(out_path)
+    items = [parse_input_line(text, n, llm.tokenizer, llm.cfg.max_position)
+             for n, text in enumerate(lines, 1) if text.strip() and n not in done]
+    summary = JobSummary(total=sum(1 for t in lines if t.strip()), skipped=len(done))
+    stop = {}
+
+    def request_stop(signum, frame):
+        stop["signal"] = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+        print(f"\noffloadgen: {signal.Signals(signum).name}: finishing the batch in flight, then stopping",
+              file=sys.stderr)
+
+    old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    start = time.perf_counter()
+    bar = tqdm(total=len(items), desc="prompts", unit="prompt", file=sys.stderr, disable=None if progress else True)
+    try:
+        with open(out_path, "a", encoding="utf-8") as out:
+            def write(records):
+                for r in records:
+                    out.write(json.dumps(r, ensure_ascii=False) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+
+            bad = [it for it in items if it.error]
+            write([{"id": it.id, "line": it.line, "error": it.error} for it in bad])
+            summary.errors += len(bad)
+            bar.update(len(bad))
+            for batch in batches_by_length([it for it in items if not it.error], batch_size):
+                if stop:
+                    break
+                completions = _generate_with_retry(llm, [it.prompt for it in batch], sampling, summary)
+                write([{"id": it.id, "line": it.line, "prompt": it.prompt, "text": c.text, "tokens": len(c.token_ids),
+                        "finish_reason": c.finish_reason} for it, c in zip(batch, completions)])
+                summary.done += len(batch)
+                summary.tokens += sum(len(c.token_ids) for c in completions)
+                bar.update(len(batch))
+                bar.set_postfix(tok_s=f"{summary.tokens / (time.perf_counter() - start):.1f}")
+    finally:
+        bar.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    summary.seconds = time.perf_counter() - start
+    if stop:
+        summary.interrupted = signal.Signals(stop["signal"]).name
+    elif ordered:
+        write_in_input_order(out_path)
+    return summary
+
+
+def _generate_with_retry(llm, prompts, sampling, summary):
+    while True:
+        try:
+            return llm.generate(prompts, sampling)
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            if not _is_oom(e):
+                raise
+            current = llm.engine.micro_batch_size or len(prompts)
+            if current <= 1:
+                raise OffloadgenError("out of GPU memory even with micro-batches of 1 prompt; lower "
+                                      "--batch-size or --max-new-tokens, or free GPU memory") from None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            llm.engine.micro_batch_size = max(1, current // 2)
+            summary.retries.append(llm.engine.micro_batch_size)
+            print(f"offloadgen: out of GPU memory; retrying the batch with micro-batches of "
+                  f"{llm.engine.micro_batch_size}", file=sys.stderr)
+
+
+def write_in_input_order(path: Path) -> None:
+    """Rewrite the output sorted by input line, atomically (a temporary file renamed over it)."""
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records.sort(key=lambda r: r["line"])
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,138 @@
+"""Batch jobs: kills and resumes lose nothing and repeat nothing; bad lines never stop a job."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import offloadgen
+from offloadgen.jobs import read_done, run_job
+from offloadgen.sampling import SamplingParams
+
+N_PROMPTS = 120
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return offloadgen.load("opt-125m", dummy=True, device="cpu", progress=False)
+
+
+def write_prompts(path, n=N_PROMPTS):
+    # lengths vary so that batches are regrouped by length
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "x" * (1 + i % 37)}) + "\n" for i in range(n)))
+
+
+def answered(path):
+    return [json.loads(line)["line"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def start_job(src, dst):
+    cmd = [sys.executable, "-m", "offloadgen.cli", "generate", "opt-125m", "--dummy", "--input", str(src),
+           "--output", str(dst), "--max-new-tokens", "6", "--batch-size", "4"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_lines(path, n, proc, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        if path.exists() and path.read_text().count("\n") >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("job made no progress")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_job_resumes_with_every_prompt_answered_exactly_once(tmp_path, sig):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_prompts(src)
+    proc = start_job(src, dst)
+    wait_for_lines(dst, 8, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    partial = answered(dst) if dst.exists() else []
+    assert proc.returncode != 0
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143 and "Run the same command again to resume" in err
+    assert len(partial) < N_PROMPTS, "the kill came after the job finished: the test proved nothing"
+    resumed = start_job(src, dst)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    lines = answered(dst)
+    assert sorted(lines) == list(range(1, N_PROMPTS + 1))  # none lost, none duplicated
+    assert f"({len(set(partial))} already done earlier)" in err
+
+
+def test_torn_last_line_is_dropped_and_redone(tmp_path, llm):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_prompts(src, 10)
+    run_job(llm, src, dst, SamplingParams(max_new_tokens=2), batch_size=3, progress=False)
+    full = dst.read_text().splitlines()
+    torn = "\n".join(full[:6]) + "\n" + full[6][: len(full[6]) // 2]  # a write cut short
+    dst.write_text(torn)
+    assert len(read_done(dst)) == 6 and dst.read_text().endswith("\n")
+    run_job(llm, src, dst, SamplingParams(max_new_tokens=2), batch_size=3, progress=False)
+    assert sorted(answered(dst)) == list(range(1, 11))
+
+
+def test_ordered_output_and_bad_lines_reported(tmp_path, llm):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"prompt": "long long long prompt"}\nnot json\n{"prompt": ""}\n{"prompt": "a"}\n'
+                   '{"prompt": "' + "y" * 3000 + '"}\n{"messages": "nope"}\n{"id": [1], "prompt": "b"}\n')
+    s = run_job(llm, src, dst, SamplingParams(max_new_tokens=2), batch_size=2, ordered=True, progress=False)
+    rows = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [r["line"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    errors = {r["line"]: r["error"] for r in rows if "error" in r}
+    assert set(errors) == {2, 3, 5, 6} and s.errors == 4 and s.done == 3
+    assert "not valid JSON" in errors[2] and "empty" in errors[3] and "context" in errors[5]
+
+
+def test_out_of_memory_retries_with_smaller_micro_batches(tmp_path, llm, monkeypatch, capsys):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_prompts(src, 8)
+    real, calls = llm.generate, []
+
+    def flaky(prompts, sampling):
+        calls.append(llm.engine.micro_batch_size)
+        if llm.engine.micro_batch_size is None or llm.engine.micro_batch_size > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(prompts, sampling)
+
+    monkeypatch.setattr(llm, "generate", flaky)
+    try:
+        s = run_job(llm, src, dst, SamplingParams(max_new_tokens=2), batch_size=8, progress=False)
+    finally:
+        llm.engine.micro_batch_size = None
+    assert s.retries == [4, 2] and calls[:3] == [None, 4, 2]
+    assert sorted(answered(dst)) == list(range(1, 9))
+    assert "retrying the batch with micro-batches of 2" in capsys.readouterr().err
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),
+                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                           max_leaves=8)
+lines = st.one_of(
+    st.text(max_size=60).filter(lambda t: "\n" not in t and "\r" not in t),
+    json_values.map(json.dumps),
+    st.fixed_dictionaries({"prompt": json_values}).map(json.dumps),
+    st.fixed_dictionaries({"messages": json_values}).map(json.dumps),
+    st.fixed_dictionaries({"id": json_values, "prompt": st.text(max_size=40)}).map(json.dumps),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(lines, min_size=1, max_size=6))
+def test_fuzzed_input_lines_never_crash_the_job(tmp_path_factory, llm, input_lines):
+    folder = tmp_path_factory.mktemp("fuzz")
+    src, dst = folder / "in.jsonl", folder / "out.jsonl"
+    src.write_text("\n".join(line.replace("\n", " ").replace("\r", " ") for line in input_lines) + "\n")
+    s = run_job(llm, src, dst, SamplingParams(max_new_tokens=1), batch_size=4, progress=False)
+    rows = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert len(rows) == s.total == s.done + s.errors
+    assert all(("error" in r) != ("text" in r) for r in rows)
