@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     _add_plan(sub)
+    p = sub.add_parser("report", help="table (and plot) of bench records: offloadgen's and the peers'")
+    p.add_argument("paths", nargs="+", help="JSON-lines files or folders of them")
+    p.add_argument("--plot", metavar="FILE.png", help="draw decode throughput against batch size")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("presets", help="list the built-in model configs usable with --dummy")
     p.set_defaults(func=cmd_presets)
     return parser
@@ -172,6 +176,16 @@ def cmd_plan(args) -> int:
                       args.micro_batch_size, cal, host, offload=not args.no_offload)
     print_plan(checkpoint.cfg, args.model or "embedded default", rows, cal, budget, host, quant, sys.stdout)
     return 0 if any("error" not in r for r in rows) else 2
+
+
+def cmd_report(args) -> int:
+    from .bench.report import load_records, plot, table
+    records = load_records(args.paths)
+    print(table(records))
+    if args.plot:
+        plot(records, args.plot)
+        print(f"offloadgen: plot written to {args.plot}", file=sys.stderr)
+    return 0
 
 
 def cmd_presets(args) -> int:

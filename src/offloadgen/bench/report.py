@@ -1,0 +1,138 @@
+"""`offloadgen report`: read bench records (ours and the peers'), print a table, draw a plot."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..errors import OffloadgenError
+from ..models import param_count, preset
+
+GiB = 1 << 30
+
+
+def load_records(paths: list[str]) -> list[dict]:
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.rglob("*.jsonl")) + sorted(p.rglob("*.json"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise OffloadgenError(f"{p}: no such file or folder")
+    records = []
+    for f in files:
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                print(f"offloadgen: {f}:{n}: not a JSON record, skipped", file=sys.stderr)
+                continue
+            if isinstance(rec, dict) and "system" in rec and "batch_size" in rec:
+                rec["_file"] = str(f)
+                records.append(rec)
+    if not records:
+        raise OffloadgenError("no bench records found (JSON lines with 'system' and 'batch_size')")
+    return records
+
+
+def _label(rec) -> str:
+    if rec["system"] == "offloadgen" and rec.get("pin_memory") == 0:
+        return "offloadgen (pageable, staged)"
+    return rec["system"]
+
+
+def _model(rec) -> str:
+    return str(rec.get("model", "?")).rstrip("/").split("/")[-1]
+
+
+def _config(rec) -> tuple:
+    return _model(rec), int(rec.get("quant_bits") or 16), rec.get("prompt_len"), rec.get("gen_len")
+
+
+def _bandwidth(records) -> float | None:
+    bws = sorted(r["h2d_bandwidth_bytes_s"] for r in records if r.get("h2d_bandwidth_bytes_s"))
+    return bws[len(bws) // 2] if bws else None
+
+
+def bus_limit_tokens_s(rec, bandwidth: float | None) -> float | None:
+    """DESIGN.md's ceiling with every weight streamed: batch * bandwidth / weight bytes."""
+    if not bandwidth:
+        return None
+    try:
+        params = param_count(preset(_model(rec)))
+    except OffloadgenError:
+        return None
+    bits = int(rec.get("quant_bits") or 16)
+    bytes_per_param = 2 if bits == 16 else bits / 8 + 4 / int(rec.get("quant_group_size") or 64)
+    return rec["batch_size"] * bandwidth / (params * bytes_per_param)
+
+
+def table(records: list[dict]) -> str:
+    bw = _bandwidth(records)
+    best_ours = {}
+    for r in records:
+        if _label(r) == "offloadgen" and "error" not in r:
+            key = (*_config(r), r["batch_size"])
+            best_ours[key] = max(best_ours.get(key, 0), r["decode_throughput"])
+    head = (f"{'system':40s} {'model':9s} {'bits':>4s} {'batch':>5s} {'prefill tok/s':>13s} {'decode tok/s':>12s} "
+            f"{'step s':>7s} {'peak GiB':>8s} {'vs bus':>7s} {'offloadgen/this':>15s}")
+    lines = [head]
+    for r in sorted(records, key=lambda r: (_config(r), r["batch_size"], r["system"] != "offloadgen", r["system"])):
+        model, bits = _model(r), int(r.get("quant_bits") or 16)
+        if "error" in r:
+            lines.append(f"{_label(r)[:40]:40s} {model:9s} {bits:4d} {r['batch_size']:5d}  failed: "
+                         f"{r['error'].splitlines()[0][:100]}")
+            continue
+        limit = bus_limit_tokens_s(r, bw)
+        ours = best_ours.get((*_config(r), r["batch_size"]))
+        ratio = f"{ours / r['decode_throughput']:.2f}x" if ours and _label(r) != "offloadgen" else ""
+        lines.append(f"{_label(r)[:40]:40s} {model:9s} {bits:4d} {r['batch_size']:5d} {r['prefill_throughput']:13.1f} "
+                     f"{r['decode_throughput']:12.2f} {r['decode_step_s']:7.3f} {r.get('peak_gpu_mem_bytes', 0) / GiB:8.2f} "
+                     f"{(r['decode_throughput'] / limit) if limit else float('nan'):7.0%} {ratio:>15s}")
+    if bw:
+        lines.append(f"vs bus: decode tokens/s over batch * {bw / 1e9:.1f} GB/s / weight bytes (every weight streamed); "
+                     "above 100% means resident layers saved bus time")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise OffloadgenError("--plot needs matplotlib: pip install matplotlib") from None
+    bw = _bandwidth(records)
+    series: dict[tuple, dict[int, float]] = {}
+    for r in records:
+        if "error" in r:
+            continue
+        key = (_label(r), *_config(r)[:2])
+        series.setdefault(key, {})
+        series[key][r["batch_size"]] = max(series[key].get(r["batch_size"], 0), r["decode_throughput"])
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for (system, model, bits), points in sorted(series.items()):
+        xs = sorted(points)
+        style = "-o" if system == "offloadgen" else "--s"
+        ax.plot(xs, [points[x] for x in xs], style, label=f"{system} · {model} · {bits}-bit")
+    if bw:
+        batches = sorted({r["batch_size"] for r in records})
+        for model, bits in sorted({_config(r)[:2] for r in records if "error" not in r}):
+            rec = {"model": model, "quant_bits": bits, "quant_group_size": 64}
+            ys = [bus_limit_tokens_s({**rec, "batch_size": b}, bw) for b in batches]
+            if all(ys):
+                ax.plot(batches, ys, ":", color="gray")
+                ax.annotate(f"bus limit {model} {bits}-bit ({bw / 1e9:.0f} GB/s, all weights streamed)",
+                            (batches[-1], ys[-1]), fontsize=7, color="gray", ha="right", va="bottom")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("decode throughput (tokens/s)")
+    ax.set_title("Decode throughput against batch size (prompt 512, gen 32)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
