@@ -21,6 +21,7 @@ p.add_argument("--gen-len", type=int, default=32)
 p.add_argument("--percent", nargs=6, type=int, default=[0, 100, 100, 0, 100, 0],
                help="weights GPU/CPU, cache GPU/CPU, activations GPU/CPU (FlexGen's policy)")
 p.add_argument("--cpu-cache-compute", action="store_true")
+p.add_argument("--compress-weight", action="store_true", help="FlexGen's 4-bit group-wise weights (group 64)")
 p.add_argument("--json-file", default="peers.jsonl")
 a = p.parse_args()
 if importlib.util.find_spec("flexgen") is None:
@@ -36,9 +37,11 @@ cmd = [sys.executable, "-m", "flexgen.flex_opt", "--model", name, "--path", "_DU
        "--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len), "--offload-dir", str(work / "offload")]
 if a.cpu_cache_compute:
     cmd.append("--cpu-cache-compute")
+if a.compress_weight:
+    cmd.append("--compress-weight")
 proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
 text = proc.stdout + proc.stderr
-system = f"FlexGen {'.'.join(map(str, a.percent))}" + (" cpu-attn" if a.cpu_cache_compute else "")
+system = f"FlexGen percent {'/'.join(map(str, a.percent))}" + (" cpu-attn" if a.cpu_cache_compute else "")
 
 
 def grab(key):
@@ -47,7 +50,7 @@ def grab(key):
 
 
 rec = {"system": system, "model": a.model, "batch_size": a.batch_size, "prompt_len": a.prompt_len,
-       "gen_len": a.gen_len, "percent": a.percent, "quant_bits": 16}
+       "gen_len": a.gen_len, "percent": a.percent, "quant_bits": 4 if a.compress_weight else 16}
 if proc.returncode != 0 or grab("decode throughput") is None:
     rec["error"] = f"exit {proc.returncode}: " + text[-1500:]
 else:
