@@ -49,7 +49,7 @@ def _model(rec) -> str:
 
 
 def _config(rec) -> tuple:
-    return _model(rec), int(rec.get("quant_bits") or 16), rec.get("prompt_len"), rec.get("gen_len")
+    return _model(rec), int(rec.get("quant_bits") or 16), rec.get("prompt_len") or 0, rec.get("gen_len") or 0
 
 
 def _bandwidth(records) -> float | None:
