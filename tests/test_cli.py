@@ -97,3 +97,21 @@ def test_no_traceback_from_the_real_command(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert proc.stderr.strip().startswith("offloadgen: error:")
+
+
+def test_cpu_offload_on_a_cpu_run_is_refused_clearly(capsys):
+    one_line_error(*run(capsys, "generate", "opt-125m", "--dummy", "--device", "cpu", "--cpu-offload",
+                        "--prompt", "hi")[::2], "streams weights to a GPU")
+
+
+def test_requests_beyond_the_planned_limits_are_refused():
+    import offloadgen
+    from offloadgen.errors import OffloadgenError
+    from offloadgen.sampling import SamplingParams
+    llm = offloadgen.load("opt-125m", dummy=True, device="cpu", progress=False)
+    llm.limits = (2, 16)  # as if placed on a GPU for 2 prompts of 16 tokens
+    with pytest.raises(OffloadgenError, match="at most 2 and sequences of at most 16"):
+        llm.generate(["a", "b", "c"], SamplingParams(max_new_tokens=2))
+    with pytest.raises(OffloadgenError, match="at most 2 and sequences"):
+        llm.generate(["a"], SamplingParams(max_new_tokens=20))
+    assert llm.generate(["a", "b"], SamplingParams(max_new_tokens=4))

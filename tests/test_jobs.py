@@ -29,7 +29,7 @@ def write_prompts(path, n=N_PROMPTS):
 
 
 def answered(path):
-    return [json.loads(line)["line"] for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line)["line"] for line in path.read_text().split("\n") if line.strip()]
 
 
 def start_job(src, dst):
@@ -73,7 +73,7 @@ def test_torn_last_line_is_dropped_and_redone(tmp_path, llm):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_prompts(src, 10)
     run_job(llm, src, dst, SamplingParams(max_new_tokens=2), batch_size=3, progress=False)
-    full = dst.read_text().splitlines()
+    full = dst.read_text().split("\n")
     torn = "\n".join(full[:6]) + "\n" + full[6][: len(full[6]) // 2]  # a write cut short
     dst.write_text(torn)
     assert len(read_done(dst)) == 6 and dst.read_text().endswith("\n")
@@ -86,7 +86,7 @@ def test_ordered_output_and_bad_lines_reported(tmp_path, llm):
     src.write_text('{"prompt": "long long long prompt"}\nnot json\n{"prompt": ""}\n{"prompt": "a"}\n'
                    '{"prompt": "' + "y" * 3000 + '"}\n{"messages": "nope"}\n{"id": [1], "prompt": "b"}\n')
     s = run_job(llm, src, dst, SamplingParams(max_new_tokens=2), batch_size=2, ordered=True, progress=False)
-    rows = [json.loads(line) for line in dst.read_text().splitlines()]
+    rows = [json.loads(line) for line in dst.read_text().split("\n") if line]
     assert [r["line"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
     errors = {r["line"]: r["error"] for r in rows if "error" in r}
     assert set(errors) == {2, 3, 5, 6} and s.errors == 4 and s.done == 3
@@ -126,6 +126,14 @@ lines = st.one_of(
 )
 
 
+def test_line_separators_inside_prompts_do_not_split_records(tmp_path, llm):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"prompt": "a\u0085b\u2028c"}, ensure_ascii=False) + "\n" + json.dumps({"prompt": "d"}) + "\n")
+    s = run_job(llm, src, dst, SamplingParams(max_new_tokens=1), batch_size=2, ordered=True, progress=False)
+    assert s.done == 2 and s.errors == 0
+    assert [json.loads(line)["prompt"] for line in dst.read_text().split("\n") if line] == ["a\u0085b\u2028c", "d"]
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(lines, min_size=1, max_size=6))
 def test_fuzzed_input_lines_never_crash_the_job(tmp_path_factory, llm, input_lines):
@@ -133,6 +141,6 @@ def test_fuzzed_input_lines_never_crash_the_job(tmp_path_factory, llm, input_lin
     src, dst = folder / "in.jsonl", folder / "out.jsonl"
     src.write_text("\n".join(line.replace("\n", " ").replace("\r", " ") for line in input_lines) + "\n")
     s = run_job(llm, src, dst, SamplingParams(max_new_tokens=1), batch_size=4, progress=False)
-    rows = [json.loads(line) for line in dst.read_text().splitlines()]
+    rows = [json.loads(line) for line in dst.read_text().split("\n") if line]
     assert len(rows) == s.total == s.done + s.errors
     assert all(("error" in r) != ("text" in r) for r in rows)

@@ -55,7 +55,9 @@ def encode_prompts(tokenizer, cfg, prompts: list[str], names: list | None = None
 
 class LLM:
     def __init__(self, checkpoint, device: torch.device, dtype: torch.dtype, weights=None,
-                 micro_batch_size: int | None = None, progress: bool = True, tokenizer=None):
+                 micro_batch_size: int | None = None, progress: bool = True, tokenizer=None,
+                 limits: tuple[int, int] | None = None):
+        self.limits = limits  # (max batch, max sequence length) the GPU placement was planned for
         self.checkpoint = checkpoint
         self.cfg = checkpoint.cfg
         self.device = device
@@ -82,6 +84,13 @@ class LLM:
         if not prompts:
             return []
         input_ids, mask = self.encode_batch(prompts)
+        if self.limits is not None:
+            max_batch, max_len = self.limits
+            if len(prompts) > max_batch or input_ids.shape[1] + sampling.max_new_tokens > max_len:
+                raise OffloadgenError(
+                    f"this model was placed on the GPU for batches of at most {max_batch} and sequences of at most "
+                    f"{max_len} tokens; got {len(prompts)} prompts of up to {input_ids.shape[1]} tokens + "
+                    f"{sampling.max_new_tokens} new: load with larger max_batch_size / max_seq_len")
         stop_fn = None
         if sampling.stop:
             def stop_fn(row, tokens):
@@ -101,27 +110,57 @@ class LLM:
         return completions
 
 
+def place_weights(checkpoint, device: torch.device, dtype: torch.dtype, *, cpu_offload: bool = False,
+                  gpu_memory: int | None = None, pin_memory: bool = True, max_batch_size: int = 16,
+                  max_seq_len: int | None = None, micro_batch_size: int | None = None, quant_bits: int = 16,
+                  quant_group_size: int = 64, progress: bool = True):
+    """The weight source for a run: resident, quantized, or streamed from CPU memory under a GPU
+    budget planned for `max_batch_size` sequences of `max_seq_len` tokens. Returns (weights, limits)."""
+    from .offload.placement import all_resident, plan_placement
+    from .offload.streaming import StreamingWeights
+    from .plan import check_host_memory
+    from .quant import QuantConfig
+    cfg = checkpoint.cfg
+    quant = QuantConfig(quant_bits, quant_group_size) if quant_bits != 16 else None
+    if cpu_offload:
+        if device.type != "cuda":
+            raise OffloadgenError("--cpu-offload streams weights to a GPU; this run is on the CPU, where the "
+                                  "weights already are (drop --cpu-offload)")
+        from .bench.run import default_budget
+        max_len = min(max_seq_len or cfg.max_position, cfg.max_position)
+        elem = torch.empty((), dtype=dtype).element_size()
+        placement = plan_placement(cfg, elem, gpu_memory or default_budget(device), max_batch_size, max_len, 0,
+                                   micro_batch_size, offload=True, quant=quant)
+        check_host_memory(placement, quantized=quant is not None)
+        return StreamingWeights(checkpoint, device, dtype, placement, pinned=pin_memory, progress=progress,
+                                quant=quant), (max_batch_size, max_len)
+    if quant is not None:
+        return StreamingWeights(checkpoint, device, dtype, all_resident(cfg), progress=progress, quant=quant), None
+    return ResidentWeights(checkpoint, device, dtype, progress=progress), None
+
+
 def load(model: str | None = None, *, dummy: bool = False, device: str | torch.device | None = None,
          dtype: str | torch.dtype = "auto", micro_batch_size: int | None = None, progress: bool = True,
-         quant_bits: int = 16, quant_group_size: int = 64, tokenizer=None) -> LLM:
+         quant_bits: int = 16, quant_group_size: int = 64, tokenizer=None, cpu_offload: bool = False,
+         gpu_memory: int | None = None, pin_memory: bool = True, max_batch_size: int = 16,
+         max_seq_len: int | None = None) -> LLM:
     """Load a model folder, a GGUF file, a preset (dummy=True), or the embedded default (None).
 
     quant_bits 4 or 8 stores the decoder layers' linear weights group-wise quantized and
-    dequantizes each layer just before it runs."""
+    dequantizes each layer just before it runs. cpu_offload keeps weights in CPU memory and
+    streams them to the GPU layer by layer, with the layers that fit `gpu_memory` (bytes) kept
+    resident; the placement is planned for `max_batch_size` prompts of `max_seq_len` tokens."""
     checkpoint = open_checkpoint(model, dummy=dummy)
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OffloadgenError("device 'cuda' asked for, but this machine has no CUDA GPU")
     dtype = resolve_dtype(dtype, device, checkpoint.cfg)
-    weights = None
-    if quant_bits != 16:
-        from .offload.placement import all_resident
-        from .offload.streaming import StreamingWeights
-        from .quant import QuantConfig
-        weights = StreamingWeights(checkpoint, device, dtype, all_resident(checkpoint.cfg), progress=progress,
-                                   quant=QuantConfig(quant_bits, quant_group_size))
+    weights, limits = place_weights(checkpoint, device, dtype, cpu_offload=cpu_offload, gpu_memory=gpu_memory,
+                                    pin_memory=pin_memory, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                                    micro_batch_size=micro_batch_size, quant_bits=quant_bits,
+                                    quant_group_size=quant_group_size, progress=progress)
     return LLM(checkpoint, device, dtype, weights=weights, micro_batch_size=micro_batch_size, progress=progress,
-               tokenizer=tokenizer)
+               tokenizer=tokenizer, limits=limits)
 
 
 def generate(llm: LLM, prompts: list[str] | str, sampling: SamplingParams | None = None) -> list[Completion]:

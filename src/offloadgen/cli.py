@@ -14,6 +14,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from .errors import OffloadgenError  # noqa: E402
 
 
+def _parse_bytes(text: str) -> int:
+    from .bench.cli import parse_bytes
+    return parse_bytes(text)
+
+
 def _add_generate(sub):
     p = sub.add_parser("generate", help="generate text for prompts",
                        description="Generate text. MODEL is a Hugging Face folder, a .gguf file, or a preset "
@@ -38,17 +43,19 @@ def _add_generate(sub):
     p.add_argument("--quant-bits", "--quant_bits", type=int, default=16, choices=[4, 8, 16],
                    help="group-wise quantize the decoder layers' linear weights (16 = none)")
     p.add_argument("--quant-group-size", "--quant_group_size", type=int, default=64)
+    p.add_argument("--cpu-offload", action="store_true", help="keep weights in CPU RAM and stream them to the GPU")
+    p.add_argument("--gpu-memory", type=_parse_bytes, default=None, help="GPU budget with --cpu-offload, e.g. 16GiB")
+    p.add_argument("--pin-memory", type=int, default=1, choices=[0, 1])
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="longest prompt + new tokens to plan GPU memory for (default: from --prompt, or 2048 with --input)")
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args) -> int:
     import torch
 
-    from .api import LLM, default_device, encode_prompts, resolve_dtype
+    from .api import LLM, default_device, encode_prompts, place_weights, resolve_dtype
     from .checkpoint import open_checkpoint
-    from .offload.placement import all_resident
-    from .offload.streaming import StreamingWeights
-    from .quant import QuantConfig
     from .sampling import SamplingParams
 
     if args.batch_size < 1:
@@ -70,12 +77,17 @@ def cmd_generate(args) -> int:
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OffloadgenError("--device cuda: this machine has no CUDA GPU")
-    weights = None
     dtype = resolve_dtype(args.dtype, device, checkpoint.cfg)
-    if args.quant_bits != 16:
-        weights = StreamingWeights(checkpoint, device, dtype, all_resident(checkpoint.cfg),
-                                   quant=QuantConfig(args.quant_bits, args.quant_group_size))
-    llm = LLM(checkpoint, device, dtype, weights=weights, micro_batch_size=args.micro_batch_size, tokenizer=tokenizer)
+    max_seq_len = args.max_seq_len
+    if max_seq_len is None:
+        longest = max((len(tokenizer.encode(p)) for _, p in items), default=0)
+        max_seq_len = longest + args.max_new_tokens if items else min(2048, checkpoint.cfg.max_position)
+    weights, limits = place_weights(checkpoint, device, dtype, cpu_offload=args.cpu_offload, gpu_memory=args.gpu_memory,
+                                    pin_memory=bool(args.pin_memory), max_batch_size=args.batch_size,
+                                    max_seq_len=max_seq_len, micro_batch_size=args.micro_batch_size,
+                                    quant_bits=args.quant_bits, quant_group_size=args.quant_group_size)
+    llm = LLM(checkpoint, device, dtype, weights=weights, micro_batch_size=args.micro_batch_size, tokenizer=tokenizer,
+              limits=limits)
     if args.input:
         return _run_job(llm, args, sampling)
     out = open(args.output, "w", encoding="utf-8") if args.output else None

@@ -131,7 +131,9 @@ def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, ba
             ordered: bool = False, progress: bool = True) -> JobSummary:
     src, out_path = Path(input_path), Path(output_path)
     try:
-        lines = src.read_text(encoding="utf-8", errors="replace").splitlines()
+        # JSON lines end at "\n" only: splitlines() would also break at U+0085, U+2028 and others
+        # that may stand raw inside a JSON string.
+        lines = [line.removesuffix("\r") for line in src.read_text(encoding="utf-8", errors="replace").split("\n")]
     except OSError as e:
         raise OffloadgenError(f"cannot read --input {input_path}: {e.strerror}") from None
     if out_path.resolve() == src.resolve():
@@ -206,7 +208,7 @@ def _generate_with_retry(llm, prompts, sampling, summary):
 
 def write_in_input_order(path: Path) -> None:
     """Rewrite the output sorted by input line, atomically (a temporary file renamed over it)."""
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     records.sort(key=lambda r: r["line"])
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:

@@ -22,7 +22,7 @@ def load_records(paths: list[str]) -> list[dict]:
             raise OffloadgenError(f"{p}: no such file or folder")
     records = []
     for f in files:
-        for n, line in enumerate(f.read_text().splitlines(), 1):
+        for n, line in enumerate(f.read_text().split("\n"), 1):  # not splitlines(): U+2028 may sit in a string
             if not line.strip():
                 continue
             try:
