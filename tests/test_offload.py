@@ -97,3 +97,27 @@ def test_tied_embeddings_counted_once():
     p = plan_placement(cfg, 2, 40 * GiB, 1, 16, 4, offload=False)
     total = sum(block_nbytes(cfg, b, 2) for b in blocks(cfg))
     assert p.bytes["resident"] == total - cfg.vocab_size * cfg.hidden_size * 2  # the shared matrix once
+
+
+def test_a_pass_that_fails_midway_leaves_the_schedule_usable(tiny, monkeypatch):
+    _, path = tiny("opt")
+    ckpt = SafetensorsFolder(path)
+    ids, mask = ragged_batch(seed=4)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    weights = StreamingWeights(ckpt, CPU, torch.float32, streamed_placement(ckpt.cfg, ("head",), 1), progress=False)
+    engine = Engine(ckpt.cfg, weights, CPU, torch.float32)
+    before = engine.generate(ids, mask, params, set(), 0)
+    real_layer, calls = engine.family.layer, []
+
+    def failing_layer(cfg, w, x, step, k, v):
+        calls.append(1)
+        if len(calls) == 2:  # the second layer of the prefill: mid-pass
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_layer(cfg, w, x, step, k, v)
+
+    monkeypatch.setattr(engine.family, "layer", failing_layer)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        engine.generate(ids, mask, params, set(), 0)
+    monkeypatch.setattr(engine.family, "layer", real_layer)
+    after = engine.generate(ids, mask, params, set(), 0)
+    assert after.tokens == before.tokens and torch.equal(after.last_logits, before.last_logits)

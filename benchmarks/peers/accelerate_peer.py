@@ -2,26 +2,19 @@
 
     python benchmarks/peers/accelerate_peer.py --model opt-30b --batch-size 8 --gpu-memory 16GiB
 """
-import argparse
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, "benchmarks/peers")
-from common import hf_opt_config, inputs, record, record_failure, time_generate  # noqa: E402
+from common import hf_opt_config, inputs, parser, record, record_failure, time_generate  # noqa: E402
 
 from offloadgen.bench.cli import parse_bytes  # noqa: E402
 from offloadgen.checkpoint.dummy import fill_dummy  # noqa: E402
 
-p = argparse.ArgumentParser()
-p.add_argument("--model", default="opt-30b")
-p.add_argument("--batch-size", type=int, default=8)
-p.add_argument("--prompt-len", type=int, default=512)
-p.add_argument("--gen-len", type=int, default=32)
+p = parser(loops=1)
 p.add_argument("--gpu-memory", type=parse_bytes, default=16 << 30)
-p.add_argument("--loops", type=int, default=1)
-p.add_argument("--json-file", default="peers.jsonl")
 a = p.parse_args()
 try:
     import accelerate

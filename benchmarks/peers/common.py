@@ -13,6 +13,19 @@ from offloadgen.models import preset  # noqa: E402
 PROMPT_IDS = [2, 32826, 16, 5, 812, 343, 9]  # "Paris is the capital city of" in OPT's vocabulary, after BOS
 
 
+def parser(loops: int = 1):
+    """The workload flags every peer takes, as `offloadgen bench` spells them."""
+    import argparse
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="opt-30b")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--loops", type=int, default=loops)
+    p.add_argument("--json-file", default="peers.jsonl")
+    return p
+
+
 def hf_opt_config(model: str):
     import transformers
     cfg = preset(model)

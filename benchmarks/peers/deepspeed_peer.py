@@ -3,7 +3,6 @@ memory, configured as its run_model.py does (HfDeepSpeedConfig, from_config, dee
 
     python benchmarks/peers/deepspeed_peer.py --model opt-30b --batch-size 8
 """
-import argparse
 import contextlib
 import os
 import sys
@@ -12,15 +11,9 @@ import time
 import torch
 
 sys.path.insert(0, "benchmarks/peers")
-from common import hf_opt_config, inputs, record, record_failure, time_generate  # noqa: E402
+from common import hf_opt_config, inputs, parser, record, record_failure, time_generate  # noqa: E402
 
-p = argparse.ArgumentParser()
-p.add_argument("--model", default="opt-30b")
-p.add_argument("--batch-size", type=int, default=8)
-p.add_argument("--prompt-len", type=int, default=512)
-p.add_argument("--gen-len", type=int, default=32)
-p.add_argument("--loops", type=int, default=2)
-p.add_argument("--json-file", default="peers.jsonl")
+p = parser(loops=2)
 a = p.parse_args()
 try:
     import deepspeed

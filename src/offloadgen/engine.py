@@ -45,6 +45,16 @@ class Engine:
 
     def forward(self, ids: torch.Tensor, steps: list[StepInputs], cache: KVCache) -> torch.Tensor:
         """One pass over new tokens ids [B, t]; returns the last position's logits [B, V] in float32."""
+        try:
+            return self._forward(ids, steps, cache)
+        except BaseException:
+            # A pass that stops midway leaves a streaming source mid-schedule; put it back at the start
+            # so that a retry (e.g. with smaller micro-batches after running out of memory) works.
+            if hasattr(self.weights, "reset"):
+                self.weights.reset()
+            raise
+
+    def _forward(self, ids: torch.Tensor, steps: list[StepInputs], cache: KVCache) -> torch.Tensor:
         cfg, fam, w = self.cfg, self.family, self.weights
         parts = self.micro_batches(ids.shape[0])
         block = w.get("embed")

@@ -164,11 +164,9 @@ class StreamingWeights:
         dense = max((layout.dense_numel for layout in self.layouts.values()), default=0)
         self.workspace = torch.empty(dense, dtype=dtype, device=self.device) if dense else None
         self.depth = slots - 1
-        self.slot_of: dict = {}  # block -> ring slot it was last issued into
-        self.ready: dict = {}  # block -> event recorded after its copy
-        self.free = [None] * slots  # slot -> event recorded when its last block was done
-        self.next_issue = 0  # index (over all passes) of the next streamed block to copy
-        self.next_use = 0  # index of the next streamed block the engine will ask for
+        # The schedule (reset by _start): slot_of[block], ready[block] (event after its copy),
+        # free[slot] (event when its last block was done), next_issue / next_use (indices over
+        # all passes of the next block to copy / to be asked for).
         self.issued_log: list = []  # (issue index, block, slot) for tests of the schedule
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         if not self.pinned and self.cuda and self.order:
@@ -179,8 +177,25 @@ class StreamingWeights:
             self.worker_error = None
             self.worker = threading.Thread(target=self._stage_worker, daemon=True)
             self.worker.start()
-        for _ in range(min(slots, len(self.order))):
+        self._start()
+
+    def _start(self) -> None:
+        """Begin a pass: the first depth + 1 streamed blocks start copying."""
+        self.next_issue = self.next_use = 0
+        self.slot_of, self.ready = {}, {}
+        self.free = [None] * len(self.ring)
+        for _ in range(min(len(self.ring), len(self.order))):
             self._issue()
+
+    def reset(self) -> None:
+        """After a pass that failed midway (say, out of memory): let the copies in flight land and
+        start again from the first block, so the next pass finds the schedule where it expects."""
+        if self.cuda and not self.pinned and self.order:
+            for event in list(self.issued.values()):
+                event.wait()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self._start()
 
     # -- the schedule ------------------------------------------------------------------------------
     def _issue(self) -> None:
