@@ -29,4 +29,4 @@ for what in "${@:-parity bs8 bs16}"; do
     accelerate) python3 benchmarks/peers/accelerate_peer.py --model opt-30b --batch-size 8 --gpu-memory 16GiB --json-file "$out/peers.jsonl" ;;
   esac
 done
-python3 benchmarks/table.py "$out"/*.jsonl
+python3 -m offloadgen.cli report "$out"

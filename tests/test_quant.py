@@ -95,3 +95,32 @@ def test_dummy_quantized_generation_runs():
     out = Engine(ck.cfg, w, CPU, torch.float32).generate(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long),
                                                          SamplingParams(max_new_tokens=4, ignore_eos=True), set(), 0)
     assert len(out.tokens[0]) == 4 and torch.isfinite(out.last_logits).all()
+
+
+def test_second_load_reads_quantized_blocks_from_the_cache(tiny, tmp_path, monkeypatch):
+    import offloadgen.offload.streaming as streaming
+    monkeypatch.setenv("OFFLOADGEN_CACHE", str(tmp_path))
+    _, path = tiny("llama2-mha")
+    ckpt = SafetensorsFolder(path)
+    q = QuantConfig(4, 32)
+    ids, mask = ragged_batch(seed=9)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+
+    def run():
+        w = StreamingWeights(ckpt, CPU, torch.float32, all_resident(ckpt.cfg), progress=False, quant=q)
+        return w, Engine(ckpt.cfg, w, CPU, torch.float32).generate(ids, mask, params, set(), 0)
+
+    first_w, first = run()
+    assert first_w.timings["quantized_blocks"] == ckpt.cfg.n_layers and first_w.timings["cached_blocks"] == 0
+
+    def no_quantizing(*args, **kwargs):
+        raise AssertionError("the second load quantized again")
+
+    monkeypatch.setattr(streaming, "quantize", no_quantizing)
+    second_w, second = run()
+    assert second_w.timings["cached_blocks"] == ckpt.cfg.n_layers and second_w.timings["quantized_blocks"] == 0
+    assert second.tokens == first.tokens and torch.equal(second.last_logits, first.last_logits)
+    # another group size is another cache entry, not a wrong hit
+    monkeypatch.setattr(streaming, "quantize", quantize)
+    other = StreamingWeights(ckpt, CPU, torch.float32, all_resident(ckpt.cfg), progress=False, quant=QuantConfig(4, 64))
+    assert other.timings["quantized_blocks"] == ckpt.cfg.n_layers

@@ -22,4 +22,4 @@ for what in "${@:-flexgen8 ds8 ds16}"; do
     accelerate8) python3 benchmarks/peers/accelerate_peer.py --batch-size 8 --gpu-memory 16GiB --json-file $j ;;
   esac
 done
-python3 -m offloadgen.cli report $j benchmarks/results
+python3 -m offloadgen.cli report $j

@@ -62,16 +62,22 @@ class PackedBlock:
         return {key: flat[off:off + math.prod(shape) * _elem(dt)].view(dt).view(shape)
                 for key, (off, dt, shape) in self.entries.items()}
 
-    def write(self, flat: torch.Tensor, tensors: dict[str, torch.Tensor], quant_device: torch.device) -> None:
-        """Store a block's 16-bit tensors into `flat`, quantizing where the layout says so."""
-        views = self.views(flat)
+    def encode(self, tensors: dict[str, torch.Tensor], quant_device: torch.device) -> dict[str, torch.Tensor]:
+        """A block's 16-bit tensors as this layout's entries, quantizing where the layout says so."""
+        parts = {}
         for local, t in tensors.items():
             if local in self.quantized:
                 qt = quantize(t.to(quant_device), self.quant)
                 for part in ("packed", "scale", "min"):
-                    views[f"{local}.{part}"].copy_(getattr(qt, part))
+                    parts[f"{local}.{part}"] = getattr(qt, part)
             else:
-                views[local].copy_(t)
+                parts[local] = t
+        return parts
+
+    def write(self, flat: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        views = self.views(flat)
+        for key, t in parts.items():
+            views[key].copy_(t)
 
     def dense(self, flat: torch.Tensor, workspace: torch.Tensor | None) -> dict[str, torch.Tensor]:
         views = self.views(flat)
@@ -109,9 +115,28 @@ class StreamingWeights:
         self.quant = quant
         self.layouts = {b: PackedBlock(b, {k: s for k, (_, s) in family.block_tensors(self.cfg, b).items()}, dtype, quant)
                         for b in [*placement.resident, *self.order]}
-        # Quantizing 60 GB is fast on the GPU and slow on the CPU: do it where the weights go.
+        # Quantizing 60 GB is fast on the GPU and slow on the CPU: do it where the weights go. A real
+        # checkpoint's quantized blocks are cached on disk; dummy weights are remade faster than read.
         quant_device = self.device
-        self.timings = {}
+        self.quant_cache = None
+        if quant is not None and hasattr(checkpoint, "path"):
+            from ..quant.cache import QuantCache
+            self.quant_cache = QuantCache(checkpoint.path, quant, dtype)
+        self.timings = {"quantized_blocks": 0, "cached_blocks": 0}
+
+        def block_parts(b):
+            layout = self.layouts[b]
+            if layout.quantized and self.quant_cache is not None:
+                cached = self.quant_cache.load(b)
+                if cached is not None and set(cached) == set(layout.entries):
+                    self.timings["cached_blocks"] += 1
+                    return cached
+            parts = layout.encode(checkpoint.read_block(b, dtype), quant_device)
+            if layout.quantized:
+                self.timings["quantized_blocks"] += 1
+                if self.quant_cache is not None:
+                    self.quant_cache.save(b, parts)
+            return parts
 
         # Resident blocks: straight to the device. Tied tensors (same checkpoint name) are shared.
         t0 = time.perf_counter()
@@ -123,7 +148,7 @@ class StreamingWeights:
         for b in placement.resident:
             if self.layouts[b].quantized:
                 flat = torch.empty(self.layouts[b].nbytes, dtype=torch.uint8, device=self.device)
-                self.layouts[b].write(flat, checkpoint.read_block(b, dtype), quant_device)
+                self.layouts[b].write(flat, block_parts(b))
                 self.resident_packed[b] = flat
             else:
                 names = family.block_tensors(self.cfg, b)
@@ -140,7 +165,7 @@ class StreamingWeights:
         self.host = {}
         for b in self.order:
             flat = torch.empty(self.layouts[b].nbytes, dtype=torch.uint8)
-            self.layouts[b].write(flat, checkpoint.read_block(b, dtype), quant_device)
+            self.layouts[b].write(flat, block_parts(b))
             self.host[b] = flat
             bar.update()
         bar.close()
