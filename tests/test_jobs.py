@@ -1,6 +1,5 @@
 """Batch jobs: kills and resumes lose nothing and repeat nothing; bad lines never stop a job."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -91,13 +91,12 @@ class LLM:
                     f"this model was placed on the GPU for batches of at most {max_batch} and sequences of at most "
                     f"{max_len} tokens; got {len(prompts)} prompts of up to {input_ids.shape[1]} tokens + "
                     f"{sampling.max_new_tokens} new: load with larger max_batch_size / max_seq_len")
-        stop_fn = None
-        if sampling.stop:
-            def stop_fn(row, tokens):
-                text = self.tokenizer.decode(tokens)
-                return any(s in text for s in sampling.stop)
+        def ends_in_stop_string(row, tokens):
+            text = self.tokenizer.decode(tokens)
+            return any(s in text for s in sampling.stop)
         out = self.engine.generate(input_ids, mask, sampling, self.tokenizer.eos_token_ids,
-                                   self.tokenizer.pad_token_id, stop_fn=stop_fn)
+                                   self.tokenizer.pad_token_id,
+                                   stop_fn=ends_in_stop_string if sampling.stop else None)
         completions = []
         for prompt, tokens, reason in zip(prompts, out.tokens, out.finish_reasons):
             if not sampling.ignore_eos and tokens and tokens[-1] in self.tokenizer.eos_token_ids:

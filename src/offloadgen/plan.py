@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import OffloadgenError
-from .models import block_nbytes, blocks, family_of, param_count
+from .models import block_nbytes, blocks, param_count
 from .offload.placement import GiB, plan_placement
 
 LAUNCH_OVERHEAD_S = 40e-6  # per layer and micro-batch: a dozen kernel launches from Python
