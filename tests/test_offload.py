@@ -121,3 +121,11 @@ def test_a_pass_that_fails_midway_leaves_the_schedule_usable(tiny, monkeypatch):
     monkeypatch.setattr(engine.family, "layer", real_layer)
     after = engine.generate(ids, mask, params, set(), 0)
     assert after.tokens == before.tokens and torch.equal(after.last_logits, before.last_logits)
+
+
+def test_resident_tied_embeddings_take_memory_once():
+    cfg = preset("opt-125m")
+    w = ResidentWeights(DummyCheckpoint(cfg), CPU, torch.float32, progress=False)
+    assert w.get("embed")["embed"].data_ptr() == w.get("head")["lm_head"].data_ptr()
+    planned = plan_placement(cfg, 4, 40 * GiB, 1, 16, 4, offload=False).bytes["resident"]
+    assert w.nbytes() == planned

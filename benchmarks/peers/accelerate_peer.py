@@ -8,7 +8,7 @@ import time
 import torch
 
 sys.path.insert(0, "benchmarks/peers")
-from common import hf_opt_config, inputs, parser, record, record_failure, time_generate  # noqa: E402
+from common import hf_opt_config, inputs, parser, record, require, record_failure, time_generate  # noqa: E402
 
 from offloadgen.bench.cli import parse_bytes  # noqa: E402
 from offloadgen.checkpoint.dummy import fill_dummy  # noqa: E402
@@ -16,13 +16,8 @@ from offloadgen.checkpoint.dummy import fill_dummy  # noqa: E402
 p = parser(loops=1)
 p.add_argument("--gpu-memory", type=parse_bytes, default=16 << 30)
 a = p.parse_args()
-try:
-    import accelerate
-    import transformers
-    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
-except ImportError as e:
-    print(f"accelerate peer: {e.name} is not installed; skipped", file=sys.stderr)
-    sys.exit(0)
+accelerate, transformers = require("accelerate peer", "accelerate", "transformers")
+from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights  # noqa: E402
 system = f"transformers {transformers.__version__} + accelerate {accelerate.__version__}"
 try:
     t0 = time.perf_counter()

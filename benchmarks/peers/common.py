@@ -13,6 +13,16 @@ from offloadgen.models import preset  # noqa: E402
 PROMPT_IDS = [2, 32826, 16, 5, 812, 343, 9]  # "Paris is the capital city of" in OPT's vocabulary, after BOS
 
 
+def require(peer: str, *modules: str) -> list:
+    """Import a peer's packages, or say which is missing and leave (a missing peer is not a failure)."""
+    import importlib
+    try:
+        return [importlib.import_module(m) for m in modules]
+    except ImportError as e:
+        print(f"{peer}: {e.name} is not installed; skipped", file=sys.stderr)
+        sys.exit(0)
+
+
 def parser(loops: int = 1):
     """The workload flags every peer takes, as `offloadgen bench` spells them."""
     import argparse

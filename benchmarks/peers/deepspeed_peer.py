@@ -11,17 +11,12 @@ import time
 import torch
 
 sys.path.insert(0, "benchmarks/peers")
-from common import hf_opt_config, inputs, parser, record, record_failure, time_generate  # noqa: E402
+from common import hf_opt_config, inputs, parser, record, require, record_failure, time_generate  # noqa: E402
 
 p = parser(loops=2)
 a = p.parse_args()
-try:
-    import deepspeed
-    import transformers
-    from transformers.integrations import HfDeepSpeedConfig
-except ImportError as e:
-    print(f"deepspeed peer: {e.name} is not installed; skipped", file=sys.stderr)
-    sys.exit(0)
+deepspeed, transformers = require("deepspeed peer", "deepspeed", "transformers")
+from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 system = f"DeepSpeed {deepspeed.__version__} ZeRO-3 CPU offload"
 
 

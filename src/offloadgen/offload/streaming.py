@@ -14,6 +14,7 @@ one through a pinned buffer: no slow pinning at start-up, at the price of a CPU 
 """
 from __future__ import annotations
 
+import collections
 import math
 import queue
 import sys
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from ..models import family_of
 from ..quant import QuantConfig, QuantizedTensor, dequantize, is_quantized_tensor, quantize
 from .pinned import pin_tensors, unpin_tensors
+from .weights import load_resident_block
 
 ALIGN = 256  # bytes: keeps every tensor view aligned for vectorised kernels
 
@@ -110,7 +112,6 @@ class StreamingWeights:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.placement = placement
         self.order = list(placement.streamed)
-        self.position = {b: i for i, b in enumerate(self.order)}
         family = family_of(self.cfg)
         self.quant = quant
         self.layouts = {b: PackedBlock(b, {k: s for k, (_, s) in family.block_tensors(self.cfg, b).items()}, dtype, quant)
@@ -151,14 +152,7 @@ class StreamingWeights:
                 self.layouts[b].write(flat, block_parts(b))
                 self.resident_packed[b] = flat
             else:
-                names = family.block_tensors(self.cfg, b)
-                weights = {}
-                for local, t in checkpoint.read_block(b, dtype).items():
-                    key = names[local][0]
-                    if key not in shared:
-                        shared[key] = t.to(self.device)
-                    weights[local] = shared[key]
-                self.resident[b] = weights
+                self.resident[b] = load_resident_block(checkpoint, b, dtype, self.device, shared)
             bar.update()
 
         # Streamed blocks: packed host buffers, filled straight from the checkpoint.
@@ -192,7 +186,9 @@ class StreamingWeights:
         # The schedule (reset by _start): slot_of[block], ready[block] (event after its copy),
         # free[slot] (event when its last block was done), next_issue / next_use (indices over
         # all passes of the next block to copy / to be asked for).
-        self.issued_log: list = []  # (issue index, block, slot) for tests of the schedule
+        # (issue index, block, slot) of recent copies, for tests of the schedule; bounded, since a
+        # long job issues a copy per streamed block per pass.
+        self.issued_log: collections.deque = collections.deque(maxlen=4096)
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         if not self.pinned and self.cuda and self.order:
             self.staging = [torch.empty(ring_numel, dtype=torch.uint8).pin_memory() for _ in range(slots)]

@@ -6,7 +6,21 @@ import sys
 import torch
 from tqdm import tqdm
 
-from ..models import blocks
+from ..models import blocks, family_of
+
+
+def load_resident_block(checkpoint, block, dtype: torch.dtype, device: torch.device,
+                        shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A block's tensors on the device; a tensor already loaded under the same checkpoint name (tied
+    embeddings: the embedding matrix is also the LM head) is reused, so it takes memory once."""
+    names = family_of(checkpoint.cfg).block_tensors(checkpoint.cfg, block)
+    out = {}
+    for local, t in checkpoint.read_block(block, dtype).items():
+        key = names[local][0]
+        if key not in shared:
+            shared[key] = t.to(device)
+        out[local] = shared[key]
+    return out
 
 
 class ResidentWeights:
@@ -15,10 +29,10 @@ class ResidentWeights:
     def __init__(self, checkpoint, device: torch.device, dtype: torch.dtype, progress: bool = True):
         self.cfg = checkpoint.cfg
         self.device = device
-        self._blocks = {}
+        self._blocks, shared = {}, {}
         for block in tqdm(blocks(self.cfg), desc="loading weights", unit="block", file=sys.stderr,
                           leave=False, disable=None if progress else True):  # None: only on a terminal
-            self._blocks[block] = {k: v.to(device) for k, v in checkpoint.read_block(block, dtype).items()}
+            self._blocks[block] = load_resident_block(checkpoint, block, dtype, device, shared)
 
     def get(self, block) -> dict[str, torch.Tensor]:
         return self._blocks[block]
@@ -27,4 +41,5 @@ class ResidentWeights:
         pass
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for w in self._blocks.values() for t in w.values())
+        unique = {t.data_ptr(): t for w in self._blocks.values() for t in w.values()}
+        return sum(t.numel() * t.element_size() for t in unique.values())
