@@ -43,7 +43,7 @@ def prompt_logits(llm):
     h = fam.embed(cfg, w.get("embed"), ids, step)
     w.done("embed")
     for i in range(cfg.n_layers):
-        h = fam.layer(cfg, w.get(i), h, step, *cache.layer(i, slice(None)))
+        h = fam.layer(cfg, w.get(i), h, step, cache.layer(i, 0, slice(None)))
         w.done(i)
     logits = fam.head(cfg, w.get("head"), h)
     w.done("head")

@@ -48,7 +48,7 @@ def test_bench_run_writes_the_four_log_lines_and_a_json_record(tmp_path, monkeyp
     assert len(log.read_text().splitlines()) == 8
 
 
-@pytest.mark.parametrize("flags,needle", [(["--disk-offload"], "--disk-offload"), (["--kv-offload"], "--kv-offload"),
+@pytest.mark.parametrize("flags,needle", [(["--disk-offload"], "--disk-offload"), (["--pin-kv-cache"], "add --kv-offload"),
                                           (["--num-gpus-per-node", "2"], "several GPUs"),
                                           (["--prompt-len", "3"], "shorter than the prompt")])
 def test_flags_not_yet_supported_are_refused_clearly(capsys, tmp_path, monkeypatch, flags, needle):
@@ -65,3 +65,15 @@ def test_quantized_bench_names_its_log_w_quant(tmp_path, monkeypatch):
                  "--verbose", "0"]) == 0
     rec = json.loads((tmp_path / "ds-opt-125m-bs2-prompt32-gen3-n1x1-gpu-w_quant.jsonl").read_text())
     assert rec["quant_bits"] == 4 and rec["quant_group_size"] == 32
+
+
+def test_bench_with_the_kv_cache_in_cpu_memory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--model", "opt-125m", "--dummy", "--batch-size", "4", "--prompt-len", "32", "--gen-len", "4",
+                 "--kv-offload", "--micro-batch-size", "2", "--loops", "1", "--dtype", "float32", "--verbose", "0"]) == 0
+    rec = json.loads((tmp_path / "ds-opt-125m-bs4-prompt32-gen4-n1x1-gpu-kv_offload.jsonl").read_text())
+    kv = rec["kv"]
+    assert rec["kv_offload"] and kv["parts"] == 2 and kv["gpu_parts"] == 0  # no GPU measured: attention on the CPU
+    # every decode step reads the whole cache so far: 12 layers x 4 rows x 33-35 slots x 768 x 2 (k, v) x 4 bytes
+    per_step = kv["per_decode_step"]["cpu_cache_read_bytes"]
+    assert 2 * 12 * 4 * 33 * 768 * 4 <= per_step <= 2 * 12 * 4 * 35 * 768 * 4

@@ -109,11 +109,11 @@ def test_a_pass_that_fails_midway_leaves_the_schedule_usable(tiny, monkeypatch):
     before = engine.generate(ids, mask, params, set(), 0)
     real_layer, calls = engine.family.layer, []
 
-    def failing_layer(cfg, w, x, step, k, v):
+    def failing_layer(cfg, w, x, step, kv):
         calls.append(1)
         if len(calls) == 2:  # the second layer of the prefill: mid-pass
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_layer(cfg, w, x, step, k, v)
+        return real_layer(cfg, w, x, step, kv)
 
     monkeypatch.setattr(engine.family, "layer", failing_layer)
     with pytest.raises(torch.cuda.OutOfMemoryError):

@@ -56,7 +56,7 @@ def encode_prompts(tokenizer, cfg, prompts: list[str], names: list | None = None
 class LLM:
     def __init__(self, checkpoint, device: torch.device, dtype: torch.dtype, weights=None,
                  micro_batch_size: int | None = None, progress: bool = True, tokenizer=None,
-                 limits: tuple[int, int] | None = None):
+                 limits: tuple[int, int] | None = None, kv_offload=None):
         self.limits = limits  # (max batch, max sequence length) the GPU placement was planned for
         self.checkpoint = checkpoint
         self.cfg = checkpoint.cfg
@@ -64,7 +64,7 @@ class LLM:
         self.dtype = dtype
         self.tokenizer = tokenizer or checkpoint.tokenizer()
         self.weights = weights or ResidentWeights(checkpoint, device, dtype, progress=progress)
-        self.engine = Engine(self.cfg, self.weights, device, dtype, micro_batch_size)
+        self.engine = Engine(self.cfg, self.weights, device, dtype, micro_batch_size, kv_offload=kv_offload)
 
     def encode_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize and left-pad; the prompt length may not exceed the model's context."""
@@ -112,54 +112,77 @@ class LLM:
 def place_weights(checkpoint, device: torch.device, dtype: torch.dtype, *, cpu_offload: bool = False,
                   gpu_memory: int | None = None, pin_memory: bool = True, max_batch_size: int = 16,
                   max_seq_len: int | None = None, micro_batch_size: int | None = None, quant_bits: int = 16,
-                  quant_group_size: int = 64, progress: bool = True):
+                  quant_group_size: int = 64, progress: bool = True, kv_offload=None):
     """The weight source for a run: resident, quantized, or streamed from CPU memory under a GPU
-    budget planned for `max_batch_size` sequences of `max_seq_len` tokens. Returns (weights, limits)."""
+    budget planned for `max_batch_size` sequences of `max_seq_len` tokens; with kv_offload (a
+    KVOffload) the KV cache is planned in CPU memory. Returns (weights, limits, kv_offload resolved)."""
     from .offload.placement import all_resident, plan_placement
     from .offload.streaming import StreamingWeights
     from .plan import check_host_memory
     from .quant import QuantConfig
     cfg = checkpoint.cfg
     quant = QuantConfig(quant_bits, quant_group_size) if quant_bits != 16 else None
-    if cpu_offload:
-        if device.type != "cuda":
-            raise OffloadgenError("--cpu-offload streams weights to a GPU; this run is on the CPU, where the "
-                                  "weights already are (drop --cpu-offload)")
+    if (cpu_offload or kv_offload is not None) and device.type == "cuda":
         from .bench.run import default_budget
         max_len = min(max_seq_len or cfg.max_position, cfg.max_position)
         elem = torch.empty((), dtype=dtype).element_size()
-        placement = plan_placement(cfg, elem, gpu_memory or default_budget(device), max_batch_size, max_len, 0,
-                                   micro_batch_size, offload=True, quant=quant)
+        budget = gpu_memory or default_budget(device)
+        if kv_offload is not None:
+            from .bench.hardware import cpu_attention_bandwidth, h2d_bandwidth
+            from .models import family_of
+            from .offload.placement import plan_kv_offload
+            heads, head_dim = family_of(cfg).kv_heads(cfg)
+            cpu_bw = cpu_attention_bandwidth(micro_batch_size or max_batch_size, heads, cfg.n_heads, head_dim, max_len,
+                                             dtype) if kv_offload.attention == "auto" else None
+            placement, kv_offload, _ = plan_kv_offload(cfg, elem, budget, max_batch_size, max_len, 0, micro_batch_size,
+                                                       1, quant, kv_offload, h2d_bandwidth(device)["best"], cpu_bw,
+                                                       offload=cpu_offload)
+        else:
+            placement = plan_placement(cfg, elem, budget, max_batch_size, max_len, 0, micro_batch_size, offload=True,
+                                       quant=quant)
         check_host_memory(placement, quantized=quant is not None)
-        return StreamingWeights(checkpoint, device, dtype, placement, pinned=pin_memory, progress=progress,
-                                quant=quant), (max_batch_size, max_len)
+        if placement.streamed or quant is not None:
+            weights = StreamingWeights(checkpoint, device, dtype, placement, pinned=pin_memory, progress=progress,
+                                       quant=quant)
+        else:
+            weights = ResidentWeights(checkpoint, device, dtype, progress=progress)
+        return weights, (max_batch_size, max_len), kv_offload
+    if cpu_offload:
+        raise OffloadgenError("--cpu-offload streams weights to a GPU; this run is on the CPU, where the "
+                              "weights already are (drop --cpu-offload)")
     if quant is not None:
-        return StreamingWeights(checkpoint, device, dtype, all_resident(cfg), progress=progress, quant=quant), None
-    return ResidentWeights(checkpoint, device, dtype, progress=progress), None
+        return (StreamingWeights(checkpoint, device, dtype, all_resident(cfg), progress=progress, quant=quant), None,
+                kv_offload)
+    return ResidentWeights(checkpoint, device, dtype, progress=progress), None, kv_offload
 
 
 def load(model: str | None = None, *, dummy: bool = False, device: str | torch.device | None = None,
          dtype: str | torch.dtype = "auto", micro_batch_size: int | None = None, progress: bool = True,
          quant_bits: int = 16, quant_group_size: int = 64, tokenizer=None, cpu_offload: bool = False,
          gpu_memory: int | None = None, pin_memory: bool = True, max_batch_size: int = 16,
-         max_seq_len: int | None = None) -> LLM:
+         max_seq_len: int | None = None, kv_offload: bool = False, pin_kv_cache: bool = True,
+         async_kv_offload: bool = True, kv_attention: str = "auto") -> LLM:
     """Load a model folder, a GGUF file, a preset (dummy=True), or the embedded default (None).
 
     quant_bits 4 or 8 stores the decoder layers' linear weights group-wise quantized and
     dequantizes each layer just before it runs. cpu_offload keeps weights in CPU memory and
     streams them to the GPU layer by layer, with the layers that fit `gpu_memory` (bytes) kept
-    resident; the placement is planned for `max_batch_size` prompts of `max_seq_len` tokens."""
+    resident; the placement is planned for `max_batch_size` prompts of `max_seq_len` tokens.
+    kv_offload keeps the KV cache in CPU memory (pinned, written back asynchronously by default),
+    with decode attention on the CPU, the GPU, or split between them (kv_attention)."""
+    from .offload.kv_cache import KVOffload
     checkpoint = open_checkpoint(model, dummy=dummy)
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OffloadgenError("device 'cuda' asked for, but this machine has no CUDA GPU")
     dtype = resolve_dtype(dtype, device, checkpoint.cfg)
-    weights, limits = place_weights(checkpoint, device, dtype, cpu_offload=cpu_offload, gpu_memory=gpu_memory,
-                                    pin_memory=pin_memory, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                                    micro_batch_size=micro_batch_size, quant_bits=quant_bits,
-                                    quant_group_size=quant_group_size, progress=progress)
+    kv = KVOffload(pinned=pin_kv_cache, async_write=async_kv_offload, attention=kv_attention) if kv_offload else None
+    weights, limits, kv = place_weights(checkpoint, device, dtype, cpu_offload=cpu_offload, gpu_memory=gpu_memory,
+                                        pin_memory=pin_memory, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                                        micro_batch_size=micro_batch_size, quant_bits=quant_bits,
+                                        quant_group_size=quant_group_size, progress=progress, kv_offload=kv)
     return LLM(checkpoint, device, dtype, weights=weights, micro_batch_size=micro_batch_size, progress=progress,
-               tokenizer=tokenizer, limits=limits)
+               tokenizer=tokenizer, limits=limits, kv_offload=kv)
 
 
 def generate(llm: LLM, prompts: list[str] | str, sampling: SamplingParams | None = None) -> list[Completion]:

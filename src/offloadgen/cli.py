@@ -46,6 +46,14 @@ def _add_generate(sub):
     p.add_argument("--cpu-offload", action="store_true", help="keep weights in CPU RAM and stream them to the GPU")
     p.add_argument("--gpu-memory", type=_parse_bytes, default=None, help="GPU budget with --cpu-offload, e.g. 16GiB")
     p.add_argument("--pin-memory", type=int, default=1, choices=[0, 1])
+    p.add_argument("--kv-offload", "--kv_offload", action="store_true",
+                   help="KV cache in CPU memory: batches limited by CPU RAM, not GPU memory")
+    p.add_argument("--pin-kv-cache", "--pin_kv_cache", type=int, default=1, choices=[0, 1],
+                   help="with --kv-offload: pinned cache memory (default 1)")
+    p.add_argument("--async-kv-offload", "--async_kv_offload", type=int, default=1, choices=[0, 1],
+                   help="with --kv-offload: write the cache back on a side stream (default 1)")
+    p.add_argument("--kv-attention", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="with --kv-offload: where decode attention runs (auto: split by the step model)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="longest prompt + new tokens to plan GPU memory for (default: from --prompt, or 2048 with --input)")
     p.set_defaults(func=cmd_generate)
@@ -56,6 +64,7 @@ def cmd_generate(args) -> int:
 
     from .api import LLM, default_device, encode_prompts, place_weights, resolve_dtype
     from .checkpoint import open_checkpoint
+    from .offload.kv_cache import KVOffload
     from .sampling import SamplingParams
 
     if args.batch_size < 1:
@@ -82,12 +91,15 @@ def cmd_generate(args) -> int:
     if max_seq_len is None:
         longest = max((len(tokenizer.encode(p)) for _, p in items), default=0)
         max_seq_len = longest + args.max_new_tokens if items else min(2048, checkpoint.cfg.max_position)
-    weights, limits = place_weights(checkpoint, device, dtype, cpu_offload=args.cpu_offload, gpu_memory=args.gpu_memory,
-                                    pin_memory=bool(args.pin_memory), max_batch_size=args.batch_size,
-                                    max_seq_len=max_seq_len, micro_batch_size=args.micro_batch_size,
-                                    quant_bits=args.quant_bits, quant_group_size=args.quant_group_size)
+    kv = KVOffload(pinned=bool(args.pin_kv_cache), async_write=bool(args.async_kv_offload),
+                   attention=args.kv_attention) if args.kv_offload else None
+    weights, limits, kv = place_weights(checkpoint, device, dtype, cpu_offload=args.cpu_offload,
+                                        gpu_memory=args.gpu_memory, pin_memory=bool(args.pin_memory),
+                                        max_batch_size=args.batch_size, max_seq_len=max_seq_len,
+                                        micro_batch_size=args.micro_batch_size, quant_bits=args.quant_bits,
+                                        quant_group_size=args.quant_group_size, kv_offload=kv)
     llm = LLM(checkpoint, device, dtype, weights=weights, micro_batch_size=args.micro_batch_size, tokenizer=tokenizer,
-              limits=limits)
+              limits=limits, kv_offload=kv)
     if args.input:
         return _run_job(llm, args, sampling)
     out = open(args.output, "w", encoding="utf-8") if args.output else None

@@ -14,7 +14,7 @@ import torch
 from .errors import OffloadgenError
 from .models import blocks, family_of
 from .models.layers import StepInputs
-from .offload.kv_cache import KVCache
+from .offload.kv_cache import KVCache, KVOffload, OffloadedKVCache
 from .sampling import SamplingParams, sample
 
 
@@ -26,8 +26,11 @@ class GenerationOutput:
 
 
 class Engine:
-    def __init__(self, cfg, weights, device: torch.device, dtype: torch.dtype, micro_batch_size: int | None = None):
+    def __init__(self, cfg, weights, device: torch.device, dtype: torch.dtype, micro_batch_size: int | None = None,
+                 kv_offload: KVOffload | None = None):
         self.cfg = cfg
+        self.kv_offload = kv_offload
+        self.offloaded_cache: OffloadedKVCache | None = None  # kept between generations: pinning is slow
         self.family = family_of(cfg)
         self.weights = weights
         self.device = torch.device(device)
@@ -39,9 +42,26 @@ class Engine:
         size = self.micro_batch_size or batch
         return [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int) -> KVCache | OffloadedKVCache:
         heads, head_dim = self.family.kv_heads(self.cfg)
-        return KVCache(self.cfg.n_layers, batch, max_len, heads, head_dim, self.dtype, self.device)
+        if self.kv_offload is None:
+            return KVCache(self.cfg.n_layers, batch, max_len, heads, head_dim, self.dtype, self.device)
+        parts = self.micro_batches(batch)
+        old = self.offloaded_cache
+        if old is not None and old.parts == parts and old.max_len >= max_len \
+                and old.gpu_parts == set(range(len(parts) - self.kv_offload.gpu_parts(len(parts)), len(parts))):
+            return old
+        if old is not None:
+            old.close()
+            self.offloaded_cache = None
+        self.offloaded_cache = OffloadedKVCache(self.cfg.n_layers, parts, max_len, heads, head_dim, self.dtype,
+                                                self.device, self.kv_offload)
+        return self.offloaded_cache
+
+    def close(self) -> None:
+        if self.offloaded_cache is not None:
+            self.offloaded_cache.close()
+            self.offloaded_cache = None
 
     def forward(self, ids: torch.Tensor, steps: list[StepInputs], cache: KVCache) -> torch.Tensor:
         """One pass over new tokens ids [B, t]; returns the last position's logits [B, V] in float32."""
@@ -63,8 +83,7 @@ class Engine:
         for i in range(cfg.n_layers):
             block = w.get(i)
             for j, rows in enumerate(parts):
-                k, v = cache.layer(i, rows)
-                hidden[j] = fam.layer(cfg, block, hidden[j], steps[j], k, v)
+                hidden[j] = fam.layer(cfg, block, hidden[j], steps[j], cache.layer(i, j, rows))
             w.done(i)
         block = w.get("head")
         logits = torch.cat([fam.head(cfg, block, h[:, -1:]) for h in hidden])
@@ -98,6 +117,7 @@ class Engine:
             raise OffloadgenError(f"prompt of {prompt_len} tokens + {params.max_new_tokens} new tokens exceeds "
                                   f"the model's context of {self.cfg.max_position} tokens")
         cache = self.new_cache(batch, max_len)
+        self.last_cache = cache
         key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
         key_valid[:, :prompt_len] = mask
         n_real = mask.long().sum(-1)

@@ -86,10 +86,17 @@ def available_host_memory() -> int:
 
 
 def check_host_memory(placement, available: int | None = None, quantized: bool = False) -> None:
-    """Streamed blocks live in CPU RAM (pinned): refuse before loading if they cannot fit."""
-    need = placement.streamed_bytes + GiB  # and a little for buffers and Python
+    """Streamed blocks (and an offloaded KV cache) live in CPU RAM: refuse before loading if they
+    cannot fit."""
+    kv = placement.bytes.get("kv_host", 0)
+    weights = 0 if placement.bytes.get("weights_on_disk") else placement.streamed_bytes
+    need = weights + kv + GiB  # and a little for buffers and Python
     available = available if available is not None else available_host_memory()
     if need > available:
+        if kv:
+            raise OffloadgenError(f"the offloaded KV cache needs {kv / GiB:.1f} GiB of CPU RAM and the streamed weights "
+                                  f"{weights / GiB:.1f} GiB, {need / GiB:.1f} GiB in all; {available / GiB:.1f} GiB is "
+                                  f"available: lower the batch size, or the prompt or generation length")
         hint = "" if quantized else "quantize (--quant-bits 4), "
         raise OffloadgenError(f"the streamed weights need {need / GiB:.1f} GiB of CPU RAM, {available / GiB:.1f} GiB "
                               f"is available: {hint}give the GPU a larger budget, or free memory")

@@ -37,7 +37,9 @@ def add_bench(sub) -> None:
     _flag(p, "--cpu-offload", action="store_true", help="weights in CPU memory, streamed to the GPU layer by layer")
     _flag(p, "--disk-offload", action="store_true")
     _flag(p, "--offload-dir", default="~/offload_dir")
-    _flag(p, "--kv-offload", action="store_true")
+    _flag(p, "--kv-offload", action="store_true", help="KV cache in CPU memory; the GPU holds only what a layer needs")
+    _flag(p, "--kv-attention", default="auto", choices=["auto", "cpu", "gpu"],
+          help="with --kv-offload: where decode attention runs (auto: split by the step model)")
     p.add_argument("--log-file", "--log_file", "--output-file", "--output_file", dest="output_file", default="auto",
                    help="log file, appended (auto: named from the model and configuration as the reference does)")
     _flag(p, "--verbose", type=int, default=2, choices=[0, 1, 2])

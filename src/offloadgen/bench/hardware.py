@@ -24,3 +24,42 @@ def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10
     torch.cuda.empty_cache()
     times.sort()
     return {"median": nbytes / times[len(times) // 2], "best": nbytes / times[0]}
+
+
+def cpu_read_bandwidth(nbytes: int = 2 << 30, repeats: int = 3) -> float:
+    """Bytes/s that the CPU cores together read from RAM (a sum over a buffer far larger than the
+    caches): the physical limit of attention computed on the CPU."""
+    import time
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def cpu_attention_bandwidth(batch: int, kv_heads: int, q_heads: int, head_dim: int, seq: int,
+                            dtype: torch.dtype = torch.float16, repeats: int = 3) -> float:
+    """Cache bytes/s that decode attention computed on the CPU gets through, on a cache laid out
+    as the offloaded KV cache lays it out (slot-major), for one micro-batch of `batch` rows. The
+    cache is sized past the last-level cache and several layers are cycled so that reads hit RAM."""
+    import time
+
+    from ..models.layers import sdpa
+    per_layer = 2 * seq * batch * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    layers = max(2, min(16, (1 << 30) // max(per_layer, 1)))
+    k = [torch.randn(seq, batch, kv_heads, head_dim).to(dtype).permute(1, 2, 0, 3) for _ in range(layers)]
+    v = [torch.randn(seq, batch, kv_heads, head_dim).to(dtype).permute(1, 2, 0, 3) for _ in range(layers)]
+    q = torch.randn(batch, q_heads, 1, head_dim).to(dtype)
+    mask = torch.zeros(batch, 1, q_heads // kv_heads, seq, dtype=dtype)
+    for i in range(layers):
+        sdpa(q, k[i], v[i], mask)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(layers):
+            sdpa(q, k[i], v[i], mask)
+        best = min(best, time.perf_counter() - t0)
+    return layers * per_layer / best

@@ -22,12 +22,15 @@ from ..engine import Engine
 from ..errors import OffloadgenError
 from ..models import param_count
 from ..offload import ResidentWeights
-from ..offload.placement import GiB, all_resident, plan_placement
+from ..models import family_of
+from ..offload import pinned as pinned_mod
+from ..offload.kv_cache import KVOffload
+from ..offload.placement import GiB, all_resident, plan_kv_offload, plan_placement
 from ..plan import check_host_memory
 from ..quant import QuantConfig
 from ..offload.streaming import StreamingWeights
 from ..sampling import SamplingParams
-from .hardware import h2d_bandwidth
+from .hardware import cpu_attention_bandwidth, cpu_read_bandwidth, h2d_bandwidth
 from .metrics import Metrics, cache_bytes, hidden_bytes, log_filename, log_lines
 
 PROMPT = "Paris is the capital city of"
@@ -46,6 +49,7 @@ class BenchArgs:
     kv_offload: bool = False
     pin_kv_cache: bool = False
     async_kv_offload: bool = False
+    kv_attention: str = "auto"  # where decode attention over an offloaded cache runs: auto, cpu, gpu
     quant_bits: int = 16
     quant_group_size: int = 64
     pin_memory: int = 1
@@ -67,9 +71,8 @@ def check_supported(a: BenchArgs) -> None:
     if a.disk_offload:
         raise OffloadgenError("--disk-offload is not implemented yet (weights on disk come with the KV/disk offload work); "
                               "use --cpu-offload")
-    if a.kv_offload or a.pin_kv_cache or a.async_kv_offload:
-        raise OffloadgenError("--kv-offload / --pin-kv-cache / --async-kv-offload are not implemented yet; "
-                              "the KV cache stays on the GPU")
+    if (a.pin_kv_cache or a.async_kv_offload) and not a.kv_offload:
+        raise OffloadgenError("--pin-kv-cache and --async-kv-offload apply to an offloaded KV cache: add --kv-offload")
     if a.num_nodes * a.num_gpus_per_node != 1:
         raise OffloadgenError("several GPUs/nodes are not implemented yet; use --num-nodes 1 --num-gpus-per-node 1")
     for name in ("batch_size", "prompt_len", "gen_len", "loops"):
@@ -109,11 +112,21 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
     bandwidth = h2d_bandwidth(device) if device.type == "cuda" else None
     quant = QuantConfig(a.quant_bits, a.quant_group_size) if a.quant_bits != 16 else None
     budget = a.gpu_memory or default_budget(device)
-    placement = None
-    if budget is not None:
+    placement, kv_opts, kv_model = None, None, None
+    if a.kv_offload:
+        kv_opts = KVOffload(pinned=a.pin_kv_cache, async_write=a.async_kv_offload, attention=a.kv_attention)
+        heads, head_dim = family_of(cfg).kv_heads(cfg)
+        cpu_attn = cpu_attention_bandwidth(a.micro_batch_size or a.batch_size, heads, cfg.n_heads, head_dim,
+                                           a.prompt_len + a.gen_len, dtype) if device.type == "cuda" else None
+        if budget is not None:
+            placement, kv_opts, kv_model = plan_kv_offload(
+                cfg, elem, budget, a.batch_size, a.prompt_len, a.gen_len, a.micro_batch_size, a.prefetch_depth, quant,
+                kv_opts, bandwidth and bandwidth["best"], cpu_attn, offload=a.cpu_offload)
+            kv_model["cpu_read_bytes_s"] = cpu_read_bandwidth()
+    elif budget is not None:
         placement = plan_placement(cfg, elem, budget, a.batch_size, a.prompt_len, a.gen_len, a.micro_batch_size,
                                    a.prefetch_depth, offload=a.cpu_offload, quant=quant)
-    if placement is not None and placement.streamed:
+    if placement is not None and (placement.streamed or a.kv_offload):
         check_host_memory(placement, quantized=quant is not None)
     t_load = time.perf_counter()
     if quant is not None or (placement is not None and placement.streamed):
@@ -130,7 +143,7 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
         where = placement.describe() if placement is not None else "all weights on the CPU"
         print(f"model ready in {startup:.1f} s ({getattr(weights, 'timings', {})}); {where}", file=sys.stderr)
 
-    engine = Engine(cfg, weights, device, dtype, a.micro_batch_size)
+    engine = Engine(cfg, weights, device, dtype, a.micro_batch_size, kv_offload=kv_opts)
     params = SamplingParams(max_new_tokens=a.gen_len, ignore_eos=True)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     totals, prefills = [], []
@@ -142,6 +155,8 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
         def on_prefill():
             sync()
             marks["prefill"] = time.perf_counter()
+            if engine.offloaded_cache is not None:
+                marks["kv_stats"] = dict(engine.offloaded_cache.stats)
 
         sync()
         t0 = time.perf_counter()
@@ -152,6 +167,16 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
         bar.close()
         totals.append(t1 - t0)
         prefills.append(marks["prefill"] - t0)
+    kv_record = None
+    if engine.offloaded_cache is not None:
+        cache = engine.offloaded_cache
+        steps = a.gen_len - 1
+        decode = {k: (cache.stats[k] - marks["kv_stats"][k]) / max(steps, 1) for k in cache.stats}
+        kv_record = {**(kv_model or {}), "attention": kv_opts.attention, "pinned": kv_opts.pinned,
+                     "async_write": kv_opts.async_write, "gpu_parts": len(cache.gpu_parts), "parts": len(cache.parts),
+                     "host_bytes": cache.nbytes, "per_decode_step": decode,
+                     "zero_copy_output": pinned_mod._zero_copy_ok}
+    engine.close()
     copy_only = weights.copy_only_pass_s() if hasattr(weights, "copy_only_pass_s") else None
     if hasattr(weights, "close"):
         weights.close()
@@ -200,7 +225,7 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
         "decode_step_over_bus_limit": m.decode_step / bus_limit_step if bus_limit_step else None,
         "peak_gpu_mem_bytes": peak, "startup_s": startup, "weights_load_s": load_s,
         "weights_timings": getattr(weights, "timings", {}), "all_totals_s": totals, "all_prefills_s": prefills,
-        "log_file": str(log_path),
+        "log_file": str(log_path), "kv": kv_record,
     }
     json_path = Path(a.json_file) if a.json_file else log_path.with_suffix(".jsonl")
     with open(json_path, "a") as f:
@@ -210,4 +235,15 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
               f"bus limit {bus_limit_step:.3f} s ({streamed / 1e9:.2f} GB at the probe's best {bandwidth['best'] / 1e9:.1f} GB/s, "
               f"median {bandwidth['median'] / 1e9:.1f}): {bus_limit_step / m.decode_step:.1%} of the bus; "
               f"copy-only pass {copy_only:.3f} s: step = {m.decode_step / copy_only:.3f}x copy-only", file=sys.stderr)
+    if a.verbose and kv_record:
+        d = kv_record["per_decode_step"]
+        cpu_bw = kv_record.get("cpu_attention_bytes_s")
+        print(f"KV cache in CPU memory ({kv_record['host_bytes'] / GiB:.1f} GiB, {kv_record['gpu_parts']} of "
+              f"{kv_record['parts']} micro-batches attending on the GPU); per decode step: CPU attention "
+              f"{d['cpu_attention_s']:.3f} s over {d['cpu_cache_read_bytes'] / 1e9:.2f} GB, waiting for the GPU "
+              f"{d['wait_for_gpu_s']:.3f} s"
+              + (f" ({d['cpu_cache_read_bytes'] / max(d['cpu_attention_s'], 1e-9) / 1e9:.1f} GB/s; probe "
+                 f"{cpu_bw / 1e9:.1f} GB/s, CPU memory read {kv_record['cpu_read_bytes_s'] / 1e9:.1f} GB/s)" if cpu_bw else "")
+              + f", cache over the bus {d['h2d_cache_bytes'] / 1e9:.2f} GB in, {d['d2h_cache_bytes'] / 1e6:.1f} MB out",
+              file=sys.stderr)
     return record

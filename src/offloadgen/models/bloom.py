@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .layers import StepInputs, alibi_slopes, attend, attention_mask, layer_norm, linear
+from .layers import StepInputs, alibi_slopes, attention_mask, layer_norm, linear
 
 FAMILY = "bloom"
 MODEL_TYPES = ("bloom",)
@@ -98,13 +98,13 @@ def embed(cfg: BloomConfig, w: dict, ids: torch.Tensor, step: StepInputs) -> tor
     return layer_norm(F.embedding(ids, w["embed"]), w["embed_norm"], w["embed_norm_bias"], cfg.norm_eps)
 
 
-def layer(cfg: BloomConfig, w: dict, x: torch.Tensor, step: StepInputs, cache_k, cache_v) -> torch.Tensor:
+def layer(cfg: BloomConfig, w: dict, x: torch.Tensor, step: StepInputs, kv) -> torch.Tensor:
     b, t, _ = x.shape
     h = layer_norm(x, w["attn_norm"], w["attn_norm_bias"], cfg.norm_eps)
     residual = h if cfg.residual_after_norm else x
     qkv = linear(h, w["qkv"], w["qkv_bias"]).view(b, t, cfg.n_heads, 3, cfg.head_dim)
     q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))
-    a = attend(q, k, v, cache_k, cache_v, step, step.mask)
+    a = kv.attend(q, k, v, step, step.mask)
     x = residual + linear(a.transpose(1, 2).reshape(b, t, -1), w["o"], w["o_bias"])
     h = layer_norm(x, w["mlp_norm"], w["mlp_norm_bias"], cfg.norm_eps)
     residual = h if cfg.residual_after_norm else x

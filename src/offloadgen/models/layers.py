@@ -61,23 +61,40 @@ def grouped_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
     return mask[:, :, None].expand(b, one, group, t, s).reshape(b, one, group * t, s)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
-           cache_v: torch.Tensor, step: StepInputs, mask: torch.Tensor,
-           scale: float | None = None) -> torch.Tensor:
-    """Write k, v into the cache at this pass's slots, then attend q over every slot so far.
+def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+         scale: float | None = None) -> torch.Tensor:
+    """Attention of q [B, H, t, D] over keys, values [B, Hkv, S, D] (any strides, any device).
 
-    q [B, H, t, D]; k, v [B, Hkv, t, D]; cache [B, Hkv, S_max, D]. Grouped-query attention folds
-    the H/Hkv query heads that share a KV head into the query axis, so the cache is never
-    repeated in memory. `mask` must already be grouped the same way (see grouped_mask).
+    Grouped-query attention folds the H/Hkv query heads that share a KV head into the query axis,
+    so the cache is never repeated in memory. `mask` must be grouped the same way (grouped_mask).
     """
-    cache_k[:, :, step.start:step.end] = k
-    cache_v[:, :, step.start:step.end] = v
-    keys, values = cache_k[:, :, :step.end], cache_v[:, :, :step.end]
     b, h, t, d = q.shape
     h_kv = keys.shape[1]
     q = q.reshape(b, h_kv, (h // h_kv) * t, d)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(b, h, t, d)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
+           cache_v: torch.Tensor, step: StepInputs, mask: torch.Tensor,
+           scale: float | None = None) -> torch.Tensor:
+    """Write k, v into the cache at this pass's slots, then attend q over every slot so far.
+
+    q [B, H, t, D]; k, v [B, Hkv, t, D]; cache [B, Hkv, S_max, D].
+    """
+    cache_k[:, :, step.start:step.end] = k
+    cache_v[:, :, step.start:step.end] = v
+    return sdpa(q, cache_k[:, :, :step.end], cache_v[:, :, :step.end], mask, scale)
+
+
+class DeviceKV:
+    """One layer's KV cache for one micro-batch, held on the compute device."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    def attend(self, q, k, v, step: StepInputs, mask, scale=None) -> torch.Tensor:
+        return attend(q, k, v, self.k, self.v, step, mask, scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import OffloadgenError
-from .layers import (StepInputs, apply_rope, attend, attention_mask, grouped_mask, linear,
+from .layers import (StepInputs, apply_rope, attention_mask, grouped_mask, linear,
                      rms_norm, rope_cos_sin)
 
 FAMILY = "llama"
@@ -172,7 +172,7 @@ def embed(cfg: LlamaConfig, w: dict, ids: torch.Tensor, step: StepInputs) -> tor
     return F.embedding(ids, w["embed"])
 
 
-def layer(cfg: LlamaConfig, w: dict, x: torch.Tensor, step: StepInputs, cache_k, cache_v) -> torch.Tensor:
+def layer(cfg: LlamaConfig, w: dict, x: torch.Tensor, step: StepInputs, kv) -> torch.Tensor:
     b, t, _ = x.shape
     h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
     q = linear(h, w["q"], w.get("q_bias")).view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
@@ -180,7 +180,7 @@ def layer(cfg: LlamaConfig, w: dict, x: torch.Tensor, step: StepInputs, cache_k,
     v = linear(h, w["v"], w.get("v_bias")).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
     cos, sin = step.extras["cos_sin"]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    a = attend(q, k, v, cache_k, cache_v, step, step.mask)
+    a = kv.attend(q, k, v, step, step.mask)
     x = x + linear(a.transpose(1, 2).reshape(b, t, -1), w["o"], w.get("o_bias"))
     h = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
     gated = F.silu(linear(h, w["gate"], w.get("gate_bias"))) * linear(h, w["up"], w.get("up_bias"))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import OffloadgenError
-from .layers import StepInputs, attend, attention_mask, layer_norm, linear
+from .layers import StepInputs, attention_mask, layer_norm, linear
 
 FAMILY = "opt"
 MODEL_TYPES = ("opt",)
@@ -150,14 +150,14 @@ def _ln(x, w, name, cfg):
     return layer_norm(x, w.get(name), w.get(name + "_bias"), 1e-5)
 
 
-def layer(cfg: OPTConfig, w: dict, x: torch.Tensor, step: StepInputs, cache_k, cache_v) -> torch.Tensor:
+def layer(cfg: OPTConfig, w: dict, x: torch.Tensor, step: StepInputs, kv) -> torch.Tensor:
     b, t, _ = x.shape
     pre = cfg.do_layer_norm_before
     h = _ln(x, w, "attn_norm", cfg) if pre else x
     q = linear(h, w["q"], w.get("q_bias")).view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
     k = linear(h, w["k"], w.get("k_bias")).view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
     v = linear(h, w["v"], w.get("v_bias")).view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-    a = attend(q, k, v, cache_k, cache_v, step, step.mask)
+    a = kv.attend(q, k, v, step, step.mask)
     x = x + linear(a.transpose(1, 2).reshape(b, t, -1), w["o"], w.get("o_bias"))
     if not pre:
         x = _ln(x, w, "attn_norm", cfg)

@@ -1,7 +1,33 @@
-"""The KV cache: per layer, keys and values [batch, kv_heads, max_len, head_dim] on one device."""
+"""The KV cache: on the compute device, or in CPU memory (`--kv-offload`).
+
+On the device, each layer holds keys and values [batch, kv_heads, max_len, head_dim].
+
+Offloaded, the cache lives in CPU memory, one tensor per layer and micro-batch laid out slot-major
+[max_len, rows, kv_heads, head_dim]: the slots a pass writes and the slots attention reads are then
+each one contiguous range, so every transfer is a single large copy. A decode step attends in one
+of two places, chosen per micro-batch:
+
+- on the CPU, where the cache already is (FlexGen's choice): only q, the new k/v and the attention
+  output cross the bus, and the cores read the cache at CPU-memory speed, while the bus carries
+  weights;
+- on the GPU: the cache's used slots are copied over the bus into a device buffer, one layer
+  ahead on a side stream, and attention runs there. This costs bus time, which the weights also
+  need.
+
+The runtime gives some micro-batches to each so that neither the bus nor the CPU waits on the other
+(see gpu_fraction). The prefill always attends on the GPU (its keys and values are there) and
+writes them back; with async_write that copy runs on a side stream, overlapping the next layer.
+"""
 from __future__ import annotations
 
+import contextlib
+import time
+from dataclasses import dataclass
+
 import torch
+
+from ..models.layers import DeviceKV, sdpa
+from .pinned import copy_in_chunks, pin_tensors, to_device_zero_copy, unpin_tensors
 
 
 class KVCache:
@@ -11,9 +37,235 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
 
-    def layer(self, i: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[i][rows], self.v[i][rows]
+    def layer(self, i: int, part: int, rows: slice) -> DeviceKV:
+        return DeviceKV(self.k[i][rows], self.v[i][rows])
+
+    def close(self) -> None:
+        pass
 
     @staticmethod
     def nbytes_for(n_layers, batch, max_len, kv_heads, head_dim, dtype) -> int:
-        return 2 * n_layers * batch * max_len * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        elem = dtype if isinstance(dtype, int) else torch.empty((), dtype=dtype).element_size()
+        return 2 * n_layers * batch * max_len * kv_heads * head_dim * elem
+
+
+@dataclass
+class KVOffload:
+    """How the offloaded cache is kept: --pin-kv-cache, --async-kv-offload, and where decode
+    attention runs ("cpu", "gpu", or "auto": gpu_fraction chosen by the runtime's model)."""
+    pinned: bool = False
+    async_write: bool = False
+    attention: str = "auto"
+    gpu_fraction: float | None = None  # share of micro-batches attending on the GPU; None: from attention
+
+    def __post_init__(self):
+        if self.attention not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"KV attention must be auto, cpu or gpu, not {self.attention!r}")
+
+    def gpu_parts(self, n_parts: int) -> int:
+        fraction = self.gpu_fraction
+        if fraction is None:
+            fraction = {"cpu": 0.0, "gpu": 1.0}.get(self.attention, 0.0)
+        return max(0, min(n_parts, round(fraction * n_parts)))
+
+
+def gpu_fraction(weights_bus_s: float, cache_bytes: float, h2d_bytes_s: float, cpu_attention_bytes_s: float) -> float:
+    """Share x of the cache to attend on the GPU so that a decode step, modelled as
+
+        max((streamed weights + x * cache) / bus,  (1 - x) * cache / CPU attention bandwidth)
+
+    is shortest: the bus and the CPU cores finish together, or all on the CPU while the weights
+    alone keep the bus longer than the CPU needs for the whole cache."""
+    if cache_bytes <= 0:
+        return 0.0
+    cpu_s = cache_bytes / cpu_attention_bytes_s
+    if cpu_s <= weights_bus_s:
+        return 0.0
+    x = (cpu_s - weights_bus_s) / (cache_bytes / h2d_bytes_s + cpu_s)
+    return max(0.0, min(1.0, x))
+
+
+class OffloadedKVCache:
+    def __init__(self, n_layers: int, parts: list[slice], max_len: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, opts: KVOffload):
+        self.n_layers, self.parts, self.max_len = n_layers, parts, max_len
+        self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, dtype
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.opts = opts
+        n_gpu = opts.gpu_parts(len(parts))
+        self.gpu_parts = set(range(len(parts) - n_gpu, len(parts)))  # the last micro-batches
+        shape = lambda rows: (max_len, rows.stop - rows.start, kv_heads, head_dim)  # noqa: E731
+        self.k = [[torch.empty(shape(p), dtype=dtype) for p in parts] for _ in range(n_layers)]
+        self.v = [[torch.empty(shape(p), dtype=dtype) for p in parts] for _ in range(n_layers)]
+        self._registered = []
+        if opts.pinned and self.cuda:
+            flat = [t for layer in self.k + self.v for t in layer]
+            ok = pin_tensors(flat)
+            self._registered = [t for t, good in zip(flat, ok) if good]
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.pending: dict[tuple[int, int], torch.cuda.Event] = {}  # asynchronous writes still landing
+        self.scratch: dict[int, list] = {}  # GPU parts: two (k, v) device buffers, used by turns
+        self.prefetched: dict[int, tuple] = {}  # part -> (layer, slots, buffer index, event)
+        self.staging: dict[tuple[int, str], torch.Tensor] = {}
+        self.stats = dict(cpu_attention_s=0.0, wait_for_gpu_s=0.0, cpu_cache_read_bytes=0, h2d_cache_bytes=0, d2h_cache_bytes=0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.k + self.v for t in layer)
+
+    def layer(self, i: int, part: int, rows: slice) -> "OffloadedLayerKV":
+        return OffloadedLayerKV(self, i, part)
+
+    def close(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        unpin_tensors(self._registered)
+        self._registered = []
+
+    # -- pieces -------------------------------------------------------------------------------------
+    def _pinned_like(self, part: int, name: str, t: torch.Tensor) -> torch.Tensor:
+        """A reusable pinned host buffer for small per-part tensors (q, attention output)."""
+        buf = self.staging.get((part, name))
+        if buf is None or buf.shape != t.shape:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+            self.staging[(part, name)] = buf
+        return buf
+
+    def _write_back(self, i: int, j: int, k: torch.Tensor, v: torch.Tensor, start: int, end: int) -> None:
+        """New keys/values [rows, heads, t, dim] on the device -> host slots [start:end]."""
+        hk, hv = self.k[i][j], self.v[i][j]
+        kt, vt = k.permute(2, 0, 1, 3).contiguous(), v.permute(2, 0, 1, 3).contiguous()
+        self.stats["d2h_cache_bytes"] += 2 * kt.numel() * kt.element_size()
+        if not self.cuda:
+            hk[start:end].copy_(kt)
+            hv[start:end].copy_(vt)
+            return
+        if not self.opts.async_write:  # in order on the compute stream
+            hk[start:end].copy_(kt, non_blocking=True)
+            hv[start:end].copy_(vt, non_blocking=True)
+            return
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        self.stream.wait_event(ready)
+        with torch.cuda.stream(self.stream):
+            copy_in_chunks(hk[start:end], kt)
+            copy_in_chunks(hv[start:end], vt)
+        kt.record_stream(self.stream)  # freed only once the side stream is done with them
+        vt.record_stream(self.stream)
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        self.pending[(i, j)] = done
+
+    def _landed_for_host(self, i: int, j: int) -> None:
+        event = self.pending.pop((i, j), None)
+        if event is not None:
+            event.synchronize()
+
+    def _buffers(self, j: int) -> list:
+        if j not in self.scratch:
+            rows = self.parts[j].stop - self.parts[j].start
+            make = lambda: torch.empty(self.max_len, rows, self.kv_heads, self.head_dim,  # noqa: E731
+                                       dtype=self.dtype, device=self.device)
+            self.scratch[j] = [(make(), make()), (make(), make())]
+        return self.scratch[j]
+
+    def _copy_past(self, i: int, j: int, upto: int, index: int, stream) -> None:
+        kb, vb = self._buffers(j)[index]
+        if self.cuda:
+            event = self.pending.get((i, j))
+            if event is not None:
+                stream.wait_event(event)
+        with torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext():
+            copy_in_chunks(kb[:upto], self.k[i][j][:upto])
+            copy_in_chunks(vb[:upto], self.v[i][j][:upto])
+        self.stats["h2d_cache_bytes"] += 2 * kb[:upto].numel() * kb.element_size()
+
+    def _past_on_device(self, i: int, j: int, upto: int) -> int:
+        """Index of the device buffer that holds layer i's slots [:upto] for part j."""
+        hit = self.prefetched.pop(j, None)
+        if hit is not None and hit[:2] == (i, upto):
+            if self.cuda:
+                torch.cuda.current_stream(self.device).wait_event(hit[3])
+            return hit[2]
+        index = 0 if hit is None else 1 - hit[2]
+        self._copy_past(i, j, upto, index, torch.cuda.current_stream(self.device) if self.cuda else None)
+        return index
+
+    def _prefetch(self, i: int, j: int, upto: int, index: int) -> None:
+        """Copy layer i's slots [:upto] for part j into buffer `index` on the side stream, once the
+        compute that last read that buffer is done."""
+        if not self.cuda:
+            return
+        free = torch.cuda.Event()
+        free.record(torch.cuda.current_stream(self.device))
+        self.stream.wait_event(free)
+        self._copy_past(i, j, upto, index, self.stream)
+        landed = torch.cuda.Event()
+        landed.record(self.stream)
+        self.prefetched[j] = (i, upto, index, landed)
+
+    # -- attention ----------------------------------------------------------------------------------
+    def attend_on_device(self, i, j, q, k, v, step, mask, scale):
+        start, end = step.start, step.end
+        if start == 0:
+            self.prefetched.pop(j, None)  # a new sequence: whatever was fetched ahead is stale
+            keys, values = k, v
+        else:
+            index = self._past_on_device(i, j, start)
+            kb, vb = self._buffers(j)[index]
+            kb[start:end].copy_(k.permute(2, 0, 1, 3))
+            vb[start:end].copy_(v.permute(2, 0, 1, 3))
+            keys, values = kb[:end].permute(1, 2, 0, 3), vb[:end].permute(1, 2, 0, 3)
+        out = sdpa(q, keys, values, mask, scale)
+        self._write_back(i, j, k, v, start, end)
+        if start > 0 and j in self.gpu_parts:
+            # The next layer's cache (or, after the last layer, the next pass's first) comes in
+            # while this one computes.
+            nxt, upto = (i + 1, start) if i + 1 < self.n_layers else (0, end)
+            self._prefetch(nxt, j, upto, 1 - index)
+        return out
+
+    def attend_on_cpu(self, i, j, q, k, v, step, mask, scale):
+        start, end = step.start, step.end
+        self._landed_for_host(i, j)
+        hk, hv = self.k[i][j], self.v[i][j]
+        if self.cuda:
+            q_host = self._pinned_like(j, "q", q)
+            q_host.copy_(q, non_blocking=True)
+            hk[start:end].copy_(k.permute(2, 0, 1, 3), non_blocking=True)
+            hv[start:end].copy_(v.permute(2, 0, 1, 3), non_blocking=True)
+            arrived = torch.cuda.Event()
+            arrived.record(torch.cuda.current_stream(self.device))
+            t0 = time.perf_counter()
+            arrived.synchronize()
+            self.stats["wait_for_gpu_s"] += time.perf_counter() - t0
+        else:
+            q_host = q
+            hk[start:end] = k.permute(2, 0, 1, 3)
+            hv[start:end] = v.permute(2, 0, 1, 3)
+        self.stats["d2h_cache_bytes"] += 2 * k.numel() * k.element_size()
+        mask_host = step.extras.get("mask_host")
+        if mask_host is None:
+            mask_host = step.extras["mask_host"] = mask.cpu()
+        t0 = time.perf_counter()
+        out = sdpa(q_host, hk[:end].permute(1, 2, 0, 3), hv[:end].permute(1, 2, 0, 3), mask_host, scale)
+        self.stats["cpu_attention_s"] += time.perf_counter() - t0
+        self.stats["cpu_cache_read_bytes"] += 2 * hk[:end].numel() * hk.element_size()
+        if not self.cuda:
+            return out
+        out_host = self._pinned_like(j, "out", out)
+        out_host.copy_(out)
+        return to_device_zero_copy(out_host, self.device)
+
+
+class OffloadedLayerKV:
+    def __init__(self, cache: OffloadedKVCache, i: int, part: int):
+        self.cache, self.i, self.part = cache, i, part
+
+    def attend(self, q, k, v, step, mask, scale=None) -> torch.Tensor:
+        c = self.cache
+        if step.length == 1 and self.part not in c.gpu_parts:
+            return c.attend_on_cpu(self.i, self.part, q, k, v, step, mask, scale)
+        return c.attend_on_device(self.i, self.part, q, k, v, step, mask, scale)
+

@@ -75,11 +75,15 @@ def block_sizes(cfg, elem_bytes: int, quant=None) -> tuple[dict, int]:
 
 def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: int, gen_len: int,
                    micro_batch: int | None = None, prefetch_depth: int = 1, offload: bool = True,
-                   kv_on_gpu: bool = True, max_resident_layers: int | None = None, quant=None) -> Placement:
-    """Place blocks under `budget` bytes of GPU memory; refuse, saying what would fit, if impossible."""
+                   kv_on_gpu: bool = True, max_resident_layers: int | None = None, quant=None,
+                   kv_scratch: int = 0) -> Placement:
+    """Place blocks under `budget` bytes of GPU memory; refuse, saying what would fit, if impossible.
+
+    With the KV cache offloaded (kv_on_gpu=False) the GPU holds only `kv_scratch` bytes of it: the
+    device buffers of the micro-batches that attend on the GPU."""
     max_len = prompt_len + gen_len
     heads, head_dim = family_of(cfg).kv_heads(cfg)
-    kv = 2 * cfg.n_layers * batch * max_len * heads * head_dim * elem_bytes if kv_on_gpu else 0
+    kv = 2 * cfg.n_layers * batch * max_len * heads * head_dim * elem_bytes if kv_on_gpu else kv_scratch
     act = activation_bytes(cfg, micro_batch or batch, prompt_len, max_len, elem_bytes)
     sizes, workspace = block_sizes(cfg, elem_bytes, quant)
     act += workspace  # one dequantized layer at a time
@@ -110,14 +114,14 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
             f"batch {batch} does not fit a {budget / GiB:.1f} GiB GPU budget: KV cache {kv / GiB:.1f} GiB + "
             f"activations {act / GiB:.1f} GiB + {slots} layer buffers {ring / GiB:.1f} GiB = "
             f"{(fixed + ring) / GiB:.1f} GiB. Try a smaller --batch-size (e.g. {largest}), a larger --gpu-memory, "
-            f"or --micro-batch-size to shrink activations")
+            f"or --micro-batch-size to shrink activations" + ("" if not kv_on_gpu else ", or --kv-offload"))
     free = budget - fixed - ring - ends_bytes
     n_resident = min(cfg.n_layers, int(free // layer_bytes))
     if max_resident_layers is not None:
         n_resident = min(n_resident, max_resident_layers)
     if n_resident == cfg.n_layers:  # everything fits: no ring needed at all
         return plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
-                              offload=False, kv_on_gpu=kv_on_gpu, quant=quant)
+                              offload=False, kv_on_gpu=kv_on_gpu, quant=quant, kv_scratch=kv_scratch)
     # Keep the last layers resident: the copy of the next pass's first layers then overlaps them.
     resident_layers = list(range(cfg.n_layers - n_resident, cfg.n_layers))
     resident = [b for b in blocks(cfg) if b in ends or b in resident_layers]
@@ -126,3 +130,46 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
     resident_bytes = sum(sizes[b] for b in resident) - (shared if "embed" in resident else 0)
     return Placement(resident, streamed, slots, dict(resident=resident_bytes, kv_cache=kv, activations=act, ring=ring,
                                                      streamed_per_pass=streamed_bytes))
+
+
+def kv_cache_bytes(cfg, batch: int, seq: int, elem_bytes: int) -> int:
+    heads, head_dim = family_of(cfg).kv_heads(cfg)
+    return 2 * cfg.n_layers * batch * seq * heads * head_dim * elem_bytes
+
+
+def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: int, gen_len: int,
+                    micro_batch: int | None, prefetch_depth: int, quant, opts, h2d_bytes_s: float | None,
+                    cpu_attention_bytes_s: float | None, offload: bool = True):
+    """Placement with the KV cache in CPU memory, and the share of micro-batches that attend on the
+    GPU. With attention "auto" the share comes from the step model (kv_cache.gpu_fraction): the
+    cache read in a decode step at the average context length, against the bus time the streamed
+    weights already take. Returns (placement, opts with gpu_fraction set, model dict)."""
+    import dataclasses
+
+    from .kv_cache import gpu_fraction
+    rows = micro_batch or batch
+    n_parts = -(-batch // rows)
+    first = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
+                           offload=offload, kv_on_gpu=False, quant=quant)
+    cache_step = kv_cache_bytes(cfg, batch, prompt_len + gen_len // 2, elem_bytes)  # read per decode step
+    fraction = opts.gpu_fraction
+    model = {"cache_bytes_per_step": cache_step, "h2d_bytes_s": h2d_bytes_s, "cpu_attention_bytes_s": cpu_attention_bytes_s}
+    if fraction is None and opts.attention == "auto":
+        if h2d_bytes_s and cpu_attention_bytes_s:
+            fraction = gpu_fraction(first.streamed_bytes / h2d_bytes_s, cache_step, h2d_bytes_s, cpu_attention_bytes_s)
+        else:
+            fraction = 0.0  # nothing measured (no GPU): the cache is read where it is
+    opts = dataclasses.replace(opts, gpu_fraction=fraction)
+    n_gpu = opts.gpu_parts(n_parts)
+    # two device buffers (this layer, the next one) of keys and values per GPU-attending part
+    scratch = n_gpu * 2 * kv_cache_bytes(cfg, rows, prompt_len + gen_len, elem_bytes) // cfg.n_layers
+    placement = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
+                               offload=offload, kv_on_gpu=False, quant=quant, kv_scratch=scratch) if scratch else first
+    placement.bytes["kv_host"] = kv_cache_bytes(cfg, batch, prompt_len + gen_len, elem_bytes)
+    if h2d_bytes_s:
+        x = n_gpu / n_parts
+        bus = (placement.streamed_bytes + x * cache_step) / h2d_bytes_s
+        cpu = (1 - x) * cache_step / cpu_attention_bytes_s if cpu_attention_bytes_s else 0.0
+        model.update(predicted_bus_s=bus, predicted_cpu_attention_s=cpu, predicted_step_s=max(bus, cpu))
+    model.update(gpu_parts=n_gpu, parts=n_parts, gpu_fraction=fraction)
+    return placement, opts, model

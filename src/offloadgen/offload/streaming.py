@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..models import family_of
 from ..quant import QuantConfig, QuantizedTensor, dequantize, is_quantized_tensor, quantize
-from .pinned import pin_tensors, unpin_tensors
+from .pinned import copy_in_chunks, pin_tensors, unpin_tensors
 from .weights import load_resident_block
 
 ALIGN = 256  # bytes: keeps every tensor view aligned for vectorised kernels
@@ -239,7 +239,7 @@ class StreamingWeights:
         with torch.cuda.stream(self.copy_stream):
             if self.free[slot] is not None:
                 self.copy_stream.wait_event(self.free[slot])
-            dst.copy_(src, non_blocking=True)
+            copy_in_chunks(dst, src)
             self.ready[block] = torch.cuda.Event()
             self.ready[block].record(self.copy_stream)
 
@@ -264,7 +264,7 @@ class StreamingWeights:
         with torch.cuda.stream(self.copy_stream):
             if free_event is not None:
                 self.copy_stream.wait_event(free_event)
-            self.ring[slot][:src.numel()].copy_(staging[:src.numel()], non_blocking=True)
+            copy_in_chunks(self.ring[slot][:src.numel()], staging[:src.numel()])
             ready = torch.cuda.Event()
             ready.record(self.copy_stream)
         self.ready[block] = ready
