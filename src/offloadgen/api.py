@@ -112,16 +112,24 @@ class LLM:
 def place_weights(checkpoint, device: torch.device, dtype: torch.dtype, *, cpu_offload: bool = False,
                   gpu_memory: int | None = None, pin_memory: bool = True, max_batch_size: int = 16,
                   max_seq_len: int | None = None, micro_batch_size: int | None = None, quant_bits: int = 16,
-                  quant_group_size: int = 64, progress: bool = True, kv_offload=None):
+                  quant_group_size: int = 64, progress: bool = True, kv_offload=None, offload_dir: str | None = None):
     """The weight source for a run: resident, quantized, or streamed from CPU memory under a GPU
     budget planned for `max_batch_size` sequences of `max_seq_len` tokens; with kv_offload (a
-    KVOffload) the KV cache is planned in CPU memory. Returns (weights, limits, kv_offload resolved)."""
+    KVOffload) the KV cache is planned in CPU memory; with offload_dir the streamed weights are
+    read from disk there instead of held in RAM. Returns (weights, limits, kv_offload resolved)."""
     from .offload.placement import all_resident, plan_placement
     from .offload.streaming import StreamingWeights
     from .plan import check_host_memory
     from .quant import QuantConfig
     cfg = checkpoint.cfg
     quant = QuantConfig(quant_bits, quant_group_size) if quant_bits != 16 else None
+    cpu_offload = cpu_offload or offload_dir is not None
+    if offload_dir is not None and device.type != "cuda":  # a CPU run: layers stream from disk into RAM buffers
+        from .offload.placement import disk_placement_on_cpu
+        placement = disk_placement_on_cpu(cfg, 1, torch.empty((), dtype=dtype).element_size())
+        placement.bytes["weights_on_disk"] = True
+        return (StreamingWeights(checkpoint, device, dtype, placement, progress=progress, quant=quant,
+                                 offload_dir=offload_dir), None, kv_offload)
     if (cpu_offload or kv_offload is not None) and device.type == "cuda":
         from .bench.run import default_budget
         max_len = min(max_seq_len or cfg.max_position, cfg.max_position)
@@ -140,10 +148,12 @@ def place_weights(checkpoint, device: torch.device, dtype: torch.dtype, *, cpu_o
         else:
             placement = plan_placement(cfg, elem, budget, max_batch_size, max_len, 0, micro_batch_size, offload=True,
                                        quant=quant)
+        if offload_dir is not None:
+            placement.bytes["weights_on_disk"] = True
         check_host_memory(placement, quantized=quant is not None)
         if placement.streamed or quant is not None:
             weights = StreamingWeights(checkpoint, device, dtype, placement, pinned=pin_memory, progress=progress,
-                                       quant=quant)
+                                       quant=quant, offload_dir=offload_dir)
         else:
             weights = ResidentWeights(checkpoint, device, dtype, progress=progress)
         return weights, (max_batch_size, max_len), kv_offload
@@ -161,7 +171,7 @@ def load(model: str | None = None, *, dummy: bool = False, device: str | torch.d
          quant_bits: int = 16, quant_group_size: int = 64, tokenizer=None, cpu_offload: bool = False,
          gpu_memory: int | None = None, pin_memory: bool = True, max_batch_size: int = 16,
          max_seq_len: int | None = None, kv_offload: bool = False, pin_kv_cache: bool = True,
-         async_kv_offload: bool = True, kv_attention: str = "auto") -> LLM:
+         async_kv_offload: bool = True, kv_attention: str = "auto", offload_dir: str | None = None) -> LLM:
     """Load a model folder, a GGUF file, a preset (dummy=True), or the embedded default (None).
 
     quant_bits 4 or 8 stores the decoder layers' linear weights group-wise quantized and
@@ -169,7 +179,8 @@ def load(model: str | None = None, *, dummy: bool = False, device: str | torch.d
     streams them to the GPU layer by layer, with the layers that fit `gpu_memory` (bytes) kept
     resident; the placement is planned for `max_batch_size` prompts of `max_seq_len` tokens.
     kv_offload keeps the KV cache in CPU memory (pinned, written back asynchronously by default),
-    with decode attention on the CPU, the GPU, or split between them (kv_attention)."""
+    with decode attention on the CPU, the GPU, or split between them (kv_attention). offload_dir
+    keeps the streamed weights on disk there (written once), for models larger than CPU RAM."""
     from .offload.kv_cache import KVOffload
     checkpoint = open_checkpoint(model, dummy=dummy)
     device = torch.device(device) if device is not None else default_device()
@@ -180,7 +191,8 @@ def load(model: str | None = None, *, dummy: bool = False, device: str | torch.d
     weights, limits, kv = place_weights(checkpoint, device, dtype, cpu_offload=cpu_offload, gpu_memory=gpu_memory,
                                         pin_memory=pin_memory, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                                         micro_batch_size=micro_batch_size, quant_bits=quant_bits,
-                                        quant_group_size=quant_group_size, progress=progress, kv_offload=kv)
+                                        quant_group_size=quant_group_size, progress=progress, kv_offload=kv,
+                                        offload_dir=offload_dir)
     return LLM(checkpoint, device, dtype, weights=weights, micro_batch_size=micro_batch_size, progress=progress,
                tokenizer=tokenizer, limits=limits, kv_offload=kv)
 

@@ -46,6 +46,9 @@ def _add_generate(sub):
     p.add_argument("--cpu-offload", action="store_true", help="keep weights in CPU RAM and stream them to the GPU")
     p.add_argument("--gpu-memory", type=_parse_bytes, default=None, help="GPU budget with --cpu-offload, e.g. 16GiB")
     p.add_argument("--pin-memory", type=int, default=1, choices=[0, 1])
+    p.add_argument("--disk-offload", "--disk_offload", action="store_true",
+                   help="weights on disk (written once to --offload-dir), read layer by layer: models larger than RAM")
+    p.add_argument("--offload-dir", "--offload_dir", default="~/offload_dir")
     p.add_argument("--kv-offload", "--kv_offload", action="store_true",
                    help="KV cache in CPU memory: batches limited by CPU RAM, not GPU memory")
     p.add_argument("--pin-kv-cache", "--pin_kv_cache", type=int, default=1, choices=[0, 1],
@@ -97,7 +100,8 @@ def cmd_generate(args) -> int:
                                         gpu_memory=args.gpu_memory, pin_memory=bool(args.pin_memory),
                                         max_batch_size=args.batch_size, max_seq_len=max_seq_len,
                                         micro_batch_size=args.micro_batch_size, quant_bits=args.quant_bits,
-                                        quant_group_size=args.quant_group_size, kv_offload=kv)
+                                        quant_group_size=args.quant_group_size, kv_offload=kv,
+                                        offload_dir=args.offload_dir if args.disk_offload else None)
     llm = LLM(checkpoint, device, dtype, weights=weights, micro_batch_size=args.micro_batch_size, tokenizer=tokenizer,
               limits=limits, kv_offload=kv)
     if args.input:

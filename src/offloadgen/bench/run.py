@@ -25,7 +25,8 @@ from ..offload import ResidentWeights
 from ..models import family_of
 from ..offload import pinned as pinned_mod
 from ..offload.kv_cache import KVOffload
-from ..offload.placement import GiB, all_resident, plan_kv_offload, plan_placement
+from ..offload.disk import page_cache_bytes
+from ..offload.placement import GiB, all_resident, disk_placement_on_cpu, plan_kv_offload, plan_placement
 from ..plan import check_host_memory
 from ..quant import QuantConfig
 from ..offload.streaming import StreamingWeights
@@ -68,9 +69,6 @@ class BenchArgs:
 
 def check_supported(a: BenchArgs) -> None:
     """Flags whose work lands in later issues are refused clearly, never silently ignored."""
-    if a.disk_offload:
-        raise OffloadgenError("--disk-offload is not implemented yet (weights on disk come with the KV/disk offload work); "
-                              "use --cpu-offload")
     if (a.pin_kv_cache or a.async_kv_offload) and not a.kv_offload:
         raise OffloadgenError("--pin-kv-cache and --async-kv-offload apply to an offloaded KV cache: add --kv-offload")
     if a.num_nodes * a.num_gpus_per_node != 1:
@@ -100,6 +98,7 @@ def default_budget(device: torch.device) -> int | None:
 
 def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
     check_supported(a)
+    offload = a.cpu_offload or a.disk_offload
     device = torch.device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t_start = time.perf_counter()
     checkpoint = open_checkpoint(a.model, dummy=a.dummy)
@@ -121,17 +120,22 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
         if budget is not None:
             placement, kv_opts, kv_model = plan_kv_offload(
                 cfg, elem, budget, a.batch_size, a.prompt_len, a.gen_len, a.micro_batch_size, a.prefetch_depth, quant,
-                kv_opts, bandwidth and bandwidth["best"], cpu_attn, offload=a.cpu_offload)
+                kv_opts, bandwidth and bandwidth["best"], cpu_attn, offload=offload)
             kv_model["cpu_read_bytes_s"] = cpu_read_bandwidth()
     elif budget is not None:
         placement = plan_placement(cfg, elem, budget, a.batch_size, a.prompt_len, a.gen_len, a.micro_batch_size,
-                                   a.prefetch_depth, offload=a.cpu_offload, quant=quant)
+                                   a.prefetch_depth, offload=offload, quant=quant)
+    if a.disk_offload and placement is None:  # a CPU run: layers stream from disk into RAM buffers
+        placement = disk_placement_on_cpu(cfg, a.prefetch_depth, elem)
+    if placement is not None and a.disk_offload:
+        placement.bytes["weights_on_disk"] = True
     if placement is not None and (placement.streamed or a.kv_offload):
         check_host_memory(placement, quantized=quant is not None)
     t_load = time.perf_counter()
     if quant is not None or (placement is not None and placement.streamed):
         weights = StreamingWeights(checkpoint, device, dtype, placement or all_resident(cfg),
-                                   pinned=bool(a.pin_memory), progress=a.verbose > 0, quant=quant)
+                                   pinned=bool(a.pin_memory), progress=a.verbose > 0, quant=quant,
+                                   offload_dir=a.offload_dir if a.disk_offload else None)
     else:
         weights = ResidentWeights(checkpoint, device, dtype, progress=a.verbose > 0)
     if device.type == "cuda":
@@ -143,6 +147,9 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
         where = placement.describe() if placement is not None else "all weights on the CPU"
         print(f"model ready in {startup:.1f} s ({getattr(weights, 'timings', {})}); {where}", file=sys.stderr)
 
+    disk = getattr(weights, "disk", None)
+    disk_bw = disk.read_bandwidth() if disk is not None else None  # measured now, from the same files
+    cached_before = page_cache_bytes()
     engine = Engine(cfg, weights, device, dtype, a.micro_batch_size, kv_offload=kv_opts)
     params = SamplingParams(max_new_tokens=a.gen_len, ignore_eos=True)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -155,6 +162,8 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
         def on_prefill():
             sync()
             marks["prefill"] = time.perf_counter()
+            if disk is not None:
+                marks["disk_read"] = disk.stats["read_bytes"]
             if engine.offloaded_cache is not None:
                 marks["kv_stats"] = dict(engine.offloaded_cache.stats)
 
@@ -196,7 +205,17 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
     if a.verbose >= 1:
         print(lines, end="", file=out)
 
-    kind = "cpu" if a.cpu_offload else "gpu"
+    disk_record = None
+    if disk is not None:
+        read_per_step = (disk.stats["read_bytes"] - marks["disk_read"]) / max(a.gen_len - 1, 1)
+        cached_after = page_cache_bytes()
+        disk_record = {"dir": str(disk.path), "o_direct": disk.direct, "read_bandwidth_bytes_s": disk_bw,
+                       "read_bytes_per_decode_step": read_per_step, "stored_bytes": disk.nbytes,
+                       "limit_decode_step_s": read_per_step / disk_bw,
+                       "decode_step_over_disk_limit": m.decode_step / (read_per_step / disk_bw),
+                       "page_cache_growth_bytes": None if cached_before is None else cached_after - cached_before,
+                       "bytes_read_during_run": disk.stats["read_bytes"]}
+    kind = "disk" if a.disk_offload else "cpu" if a.cpu_offload else "gpu"
     log_path = Path(a.output_file if a.output_file != "auto" else
                     log_filename(a.model, a.batch_size, a.prompt_len, a.gen_len, a.num_nodes, a.num_gpus_per_node,
                                  kind, a.kv_offload, a.quant_bits))
@@ -225,7 +244,7 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
         "decode_step_over_bus_limit": m.decode_step / bus_limit_step if bus_limit_step else None,
         "peak_gpu_mem_bytes": peak, "startup_s": startup, "weights_load_s": load_s,
         "weights_timings": getattr(weights, "timings", {}), "all_totals_s": totals, "all_prefills_s": prefills,
-        "log_file": str(log_path), "kv": kv_record,
+        "log_file": str(log_path), "kv": kv_record, "disk_offload": a.disk_offload, "disk": disk_record,
     }
     json_path = Path(a.json_file) if a.json_file else log_path.with_suffix(".jsonl")
     with open(json_path, "a") as f:
@@ -235,6 +254,15 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
               f"bus limit {bus_limit_step:.3f} s ({streamed / 1e9:.2f} GB at the probe's best {bandwidth['best'] / 1e9:.1f} GB/s, "
               f"median {bandwidth['median'] / 1e9:.1f}): {bus_limit_step / m.decode_step:.1%} of the bus; "
               f"copy-only pass {copy_only:.3f} s: step = {m.decode_step / copy_only:.3f}x copy-only", file=sys.stderr)
+    if a.verbose and disk_record:
+        d = disk_record
+        growth = d["page_cache_growth_bytes"]
+        print(f"weights on disk ({'O_DIRECT' if d['o_direct'] else 'buffered reads, dropped from the page cache'}): "
+              f"{d['read_bytes_per_decode_step'] / 1e9:.2f} GB read per decode step; disk probe "
+              f"{d['read_bandwidth_bytes_s'] / 1e9:.2f} GB/s -> limit {d['limit_decode_step_s']:.3f} s; step "
+              f"{m.decode_step:.3f} s = {d['decode_step_over_disk_limit']:.3f}x the disk limit; page cache grew "
+              + ("?" if growth is None else f"{growth / 1e9:.2f} GB") + f" while {d['bytes_read_during_run'] / 1e9:.1f} GB "
+              f"were read", file=sys.stderr)
     if a.verbose and kv_record:
         d = kv_record["per_decode_step"]
         cpu_bw = kv_record.get("cpu_attention_bytes_s")

@@ -59,6 +59,14 @@ def all_resident(cfg) -> Placement:
     return Placement(list(blocks(cfg)), [], 0, dict(streamed_per_pass=0))
 
 
+def disk_placement_on_cpu(cfg, prefetch_depth: int = 1, elem_bytes: int = 4) -> Placement:
+    """A CPU run with weights on disk: embeddings and head in RAM, layers read into a ring of
+    prefetch_depth + 1 buffers, so RAM holds a few layers, not the model."""
+    layers = list(range(cfg.n_layers))
+    streamed = sum(block_nbytes(cfg, i, elem_bytes) for i in layers)
+    return Placement(["embed", "head"], layers, prefetch_depth + 1, dict(streamed_per_pass=streamed))
+
+
 def block_sizes(cfg, elem_bytes: int, quant=None) -> tuple[dict, int]:
     """Bytes of each block as stored (quantized layers packed), and the dense workspace that
     dequantized layers need on the device."""

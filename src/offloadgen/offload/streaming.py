@@ -103,7 +103,7 @@ def _elem(dtype: torch.dtype) -> int:
 
 class StreamingWeights:
     def __init__(self, checkpoint, device: torch.device, dtype: torch.dtype, placement, pinned: bool = True,
-                 progress: bool = True, quant: QuantConfig | None = None):
+                 progress: bool = True, quant: QuantConfig | None = None, offload_dir: str | None = None):
         self.cfg = checkpoint.cfg
         self.device = torch.device(device)
         self.dtype = dtype
@@ -155,9 +155,18 @@ class StreamingWeights:
                 self.resident[b] = load_resident_block(checkpoint, b, dtype, self.device, shared)
             bar.update()
 
-        # Streamed blocks: packed host buffers, filled straight from the checkpoint.
+        # Streamed blocks: packed host buffers filled straight from the checkpoint, or, with an
+        # offload folder, packed files on disk (written once; a later run with the same model reuses them).
         self.host = {}
-        for b in self.order:
+        self.disk = None
+        if offload_dir is not None and self.order:
+            from .disk import DiskStore, store_key
+            self.disk = DiskStore(offload_dir, store_key(checkpoint, dtype, quant, self.layouts), self.layouts)
+            bar.close()
+            bar = tqdm(total=len(self.layouts), desc=f"writing weights to {self.disk.path}", unit="block",
+                       file=sys.stderr, leave=False, disable=None if progress else True)
+            self.timings["disk_write_s"] = self.disk.write(block_parts, progress=bar.update)
+        for b in self.order if self.disk is None else []:
             flat = torch.empty(self.layouts[b].nbytes, dtype=torch.uint8)
             self.layouts[b].write(flat, block_parts(b))
             self.host[b] = flat
@@ -166,7 +175,7 @@ class StreamingWeights:
         self.timings["fill_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        self.pinned = pinned and self.cuda
+        self.pinned = pinned and self.cuda and self.disk is None
         self._registered = []
         if self.pinned:
             ok = pin_tensors(list(self.host.values()))
@@ -179,7 +188,13 @@ class StreamingWeights:
 
         slots = placement.ring_slots if self.order else 0
         ring_numel = max((self.layouts[b].nbytes for b in self.order), default=0)
-        self.ring = [torch.empty(ring_numel, dtype=torch.uint8, device=self.device) for _ in range(slots)]
+        if self.disk is not None:
+            from .disk import aligned_buffer, padded
+            ring_numel = padded(ring_numel)
+        if self.disk is not None and not self.cuda:  # read straight into the ring: it must be page-aligned
+            self.ring = [aligned_buffer(ring_numel) for _ in range(slots)]
+        else:
+            self.ring = [torch.empty(ring_numel, dtype=torch.uint8, device=self.device) for _ in range(slots)]
         dense = max((layout.dense_numel for layout in self.layouts.values()), default=0)
         self.workspace = torch.empty(dense, dtype=dtype, device=self.device) if dense else None
         self.depth = slots - 1
@@ -190,8 +205,14 @@ class StreamingWeights:
         # long job issues a copy per streamed block per pass.
         self.issued_log: collections.deque = collections.deque(maxlen=4096)
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        if not self.pinned and self.cuda and self.order:
-            self.staging = [torch.empty(ring_numel, dtype=torch.uint8).pin_memory() for _ in range(slots)]
+        self.staged = bool(not self.pinned and self.cuda and self.order)
+        if self.staged:
+            if self.disk is not None:  # O_DIRECT targets: page-aligned, then pinned in place
+                self.staging = [aligned_buffer(ring_numel) for _ in range(slots)]
+                ok = pin_tensors(self.staging)
+                self._registered += [t for t, good in zip(self.staging, ok) if good]
+            else:
+                self.staging = [torch.empty(ring_numel, dtype=torch.uint8).pin_memory() for _ in range(slots)]
             self.staged_free = [None] * slots
             self.jobs: queue.Queue = queue.Queue()
             self.issued = {}
@@ -211,7 +232,7 @@ class StreamingWeights:
     def reset(self) -> None:
         """After a pass that failed midway (say, out of memory): let the copies in flight land and
         start again from the first block, so the next pass finds the schedule where it expects."""
-        if self.cuda and not self.pinned and self.order:
+        if self.staged:
             for event in list(self.issued.values()):
                 event.wait()
         if self.cuda:
@@ -226,12 +247,13 @@ class StreamingWeights:
         self.next_issue += 1
         self.slot_of[block] = slot
         self.issued_log.append((i, block, slot))
-        src = self.host[block]
-        dst = self.ring[slot][:src.numel()]
         if not self.cuda:
-            dst.copy_(src)
+            if self.disk is not None:
+                self.disk.read_into(block, self.ring[slot])
+            else:
+                self.ring[slot][:self.host[block].numel()].copy_(self.host[block])
             return
-        if not self.pinned:
+        if self.staged:
             event = threading.Event()
             self.issued[block] = event
             self.jobs.put((block, slot, self.free[slot], event))
@@ -239,7 +261,7 @@ class StreamingWeights:
         with torch.cuda.stream(self.copy_stream):
             if self.free[slot] is not None:
                 self.copy_stream.wait_event(self.free[slot])
-            copy_in_chunks(dst, src)
+            copy_in_chunks(self.ring[slot][:self.host[block].numel()], self.host[block])
             self.ready[block] = torch.cuda.Event()
             self.ready[block].record(self.copy_stream)
 
@@ -257,14 +279,17 @@ class StreamingWeights:
                 return
 
     def _stage(self, block, slot, free_event, issued) -> None:
-        src, staging = self.host[block], self.staging[slot]
+        staging, n = self.staging[slot], self.layouts[block].nbytes
         if self.staged_free[slot] is not None:
             self.staged_free[slot].synchronize()  # the staging buffer's last copy has left it
-        staging[:src.numel()].copy_(src)
+        if self.disk is not None:
+            self.disk.read_into(block, staging)
+        else:
+            staging[:n].copy_(self.host[block])
         with torch.cuda.stream(self.copy_stream):
             if free_event is not None:
                 self.copy_stream.wait_event(free_event)
-            copy_in_chunks(self.ring[slot][:src.numel()], staging[:src.numel()])
+            copy_in_chunks(self.ring[slot][:n], staging[:n])
             ready = torch.cuda.Event()
             ready.record(self.copy_stream)
         self.ready[block] = ready
@@ -285,7 +310,7 @@ class StreamingWeights:
         expected = self.order[self.next_use % len(self.order)]
         assert block == expected, f"streamed blocks must be asked for in pass order: got {block}, expected {expected}"
         if self.cuda:
-            if not self.pinned:
+            if self.staged:
                 self.issued[block].wait()  # the worker has recorded the block's ready event
                 if self.worker_error is not None:
                     raise RuntimeError("the weight staging thread failed") from self.worker_error
@@ -307,7 +332,7 @@ class StreamingWeights:
         """Seconds to move one pass's streamed blocks through the ring with no compute (best of
         `passes`): the floor a decode step can reach with this placement, measured on the same
         buffers and memory as the real steps. Call between generations (at a pass boundary)."""
-        if not self.cuda or not self.order:
+        if not self.cuda or not self.order or self.disk is not None:  # from disk: the probe says it, cheaper
             return None
         times = []
         for _ in range(passes):
@@ -329,6 +354,8 @@ class StreamingWeights:
             torch.cuda.synchronize(self.device)
         unpin_tensors(self._registered)
         self._registered = []
+        if self.disk is not None:
+            self.disk.close()
 
     def __del__(self):
         try:
