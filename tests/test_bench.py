@@ -49,7 +49,7 @@ def test_bench_run_writes_the_four_log_lines_and_a_json_record(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("flags,needle", [(["--pin-kv-cache"], "add --kv-offload"),
-                                          (["--num-gpus-per-node", "2"], "several GPUs"),
+                                          (["--num-nodes", "2"], "start offloadgen on each node with torchrun"),
                                           (["--prompt-len", "3"], "shorter than the prompt")])
 def test_flags_that_cannot_apply_are_refused_clearly(capsys, tmp_path, monkeypatch, flags, needle):
     monkeypatch.chdir(tmp_path)

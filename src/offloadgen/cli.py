@@ -89,6 +89,13 @@ def cmd_generate(args) -> int:
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OffloadgenError("--device cuda: this machine has no CUDA GPU")
+    # Under torchrun each rank answers its share of the prompts; rank 0 gathers them in order and
+    # alone writes.
+    from . import distributed
+    world = distributed.init(device.type)
+    device = distributed.device_for(world, device)
+    if world.active and args.input:
+        raise OffloadgenError("--input jobs run in one process (they resume by line); under torchrun give --prompt")
     dtype = resolve_dtype(args.dtype, device, checkpoint.cfg)
     max_seq_len = args.max_seq_len
     if max_seq_len is None:
@@ -106,24 +113,41 @@ def cmd_generate(args) -> int:
               limits=limits, kv_offload=kv)
     if args.input:
         return _run_job(llm, args, sampling)
-    out = open(args.output, "w", encoding="utf-8") if args.output else None
+    if args.output and world.is_main:
+        open(args.output, "w").close()  # a prompt run's --output starts afresh (jobs, above, resume)
+    share = -(-len(items) // world.size)
+    mine = items[world.rank * share:(world.rank + 1) * share]
+    results = []
+    for start in range(0, len(mine), args.batch_size):
+        chunk = mine[start:start + args.batch_size]
+        results += [(item_id, prompt, c.text, len(c.token_ids), c.finish_reason)
+                    for (item_id, prompt), c in zip(chunk, llm.generate([p for _, p in chunk], sampling))]
+        if not world.active:  # one process: print as each batch finishes
+            _emit(results, args, len(items))
+            results = []
+    if world.active:
+        results = [r for part in distributed.gather(results, world) for r in part]
+        if world.is_main:
+            _emit(results, args, len(items))
+        distributed.finish(world)
+    if args.output and world.is_main:
+        print(f"offloadgen: wrote {len(items)} results to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _emit(results, args, n_items: int) -> None:
+    """Results as JSON lines appended to --output, or printed (the text alone for one prompt)."""
+    out = open(args.output, "a", encoding="utf-8") if args.output else None
     try:
-        for start in range(0, len(items), args.batch_size):
-            chunk = items[start:start + args.batch_size]
-            for (item_id, prompt), c in zip(chunk, llm.generate([p for _, p in chunk], sampling)):
-                if out:
-                    out.write(json.dumps({"id": item_id, "prompt": prompt, "text": c.text,
-                                          "tokens": len(c.token_ids), "finish_reason": c.finish_reason}) + "\n")
-                    out.flush()
-                else:
-                    print(prompt + c.text if len(items) == 1 else json.dumps({"id": item_id, "text": c.text}),
-                          flush=True)
+        for item_id, prompt, text, n_tokens, reason in results:
+            if out:
+                out.write(json.dumps({"id": item_id, "prompt": prompt, "text": text, "tokens": n_tokens,
+                                      "finish_reason": reason}) + "\n")
+            else:
+                print(prompt + text if n_items == 1 else json.dumps({"id": item_id, "text": text}), flush=True)
     finally:
         if out:
             out.close()
-    if out:
-        print(f"offloadgen: wrote {len(items)} results to {args.output}", file=sys.stderr)
-    return 0
 
 
 def _run_job(llm, args, sampling) -> int:
@@ -225,15 +249,24 @@ def cmd_presets(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    rank = os.environ.get("RANK", "0")
     try:
         return args.func(args)
     except OffloadgenError as e:
-        print(f"offloadgen: error: {e}", file=sys.stderr)
+        if rank == "0":  # under torchrun every rank finds the same fault; one says it
+            print(f"offloadgen: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("offloadgen: interrupted", file=sys.stderr)
         return 130
 
 
+def entry() -> None:
+    """The `offloadgen` command."""
+    from .distributed import exit_process
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

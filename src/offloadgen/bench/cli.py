@@ -49,7 +49,10 @@ def add_bench(sub) -> None:
     _flag(p, "--async-kv-offload", action="store_true")
     _flag(p, "--loops", type=int, default=2, help="timed generations; metrics come from the last")
     _flag(p, "--num-nodes", type=int, default=1)
-    _flag(p, "--num-gpus-per-node", type=int, default=1)
+    _flag(p, "--num-gpus-per-node", type=int, default=1,
+          help="ranks on this node; more than 1 starts torchrun (or run under torchrun yourself)")
+    _flag(p, "--weight-fetch", default="whole", choices=["whole", "allgather"],
+          help="several ranks: each copies whole layers over its own link, or 1/N and all-gathers the rest")
     _flag(p, "--gpu-memory", type=parse_bytes, default=None,
           help="GPU memory budget, e.g. 16GiB (default: the card's free memory less a margin)")
     _flag(p, "--micro-batch-size", type=int, default=None)
@@ -61,7 +64,11 @@ def add_bench(sub) -> None:
 
 
 def cmd_bench(args) -> int:
+    from .. import distributed
     from .run import BenchArgs, run_generation
+    ranks = args.num_nodes * args.num_gpus_per_node
+    if ranks > 1 and args.num_nodes == 1 and not distributed.launched():
+        return distributed.relaunch(args.argv, args.num_gpus_per_node)
     fields = BenchArgs.__dataclass_fields__
     run_generation(BenchArgs(**{k: v for k, v in vars(args).items() if k in fields}))
     return 0

@@ -36,6 +36,24 @@ class Metrics:
         return self.decode_latency / max(self.gen_len - 1, 1)
 
 
+@dataclass
+class SummedMetrics:
+    """Several ranks seen as one run: throughputs summed, latencies the slowest rank's."""
+    prefill_latency: float
+    decode_latency: float
+    total_latency: float
+    decode_step: float
+    prefill_throughput: float
+    decode_throughput: float
+    total_throughput: float
+    peak_gpu_mem: int
+
+    @classmethod
+    def of(cls, d: dict) -> "SummedMetrics":
+        return cls(d["prefill_latency_s"], d["decode_latency_s"], d["total_latency_s"], d["decode_step_s"],
+                   d["prefill_throughput"], d["decode_throughput"], d["total_throughput"], d["peak_gpu_mem_bytes"])
+
+
 def cache_bytes(batch: int, seq: int, n_layers: int, hidden: int) -> int:
     return 2 * batch * seq * n_layers * hidden * 2
 

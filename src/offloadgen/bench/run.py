@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import __version__
+from .. import __version__, distributed
 from ..api import resolve_dtype
 from ..checkpoint import open_checkpoint
 from ..engine import Engine
@@ -32,7 +33,7 @@ from ..quant import QuantConfig
 from ..offload.streaming import StreamingWeights
 from ..sampling import SamplingParams
 from .hardware import cpu_attention_bandwidth, cpu_read_bandwidth, h2d_bandwidth
-from .metrics import Metrics, cache_bytes, hidden_bytes, log_filename, log_lines
+from .metrics import Metrics, SummedMetrics, cache_bytes, hidden_bytes, log_filename, log_lines
 
 PROMPT = "Paris is the capital city of"
 
@@ -65,14 +66,22 @@ class BenchArgs:
     device: str | None = None
     dtype: str = "float16"
     json_file: str | None = None  # default: the log file's name with .jsonl
+    weight_fetch: str = "whole"  # several ranks: each copies whole layers, or 1/N and all-gathers
 
 
 def check_supported(a: BenchArgs) -> None:
     """Flags whose work lands in later issues are refused clearly, never silently ignored."""
     if (a.pin_kv_cache or a.async_kv_offload) and not a.kv_offload:
         raise OffloadgenError("--pin-kv-cache and --async-kv-offload apply to an offloaded KV cache: add --kv-offload")
-    if a.num_nodes * a.num_gpus_per_node != 1:
-        raise OffloadgenError("several GPUs/nodes are not implemented yet; use --num-nodes 1 --num-gpus-per-node 1")
+    if distributed.launched():
+        size = int(os.environ["WORLD_SIZE"])
+        asked = a.num_nodes * a.num_gpus_per_node
+        if asked != 1 and asked != size:
+            raise OffloadgenError(f"--num-nodes {a.num_nodes} x --num-gpus-per-node {a.num_gpus_per_node} = {asked} "
+                                  f"processes asked for, but torchrun started {size}")
+    elif a.num_nodes > 1:
+        raise OffloadgenError("several nodes: start offloadgen on each node with torchrun (--nnodes, --node-rank, "
+                              "--rdzv-endpoint); --num-gpus-per-node alone starts one node")
     for name in ("batch_size", "prompt_len", "gen_len", "loops"):
         if getattr(a, name) < 1:
             raise OffloadgenError(f"--{name.replace('_', '-')} must be at least 1")
@@ -100,13 +109,17 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
     check_supported(a)
     offload = a.cpu_offload or a.disk_offload
     device = torch.device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world = distributed.init(device.type)
+    device = distributed.device_for(world, device)
+    rows = distributed.local_rows(a.batch_size, world)
+    batch = rows.stop - rows.start  # this rank's share of the batch
     t_start = time.perf_counter()
     checkpoint = open_checkpoint(a.model, dummy=a.dummy)
     cfg = checkpoint.cfg
     dtype = resolve_dtype(a.dtype, device, cfg)
     elem = torch.empty((), dtype=dtype).element_size()
     tokenizer = checkpoint.tokenizer()
-    input_ids, mask = bench_inputs(tokenizer, a.batch_size, a.prompt_len)
+    input_ids, mask = bench_inputs(tokenizer, batch, a.prompt_len)
 
     bandwidth = h2d_bandwidth(device) if device.type == "cuda" else None
     quant = QuantConfig(a.quant_bits, a.quant_group_size) if a.quant_bits != 16 else None
@@ -115,27 +128,31 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
     if a.kv_offload:
         kv_opts = KVOffload(pinned=a.pin_kv_cache, async_write=a.async_kv_offload, attention=a.kv_attention)
         heads, head_dim = family_of(cfg).kv_heads(cfg)
-        cpu_attn = cpu_attention_bandwidth(a.micro_batch_size or a.batch_size, heads, cfg.n_heads, head_dim,
+        cpu_attn = cpu_attention_bandwidth(a.micro_batch_size or batch, heads, cfg.n_heads, head_dim,
                                            a.prompt_len + a.gen_len, dtype) if device.type == "cuda" else None
         if budget is not None:
             placement, kv_opts, kv_model = plan_kv_offload(
-                cfg, elem, budget, a.batch_size, a.prompt_len, a.gen_len, a.micro_batch_size, a.prefetch_depth, quant,
+                cfg, elem, budget, batch, a.prompt_len, a.gen_len, a.micro_batch_size, a.prefetch_depth, quant,
                 kv_opts, bandwidth and bandwidth["best"], cpu_attn, offload=offload)
             kv_model["cpu_read_bytes_s"] = cpu_read_bandwidth()
     elif budget is not None:
-        placement = plan_placement(cfg, elem, budget, a.batch_size, a.prompt_len, a.gen_len, a.micro_batch_size,
+        placement = plan_placement(cfg, elem, budget, batch, a.prompt_len, a.gen_len, a.micro_batch_size,
                                    a.prefetch_depth, offload=offload, quant=quant)
     if a.disk_offload and placement is None:  # a CPU run: layers stream from disk into RAM buffers
         placement = disk_placement_on_cpu(cfg, a.prefetch_depth, elem)
     if placement is not None and a.disk_offload:
         placement.bytes["weights_on_disk"] = True
     if placement is not None and (placement.streamed or a.kv_offload):
-        check_host_memory(placement, quantized=quant is not None)
+        # a node holds the streamed weights once (shared) and each of its ranks' KV caches
+        node = dict(placement.bytes, kv_host=placement.bytes.get("kv_host", 0) * world.local_size)
+        check_host_memory(type(placement)(placement.resident, placement.streamed, placement.ring_slots, node),
+                          quantized=quant is not None)
     t_load = time.perf_counter()
     if quant is not None or (placement is not None and placement.streamed):
         weights = StreamingWeights(checkpoint, device, dtype, placement or all_resident(cfg),
                                    pinned=bool(a.pin_memory), progress=a.verbose > 0, quant=quant,
-                                   offload_dir=a.offload_dir if a.disk_offload else None)
+                                   offload_dir=a.offload_dir if a.disk_offload else None, world=world,
+                                   fetch=a.weight_fetch)
     else:
         weights = ResidentWeights(checkpoint, device, dtype, progress=a.verbose > 0)
     if device.type == "cuda":
@@ -168,6 +185,7 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
                 marks["kv_stats"] = dict(engine.offloaded_cache.stats)
 
         sync()
+        distributed.barrier(world)  # every rank starts the timed generation together
         t0 = time.perf_counter()
         result = engine.generate(input_ids, mask, params, set(), min(tokenizer.eos_token_ids),
                                  on_prefill=on_prefill, on_token=lambda i: bar.update())
@@ -191,7 +209,18 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
         weights.close()
 
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    m = Metrics(a.batch_size, a.prompt_len, a.gen_len, prefills[-1], totals[-1], peak)
+    m = Metrics(batch, a.prompt_len, a.gen_len, prefills[-1], totals[-1], peak)
+    per_rank = distributed.gather({"rank": world.rank, "prefill_latency_s": m.prefill_latency,
+                                   "decode_latency_s": m.decode_latency, "total_latency_s": m.total_latency,
+                                   "decode_step_s": m.decode_step, "prefill_throughput": m.prefill_throughput,
+                                   "decode_throughput": m.decode_throughput, "total_throughput": m.total_throughput,
+                                   "peak_gpu_mem_bytes": peak, "batch": batch,
+                                   "disk_read_bytes": disk.stats["read_bytes"] if disk is not None else None}, world)
+    if world.active:
+        m = SummedMetrics.of(distributed.combine_metrics(per_rank))
+    if not world.is_main:  # rank 0 alone prints, writes the log and the record
+        distributed.finish(world)
+        return None
     seq = a.prompt_len + a.gen_len
     model_bytes = param_count(cfg) * 2
     cache, hidden = cache_bytes(a.batch_size, seq, cfg.n_layers, cfg.hidden_size), hidden_bytes(a.batch_size, seq, cfg.hidden_size)
@@ -242,9 +271,10 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
         "decode_latency_s": m.decode_latency, "decode_throughput": m.decode_throughput,
         "decode_step_s": m.decode_step, "total_latency_s": m.total_latency, "total_throughput": m.total_throughput,
         "decode_step_over_bus_limit": m.decode_step / bus_limit_step if bus_limit_step else None,
-        "peak_gpu_mem_bytes": peak, "startup_s": startup, "weights_load_s": load_s,
+        "peak_gpu_mem_bytes": m.peak_gpu_mem, "startup_s": startup, "weights_load_s": load_s,
         "weights_timings": getattr(weights, "timings", {}), "all_totals_s": totals, "all_prefills_s": prefills,
-        "log_file": str(log_path), "kv": kv_record, "disk_offload": a.disk_offload, "disk": disk_record,
+        "log_file": str(log_path), "kv": kv_record, "world_size": world.size, "weight_fetch": a.weight_fetch,
+        "per_rank": per_rank if world.active else None, "disk_offload": a.disk_offload, "disk": disk_record,
     }
     json_path = Path(a.json_file) if a.json_file else log_path.with_suffix(".jsonl")
     with open(json_path, "a") as f:
@@ -254,6 +284,7 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
               f"bus limit {bus_limit_step:.3f} s ({streamed / 1e9:.2f} GB at the probe's best {bandwidth['best'] / 1e9:.1f} GB/s, "
               f"median {bandwidth['median'] / 1e9:.1f}): {bus_limit_step / m.decode_step:.1%} of the bus; "
               f"copy-only pass {copy_only:.3f} s: step = {m.decode_step / copy_only:.3f}x copy-only", file=sys.stderr)
+    distributed.finish(world)
     if a.verbose and disk_record:
         d = disk_record
         growth = d["page_cache_growth_bytes"]

@@ -29,7 +29,7 @@ class Placement:
         return self.bytes["streamed_per_pass"]
 
     def describe(self) -> str:
-        b = self.bytes
+        b = {"resident": 0, "ring": 0, "kv_cache": 0, "activations": 0, **self.bytes}
         return (f"{len(self.resident)} blocks resident ({b['resident'] / GiB:.2f} GiB), {len(self.streamed)} streamed "
                 f"({b['streamed_per_pass'] / GiB:.2f} GiB per pass through {self.ring_slots} buffers of "
                 f"{b['ring'] / self.ring_slots / GiB if self.ring_slots else 0:.2f} GiB), KV cache {b['kv_cache'] / GiB:.2f} GiB, "

@@ -24,6 +24,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from ..errors import OffloadgenError
 from ..models import family_of
 from ..quant import QuantConfig, QuantizedTensor, dequantize, is_quantized_tensor, quantize
 from .pinned import copy_in_chunks, pin_tensors, unpin_tensors
@@ -103,7 +104,8 @@ def _elem(dtype: torch.dtype) -> int:
 
 class StreamingWeights:
     def __init__(self, checkpoint, device: torch.device, dtype: torch.dtype, placement, pinned: bool = True,
-                 progress: bool = True, quant: QuantConfig | None = None, offload_dir: str | None = None):
+                 progress: bool = True, quant: QuantConfig | None = None, offload_dir: str | None = None,
+                 world=None, fetch: str = "whole"):
         self.cfg = checkpoint.cfg
         self.device = torch.device(device)
         self.dtype = dtype
@@ -111,6 +113,15 @@ class StreamingWeights:
         if self.cuda and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.placement = placement
+        # Several ranks (distributed.World): streamed blocks sit once per node in shared memory; with
+        # fetch="allgather" each rank copies 1/N of a block over its own link and all-gathers the rest.
+        self.world = world if world is not None and world.active else None
+        if fetch not in ("whole", "allgather"):
+            raise ValueError(f"fetch must be 'whole' or 'allgather', not {fetch!r}")
+        self.shards = self.world.size if fetch == "allgather" and self.world is not None else 1
+        if self.shards > 1 and (offload_dir is not None or not pinned):
+            raise OffloadgenError("--weight-fetch allgather streams from pinned CPU memory: it cannot be combined "
+                                  "with --disk-offload or --pin-memory 0")
         self.order = list(placement.streamed)
         family = family_of(self.cfg)
         self.quant = quant
@@ -166,7 +177,16 @@ class StreamingWeights:
             bar = tqdm(total=len(self.layouts), desc=f"writing weights to {self.disk.path}", unit="block",
                        file=sys.stderr, leave=False, disable=None if progress else True)
             self.timings["disk_write_s"] = self.disk.write(block_parts, progress=bar.update)
-        for b in self.order if self.disk is None else []:
+        if self.disk is None and self.world is not None and self.order:
+            from ..distributed import shared_host_buffers
+            from .disk import store_key
+
+            def fill(b, flat):
+                self.layouts[b].write(flat, block_parts(b))
+                bar.update()
+            self.host = shared_host_buffers({b: self.layouts[b].nbytes for b in self.order}, self.world,
+                                            store_key(checkpoint, dtype, quant, self.layouts), fill)
+        for b in self.order if self.disk is None and self.world is None else []:
             flat = torch.empty(self.layouts[b].nbytes, dtype=torch.uint8)
             self.layouts[b].write(flat, block_parts(b))
             self.host[b] = flat
@@ -191,6 +211,8 @@ class StreamingWeights:
         if self.disk is not None:
             from .disk import aligned_buffer, padded
             ring_numel = padded(ring_numel)
+        if self.shards > 1:  # room for N equal parts of the largest block
+            ring_numel = self.shards * self._part_bytes(ring_numel)
         if self.disk is not None and not self.cuda:  # read straight into the ring: it must be page-aligned
             self.ring = [aligned_buffer(ring_numel) for _ in range(slots)]
         else:
@@ -247,6 +269,9 @@ class StreamingWeights:
         self.next_issue += 1
         self.slot_of[block] = slot
         self.issued_log.append((i, block, slot))
+        if self.shards > 1:
+            self._issue_shard(block, slot)
+            return
         if not self.cuda:
             if self.disk is not None:
                 self.disk.read_into(block, self.ring[slot])
@@ -262,6 +287,33 @@ class StreamingWeights:
             if self.free[slot] is not None:
                 self.copy_stream.wait_event(self.free[slot])
             copy_in_chunks(self.ring[slot][:self.host[block].numel()], self.host[block])
+            self.ready[block] = torch.cuda.Event()
+            self.ready[block].record(self.copy_stream)
+
+    def _part_bytes(self, nbytes: int) -> int:
+        return -(-nbytes // (self.shards * ALIGN)) * ALIGN
+
+    def _issue_shard(self, block, slot) -> None:
+        """Copy this rank's 1/N of the block from host memory, then all-gather the other parts from
+        the other ranks into the same ring slot (in place: each rank's part sits where it belongs)."""
+        import torch.distributed as dist
+        src = self.host[block]
+        part = self._part_bytes(src.numel())
+        r = self.world.rank
+        gathered = self.ring[slot][:part * self.shards]
+        mine = gathered[r * part:(r + 1) * part]
+        lo, hi = min(r * part, src.numel()), min((r + 1) * part, src.numel())
+        if not self.cuda:
+            mine[:hi - lo].copy_(src[lo:hi])
+            dist.all_gather_into_tensor(gathered, mine, group=self.world.group)
+            return
+        with torch.cuda.stream(self.copy_stream):
+            if self.free[slot] is not None:
+                self.copy_stream.wait_event(self.free[slot])
+            copy_in_chunks(mine[:hi - lo], src[lo:hi])
+            # NCCL runs on its own stream after what the copy stream has queued; wait() puts the
+            # copy stream behind the gather, and the block's ready event behind both.
+            dist.all_gather_into_tensor(gathered, mine, group=self.world.group, async_op=True).wait()
             self.ready[block] = torch.cuda.Event()
             self.ready[block].record(self.copy_stream)
 

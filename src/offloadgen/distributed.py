@@ -1,0 +1,184 @@
+"""Several GPUs (or CPU processes) through torch.distributed: NCCL on GPUs, gloo on CPUs.
+
+Processes are started by torchrun (`torchrun --nproc-per-node N -m offloadgen.cli bench ...`), or
+by `offloadgen bench --num-gpus-per-node N`, which starts torchrun itself for one node. Every rank
+runs the engine on its own slice of the batch; rank 0 gathers outputs and metrics and alone writes
+logs and files. Collectives time out (OFFLOADGEN_DIST_TIMEOUT seconds, default 600) rather than
+hang when a rank dies.
+
+Two ways for the weights to reach each GPU (`--weight-fetch`):
+- whole: every rank copies every streamed layer over its own host link (pure data parallelism);
+- allgather: rank r copies only bytes [r/N, (r+1)/N) of a layer over its link and the GPUs
+  all-gather the rest among themselves (what ZeRO stage 3 does). With NVLink much faster than
+  PCIe this divides the host-link time per layer by N; see docs/distributed.md for the model.
+Either way the streamed weights sit once in a node's shared memory, not once per rank.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import OffloadgenError
+
+# NVLink multicast (NVLS) stays off on the lent multi-GPU machines (the device tool's KINDS.md);
+# set for every process we start, whatever environment it was started from.
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    group: object = None  # the process group, or None when not launched by torchrun
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.group is not None
+
+
+def launched() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def timeout_s() -> int:
+    return int(os.environ.get("OFFLOADGEN_DIST_TIMEOUT", "600"))
+
+
+def init(device_type: str) -> World:
+    """The process group when launched by torchrun (also for one process, so that world size 1
+    runs the same code); a World of one otherwise."""
+    if not launched():
+        return World()
+    for k, v in NCCL_ENV.items():
+        os.environ.setdefault(k, v)
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise OffloadgenError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                                  f"start at most that many processes per node")
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s()))
+    global _used
+    _used = True
+    return World(rank, size, local_rank, local_size, dist.group.WORLD)
+
+
+def device_for(world: World, device: torch.device) -> torch.device:
+    if device.type == "cuda" and world.active:
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+def local_rows(batch: int, world: World) -> slice:
+    """This rank's contiguous slice of the batch; the batch must divide evenly."""
+    if batch % world.size:
+        raise OffloadgenError(f"batch size {batch} does not divide by the world size {world.size}: each rank takes "
+                              f"an equal share; use a multiple of {world.size} (e.g. {batch + world.size - batch % world.size})")
+    share = batch // world.size
+    return slice(world.rank * share, (world.rank + 1) * share)
+
+
+def gather(obj, world: World) -> list:
+    """Every rank's obj, in rank order (on every rank)."""
+    if not world.active:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(world: World) -> None:
+    if world.active:
+        dist.barrier()
+
+
+def combine_metrics(per_rank: list[dict]) -> dict:
+    """Rank 0's view of a run: throughput summed over ranks, latencies the slowest rank's, peak
+    memory the largest."""
+    out = dict(per_rank[0])
+    for k in ("prefill_latency_s", "decode_latency_s", "total_latency_s", "decode_step_s"):
+        out[k] = max(r[k] for r in per_rank)
+    for k in ("prefill_throughput", "decode_throughput", "total_throughput"):
+        out[k] = sum(r[k] for r in per_rank)
+    out["peak_gpu_mem_bytes"] = max(r["peak_gpu_mem_bytes"] for r in per_rank)
+    return out
+
+
+def relaunch(argv: list[str], nproc: int) -> int:
+    """Start this command again under torchrun with nproc processes on this node."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "offloadgen.cli", *argv]
+    env = {**os.environ, **NCCL_ENV, "OFFLOADGEN_RELAUNCHED": "1"}
+    return subprocess.call(cmd, env=env)
+
+
+def shared_host_buffers(sizes: dict, world: World, tag: str, fill) -> dict:
+    """One host buffer per block, shared by the ranks of a node: local rank 0 creates and fills
+    files in /dev/shm (fill(block, tensor)), every rank maps them, and they are unlinked once all
+    have (the mappings stay valid; nothing is left behind if a rank dies later)."""
+    folder = f"/dev/shm/offloadgen-{tag}-{os.environ.get('MASTER_PORT', '0')}"
+    paths = {b: f"{folder}/block-{b}" for b in sizes}
+    owner = world.local_rank == 0
+    # torchrun stops the other ranks with SIGTERM when one dies: turn it into an exception for the
+    # time the files have names, so that the owner removes them instead of leaving them in RAM.
+    previous = signal.signal(signal.SIGTERM, _raise_exit) if owner else None
+    try:
+        if owner:
+            os.makedirs(folder, exist_ok=True)
+            for b, n in sizes.items():
+                with open(paths[b], "wb") as f:
+                    f.truncate(n)
+        barrier(world)
+        host = {b: torch.from_file(paths[b], shared=True, size=n, dtype=torch.uint8) for b, n in sizes.items()}
+        if owner:
+            for b, t in host.items():
+                fill(b, t)
+        barrier(world)  # every rank has mapped and the owner has filled
+    finally:
+        if owner:
+            shutil.rmtree(folder, ignore_errors=True)
+            signal.signal(signal.SIGTERM, previous)
+    return host
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def finish(world: World) -> None:
+    """Leave the process group in order (gloo aborts at exit if its threads are left running)."""
+    if world.active and dist.is_initialized():
+        barrier(world)
+        dist.destroy_process_group()
+
+
+_used = False  # set once this process joined a process group
+
+
+def exit_process(code: int) -> None:
+    """Exit a process that ran under torchrun without the interpreter's teardown: with gloo, a
+    background thread still joinable at teardown aborts the process ('terminate called without an
+    active exception', pytorch/pytorch#190489) after all work is done and written."""
+    if _used:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -1,0 +1,52 @@
+"""Run under torchrun by test_distributed.py: each rank generates for its slice of a fixed batch
+with streamed weights (whole layers, or 1/N fetched and all-gathered) from shared host memory;
+rank 0 writes every row's tokens, gathered in order, to a JSON file.
+
+    torchrun --nproc-per-node N tests/dist_worker.py CHECKPOINT OUT.json {whole|allgather|die|shared}
+"""
+import json
+import os
+import sys
+
+import torch
+
+from offloadgen import distributed
+from offloadgen.checkpoint import SafetensorsFolder
+from offloadgen.engine import Engine
+from offloadgen.offload.placement import disk_placement_on_cpu
+from offloadgen.offload.streaming import StreamingWeights
+from offloadgen.sampling import SamplingParams
+
+path, out_file, mode = sys.argv[1:4]
+CPU = torch.device("cpu")
+world = distributed.init("cpu")
+if mode == "die" and world.rank == world.size - 1:
+    import time
+    time.sleep(2)  # the others are waiting in a collective (rank 0 holding shared-memory files)
+    os._exit(3)
+ckpt = SafetensorsFolder(path)
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(3, 300, (6, 10), generator=g)
+mask = torch.ones_like(ids)
+mask[1, :4] = 0
+mask[4, :7] = 0
+rows = distributed.local_rows(ids.shape[0], world)
+weights = StreamingWeights(ckpt, CPU, torch.float32, disk_placement_on_cpu(ckpt.cfg), progress=False, world=world,
+                           fetch="allgather" if mode == "allgather" else "whole")
+if mode == "shared":
+    # the streamed blocks are one memory on the node: what rank 0 writes, the others read
+    block = weights.order[0]
+    if world.rank == 0:
+        weights.host[block][:8] = torch.arange(8, dtype=torch.uint8) + 100
+    distributed.barrier(world)
+    seen = weights.host[block][:8].tolist()
+    result = distributed.gather(seen, world)
+else:
+    out = Engine(ckpt.cfg, weights, CPU, torch.float32, 2).generate(
+        ids[rows], mask[rows], SamplingParams(max_new_tokens=8, ignore_eos=True), set(), 0)
+    result = [row for part in distributed.gather(out.tokens, world) for row in part]
+if world.is_main:
+    with open(out_file, "w") as f:
+        json.dump(result, f)
+distributed.finish(world)
+distributed.exit_process(0)

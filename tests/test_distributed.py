@@ -1,0 +1,105 @@
+"""torch.distributed on the CPU (gloo): 2 and 3 processes started by torchrun give the tokens of
+one process, in both weight-fetch modes; weights are shared on a node; bad input and a dead rank
+end with a clear error, not a hang."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from offloadgen.checkpoint import SafetensorsFolder
+from offloadgen.engine import Engine
+from offloadgen.offload import ResidentWeights
+from offloadgen.sampling import SamplingParams
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ENV = {**os.environ, "OFFLOADGEN_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+
+
+def torchrun(nproc, *args, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def one_process_tokens(path):
+    ckpt = SafetensorsFolder(path)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 300, (6, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[4, :7] = 0
+    out = Engine(ckpt.cfg, ResidentWeights(ckpt, torch.device("cpu"), torch.float32, progress=False),
+                 torch.device("cpu"), torch.float32, 2).generate(
+        ids, mask, SamplingParams(max_new_tokens=8, ignore_eos=True), set(), 0)
+    return out.tokens
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("mode", ["whole", "allgather"])
+def test_ranks_give_the_tokens_of_one_process(tiny, tmp_path, nproc, mode):
+    _, path = tiny("llama3-gqa-rope-scaling")
+    out = tmp_path / "tokens.json"
+    r = torchrun(nproc, str(WORKER), str(path), str(out), mode)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(out.read_text()) == one_process_tokens(path)
+
+
+def test_streamed_weights_are_one_memory_per_node(tiny, tmp_path):
+    _, path = tiny("opt")
+    out = tmp_path / "seen.json"
+    mine = f"offloadgen-{path.name}-"
+    r = torchrun(2, str(WORKER), str(path), str(out), "shared")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(out.read_text()) == [list(range(100, 108))] * 2
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith(mine)]  # nothing left behind
+    # nor when a rank dies while the others wait for it
+    torchrun(2, str(WORKER), str(path), str(out), "die")
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith(mine)]
+
+
+def test_a_dead_rank_ends_the_run_with_an_error(tiny, tmp_path):
+    _, path = tiny("opt")
+    r = torchrun(2, str(WORKER), str(path), str(tmp_path / "x.json"), "die", timeout=180)
+    assert r.returncode != 0
+    assert "exitcode" in r.stderr and "3" in r.stderr
+
+
+def test_bench_starts_torchrun_and_rank_0_reports_for_all(tmp_path, monkeypatch, capsys):
+    from offloadgen.cli import main
+    monkeypatch.chdir(tmp_path)
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    assert main(["bench", "--model", "opt-125m", "--dummy", "--batch-size", "4", "--prompt-len", "32", "--gen-len", "3",
+                 "--loops", "1", "--dtype", "float32", "--verbose", "1", "--device", "cpu",
+                 "--num-gpus-per-node", "2"]) == 0
+    log = tmp_path / "ds-opt-125m-bs4-prompt32-gen3-n1x2-gpu.log"
+    assert len(log.read_text().splitlines()) == 4  # written once, by rank 0
+    rec = json.loads(log.with_suffix(".jsonl").read_text())
+    assert rec["world_size"] == 2 and [r["batch"] for r in rec["per_rank"]] == [2, 2]
+    assert rec["decode_throughput"] == pytest.approx(sum(r["decode_throughput"] for r in rec["per_rank"]))
+    assert rec["decode_latency_s"] == max(r["decode_latency_s"] for r in rec["per_rank"])
+
+
+def test_batch_that_does_not_divide_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cmd = [sys.executable, "-m", "offloadgen.cli", "bench", "--model", "opt-125m", "--dummy", "--batch-size", "3",
+           "--prompt-len", "32", "--gen-len", "2", "--device", "cpu", "--num-gpus-per-node", "2"]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
+    assert r.returncode != 0
+    assert r.stderr.count("batch size 3 does not divide by the world size 2") == 1  # said once, by rank 0
+    assert not list(tmp_path.glob("*.log"))
+
+
+def test_generate_under_torchrun_scatters_prompts_and_gathers_them_in_order(tmp_path):
+    prompts = ["The capital of France is", "Water boils at", "One, two,", "Red, green,", "Monday, Tuesday,"]
+    args = [a for p in prompts for a in ("--prompt", p)] + ["--max-new-tokens", "6", "--device", "cpu"]
+    one = subprocess.run([sys.executable, "-m", "offloadgen.cli", "generate", *args, "--output", str(tmp_path / "1.jsonl")],
+                         env=ENV, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-2000:]
+    r = torchrun(2, "-m", "offloadgen.cli", "generate", *args, "--output", str(tmp_path / "2.jsonl"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "2.jsonl").read_text() == (tmp_path / "1.jsonl").read_text()
+    assert [json.loads(line)["id"] for line in (tmp_path / "2.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 4]
