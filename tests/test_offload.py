@@ -129,3 +129,21 @@ def test_resident_tied_embeddings_take_memory_once():
     assert w.get("embed")["embed"].data_ptr() == w.get("head")["lm_head"].data_ptr()
     planned = plan_placement(cfg, 4, 40 * GiB, 1, 16, 4, offload=False).bytes["resident"]
     assert w.nbytes() == planned
+
+
+def test_a_finished_generation_leaves_no_kv_cache_behind(tiny):
+    # A benchmark's second loop must not hold the first loop's cache while it makes its own: on the
+    # GPU that is a whole cache over the planned budget.
+    import gc
+    import weakref
+    _, path = tiny("opt")
+    ckpt = SafetensorsFolder(path)
+    engine = Engine(ckpt.cfg, ResidentWeights(ckpt, CPU, torch.float32, progress=False), CPU, torch.float32)
+    made = []
+    real = engine.new_cache
+    engine.new_cache = lambda *a: made.append(real(*a)) or made[-1]
+    ids, mask = ragged_batch(seed=1)
+    engine.generate(ids, mask, SamplingParams(max_new_tokens=3, ignore_eos=True), set(), 0)
+    ref = weakref.ref(made.pop())
+    gc.collect()
+    assert ref() is None

@@ -74,8 +74,9 @@ def init(device_type: str) -> World:
                                   f"start at most that many processes per node")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        extra = {"device_id": torch.device("cuda", local_rank)} if device_type == "cuda" else {}
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s()))
+                                timeout=datetime.timedelta(seconds=timeout_s()), **extra)
     global _used
     _used = True
     return World(rank, size, local_rank, local_size, dist.group.WORLD)

@@ -117,7 +117,6 @@ class Engine:
             raise OffloadgenError(f"prompt of {prompt_len} tokens + {params.max_new_tokens} new tokens exceeds "
                                   f"the model's context of {self.cfg.max_position} tokens")
         cache = self.new_cache(batch, max_len)
-        self.last_cache = cache
         key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
         key_valid[:, :prompt_len] = mask
         n_real = mask.long().sum(-1)

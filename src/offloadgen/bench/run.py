@@ -282,8 +282,9 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
     if a.verbose and bus_limit_step:
         print(f"decode step {m.decode_step:.3f} s = {streamed / m.decode_step / 1e9:.1f} GB/s of streamed weights; "
               f"bus limit {bus_limit_step:.3f} s ({streamed / 1e9:.2f} GB at the probe's best {bandwidth['best'] / 1e9:.1f} GB/s, "
-              f"median {bandwidth['median'] / 1e9:.1f}): {bus_limit_step / m.decode_step:.1%} of the bus; "
-              f"copy-only pass {copy_only:.3f} s: step = {m.decode_step / copy_only:.3f}x copy-only", file=sys.stderr)
+              f"median {bandwidth['median'] / 1e9:.1f}): {bus_limit_step / m.decode_step:.1%} of the bus"
+              + (f"; copy-only pass {copy_only:.3f} s: step = {m.decode_step / copy_only:.3f}x copy-only" if copy_only else ""),
+              file=sys.stderr)
     distributed.finish(world)
     if a.verbose and disk_record:
         d = disk_record

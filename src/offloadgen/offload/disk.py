@@ -157,7 +157,7 @@ class DiskStore:
                 self.direct = False  # e.g. tmpfs: buffered reads, dropped from the cache after use
         return os.open(path, os.O_RDONLY)
 
-    def read_bandwidth(self, max_bytes: int = 4 * GiB) -> float:
+    def read_bandwidth(self, max_bytes: int = 8 * GiB) -> float:
         """Bytes/s of this store's own reads (O_DIRECT where allowed) over the first blocks' files,
         up to max_bytes: the disk limit a step is compared with, measured in the same run."""
         largest = max(padded(l.nbytes) for l in self.layouts.values())
