@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from dist_batch import fixed_batch
 from offloadgen import distributed
 from offloadgen.checkpoint import SafetensorsFolder
 from offloadgen.engine import Engine
@@ -25,11 +26,7 @@ if mode == "die" and world.rank == world.size - 1:
     time.sleep(2)  # the others are waiting in a collective (rank 0 holding shared-memory files)
     os._exit(3)
 ckpt = SafetensorsFolder(path)
-g = torch.Generator().manual_seed(0)
-ids = torch.randint(3, 300, (6, 10), generator=g)
-mask = torch.ones_like(ids)
-mask[1, :4] = 0
-mask[4, :7] = 0
+ids, mask = fixed_batch()
 rows = distributed.local_rows(ids.shape[0], world)
 weights = StreamingWeights(ckpt, CPU, torch.float32, disk_placement_on_cpu(ckpt.cfg), progress=False, world=world,
                            fetch="allgather" if mode == "allgather" else "whole")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_batch import fixed_batch
 from offloadgen.checkpoint import SafetensorsFolder
 from offloadgen.engine import Engine
 from offloadgen.offload import ResidentWeights
@@ -26,11 +27,7 @@ def torchrun(nproc, *args, timeout=240):
 
 def one_process_tokens(path):
     ckpt = SafetensorsFolder(path)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 300, (6, 10), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    mask[4, :7] = 0
+    ids, mask = fixed_batch()
     out = Engine(ckpt.cfg, ResidentWeights(ckpt, torch.device("cpu"), torch.float32, progress=False),
                  torch.device("cpu"), torch.float32, 2).generate(
         ids, mask, SamplingParams(max_new_tokens=8, ignore_eos=True), set(), 0)

@@ -74,15 +74,21 @@ def load_calibration(h2d_override: float | None = None) -> Calibration:
     return cal
 
 
-def available_host_memory() -> int:
-    """MemAvailable from /proc/meminfo (what can be allocated without swapping)."""
+def meminfo(field: str) -> int | None:
+    """A field of /proc/meminfo in bytes (None where there is no such file)."""
     try:
         for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return None
+
+
+def available_host_memory() -> int:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping)."""
+    available = meminfo("MemAvailable")
+    return available if available is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def check_host_memory(placement, available: int | None = None, quantized: bool = False) -> None:

@@ -183,10 +183,5 @@ def _drop_from_page_cache(fd: int) -> None:
 
 def page_cache_bytes() -> int | None:
     """The kernel's page cache size (Cached in /proc/meminfo), to show reads did not land in it."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("Cached:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from ..plan import meminfo
+    return meminfo("Cached")
