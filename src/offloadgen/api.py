@@ -66,6 +66,19 @@ class LLM:
         self.weights = weights or ResidentWeights(checkpoint, device, dtype, progress=progress)
         self.engine = Engine(self.cfg, self.weights, device, dtype, micro_batch_size, kv_offload=kv_offload)
 
+    def close(self) -> None:
+        """Stop the weight source's threads, unpin its memory and the KV cache's. A streamed model
+        holds threads and page-locked memory until this is called (or the process ends)."""
+        self.engine.close()
+        if hasattr(self.weights, "close"):
+            self.weights.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def encode_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize and left-pad; the prompt length may not exceed the model's context."""
         encoded = encode_prompts(self.tokenizer, self.cfg, prompts)

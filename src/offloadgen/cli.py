@@ -111,8 +111,14 @@ def cmd_generate(args) -> int:
                                         offload_dir=args.offload_dir if args.disk_offload else None)
     llm = LLM(checkpoint, device, dtype, weights=weights, micro_batch_size=args.micro_batch_size, tokenizer=tokenizer,
               limits=limits, kv_offload=kv)
-    if args.input:
-        return _run_job(llm, args, sampling)
+    with llm:  # stops the weight source's threads and unpins memory however the run ends
+        if args.input:
+            return _run_job(llm, args, sampling)
+        return _answer_prompts(llm, args, sampling, items, world)
+
+
+def _answer_prompts(llm, args, sampling, items, world) -> int:
+    from . import distributed
     if args.output and world.is_main:
         open(args.output, "w").close()  # a prompt run's --output starts afresh (jobs, above, resume)
     share = -(-len(items) // world.size)
