@@ -11,7 +11,6 @@ from offloadgen.checkpoint import DummyCheckpoint, SafetensorsFolder
 from offloadgen.engine import Engine
 from offloadgen.errors import OffloadgenError
 from offloadgen.models import preset
-from offloadgen.offload import ResidentWeights
 from offloadgen.offload.placement import GiB, disk_placement_on_cpu
 from offloadgen.offload.streaming import StreamingWeights
 from offloadgen.plan import check_host_memory
