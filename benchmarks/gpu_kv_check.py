@@ -4,6 +4,7 @@ attention bandwidth for OPT-30B's shapes. Prints one line per case."""
 import sys
 
 import torch
+from gpu_inputs import padded_batch
 
 from offloadgen.bench.hardware import cpu_attention_bandwidth, cpu_read_bandwidth
 from offloadgen.checkpoint import DummyCheckpoint
@@ -28,10 +29,7 @@ cases = {"cpu attention, pinned, async": KVOffload(True, True, "cpu"),
 for name in ("opt-1.3b", "smollm2-135m", "bloom-560m"):
     ck = DummyCheckpoint(preset(name))
     cfg = ck.cfg
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 250, (6, 48), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :20] = 0
+    ids, mask = padded_batch()
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     weights = ResidentWeights(ck, dev, torch.float16, progress=False)
     ref = Engine(cfg, weights, dev, torch.float16, 2).generate(ids, mask, params, set(), 0)

@@ -2,6 +2,7 @@
 import sys
 
 import torch
+from gpu_inputs import padded_batch
 
 from offloadgen.checkpoint import DummyCheckpoint
 from offloadgen.engine import Engine
@@ -16,10 +17,7 @@ ok = True
 for name in ("opt-1.3b", "smollm2-135m", "bloom-560m"):
     ck = DummyCheckpoint(preset(name))
     cfg = ck.cfg
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 250, (6, 48), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :20] = 0
+    ids, mask = padded_batch()
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     ref = Engine(cfg, ResidentWeights(ck, dev, torch.float16, progress=False), dev, torch.float16, 3) \
         .generate(ids, mask, params, set(), 0)

@@ -149,14 +149,10 @@ def place_weights(checkpoint, device: torch.device, dtype: torch.dtype, *, cpu_o
         elem = torch.empty((), dtype=dtype).element_size()
         budget = gpu_memory or default_budget(device)
         if kv_offload is not None:
-            from .bench.hardware import cpu_attention_bandwidth, h2d_bandwidth
-            from .models import family_of
+            from .bench.hardware import h2d_bandwidth
             from .offload.placement import plan_kv_offload
-            heads, head_dim = family_of(cfg).kv_heads(cfg)
-            cpu_bw = cpu_attention_bandwidth(micro_batch_size or max_batch_size, heads, cfg.n_heads, head_dim, max_len,
-                                             dtype) if kv_offload.attention == "auto" else None
             placement, kv_offload, _ = plan_kv_offload(cfg, elem, budget, max_batch_size, max_len, 0, micro_batch_size,
-                                                       1, quant, kv_offload, h2d_bandwidth(device)["best"], cpu_bw,
+                                                       1, quant, kv_offload, h2d_bandwidth(device)["best"], dtype,
                                                        offload=cpu_offload)
         else:
             placement = plan_placement(cfg, elem, budget, max_batch_size, max_len, 0, micro_batch_size, offload=True,

@@ -23,7 +23,6 @@ from ..engine import Engine
 from ..errors import OffloadgenError
 from ..models import param_count
 from ..offload import ResidentWeights
-from ..models import family_of
 from ..offload import pinned as pinned_mod
 from ..offload.kv_cache import KVOffload
 from ..offload.disk import page_cache_bytes
@@ -32,7 +31,7 @@ from ..plan import check_host_memory
 from ..quant import QuantConfig
 from ..offload.streaming import StreamingWeights
 from ..sampling import SamplingParams
-from .hardware import cpu_attention_bandwidth, cpu_read_bandwidth, h2d_bandwidth
+from .hardware import cpu_read_bandwidth, h2d_bandwidth
 from .metrics import Metrics, SummedMetrics, cache_bytes, hidden_bytes, log_filename, log_lines
 
 PROMPT = "Paris is the capital city of"
@@ -127,13 +126,10 @@ def run_generation(a: BenchArgs, out=sys.stdout) -> dict:
     placement, kv_opts, kv_model = None, None, None
     if a.kv_offload:
         kv_opts = KVOffload(pinned=a.pin_kv_cache, async_write=a.async_kv_offload, attention=a.kv_attention)
-        heads, head_dim = family_of(cfg).kv_heads(cfg)
-        cpu_attn = cpu_attention_bandwidth(a.micro_batch_size or batch, heads, cfg.n_heads, head_dim,
-                                           a.prompt_len + a.gen_len, dtype) if device.type == "cuda" else None
         if budget is not None:
             placement, kv_opts, kv_model = plan_kv_offload(
                 cfg, elem, budget, batch, a.prompt_len, a.gen_len, a.micro_batch_size, a.prefetch_depth, quant,
-                kv_opts, bandwidth and bandwidth["best"], cpu_attn, offload=offload)
+                kv_opts, bandwidth and bandwidth["best"], dtype, offload=offload)
             kv_model["cpu_read_bytes_s"] = cpu_read_bandwidth()
     elif budget is not None:
         placement = plan_placement(cfg, elem, budget, batch, a.prompt_len, a.gen_len, a.micro_batch_size,

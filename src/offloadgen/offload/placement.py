@@ -147,15 +147,21 @@ def kv_cache_bytes(cfg, batch: int, seq: int, elem_bytes: int) -> int:
 
 def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: int, gen_len: int,
                     micro_batch: int | None, prefetch_depth: int, quant, opts, h2d_bytes_s: float | None,
-                    cpu_attention_bytes_s: float | None, offload: bool = True):
+                    dtype: torch.dtype, offload: bool = True, cpu_attention_bytes_s: float | None = None):
     """Placement with the KV cache in CPU memory, and the share of micro-batches that attend on the
     GPU. With attention "auto" the share comes from the step model (kv_cache.gpu_fraction): the
     cache read in a decode step at the average context length, against the bus time the streamed
-    weights already take. Returns (placement, opts with gpu_fraction set, model dict)."""
+    weights already take. The CPU's attention bandwidth is measured here on this model's shapes
+    unless given (only where there is a bus to weigh it against). Returns (placement, opts with
+    gpu_fraction set, model dict)."""
     import dataclasses
 
     from .kv_cache import gpu_fraction
     rows = micro_batch or batch
+    if cpu_attention_bytes_s is None and h2d_bytes_s and opts.attention == "auto" and opts.gpu_fraction is None:
+        from ..bench.hardware import cpu_attention_bandwidth
+        heads, head_dim = family_of(cfg).kv_heads(cfg)
+        cpu_attention_bytes_s = cpu_attention_bandwidth(rows, heads, cfg.n_heads, head_dim, prompt_len + gen_len, dtype)
     n_parts = -(-batch // rows)
     first = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
                            offload=offload, kv_on_gpu=False, quant=quant)

@@ -177,20 +177,20 @@ class StreamingWeights:
             bar = tqdm(total=len(self.layouts), desc=f"writing weights to {self.disk.path}", unit="block",
                        file=sys.stderr, leave=False, disable=None if progress else True)
             self.timings["disk_write_s"] = self.disk.write(block_parts, progress=bar.update)
-        if self.disk is None and self.world is not None and self.order:
-            from ..distributed import shared_host_buffers
-            from .disk import store_key
-
+        elif self.order:
             def fill(b, flat):
                 self.layouts[b].write(flat, block_parts(b))
                 bar.update()
-            self.host = shared_host_buffers({b: self.layouts[b].nbytes for b in self.order}, self.world,
-                                            store_key(checkpoint, dtype, quant, self.layouts), fill)
-        for b in self.order if self.disk is None and self.world is None else []:
-            flat = torch.empty(self.layouts[b].nbytes, dtype=torch.uint8)
-            self.layouts[b].write(flat, block_parts(b))
-            self.host[b] = flat
-            bar.update()
+            sizes = {b: self.layouts[b].nbytes for b in self.order}
+            if self.world is not None:  # once per node, in shared memory
+                from ..distributed import shared_host_buffers
+                from .disk import store_key
+                self.host = shared_host_buffers(sizes, self.world, store_key(checkpoint, dtype, quant, self.layouts),
+                                                fill)
+            else:
+                self.host = {b: torch.empty(n, dtype=torch.uint8) for b, n in sizes.items()}
+                for b, flat in self.host.items():
+                    fill(b, flat)
         bar.close()
         self.timings["fill_s"] = time.perf_counter() - t0
 
