@@ -25,7 +25,7 @@ def records(tmp_path, monkeypatch):
 def test_report_table_gives_ratios_and_errors(records, capsys):
     assert main(["report", str(records / "ours.jsonl"), str(records / "peers")]) == 0
     out = capsys.readouterr().out
-    rows = out.splitlines()
+    rows = out.split("Each system at its best")[0].splitlines()
     assert sum(r.startswith("offloadgen ") for r in rows) == 2
     peer_row = next(r for r in rows if r.startswith("SomePeer"))
     assert peer_row.rstrip().endswith("4.00x")  # offloadgen's decode throughput over the peer's
@@ -41,3 +41,25 @@ def test_report_plot_is_written(records, capsys):
 def test_report_with_nothing_to_read_is_an_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no bench records" in capsys.readouterr().err
+
+
+def test_report_marks_runs_over_budget_and_compares_the_best_that_fit(tmp_path, capsys):
+    base = {"model": "opt-125m", "prompt_len": 32, "gen_len": 3, "quant_bits": 16, "prefill_throughput": 100.0,
+            "decode_step_s": 0.1, "gpu_budget_bytes": 4 << 30}
+    recs = [dict(base, system="offloadgen", batch_size=8, decode_throughput=40.0, peak_gpu_mem_bytes=3 << 30),
+            dict(base, system="offloadgen", kv_offload=True, batch_size=64, decode_throughput=100.0,
+                 peak_gpu_mem_bytes=4 << 30),
+            dict(base, system="PeerA policy 1", batch_size=8, decode_throughput=20.0, peak_gpu_mem_bytes=2 << 30),
+            dict(base, system="PeerA policy 2", batch_size=16, decode_throughput=25.0, peak_gpu_mem_bytes=3 << 30),
+            # faster, but over the budget: it may not count as PeerA's best
+            dict(base, system="PeerA policy 3", batch_size=32, decode_throughput=60.0, peak_gpu_mem_bytes=5 << 30)]
+    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    table, best = out.split("Each system at its best run that fits the budget:")
+    over = next(r for r in table.splitlines() if r.startswith("PeerA policy 3"))
+    assert "5.00!" in over
+    assert "offloadgen, KV in CPU RAM" in table
+    rows = [r for r in best.splitlines() if r.startswith(("offloadgen", "PeerA"))]
+    assert rows[0].startswith("offloadgen") and rows[0].rstrip().endswith("offloadgen, KV in CPU RAM")
+    assert rows[1].startswith("PeerA") and "4.00x" in rows[1] and rows[1].rstrip().endswith("PeerA policy 2")

@@ -23,17 +23,30 @@ def require(peer: str, *modules: str) -> list:
         sys.exit(0)
 
 
-def parser(loops: int = 1):
-    """The workload flags every peer takes, as `offloadgen bench` spells them."""
+def parser(loops: int = 1, several_batches: bool = False):
+    """The workload flags every peer takes, as `offloadgen bench` spells them. --gpu-memory is the
+    budget the comparison holds every system to: a peer that cannot be given one still records it,
+    so that the report can tell which runs fit."""
     import argparse
+    from offloadgen.bench.cli import parse_bytes
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="opt-30b")
-    p.add_argument("--batch-size", type=int, default=8)
+    if several_batches:
+        p.add_argument("--batch-size", type=int, nargs="+", default=[8], help="one run per batch size, one engine")
+    else:
+        p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--gpu-memory", type=parse_bytes, default=16 << 30)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--loops", type=int, default=loops)
     p.add_argument("--json-file", default="peers.jsonl")
     return p
+
+
+def with_batch(args, batch: int):
+    """The arguments of one run of a several-batch invocation."""
+    import argparse
+    return argparse.Namespace(**{**vars(args), "batch_size": batch})
 
 
 def hf_opt_config(model: str):

@@ -1,7 +1,9 @@
 """DeepSpeed ZeRO-Inference on the bench workload: ZeRO stage 3, parameters offloaded to pinned CPU
-memory, configured as its run_model.py does (HfDeepSpeedConfig, from_config, deepspeed.initialize).
+memory, configured as its run_model.py does (HfDeepSpeedConfig, from_config, deepspeed.initialize),
+with its 4-bit weights (`weight_quantization.quantized_initialization`) when --quant-bits 4.
+Several batch sizes run on one engine, one record each (the engine takes 40 s to build).
 
-    python benchmarks/peers/deepspeed_peer.py --model opt-30b --batch-size 8
+    python benchmarks/peers/deepspeed_peer.py --model opt-30b --batch-size 8 20 [--quant-bits 4]
 """
 import contextlib
 import os
@@ -11,13 +13,32 @@ import time
 import torch
 
 sys.path.insert(0, "benchmarks/peers")
-from common import hf_opt_config, inputs, parser, record, require, record_failure, time_generate  # noqa: E402
+from common import hf_opt_config, inputs, parser, record, require, record_failure, time_generate, with_batch  # noqa: E402
 
-p = parser(loops=2)
+p = parser(loops=2, several_batches=True)
+p.add_argument("--quant-bits", type=int, default=16, choices=[4, 8, 16])
+p.add_argument("--quant-group-size", type=int, default=64)
+p.add_argument("--kv-offload", action="store_true", help="ZeRO-Inference's KV cache offload (needs its patched transformers)")
 a = p.parse_args()
 deepspeed, transformers = require("deepspeed peer", "deepspeed", "transformers")
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
-system = f"DeepSpeed {deepspeed.__version__} ZeRO-3 CPU offload"
+system = f"DeepSpeed {deepspeed.__version__} ZeRO-3 CPU offload" + (" + KV offload" if a.kv_offload else "")
+
+
+def ds_config(cfg, batch: int) -> dict:
+    """run_model.py's get_ds_model, with cpu_offload and pin_memory, and its get_quant_config for 4 bits."""
+    h = cfg.hidden_size
+    config = {
+        "fp16": {"enabled": True},
+        "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 2 * h * h,
+                              "stage3_param_persistence_threshold": h, "stage3_max_live_parameters": 2 * h * h,
+                              "offload_param": {"device": "cpu", "pin_memory": True}},
+        "steps_per_print": 2000, "train_batch_size": batch, "wall_clock_breakdown": False,
+    }
+    if a.quant_bits != 16:
+        config["weight_quantization"] = {"quantized_initialization": {
+            "num_bits": a.quant_bits, "group_size": a.quant_group_size, "group_dim": 1, "symmetric": False}}
+    return config
 
 
 @contextlib.contextmanager
@@ -38,32 +59,48 @@ def skip_weight_init():
 
 
 try:
+    if a.kv_offload and not hasattr(transformers.OPTForCausalLM, "set_kv_cache_offload"):
+        # run_model.py calls model.set_kv_cache_offload(...), which exists only in the transformers
+        # fork ZeRO-Inference pins; say so before spending a minute building the engine.
+        raise RuntimeError(f"ZeRO-Inference's KV offload calls OPTForCausalLM.set_kv_cache_offload, which "
+                           f"transformers {transformers.__version__} does not have (it comes from the patched "
+                           "transformers ZeRO-Inference pins)")
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}.items():
         os.environ.setdefault(k, v)
     deepspeed.init_distributed()
     cfg = hf_opt_config(a.model)
-    h = cfg.hidden_size
-    ds_config = {  # run_model.py's get_ds_model, with cpu_offload and pin_memory
-        "fp16": {"enabled": True},
-        "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 2 * h * h,
-                              "stage3_param_persistence_threshold": h, "stage3_max_live_parameters": 2 * h * h,
-                              "offload_param": {"device": "cpu", "pin_memory": True}},
-        "steps_per_print": 2000, "train_batch_size": a.batch_size, "wall_clock_breakdown": False,
-    }
+    config = ds_config(cfg, a.batch_size[0])
     t0 = time.perf_counter()
-    dschf = HfDeepSpeedConfig(ds_config)  # noqa: F841  (must stay alive: from_config reads it)
-    with skip_weight_init():
+    dschf = HfDeepSpeedConfig(config)  # noqa: F841  (must stay alive: from_config reads it)
+    with skip_weight_init():  # under HfDeepSpeedConfig this builds inside zero.Init, which quantizes
         model = transformers.OPTForCausalLM._from_config(cfg, dtype=torch.float16)
-    engine = deepspeed.initialize(model=model, config_params=ds_config)[0]
+    engine = deepspeed.initialize(model=model, config_params=config)[0]
     engine.module.eval()
     model = engine.module
     ready = time.perf_counter() - t0
-    ids, mask = inputs(a.batch_size, a.prompt_len)
-    with torch.no_grad():
-        out, totals, prefills = time_generate(model, lambda: model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=a.gen_len, min_new_tokens=a.gen_len,
-            do_sample=False, pad_token_id=1, synced_gpus=False), a.loops)
-    assert out.shape[1] == a.prompt_len + a.gen_len
-    record(system, a, prefills[-1], totals[-1], torch.cuda.max_memory_allocated(), {"startup_s": ready}, a.json_file)
+    if a.quant_bits != 16:
+        quantized = [n for n, prm in model.named_parameters() if getattr(prm, "weight_quantized", False)]
+        if not quantized:
+            raise RuntimeError("weight_quantization was set but no parameter was quantized")
+        print(f"{len(quantized)} weights quantized to {a.quant_bits} bits", flush=True)
 except Exception as e:
-    record_failure(system, a, e, a.json_file)
+    for batch in a.batch_size:
+        record_failure(system, with_batch(a, batch), e, a.json_file)
+    sys.exit(0)
+
+for batch in a.batch_size:
+    run = with_batch(a, batch)
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        ids, mask = inputs(batch, a.prompt_len)
+        with torch.no_grad():
+            out, totals, prefills = time_generate(model, lambda: model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=a.gen_len, min_new_tokens=a.gen_len,
+                do_sample=False, pad_token_id=1, synced_gpus=False), a.loops)
+        assert out.shape[1] == a.prompt_len + a.gen_len
+        record(system, run, prefills[-1], totals[-1], torch.cuda.max_memory_allocated(), {"startup_s": ready}, a.json_file)
+    except Exception as e:
+        record_failure(system, run, e, a.json_file)
+    finally:
+        ids = mask = out = None
+        torch.cuda.empty_cache()

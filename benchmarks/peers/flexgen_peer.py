@@ -22,6 +22,8 @@ p.add_argument("--percent", nargs=6, type=int, default=[0, 100, 100, 0, 100, 0],
                help="weights GPU/CPU, cache GPU/CPU, activations GPU/CPU (FlexGen's policy)")
 p.add_argument("--cpu-cache-compute", action="store_true")
 p.add_argument("--compress-weight", action="store_true", help="FlexGen's 4-bit group-wise weights (group 64)")
+p.add_argument("--gpu-memory", type=float, default=16,
+               help="GiB: the budget the comparison holds it to (FlexGen takes none; its policy decides)")
 p.add_argument("--json-file", default="peers.jsonl")
 a = p.parse_args()
 if importlib.util.find_spec("flexgen") is None:
@@ -50,7 +52,8 @@ def grab(key):
 
 
 rec = {"system": system, "model": a.model, "batch_size": a.batch_size, "prompt_len": a.prompt_len,
-       "gen_len": a.gen_len, "percent": a.percent, "quant_bits": 4 if a.compress_weight else 16}
+       "gen_len": a.gen_len, "percent": a.percent, "quant_bits": 4 if a.compress_weight else 16,
+       "gpu_budget_bytes": int(a.gpu_memory * 2**30)}
 if proc.returncode != 0 or grab("decode throughput") is None:
     rec["error"] = f"exit {proc.returncode}: " + text[-1500:]
 else:

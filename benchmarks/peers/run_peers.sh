@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The peers on OPT-30B fp16 dummy, prompt 512, gen 32, weights in CPU RAM, on a GPU machine.
+# The peers on OPT-30B dummy, prompt 512, gen 32, weights in CPU RAM, held to a 16 GiB GPU budget.
 # The GPU image lacks DeepSpeed, FlexGen and a few of their needs: carry them as wheels in .whl
 # (DeepSpeed built from its sdist with DS_BUILD_OPS=0; flexgen, hjson, pydantic, pydantic-core,
-# annotated-types, typing-inspection, typing-extensions, pulp).
-#   bash benchmarks/peers/run_peers.sh [flexgen8] [flexgen12] [flexgen8q4] [ds8] [ds16] [accelerate8]
+# annotated-types, typing-inspection, typing-extensions, pulp). DeepSpeed's 4-bit weights build its
+# quantizer kernel on first use (nvcc and ninja, a minute or two).
+#   bash benchmarks/peers/run_peers.sh [flexgen8] [flexgen18] [flexgen12] [flexgen8q4] [flexgen18q4]
+#                                      [ds] [dsq4] [dskv] [accelerate8] [accelerate16]
+# Batch 18 (FlexGen) and 20 (DeepSpeed) are the largest their measured peaks allow in 16 GiB:
+# FlexGen 7.5 GiB at 8 plus 0.70 GiB a sequence; DeepSpeed 6.3 GiB at 8 plus 0.74 GiB a sequence.
 set -uo pipefail
 out=${OUT:-out}; mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -11,15 +15,25 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # DeepSpeed's JIT kernels: build for this GPU only
 j=$out/peers.jsonl
-for what in "${@:-flexgen8 ds8 ds16}"; do
+fg="python3 benchmarks/peers/flexgen_peer.py --json-file $j"
+ds="python3 benchmarks/peers/deepspeed_peer.py --json-file $j"
+acc="python3 benchmarks/peers/accelerate_peer.py --gpu-memory 16GiB --json-file $j"
+for what in "${@:-flexgen8 flexgen18 ds}"; do
+  echo "== $what $(date -u +%H:%M:%S)"
   case $what in
-    flexgen8) python3 benchmarks/peers/flexgen_peer.py --batch-size 8 --percent 0 100 100 0 100 0 --json-file $j ;;
-    flexgen12) python3 benchmarks/peers/flexgen_peer.py --batch-size 12 --percent 10 90 100 0 100 0 --json-file $j ;;
-    flexgen8q4) python3 benchmarks/peers/flexgen_peer.py --batch-size 8 --percent 0 100 100 0 100 0 --compress-weight --json-file $j ;;
-    ds8) python3 benchmarks/peers/deepspeed_peer.py --batch-size 8 --json-file $j ;;
-    ds16) python3 benchmarks/peers/deepspeed_peer.py --batch-size 16 --json-file $j ;;
-    accelerate8) python3 benchmarks/peers/accelerate_peer.py --batch-size 8 --gpu-memory 16GiB --json-file $j ;;
+    flexgen8) $fg --batch-size 8 --percent 0 100 100 0 100 0 ;;
+    flexgen18) $fg --batch-size 18 --percent 0 100 100 0 100 0 ;;
+    flexgen12) $fg --batch-size 12 --percent 10 90 100 0 100 0 ;;
+    flexgen8q4) $fg --batch-size 8 --percent 0 100 100 0 100 0 --compress-weight ;;
+    flexgen18q4) $fg --batch-size 18 --percent 0 100 100 0 100 0 --compress-weight ;;
+    ds) $ds --batch-size 8 20 ;;
+    dsq4) $ds --batch-size 8 20 --quant-bits 4 --quant-group-size 64 ;;
+    dskv) $ds --batch-size 8 --kv-offload ;;
+    accelerate8) $acc --batch-size 8 ;;
+    accelerate16) $acc --batch-size 16 ;;
+    *) echo "run_peers.sh: no step named $what" >&2 ;;
   esac
 done
-python3 -m offloadgen.cli report $j
+[ -n "${PEERS_NO_REPORT:-}" ] || python3 -m offloadgen.cli report $j

@@ -41,7 +41,20 @@ def load_records(paths: list[str]) -> list[dict]:
 def _label(rec) -> str:
     if rec["system"] == "offloadgen" and rec.get("pin_memory") == 0:
         return "offloadgen (pageable, staged)"
+    if rec["system"] == "offloadgen" and rec.get("kv_offload"):
+        return "offloadgen, KV in CPU RAM"
     return rec["system"]
+
+
+def _family(rec) -> str:
+    """Which system a record belongs to, whatever its configuration: its name's first word."""
+    return _label(rec).split()[0].rstrip(",")
+
+
+def fits(rec) -> bool:
+    """Peak GPU memory within the budget the run was held to (a record with no budget fits)."""
+    budget = rec.get("gpu_budget_bytes")
+    return not budget or rec.get("peak_gpu_mem_bytes", 0) <= budget
 
 
 def _model(rec) -> str:
@@ -89,13 +102,43 @@ def table(records: list[dict]) -> str:
         limit = bus_limit_tokens_s(r, bw)
         ours = best_ours.get((*_config(r), r["batch_size"]))
         ratio = f"{ours / r['decode_throughput']:.2f}x" if ours and _label(r) != "offloadgen" else ""
+        peak = f"{r.get('peak_gpu_mem_bytes', 0) / GiB:.2f}" + ("" if fits(r) else "!")
         lines.append(f"{_label(r)[:40]:40s} {model:9s} {bits:4d} {r['batch_size']:5d} {r['prefill_throughput']:13.1f} "
-                     f"{r['decode_throughput']:12.2f} {r['decode_step_s']:7.3f} {r.get('peak_gpu_mem_bytes', 0) / GiB:8.2f} "
+                     f"{r['decode_throughput']:12.2f} {r['decode_step_s']:7.3f} {peak:>8s} "
                      f"{(r['decode_throughput'] / limit) if limit else float('nan'):7.0%} {ratio:>15s}")
     if bw:
         lines.append(f"vs bus: decode tokens/s over batch * {bw / 1e9:.1f} GB/s / weight bytes (every weight streamed); "
                      "above 100% means resident layers saved bus time")
+    if any(not fits(r) for r in records if "error" not in r):
+        lines.append("!: peak GPU memory above the budget the run was held to")
+    best = best_that_fits(records)
+    if best:
+        lines += ["", "Each system at its best run that fits the budget:",
+                  f"{'system':12s} {'model':9s} {'bits':>4s} {'batch':>5s} {'decode tok/s':>12s} {'peak GiB':>8s} "
+                  f"{'vs bus':>7s} {'offloadgen/this':>15s}  configuration"]
+        for (model, bits), systems in sorted(best.items()):
+            ours = systems.get("offloadgen")
+            for family, r in sorted(systems.items(), key=lambda kv: -kv[1]["decode_throughput"]):
+                limit = bus_limit_tokens_s(r, bw)
+                ratio = f"{ours['decode_throughput'] / r['decode_throughput']:.2f}x" if ours and family != "offloadgen" else ""
+                lines.append(f"{family:12s} {model:9s} {bits:4d} {r['batch_size']:5d} {r['decode_throughput']:12.2f} "
+                             f"{r.get('peak_gpu_mem_bytes', 0) / GiB:8.2f} "
+                             f"{(r['decode_throughput'] / limit) if limit else float('nan'):7.0%} {ratio:>15s}  {_label(r)}")
     return "\n".join(lines)
+
+
+def best_that_fits(records: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """For each (model, bits), each system's fastest decoding run within its budget."""
+    best: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        if "error" in r or not fits(r):
+            continue
+        model, bits = _config(r)[:2]
+        systems = best.setdefault((model, bits), {})
+        family = _family(r)
+        if family not in systems or r["decode_throughput"] > systems[family]["decode_throughput"]:
+            systems[family] = r
+    return best
 
 
 def plot(records: list[dict], path: str) -> None:
