@@ -15,7 +15,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # DeepSpeed's JIT kernels: build for this GPU only
+# DeepSpeed's JIT kernels: build for this GPU only, spelled as DeepSpeed 0.19.8 can parse (the GPU
+# image sets 9.0a, and its builder fails on int('0a')).
+TORCH_CUDA_ARCH_LIST=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null) \
+  || unset TORCH_CUDA_ARCH_LIST
+export TORCH_CUDA_ARCH_LIST
 j=$out/peers.jsonl
 fg="python3 benchmarks/peers/flexgen_peer.py --json-file $j"
 ds="python3 benchmarks/peers/deepspeed_peer.py --json-file $j"
