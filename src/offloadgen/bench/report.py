@@ -48,7 +48,8 @@ def _label(rec) -> str:
 
 def _family(rec) -> str:
     """Which system a record belongs to, whatever its configuration: its name's first word."""
-    return _label(rec).split()[0].rstrip(",")
+    label = _label(rec)
+    return "Accelerate" if "accelerate" in label.lower() else label.split()[0].rstrip(",")
 
 
 def fits(rec) -> bool:
@@ -109,6 +110,8 @@ def table(records: list[dict]) -> str:
     if bw:
         lines.append(f"vs bus: decode tokens/s over batch * {bw / 1e9:.1f} GB/s / weight bytes (every weight streamed); "
                      "above 100% means resident layers saved bus time")
+        if any(r.get("kv_offload") for r in records):
+            lines.append("  (with the KV cache in CPU RAM a step also reads the cache, which this limit leaves out)")
     if any(not fits(r) for r in records if "error" not in r):
         lines.append("!: peak GPU memory above the budget the run was held to")
     best = best_that_fits(records)
@@ -159,7 +162,7 @@ def plot(records: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for (system, model, bits), points in sorted(series.items()):
         xs = sorted(points)
-        style = "-o" if system == "offloadgen" else "--s"
+        style = "-o" if system.startswith("offloadgen") else "--s"
         ax.plot(xs, [points[x] for x in xs], style, label=f"{system} · {model} · {bits}-bit")
     if bw:
         batches = sorted({r["batch_size"] for r in records})
