@@ -2,7 +2,7 @@
 # The whole comparison on one GPU machine, OPT-30B dummy, prompt 512, gen 32, weights in CPU RAM,
 # 16 GiB GPU budget: offloadgen and every installed peer at batch 8 and at the best batch each can
 # hold, fp16 and 4-bit; then the table (and plot) from all records. With no step named, all run:
-# about 40 minutes on an H100. $OUT (or ./out) keeps everything; each step is cut off after 15 min.
+# about 45 minutes on an H100. $OUT (or ./out) keeps everything; each step is cut off after 15 min.
 #   bash benchmarks/run_matrix.sh [step ...]    steps: og8 og16 ogkv96 ogq4 ogq4b16 ogq4kv96 and run_peers.sh's
 set -uo pipefail
 cd "$(dirname "$0")/.."
