@@ -47,7 +47,8 @@ def _label(rec) -> str:
 
 
 def _family(rec) -> str:
-    """Which system a record belongs to, whatever its configuration: its name's first word."""
+    """Which system a record belongs to, whatever its configuration: Accelerate (its records are named
+    after transformers), else the name's first word."""
     label = _label(rec)
     return "Accelerate" if "accelerate" in label.lower() else label.split()[0].rstrip(",")
 
