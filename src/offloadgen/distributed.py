@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from .errors import OffloadgenError
 
-# NVLink multicast (NVLS) stays off on the lent multi-GPU machines (the device tool's KINDS.md);
+# NVLink multicast (NVLS) stays off: on shared multi-GPU hosts a program that uses it can take the
+# host's GPUs out of service;
 # set for every process we start, whatever environment it was started from.
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 

@@ -73,7 +73,7 @@ def _bandwidth(records) -> float | None:
 
 
 def bus_limit_tokens_s(rec, bandwidth: float | None) -> float | None:
-    """DESIGN.md's ceiling with every weight streamed: batch * bandwidth / weight bytes."""
+    """docs/performance.md's ceiling with every weight streamed: batch * bandwidth / weight bytes."""
     if not bandwidth:
         return None
     try:
