@@ -227,7 +227,8 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, bandwidth, 
         "h2d_bandwidth_median_bytes_s": bandwidth and bandwidth["median"],
         "bus_limit_decode_step_s": bus_limit, "copy_only_step_s": copy_only,
         "decode_step_over_copy_only": m.decode_step_s / copy_only if copy_only else None,
-        "streamed_bytes_per_step": streamed, "model_bytes": model_bytes, "cache_bytes": cache, "hidden_bytes": hidden,
+        "streamed_bytes_per_step": streamed, **_link_bytes(p, plan.world.size, run.weight_fetch),
+        "model_bytes": model_bytes, "cache_bytes": cache, "hidden_bytes": hidden,
         **m.as_record(),
         "decode_step_over_bus_limit": m.decode_step_s / bus_limit if bus_limit else None,
         "startup_s": rt.timings["startup_s"], "weights_load_s": rt.timings["weights_load_s"],
@@ -239,6 +240,18 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, bandwidth, 
     with open(json_path, "a") as f:
         f.write(json.dumps(record) + "\n")
     return record
+
+
+def _link_bytes(p, ranks: int, fetch: str) -> dict:
+    """Weight bytes each rank moves per decode step over its host link (PCIe) and receives from its
+    peers (NVLink): with allgather and pool a rank copies 1/N of each streamed block and gathers the
+    other (N - 1)/N of every streamed and pooled block."""
+    if p is None:
+        return {}
+    shards = ranks if fetch != "whole" else 1
+    gathered = p.streamed_bytes + p.bytes.get("pooled_per_rank", 0) * ranks
+    return {"pcie_bytes_per_step_per_rank": p.streamed_bytes / shards, "pooled_blocks": len(p.pooled),
+            "nvlink_bytes_per_step_per_rank": (shards - 1) / shards * gathered if shards > 1 else 0}
 
 
 def _print_summary(r: dict, m: RunMetrics, file) -> None:
