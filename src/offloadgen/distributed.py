@@ -120,7 +120,11 @@ def relaunch(argv: list[str], nproc: int) -> int:
     """Start this command again under torchrun with nproc processes on this node."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "offloadgen.cli", *argv]
-    env = {**os.environ, **NCCL_ENV, "OFFLOADGEN_RELAUNCHED": "1"}
+    # torchrun gives every rank OMP_NUM_THREADS=1 unless it is set; a rank that attends over an
+    # offloaded KV cache on the CPU then reads it on one core (4 ranks of 64 cores read 4 GB/s
+    # each on the 4-GPU H100 machine). Each rank gets its share of the cores instead.
+    threads = str(max(1, (os.cpu_count() or nproc) // nproc))
+    env = {"OMP_NUM_THREADS": threads, **os.environ, **NCCL_ENV, "OFFLOADGEN_RELAUNCHED": "1"}
     return subprocess.call(cmd, env=env)
 
 
