@@ -117,16 +117,21 @@ class StreamingWeights:
 
     def _place_pooled(self, checkpoint, bar) -> None:
         """This rank's 1/N of every pooled block, kept on its GPU: the part it contributes to the
-        block's all-gather every pass, in place of a copy from host memory."""
-        self.pool_shard = {}
-        for b in self.placement.pooled:
+        block's all-gather every pass, in place of a copy from host memory. Each rank makes its
+        parts itself, from several threads (a rank's start-up is mostly this)."""
+        from ..distributed import fill_in_parallel
+        self.pool_shard = {b: None for b in self.placement.pooled}
+
+        def make(b, _):
             flat = torch.zeros(self.layouts[b].nbytes, dtype=torch.uint8)
             self.layouts[b].write(flat, self._block_parts(checkpoint, b))
             part = self._part_bytes(flat.numel())
             mine = flat[self.world.rank * part:(self.world.rank + 1) * part]
-            self.pool_shard[b] = torch.zeros(part, dtype=torch.uint8, device=self.device)
-            self.pool_shard[b][:mine.numel()].copy_(mine)
+            shard = torch.zeros(part, dtype=torch.uint8, device=self.device)
+            shard[:mine.numel()].copy_(mine)
+            self.pool_shard[b] = shard
             bar.update()
+        fill_in_parallel(dict(self.pool_shard), make)
 
     def _place_streamed(self, checkpoint, offload_dir, bar, progress) -> None:
         """Streamed blocks: packed host buffers filled straight from the checkpoint (once per node
