@@ -63,7 +63,7 @@ def test_logits_and_greedy_text_match_transformers(ours, theirs):
                           return_dict_in_generate=True, eos_token_id=None, pad_token_id=pad)
     out = ours.engine.generate(ids, mask, SamplingParams(max_new_tokens=12, ignore_eos=True), set(), pad)
     assert out.tokens == ref.sequences[:, ids.shape[1]:].tolist()
-    assert (out.last_logits - ref.logits[-1]).abs().max().item() < 1e-3
+    assert (out.last_logits - ref.logits[-1]).abs().max().item() < 1e-4  # measured: 0.0 (logits up to 37)
     # as text too, through each side's own tokenizer: ' the capital of the country of France.' (270M)
     [text] = [c.text for c in ours.generate(PROMPTS[:1], SamplingParams(max_new_tokens=8))]
     theirs_ids = ref.sequences[0, ids.shape[1]:ids.shape[1] + 8].tolist()
