@@ -52,6 +52,16 @@ VARIANTS = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}},
         pad_token_id=0, bos_token_id=2, eos_token_id=1, tie_word_embeddings=False)),
+    # Gemma3ForConditionalGeneration (4B/12B/27B on the hub): its language model, under language_model.model.
+    "gemma3-multimodal": lambda: (transformers.Gemma3ForConditionalGeneration, transformers.Gemma3Config(
+        text_config=transformers.Gemma3TextConfig(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, vocab_size=V, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+            pad_token_id=0, bos_token_id=2, eos_token_id=1),
+        vision_config=transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                      num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=V - 1, boi_token_index=V - 3, eoi_token_index=V - 2,
+        tie_word_embeddings=False)),  # tied, these tiny models repeat one token: a weak test
     # Phi-3 LongRoPE: original length 32, so generation crosses from short to long factors mid-way.
     "phi3-longrope": lambda: (transformers.Phi3ForCausalLM, transformers.Phi3Config(
         hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

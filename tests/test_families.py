@@ -17,7 +17,7 @@ from test_offload import streamed_placement
 from test_parity import NEW_TOKENS, ragged_batch, run_hf
 
 CPU = torch.device("cpu")
-NEW = ["gemma3", "phi3-longrope", "phi3-partial-rotary-sliding", "mixtral", "qwen2-moe", "qwen3-moe"]
+NEW = ["gemma3", "gemma3-multimodal", "phi3-longrope", "phi3-partial-rotary-sliding", "mixtral", "qwen2-moe", "qwen3-moe"]
 _reference = {}
 
 

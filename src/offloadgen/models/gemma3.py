@@ -10,7 +10,7 @@ query_pre_attn_scalar^-0.5 rather than head_dim^-0.5; optional soft-capping of t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,11 @@ from ..errors import OffloadgenError
 from .layers import StepInputs, apply_rope, attention_mask, grouped_mask, linear, rope_cos_sin
 
 FAMILY = "gemma3"
-MODEL_TYPES = ("gemma3_text",)
+MODEL_TYPES = ("gemma3_text", "gemma3")  # gemma3: the multimodal 4B/12B/27B, of which we read the text part
 SLIDING, FULL = "sliding_attention", "full_attention"
+# Gemma3TextConfig's defaults: the multimodal checkpoints' text_config lists only what differs
+TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=256)
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Gemma3Config:
     eos_token_id: int | list[int] | None = 1
     pad_token_id: int | None = 0
     dtype: str = "bfloat16"
+    prefix: str = "model."  # where the text model's tensors are: "language_model.model." when multimodal
     family: str = field(default=FAMILY, init=False)
 
     def __post_init__(self):
@@ -86,6 +90,11 @@ def _rope(d: dict) -> tuple[float, float, float]:
 
 
 def config_from_hf(d: dict) -> Gemma3Config:
+    if d.get("model_type") == "gemma3":  # Gemma3ForConditionalGeneration: its language model only
+        text = {**TEXT_DEFAULTS, **d.get("text_config", {}), "model_type": "gemma3_text"}
+        # transformers ties (or not) by the outer config's flag, whatever text_config says
+        text["tie_word_embeddings"] = d.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
+        return replace(config_from_hf(text), prefix="language_model.model.", model_type="gemma3")
     if d.get("attn_logit_softcapping") is not None:
         raise OffloadgenError("Gemma attention-logit soft-capping is not supported (Gemma 3 checkpoints have none)")
     if d.get("use_bidirectional_attention"):
@@ -112,13 +121,14 @@ def config_from_hf(d: dict) -> Gemma3Config:
 
 def block_tensors(cfg: Gemma3Config, block) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Tensors of one block: local name -> (name in a Hugging Face checkpoint, shape)."""
-    h, d, ffn = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    h, d, ffn, m = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.prefix
     if block == "embed":
-        return {"embed": ("model.embed_tokens.weight", (cfg.vocab_size, h))}
+        return {"embed": (m + "embed_tokens.weight", (cfg.vocab_size, h))}
     if block == "head":
-        lm_head = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
-        return {"norm": ("model.norm.weight", (h,)), "lm_head": (lm_head, (cfg.vocab_size, h))}
-    p = f"model.layers.{block}."
+        untied = m.removesuffix("model.") + "lm_head.weight"
+        lm_head = m + "embed_tokens.weight" if cfg.tie_embeddings else untied
+        return {"norm": (m + "norm.weight", (h,)), "lm_head": (lm_head, (cfg.vocab_size, h))}
+    p = f"{m}layers.{block}."
     q_out, kv_out = cfg.n_heads * d, cfg.n_kv_heads * d
     return {
         "attn_norm": (p + "input_layernorm.weight", (h,)),
