@@ -7,8 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-# Never reach for a model hub, and keep transformers' advice off the user's terminal.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# transformers never reaches for a model hub on its own, and its advice stays off the user's terminal.
+# A hub model the user names is still fetched: the marker tells checkpoint/hub.py the offline mode
+# is this default, not the user's own HF_HUB_OFFLINE=1 (which is honoured).
+if "HF_HUB_OFFLINE" not in os.environ:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["OFFLOADGEN_HUB_OFFLINE_DEFAULT"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from .errors import OffloadgenError  # noqa: E402
@@ -17,7 +21,8 @@ from .flags import add_model_flags, add_run_flags, config_from_args, size  # noq
 
 def _add_generate(sub):
     p = sub.add_parser("generate", help="generate text for prompts",
-                       description="Generate text. MODEL is a Hugging Face folder, a .gguf file, or a preset "
+                       description="Generate text. MODEL is a Hugging Face folder, a hub name (org/name[@revision]: "
+                                   "from the local cache, else downloaded), a .gguf file, or a preset "
                                    "name with --dummy; with no MODEL, the embedded SmolLM2-135M.")
     add_model_flags(p)
     src = p.add_mutually_exclusive_group()

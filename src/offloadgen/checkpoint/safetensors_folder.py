@@ -71,7 +71,10 @@ class SafetensorsFolder:
         for local, (hf_name, _) in self.family.block_tensors(self.cfg, block).items():
             key = self._resolve(hf_name)
             try:
-                out[local] = self._handles[self._where[key]].get_tensor(key).to(dtype)
+                t = self._handles[self._where[key]].get_tensor(key).to(dtype)
+                # safetensors' buffers may be only 8-byte aligned; BLAS then takes other kernels, which
+                # round differently (1 ulp between resident and streamed weights on the CPU) and run slower
+                out[local] = t.clone() if t.data_ptr() % 64 else t
             except SafetensorError as e:
                 raise OffloadgenError(f"{self._where[key]}: cannot read {key!r} ({e})") from None
         return out

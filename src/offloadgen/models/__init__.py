@@ -15,11 +15,14 @@ from types import ModuleType
 import torch
 
 from ..errors import OffloadgenError
-from . import bloom, llama, opt
+from . import bloom, gemma3, llama, mixtral, opt, phi3, qwen_moe
 
-FAMILIES: dict[str, ModuleType] = {"llama": llama, "opt": opt, "bloom": bloom}
+FAMILIES: dict[str, ModuleType] = {"llama": llama, "opt": opt, "bloom": bloom, "gemma3": gemma3, "phi3": phi3,
+                                   "mixtral": mixtral, "qwen_moe": qwen_moe}
 _BY_MODEL_TYPE = {t: m for m in FAMILIES.values() for t in m.MODEL_TYPES}
-_CONFIG_CLASS = {llama.LlamaConfig: llama, opt.OPTConfig: opt, bloom.BloomConfig: bloom}
+_CONFIG_CLASS = {llama.LlamaConfig: llama, opt.OPTConfig: opt, bloom.BloomConfig: bloom,
+                 gemma3.Gemma3Config: gemma3, phi3.Phi3Config: phi3, mixtral.MixtralConfig: mixtral,
+                 qwen_moe.QwenMoeConfig: qwen_moe}
 
 
 def supported_model_types() -> str:

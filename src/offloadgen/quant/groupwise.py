@@ -39,9 +39,14 @@ class QuantizedTensor:
     config: QuantConfig
 
 
+# MoE routers and Qwen2-MoE's shared-expert gate choose discretely (top-k) or scale a whole
+# expert: quantization error there changes which experts run, and they are tiny, so they stay 16-bit.
+UNQUANTIZED = ("router", "shared_gate")
+
+
 def is_quantized_tensor(block, local: str, shape: tuple) -> bool:
     """Linear weights of decoder layers; everything else stays in 16 bits."""
-    return isinstance(block, int) and len(shape) == 2 and not local.endswith("bias")
+    return isinstance(block, int) and len(shape) == 2 and not local.endswith("bias") and local not in UNQUANTIZED
 
 
 def quantize(w: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
