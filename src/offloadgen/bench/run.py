@@ -87,8 +87,14 @@ def check_supported(a: BenchArgs) -> None:
 
 
 def bench_inputs(tokenizer, batch: int, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's workload: its sentence, left-padded with EOS to exactly prompt_len tokens."""
+    """The reference's workload: its sentence, left-padded with EOS to exactly prompt_len tokens.
+    Dummy weights have no vocabulary to honour, and their byte-level sentence (28 tokens) is longer
+    than a real tokenizer's (OPT's: 8): it is cut to its last prompt_len tokens, so every
+    --prompt-len the reference accepts is accepted."""
+    from ..tokenizer import ByteTokenizer
     ids = tokenizer.encode(PROMPT)
+    if isinstance(tokenizer, ByteTokenizer):
+        ids = ids[-prompt_len:]
     if len(ids) > prompt_len:
         raise OffloadgenError(f"--prompt-len {prompt_len} is shorter than the prompt ({len(ids)} tokens)")
     eos = min(tokenizer.eos_token_ids)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import OffloadgenError
+from ..models import config_from_hf
 
 CONVERTER_VERSION = 1
 SHARD_BYTES = 2 << 30
@@ -122,8 +123,7 @@ def _convert(path: Path, out: Path) -> None:
     if arch not in SUPPORTED_ARCHS:
         raise OffloadgenError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
     heads = _required(reader, f"{arch}.attention.head_count", path)
-    kv_key = f"{arch}.attention.head_count_kv"
-    kv_heads = _required(reader, kv_key, path) if kv_key in reader.fields else heads
+    kv_heads = _required(reader, kv, path) if (kv := f"{arch}.attention.head_count_kv") in reader.fields else heads
     names = {t.name for t in reader.tensors}
     scaling = _field(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none", "linear"):
@@ -146,7 +146,6 @@ def _convert(path: Path, out: Path) -> None:
     }
     if scaling == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
-    from ..models import config_from_hf
     config_from_hf(config, str(path))  # refuse impossible sizes before minutes of dequantizing
     out.mkdir(parents=True)
 
