@@ -133,13 +133,14 @@ def test_ordered_writes_through_a_symlink(tmp_path):
 
 def test_bom_invalid_utf8_and_nan_ids(tmp_path):
     src, dst = tmp_path / "in.jsonl", tmp_path / "o.jsonl"
-    src.write_bytes(b'\xef\xbb\xbf{"prompt": "bom"}\n{"prompt": "caf\xe9"}\n{"id": NaN, "prompt": "n"}\n')
+    src.write_bytes(b'\xef\xbb\xbf{"prompt": "bom"}\n{"prompt": "caf\xe9"}\n{"id": NaN, "prompt": "n"}\n'
+                    b'{"id": "\\ud800", "prompt": "s"}\n')
     s = job(src, dst)
-    assert s.done == 3 and s.errors == 0
+    assert s.done == 4 and s.errors == 0
     rows = {r["line"]: r for r in (json.loads(line, parse_constant=pytest.fail) for line in dst.read_text().splitlines())}
     assert rows[1]["prompt"] == "bom" and "warning" not in rows[1]
     assert rows[2]["prompt"] == "caf\ufffd" and "invalid UTF-8" in rows[2]["warning"]
-    assert rows[3]["id"] == "NaN"
+    assert rows[3]["id"] == "NaN" and rows[4]["id"] == "\ud800"  # a lone surrogate, as JSON escapes it
 
 
 def test_a_full_disk_leaves_no_half_record_and_the_job_resumes(tmp_path, monkeypatch):
@@ -161,3 +162,14 @@ def test_a_full_disk_leaves_no_half_record_and_the_job_resumes(tmp_path, monkeyp
     monkeypatch.undo()
     job(src, dst)
     assert sorted(r["line"] for r in records(dst)) == list(range(1, 7))
+
+
+def test_a_job_can_be_driven_from_another_thread(tmp_path):
+    # a scheduler's thread: signal handlers can only be set from the main thread, so none are
+    src, dst = tmp_path / "in.jsonl", tmp_path / "o.jsonl"
+    write_lines(src, [{"prompt": "a"}])
+    got = []
+    worker = threading.Thread(target=lambda: got.append(job(src, dst)))
+    worker.start()
+    worker.join(30)
+    assert got and got[0].done == 1

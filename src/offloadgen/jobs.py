@@ -27,6 +27,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,7 +248,9 @@ def answer_items(llm, items: list[JobItem], out: JobOutput, sampling: SamplingPa
         print(f"\noffloadgen: {signal.Signals(signum).name}: finishing the batch in flight, then stopping",
               file=sys.stderr)
 
-    old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Python lets only the main thread set handlers; a job driven from another thread keeps the defaults.
+    in_main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     start = time.perf_counter()
     bar = tqdm(total=len(items), desc="prompts", unit="prompt", file=sys.stderr, disable=None if progress else True)
     try:

@@ -28,9 +28,11 @@ RECORD_START = b'{"key": '  # how every record begins: a torn last line is a pre
 
 
 def encode_record(rec: dict) -> bytes:
-    """One JSON line, "key" first. allow_nan=False: NaN is not JSON (ids are cleaned before this)."""
+    """One JSON line, "key" first. allow_nan=False: NaN is not JSON (ids are cleaned before this).
+    A lone surrogate (an input's "\\ud800") goes back out as the same JSON escape: UTF-8 has no
+    byte form for it."""
     rec = {"key": rec["key"], **rec}
-    return json.dumps(rec, ensure_ascii=False, allow_nan=False).encode() + b"\n"
+    return json.dumps(rec, ensure_ascii=False, allow_nan=False).encode("utf-8", "backslashreplace") + b"\n"
 
 
 def parse_record(raw: bytes) -> dict | None:
