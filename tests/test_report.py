@@ -100,3 +100,22 @@ def test_report_is_linear_in_the_records(monkeypatch):
     records = [_rec(batch_size=1 + i % 64, system=f"S{i % 3}") for i in range(3000)]
     assert "S2" in report.table(records)
     assert len(calls) <= 2
+
+
+def test_report_skips_a_fifo_in_a_folder_instead_of_waiting_on_it(tmp_path, capsys):
+    import os
+    import threading
+    (tmp_path / "r.jsonl").write_text(json.dumps(_rec()) + "\n")
+    os.mkfifo(tmp_path / "pipe.jsonl")
+
+    def unblock():  # a report stuck reading the FIFO gets an empty read after 20 s, and the test fails
+        fd = os.open(tmp_path / "pipe.jsonl", os.O_WRONLY)
+        fired.append(fd)
+        os.close(fd)
+    fired = []
+    watchdog = threading.Timer(20, unblock)
+    watchdog.daemon = True
+    watchdog.start()
+    assert main(["report", str(tmp_path)]) == 0
+    assert not fired, "report waited on a FIFO"
+    watchdog.cancel()

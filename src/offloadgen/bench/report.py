@@ -17,7 +17,8 @@ def load_records(paths: list[str]) -> list[dict]:
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(p.rglob("*.jsonl")) + sorted(p.rglob("*.json"))
+            # regular files only: reading a FIFO that happens to be named *.jsonl would wait forever
+            files += [f for f in sorted(p.rglob("*.jsonl")) + sorted(p.rglob("*.json")) if f.is_file()]
         elif p.is_file():
             files.append(p)
         else:
