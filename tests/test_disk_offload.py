@@ -153,3 +153,14 @@ def test_writers_of_one_offload_folder_wait_for_each_other(tiny, tmp_path, capsy
     os.close(holder)
     writer.join(60)
     assert done and done[0].disk.complete()
+
+
+def test_a_disk_filling_up_while_the_folder_is_written_is_one_line(tiny, tmp_path, monkeypatch):
+    import errno
+    _, path = tiny("opt")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr("offloadgen.offload.disk.os.fsync", full)
+    with pytest.raises(OffloadgenError, match="cannot write the weights \\(No space left on device\\); free space"):
+        _disk_weights(SafetensorsFolder(path), tmp_path)

@@ -136,6 +136,9 @@ class DiskStore:
             if self.complete():  # the run we waited for wrote it
                 return 0.0
             self._write_blocks(parts_of, progress)
+        except OSError as e:  # a full disk despite check_space (another writer), a read-only folder
+            raise OffloadgenError(f"--offload-dir {self.path}: cannot write the weights ({e.strerror}); free space "
+                                  "or choose another --offload-dir, and run again (the folder is rewritten)") from None
         finally:
             os.close(lock)
         return time.perf_counter() - t0
