@@ -173,3 +173,16 @@ def test_a_job_can_be_driven_from_another_thread(tmp_path):
     worker.start()
     worker.join(30)
     assert got and got[0].done == 1
+
+
+def test_a_jobs_files_are_refused_before_the_model_is_loaded(tmp_path, capsys, monkeypatch):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "c.json"
+    write_lines(src, [{"prompt": "a"}])
+    dst.write_text('{"keep":1}\n')
+
+    def never(*a, **kw):
+        raise AssertionError("the model was loaded before the output was checked")
+    monkeypatch.setattr("offloadgen.api.place_weights", never)
+    capsys.readouterr()
+    assert main(["generate", "opt-125m", "--dummy", "--input", str(src), "--output", str(dst)]) == 2
+    assert "not an offloadgen record" in capsys.readouterr().err and dst.read_text() == '{"keep":1}\n'

@@ -82,6 +82,8 @@ def cmd_generate(args) -> int:
             raise OffloadgenError(f"--input {args.input}: no such file")
         if not args.output:
             raise OffloadgenError("--input needs --output (a JSONL file; rerunning with it resumes)")
+        from .jobs import open_job
+        open_job(args.input, args.output, args.ordered).close()  # its files' faults, before any weight is loaded
         items = []
     else:
         items = list(enumerate(args.prompt or ["Paris is the capital city of"]))

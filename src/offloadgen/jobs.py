@@ -15,8 +15,9 @@
 - SIGINT / SIGTERM: the batch in flight finishes and is written, then the job stops, says how to
   resume, and exits non-zero. CUDA out of memory: the batch is retried with half the micro-batch.
 
-The bookkeeping (read_input, JobOutput, result_record / error_record) does not depend on how
-completions are produced: a scheduler can drive it with its own loop.
+open_job finds what is wrong with a job's files (and takes the output's lock) before a model is
+loaded; answer_job answers it. The bookkeeping (read_input, JobOutput, result_record /
+error_record) does not depend on how completions are produced: a scheduler can drive it.
 """
 from __future__ import annotations
 
@@ -215,25 +216,54 @@ def describe_resume(lines: list[InputLine], done: dict[str, int]) -> str:
     return text
 
 
-def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, batch_size: int = 16,
-            ordered: bool = False, progress: bool = True) -> JobSummary:
+@dataclass
+class Job:
+    """A job's files, opened: the input's lines and the output, locked until close()."""
+    lines: list[InputLine]
+    out: JobOutput
+    ordered: bool = False
+
+    def close(self) -> None:
+        self.out.close()
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_job(input_path: str, output_path: str, ordered: bool = False) -> Job:
+    """Everything that can be wrong with a job's files, found before a model is loaded: an
+    unreadable input, duplicate ids, an output that is not ours or is held by another job."""
     lines = read_input(input_path)
     if os.path.exists(output_path) and os.path.samefile(output_path, input_path):
         raise OffloadgenError("--output must not be the --input file")
     if ordered and not is_regular_or_new(output_path):
         raise OffloadgenError(f"--ordered rewrites --output at the end, and {output_path} is not a regular file "
                               "(a pipe or a terminal): drop --ordered, or write to a file")
-    with JobOutput(output_path) as out:
-        if out.done:
-            print(f"offloadgen: {output_path}: {describe_resume(lines, out.done)}", file=sys.stderr)
-        todo = [src for src in lines if src.key not in out.done]
-        summary = JobSummary(total=len(lines), skipped=len(lines) - len(todo))
-        limit = context_limit(llm)
-        items = [job_item(src, llm.tokenizer, limit, sampling.max_new_tokens) for src in todo]
-        answer_items(llm, items, out, sampling, batch_size, summary, progress)
-        if ordered and not summary.interrupted:
-            out.rewrite_in_order({src.key: i for i, src in enumerate(lines)})
+    return Job(lines, JobOutput(output_path), ordered)
+
+
+def answer_job(llm, job: Job, sampling: SamplingParams, batch_size: int = 16, progress: bool = True) -> JobSummary:
+    """Answer the job's lines that its output has no record for; with job.ordered, rewrite the
+    output in input order once all are answered."""
+    if job.out.done:
+        print(f"offloadgen: {job.out.name}: {describe_resume(job.lines, job.out.done)}", file=sys.stderr)
+    todo = [src for src in job.lines if src.key not in job.out.done]
+    summary = JobSummary(total=len(job.lines), skipped=len(job.lines) - len(todo))
+    limit = context_limit(llm)
+    items = [job_item(src, llm.tokenizer, limit, sampling.max_new_tokens) for src in todo]
+    answer_items(llm, items, job.out, sampling, batch_size, summary, progress)
+    if job.ordered and not summary.interrupted:
+        job.out.rewrite_in_order({src.key: i for i, src in enumerate(job.lines)})
     return summary
+
+
+def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, batch_size: int = 16,
+            ordered: bool = False, progress: bool = True) -> JobSummary:
+    with open_job(input_path, output_path, ordered) as job:
+        return answer_job(llm, job, sampling, batch_size, progress)
 
 
 def answer_items(llm, items: list[JobItem], out: JobOutput, sampling: SamplingParams, batch_size: int,
