@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from .errors import OffloadgenError
 
-# NVLink multicast (NVLS) stays off on the lent multi-GPU machines (the device tool's KINDS.md);
+# NVLink multicast (NVLS) stays off: on shared multi-GPU hosts a program that uses it can take the
+# host's GPUs out of service;
 # set for every process we start, whatever environment it was started from.
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -91,10 +92,14 @@ def device_for(world: World, device: torch.device) -> torch.device:
 def local_rows(batch: int, world: World) -> slice:
     """This rank's contiguous slice of the batch; the batch must divide evenly."""
     if batch % world.size:
-        raise OffloadgenError(f"batch size {batch} does not divide by the world size {world.size}: each rank takes "
-                              f"an equal share; use a multiple of {world.size} (e.g. {batch + world.size - batch % world.size})")
+        raise OffloadgenError(uneven_batch_message(batch, world.size))
     share = batch // world.size
     return slice(world.rank * share, (world.rank + 1) * share)
+
+
+def uneven_batch_message(batch: int, ranks: int) -> str:
+    return (f"batch size {batch} does not divide by the world size {ranks}: each rank takes an equal share; "
+            f"use a multiple of {ranks} (e.g. {batch + ranks - batch % ranks})")
 
 
 def gather(obj, world: World) -> list:
@@ -109,18 +114,6 @@ def gather(obj, world: World) -> list:
 def barrier(world: World) -> None:
     if world.active:
         dist.barrier()
-
-
-def combine_metrics(per_rank: list[dict]) -> dict:
-    """Rank 0's view of a run: throughput summed over ranks, latencies the slowest rank's, peak
-    memory the largest."""
-    out = dict(per_rank[0])
-    for k in ("prefill_latency_s", "decode_latency_s", "total_latency_s", "decode_step_s"):
-        out[k] = max(r[k] for r in per_rank)
-    for k in ("prefill_throughput", "decode_throughput", "total_throughput"):
-        out[k] = sum(r[k] for r in per_rank)
-    out["peak_gpu_mem_bytes"] = max(r["peak_gpu_mem_bytes"] for r in per_rank)
-    return out
 
 
 def relaunch(argv: list[str], nproc: int) -> int:
@@ -150,14 +143,23 @@ def shared_host_buffers(sizes: dict, world: World, tag: str, fill) -> dict:
         barrier(world)
         host = {b: torch.from_file(paths[b], shared=True, size=n, dtype=torch.uint8) for b, n in sizes.items()}
         if owner:
-            for b, t in host.items():
-                fill(b, t)
+            fill_in_parallel(host, fill)
         barrier(world)  # every rank has mapped and the owner has filled
     finally:
         if owner:
             shutil.rmtree(folder, ignore_errors=True)
             signal.signal(signal.SIGTERM, previous)
     return host
+
+
+def fill_in_parallel(host: dict, fill, threads: int | None = None) -> None:
+    """fill(block, buffer) for every block, from several threads: making or reading weights and
+    faulting in fresh pages is per-core work (PyTorch's copies release the GIL), and one thread
+    filling 60 GB took 18-26 s of a 35 s start-up."""
+    from concurrent.futures import ThreadPoolExecutor
+    threads = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="offloadgen-fill") as pool:
+        list(pool.map(lambda item: fill(*item), host.items()))
 
 
 def _raise_exit(signum, frame):

@@ -124,7 +124,7 @@ def _param_count(model: str) -> int | None:
 
 
 def bus_limit_tokens_s(rec, bandwidth: float | None) -> float | None:
-    """DESIGN.md's ceiling with every weight streamed: batch * bandwidth / weight bytes."""
+    """docs/performance.md's ceiling with every weight streamed: batch * bandwidth / weight bytes."""
     params = _param_count(_model(rec)) if bandwidth else None
     if not params:
         return None

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import OffloadgenError
+from ..machine import cache_root
 from ..models import config_from_hf
 
 CONVERTER_VERSION = 1
@@ -34,10 +35,6 @@ _LAYER_NAMES = {
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
 SUPPORTED_ARCHS = ("llama", "qwen2")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("OFFLOADGEN_CACHE", Path.home() / ".cache" / "offloadgen"))
 
 
 def convert_gguf(path: Path) -> Path:
@@ -106,22 +103,8 @@ def _reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def _convert(path: Path, out: Path) -> None:
-    try:
-        import gguf
-        from gguf.quants import dequantize
-    except ImportError:
-        raise OffloadgenError("reading GGUF files needs the `gguf` package: pip install gguf") from None
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the gguf package raises plain ValueError/struct errors on bad files
-        raise OffloadgenError(f"{path}: not a readable GGUF file ({e})") from None
-    arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise OffloadgenError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+def _hf_config(reader, arch: str, path: Path) -> dict:
+    """The Hugging Face config.json of a GGUF file's model, from its metadata."""
     heads = _required(reader, f"{arch}.attention.head_count", path)
     kv_heads = _required(reader, kv, path) if (kv := f"{arch}.attention.head_count_kv") in reader.fields else heads
     names = {t.name for t in reader.tensors}
@@ -146,6 +129,26 @@ def _convert(path: Path, out: Path) -> None:
     }
     if scaling == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
+    return config
+
+
+def _convert(path: Path, out: Path) -> None:
+    try:
+        import gguf
+        from gguf.quants import dequantize
+    except ImportError:
+        raise OffloadgenError("reading GGUF files needs the `gguf` package: pip install gguf") from None
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises plain ValueError/struct errors on bad files
+        raise OffloadgenError(f"{path}: not a readable GGUF file ({e})") from None
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise OffloadgenError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+    config = _hf_config(reader, arch, path)
     config_from_hf(config, str(path))  # refuse impossible sizes before minutes of dequantizing
     out.mkdir(parents=True)
 
@@ -174,9 +177,9 @@ def _convert(path: Path, out: Path) -> None:
         w = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         w = w.reshape(tuple(int(n) for n in reversed(t.shape)))
         if arch == "llama" and rest in ("attn_q.weight", "attn_q.bias"):
-            w = _reverse_permute(w, heads)
+            w = _reverse_permute(w, config["num_attention_heads"])
         elif arch == "llama" and rest in ("attn_k.weight", "attn_k.bias"):
-            w = _reverse_permute(w, kv_heads)
+            w = _reverse_permute(w, config["num_key_value_heads"])
         shard[hf] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))  # a copy: the mmap is read-only
         shard_bytes += w.nbytes
         if shard_bytes >= SHARD_BYTES:

@@ -2,7 +2,7 @@
 
 torch.empty(..., pin_memory=True) goes through PyTorch's caching host allocator, which rounds
 each allocation up to a power of two (a 1.23 GB layer takes 2 GB) and locks pages on one thread
-(DESIGN.md measured 1.3 GB/s). Here each buffer is an ordinary allocation registered with
+(1.3 GB/s measured; docs/performance.md). Here each buffer is an ordinary allocation registered with
 cudaHostRegister, exact in size, and several buffers are registered at once from a thread pool.
 """
 from __future__ import annotations
@@ -63,6 +63,11 @@ class _HostPointer:
 
 
 _zero_copy_ok: bool | None = None  # unknown until first tried
+
+
+def zero_copy_used() -> bool | None:
+    """Whether attention outputs return to the GPU through the zero-copy kernel (None: not tried)."""
+    return _zero_copy_ok
 
 
 def to_device_zero_copy(host: torch.Tensor, device: torch.device) -> torch.Tensor:
