@@ -182,7 +182,7 @@ def test_a_jobs_files_are_refused_before_the_model_is_loaded(tmp_path, capsys, m
 
     def never(*a, **kw):
         raise AssertionError("the model was loaded before the output was checked")
-    monkeypatch.setattr("offloadgen.api.place_weights", never)
+    monkeypatch.setattr("offloadgen.api.load", never)
     capsys.readouterr()
     assert main(["generate", "opt-125m", "--dummy", "--input", str(src), "--output", str(dst)]) == 2
     assert "not an offloadgen record" in capsys.readouterr().err and dst.read_text() == '{"keep":1}\n'
