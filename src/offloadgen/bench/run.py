@@ -89,9 +89,10 @@ def bench_config(run: RunConfig, w: Workload, batch: int) -> RunConfig:
                        progress=run.progress and w.verbose > 0)
 
 
-def run_generation(run: RunConfig, w: Workload, out=sys.stdout) -> dict | None:
+def run_generation(run: RunConfig, w: Workload, out=None) -> dict | None:
     """Build the run, time `loops` generations, write the log lines and the JSON record (rank 0).
     Returns the record (None on other ranks)."""
+    out = out or sys.stdout  # the stream of the call, not of the import (tests swap sys.stdout)
     w.check()
     run.validate()
     world = distributed.init(resolve_device(run).type)
