@@ -66,6 +66,8 @@ def cmd_generate(args) -> int:
             raise OffloadgenError(f"--input {args.input}: no such file")
         if not args.output:
             raise OffloadgenError("--input needs --output (a JSONL file; rerunning with it resumes)")
+        from .jobs import open_job
+        open_job(args.input, args.output, args.ordered).close()  # its files' faults, before any weight is loaded
         items = []
     else:
         items = list(enumerate(args.prompt or ["Paris is the capital city of"]))
@@ -86,42 +88,40 @@ def cmd_generate(args) -> int:
 
 
 def _answer_prompts(llm, args, sampling, items, world) -> int:
+    from contextlib import nullcontext
+
     from . import distributed
+    from .outputs import JobOutput
+    # --output gets records appended, as a job's are (locked; a file that is not ours is refused).
+    with JobOutput(args.output) if args.output and world.is_main else nullcontext() as out:
+        share = -(-len(items) // world.size)
+        mine = items[world.rank * share:(world.rank + 1) * share]
+        results = []
+        for start in range(0, len(mine), args.batch_size):
+            chunk = mine[start:start + args.batch_size]
+            results += [(item_id, prompt, c.text, len(c.token_ids), c.finish_reason)
+                        for (item_id, prompt), c in zip(chunk, llm.generate([p for _, p in chunk], sampling))]
+            if not world.active:  # one process: print as each batch finishes
+                _emit(results, out, len(items))
+                results = []
+        if world.active:
+            results = [r for part in distributed.gather(results, world) for r in part]
+            if world.is_main:
+                _emit(results, out, len(items))
+            distributed.finish(world)
     if args.output and world.is_main:
-        open(args.output, "w").close()  # a prompt run's --output starts afresh (jobs, above, resume)
-    share = -(-len(items) // world.size)
-    mine = items[world.rank * share:(world.rank + 1) * share]
-    results = []
-    for start in range(0, len(mine), args.batch_size):
-        chunk = mine[start:start + args.batch_size]
-        results += [(item_id, prompt, c.text, len(c.token_ids), c.finish_reason)
-                    for (item_id, prompt), c in zip(chunk, llm.generate([p for _, p in chunk], sampling))]
-        if not world.active:  # one process: print as each batch finishes
-            _emit(results, args, len(items))
-            results = []
-    if world.active:
-        results = [r for part in distributed.gather(results, world) for r in part]
-        if world.is_main:
-            _emit(results, args, len(items))
-        distributed.finish(world)
-    if args.output and world.is_main:
-        print(f"offloadgen: wrote {len(items)} results to {args.output}", file=sys.stderr)
+        print(f"offloadgen: appended {len(items)} results to {args.output}", file=sys.stderr)
     return 0
 
 
-def _emit(results, args, n_items: int) -> None:
-    """Results as JSON lines appended to --output, or printed (the text alone for one prompt)."""
-    out = open(args.output, "a", encoding="utf-8") if args.output else None
-    try:
-        for item_id, prompt, text, n_tokens, reason in results:
-            if out:
-                out.write(json.dumps({"id": item_id, "prompt": prompt, "text": text, "tokens": n_tokens,
-                                      "finish_reason": reason}) + "\n")
-            else:
-                print(prompt + text if n_items == 1 else json.dumps({"id": item_id, "text": text}), flush=True)
-    finally:
-        if out:
-            out.close()
+def _emit(results, out, n_items: int) -> None:
+    """Results as records appended to out (an outputs.JobOutput), or printed (the text alone for one prompt)."""
+    if out is not None:
+        from .jobs import prompt_records
+        out.append(prompt_records(results))
+        return
+    for item_id, prompt, text, n_tokens, reason in results:
+        print(prompt + text if n_items == 1 else json.dumps({"id": item_id, "text": text}), flush=True)
 
 
 def _run_job(llm, args, sampling) -> int:

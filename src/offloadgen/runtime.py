@@ -25,6 +25,7 @@ from .offload import ResidentWeights, WeightSource
 from .offload.kv_cache import KVOffload
 from .offload.placement import Placement, all_resident, disk_placement_on_cpu, plan_kv_offload, plan_placement
 from .quant import QuantConfig
+from .quant.groupwise import check_group_size
 
 DEFAULT_PLANNED_SEQ_LEN = 2048  # what the GPU memory is planned for when max_seq_len is not given
 
@@ -89,6 +90,8 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
     config.validate()
     world = world or World()
     quant = QuantConfig(config.quant_bits, config.quant_group_size) if config.quant_bits != 16 else None
+    if quant is not None:
+        check_group_size(quant, model_cfg)
     dtype = resolve_dtype(config.dtype, device, model_cfg)
     elem = torch.empty((), dtype=dtype).element_size()
     max_len = min(config.max_seq_len or DEFAULT_PLANNED_SEQ_LEN, model_cfg.max_position)

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import OffloadgenError
 from ..machine import cache_root
+from ..models import config_from_hf
 
 CONVERTER_VERSION = 1  # part of the cache key: bump when converted folders change
 SHARD_BYTES = 2 << 30
@@ -53,6 +54,7 @@ def convert_gguf(path: Path) -> Path:
         return out
     print(f"offloadgen: converting {path.name} to {out} (once; later loads use it)", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out.parent)
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -69,6 +71,34 @@ def convert_gguf(path: Path) -> Path:
     return out
 
 
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the `.{name}.tmp{pid}` folders of conversions whose process is gone (killed mid-way:
+    a 135M model leaves 200 MB). A live process's folder is left alone."""
+    for tmp in folder.glob(".*.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _required(reader, key, path):
+    """A GGUF field we cannot do without, as an int."""
+    value = _field(reader, key)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise OffloadgenError(f"{path}: GGUF file has no valid {key} (found {value!r}); it cannot be read") from None
+
+
 def _field(reader, key, default=None):
     f = reader.fields.get(key)
     return default if f is None else f.contents()
@@ -83,21 +113,22 @@ def _reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _config(reader, arch: str, path: Path) -> dict:
     """config.json of the Hugging Face model the GGUF file was converted from."""
-    heads = int(_field(reader, f"{arch}.attention.head_count"))
+    heads = _required(reader, f"{arch}.attention.head_count", path)
+    kv_heads = _required(reader, kv, path) if (kv := f"{arch}.attention.head_count_kv") in reader.fields else heads
     names = {t.name for t in reader.tensors}
     scaling = _field(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none", "linear"):
         raise OffloadgenError(f"{path}: rope scaling {scaling!r} in GGUF is not supported")
     config = {
         "model_type": arch, "architectures": [_ARCHITECTURES[arch]],
-        "hidden_size": int(_field(reader, f"{arch}.embedding_length")),
-        "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
-        "num_attention_heads": heads, "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        "hidden_size": _required(reader, f"{arch}.embedding_length", path),
+        "intermediate_size": _required(reader, f"{arch}.feed_forward_length", path),
+        "num_hidden_layers": _required(reader, f"{arch}.block_count", path),
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads,
         "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 4096)),
         "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        "vocab_size": len(_field(reader, "tokenizer.ggml.tokens") or []) or int(_field(reader, f"{arch}.vocab_size")),
+        "vocab_size": len(_field(reader, "tokenizer.ggml.tokens") or []) or _required(reader, f"{arch}.vocab_size", path),
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
@@ -163,6 +194,7 @@ def _convert(path: Path, out: Path) -> None:
     if arch not in SUPPORTED_ARCHS:
         raise OffloadgenError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
     config = _config(reader, arch, path)
+    config_from_hf(config, str(path))  # refuse impossible sizes before minutes of dequantizing
     out.mkdir(parents=True)
 
     shard, shard_bytes, weight_map, n_shard = {}, 0, {}, 0

@@ -342,6 +342,8 @@ class StreamingWeights:
         if self.cuda:
             if self.staged:
                 self.issued[block].wait()  # the worker has recorded the block's ready event
+                if isinstance(self.worker_error, OffloadgenError):  # e.g. a damaged offload folder: say so
+                    raise self.worker_error
                 if self.worker_error is not None:
                     raise RuntimeError("the weight staging thread failed") from self.worker_error
             torch.cuda.current_stream(self.device).wait_event(self.ready[block])
