@@ -42,24 +42,25 @@ def cpu_read_bandwidth(nbytes: int = 2 << 30, repeats: int = 3) -> float:
 
 def cpu_attention_bandwidth(batch: int, kv_heads: int, q_heads: int, head_dim: int, seq: int,
                             dtype: torch.dtype = torch.float16, repeats: int = 3) -> float:
-    """Cache bytes/s that decode attention computed on the CPU gets through, on a cache laid out
-    as the offloaded KV cache lays it out (slot-major), for one micro-batch of `batch` rows. The
-    cache is sized past the last-level cache and several layers are cycled so that reads hit RAM."""
+    """Cache bytes/s that decode attention computed on the CPU gets through: the kernel the
+    offloaded KV cache runs (offload/cpu_attention), on its slot-major layout, for one micro-batch
+    of `batch` rows. The cache is sized past the last-level cache and several layers are cycled so
+    that reads hit RAM."""
     import time
 
-    from ..models.layers import sdpa
+    from ..offload.cpu_attention import attend, bias_from_mask
     per_layer = 2 * seq * batch * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
     layers = max(2, min(16, (1 << 30) // max(per_layer, 1)))
-    k = [torch.randn(seq, batch, kv_heads, head_dim).to(dtype).permute(1, 2, 0, 3) for _ in range(layers)]
-    v = [torch.randn(seq, batch, kv_heads, head_dim).to(dtype).permute(1, 2, 0, 3) for _ in range(layers)]
+    k = [torch.randn(seq, batch, kv_heads, head_dim).to(dtype) for _ in range(layers)]
+    v = [torch.randn(seq, batch, kv_heads, head_dim).to(dtype) for _ in range(layers)]
     q = torch.randn(batch, q_heads, 1, head_dim).to(dtype)
-    mask = torch.zeros(batch, 1, q_heads // kv_heads, seq, dtype=dtype)
-    for i in range(layers):
-        sdpa(q, k[i], v[i], mask)
+    bias = bias_from_mask(None, seq, batch, q_heads // kv_heads)
+    for i in range(layers):  # the first call compiles the kernel, or loads it from Numba's cache
+        attend(q, k[i], v[i], seq, bias)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         for i in range(layers):
-            sdpa(q, k[i], v[i], mask)
+            attend(q, k[i], v[i], seq, bias)
         best = min(best, time.perf_counter() - t0)
     return layers * per_layer / best

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.layers import DeviceKV, sdpa
+from .cpu_attention import attend as cpu_attend, bias_from_mask
 from .pinned import copy_in_chunks, pin_tensors, to_device_zero_copy, unpin_tensors
 
 
@@ -245,11 +246,11 @@ class OffloadedKVCache:
             hk[start:end] = k.permute(2, 0, 1, 3)
             hv[start:end] = v.permute(2, 0, 1, 3)
         self.stats["d2h_cache_bytes"] += 2 * k.numel() * k.element_size()
-        mask_host = step.extras.get("mask_host")
-        if mask_host is None:
-            mask_host = step.extras["mask_host"] = mask.cpu()
+        bias = step.extras.get("cpu_bias")  # the same for every layer of this pass
+        if bias is None:
+            bias = step.extras["cpu_bias"] = bias_from_mask(mask, end)
         t0 = time.perf_counter()
-        out = sdpa(q_host, hk[:end].permute(1, 2, 0, 3), hv[:end].permute(1, 2, 0, 3), mask_host, scale)
+        out = cpu_attend(q_host, hk, hv, end, bias, scale)
         self.stats["cpu_attention_s"] += time.perf_counter() - t0
         self.stats["cpu_cache_read_bytes"] += 2 * hk[:end].numel() * hk.element_size()
         if not self.cuda:
