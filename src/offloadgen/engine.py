@@ -48,8 +48,7 @@ class Engine:
             return KVCache(self.cfg.n_layers, batch, max_len, heads, head_dim, self.dtype, self.device)
         parts = self.micro_batches(batch)
         old = self.offloaded_cache
-        if old is not None and old.parts == parts and old.max_len >= max_len \
-                and old.gpu_parts == set(range(len(parts) - self.kv_offload.gpu_parts(len(parts)), len(parts))):
+        if old is not None and old.fits(parts, max_len, self.kv_offload):
             return old
         if old is not None:
             old.close()

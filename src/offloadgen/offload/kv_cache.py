@@ -28,6 +28,7 @@ import torch
 
 from ..models.layers import DeviceKV, sdpa
 from .cpu_attention import attend as cpu_attend, bias_from_mask
+from .kv_split import SplitController
 from .pinned import copy_in_chunks, pin_tensors, to_device_zero_copy, unpin_tensors
 
 
@@ -50,14 +51,20 @@ class KVCache:
         return 2 * n_layers * batch * max_len * kv_heads * head_dim * elem
 
 
+SPLIT_HEADROOM = 2  # micro-batches beyond the plan's that the split may move to the GPU
+
+
 @dataclass
 class KVOffload:
     """How the offloaded cache is kept: --pin-kv-cache, --async-kv-offload, and where decode
-    attention runs ("cpu", "gpu", or "auto": gpu_fraction chosen by the runtime's model)."""
+    attention runs ("cpu", "gpu", or "auto": gpu_fraction chosen by the runtime's model, then
+    adjusted between decode steps from their times when `adaptive`, see kv_split)."""
     pinned: bool = False
     async_write: bool = False
     attention: str = "auto"
     gpu_fraction: float | None = None  # share of micro-batches attending on the GPU; None: from attention
+    adaptive: bool = True
+    max_gpu_parts: int | None = None  # the most the split may move to the GPU; None: SPLIT_HEADROOM more
 
     def __post_init__(self):
         if self.attention not in ("auto", "cpu", "gpu"):
@@ -68,6 +75,14 @@ class KVOffload:
         if fraction is None:
             fraction = {"cpu": 0.0, "gpu": 1.0}.get(self.attention, 0.0)
         return max(0, min(n_parts, round(fraction * n_parts)))
+
+    def most_gpu_parts(self, n_parts: int) -> int:
+        """The most micro-batches that may attend on the GPU at once: what GPU memory is planned for."""
+        n = self.gpu_parts(n_parts)
+        if self.attention != "auto" or not self.adaptive:
+            return n
+        most = n + SPLIT_HEADROOM if self.max_gpu_parts is None else self.max_gpu_parts
+        return max(n, min(n_parts, most))
 
 
 def gpu_fraction(weights_bus_s: float, cache_bytes: float, h2d_bytes_s: float, cpu_attention_bytes_s: float) -> float:
@@ -110,6 +125,9 @@ class OffloadedKVCache:
         self.prefetched: dict[int, tuple] = {}  # part -> (layer, slots, buffer index, event)
         self.staging: dict[tuple[int, str], torch.Tensor] = {}
         self.stats = dict(cpu_attention_s=0.0, wait_for_gpu_s=0.0, cpu_cache_read_bytes=0, h2d_cache_bytes=0, d2h_cache_bytes=0)
+        adaptive = self.cuda and opts.attention == "auto" and opts.adaptive
+        self.split = SplitController(len(parts), n_gpu, opts.most_gpu_parts(len(parts))) if adaptive else None
+        self._mark = None  # (time, stats) at the start of the last decode pass
 
     @property
     def nbytes(self) -> int:
@@ -123,6 +141,26 @@ class OffloadedKVCache:
             torch.cuda.synchronize(self.device)
         unpin_tensors(self._registered)
         self._registered = []
+
+    def fits(self, parts: list[slice], max_len: int, opts: KVOffload) -> bool:
+        """Whether a later generation can reuse this cache (pinning anew is slow). The split it
+        has learned (kv_split) carries over."""
+        return self.parts == parts and self.max_len >= max_len and self.opts == opts
+
+    def begin_pass(self, step) -> None:
+        """At the start of every pass: between two decode steps, the last one's times go to the
+        split controller and its answer applies to this one. Prefills say nothing about decode."""
+        if self.split is None:
+            return
+        now = time.perf_counter()
+        if step.start > 0 and self._mark is not None:
+            t0, cpu_s, wait_s = self._mark
+            n = self.split.observe(self.stats["cpu_attention_s"] - cpu_s, self.stats["wait_for_gpu_s"] - wait_s, now - t0)
+            new = set(range(len(self.parts) - n, len(self.parts)))
+            for j in self.gpu_parts - new:
+                self.prefetched.pop(j, None)  # fetched ahead for a part that now attends on the CPU
+            self.gpu_parts = new
+        self._mark = (now, self.stats["cpu_attention_s"], self.stats["wait_for_gpu_s"]) if step.start > 0 else None
 
     # -- pieces -------------------------------------------------------------------------------------
     def _pinned_like(self, part: int, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -266,6 +304,8 @@ class OffloadedLayerKV:
 
     def attend(self, q, k, v, step, mask, scale=None) -> torch.Tensor:
         c = self.cache
+        if self.i == 0 and self.part == 0:
+            c.begin_pass(step)
         if step.length == 1 and self.part not in c.gpu_parts:
             return c.attend_on_cpu(self.i, self.part, q, k, v, step, mask, scale)
         return c.attend_on_device(self.i, self.part, q, k, v, step, mask, scale)

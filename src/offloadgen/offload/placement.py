@@ -178,8 +178,10 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
             fraction = 0.0  # nothing measured (no GPU): the cache is read where it is
     opts = dataclasses.replace(opts, gpu_fraction=fraction)
     n_gpu = opts.gpu_parts(n_parts)
+    most = opts.most_gpu_parts(n_parts)  # the split may move a few more to the GPU (kv_split)
+    opts = dataclasses.replace(opts, max_gpu_parts=most)
     # two device buffers (this layer, the next one) of keys and values per GPU-attending part
-    scratch = n_gpu * 2 * kv_cache_bytes(cfg, rows, prompt_len + gen_len, elem_bytes) // cfg.n_layers
+    scratch = most * 2 * kv_cache_bytes(cfg, rows, prompt_len + gen_len, elem_bytes) // cfg.n_layers
     placement = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
                                offload=offload, kv_on_gpu=False, quant=quant, kv_scratch=scratch) if scratch else first
     placement.bytes["kv_host"] = kv_cache_bytes(cfg, batch, prompt_len + gen_len, elem_bytes)
@@ -188,5 +190,5 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
         bus = (placement.streamed_bytes + x * cache_step) / h2d_bytes_s
         cpu = (1 - x) * cache_step / cpu_attention_bytes_s if cpu_attention_bytes_s else 0.0
         model.update(predicted_bus_s=bus, predicted_cpu_attention_s=cpu, predicted_step_s=max(bus, cpu))
-    model.update(gpu_parts=n_gpu, parts=n_parts, gpu_fraction=fraction)
+    model.update(gpu_parts=n_gpu, max_gpu_parts=most, parts=n_parts, gpu_fraction=fraction)
     return placement, opts, model
