@@ -27,9 +27,10 @@ class GenerationOutput:
 
 class Engine:
     def __init__(self, cfg, weights, device: torch.device, dtype: torch.dtype, micro_batch_size: int | None = None,
-                 kv_offload: KVOffload | None = None):
+                 kv_offload: KVOffload | None = None, kv_quant: tuple[int, int] | None = None):
         self.cfg = cfg
         self.kv_offload = kv_offload
+        self.kv_quant = kv_quant  # (bits, group size) of the cache on the device; KVOffload has its own
         self.offloaded_cache: OffloadedKVCache | None = None  # kept between generations: pinning is slow
         self.family = family_of(cfg)
         self.weights = weights
@@ -45,7 +46,8 @@ class Engine:
     def new_cache(self, batch: int, max_len: int) -> KVCache | OffloadedKVCache:
         heads, head_dim = self.family.kv_heads(self.cfg)
         if self.kv_offload is None:
-            return KVCache(self.cfg.n_layers, batch, max_len, heads, head_dim, self.dtype, self.device)
+            return KVCache(self.cfg.n_layers, batch, max_len, heads, head_dim, self.dtype, self.device,
+                           *(self.kv_quant or (None,)))
         parts = self.micro_batches(batch)
         old = self.offloaded_cache
         if old is not None and old.fits(parts, max_len, self.kv_offload):

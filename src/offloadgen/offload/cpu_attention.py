@@ -49,21 +49,22 @@ def bias_from_mask(mask: torch.Tensor | None, end: int, batch: int = 1, queries:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: torch.Tensor,
-           scale: float | None = None, impl: str | None = None) -> torch.Tensor:
-    """Attention of q [B, H, t, D] over slots [:end] of k, v [slots, B, Hkv, D] (CPU tensors),
-    with bias from bias_from_mask. Returns [B, H, t, D] in q's dtype. impl: "numba" or "torch";
-    None takes Numba where it imports."""
+           scale: float | None = None, impl: str | None = None, quant=None) -> torch.Tensor:
+    """Attention of q [B, H, t, D] over slots [:end] of k, v [slots, B, Hkv, D] (CPU tensors), or
+    with quant (a quant.kv.KVQuant) of the 4/8-bit cache k, v uint8 [slots, B, row bytes], with
+    bias from bias_from_mask. Returns [B, H, t, D] in q's dtype. impl: "numba" or "torch"; None
+    takes Numba where it imports."""
     b, h, t, d = q.shape
-    h_kv = k.shape[2]
+    h_kv = k.shape[2] if quant is None else quant.kv_heads
     if bias.shape[2] not in (1, h_kv):
         raise ValueError(f"mask heads must be 1 or the {h_kv} KV heads, not {bias.shape[2]}")
     scale = d ** -0.5 if scale is None else scale
     qf = (q.float() * scale).reshape(b, h_kv, (h // h_kv) * t, d).contiguous()
     impl = impl or available_impls()[0]
     if impl == "numba":
-        out = _attend_numba(qf, k, v, end, bias)
+        out = _attend_numba(qf, k, v, end, bias, quant=quant)
     elif impl == "torch":
-        out = _attend_torch(qf, k, v, end, bias)
+        out = _attend_torch(qf, k, v, end, bias, quant=quant)
     else:
         raise ValueError(f"unknown CPU attention implementation {impl!r}")
     return out.reshape(b, h, t, d).to(q.dtype)
@@ -76,7 +77,7 @@ def _as_numpy(x: torch.Tensor):
         return x.view(torch.int16).numpy().view("uint16")
     if x.dtype == torch.bfloat16:
         return x.view(torch.int16).numpy()
-    if x.dtype == torch.float32:
+    if x.dtype in (torch.float32, torch.uint8):  # uint8: a quantized cache's rows
         return x.numpy()
     raise TypeError(f"CPU attention reads float16, bfloat16 or float32 caches, not {x.dtype}")
 
@@ -96,16 +97,18 @@ def _workspace(slot_splits: int, item_splits: int, end: int, b: int, h: int, r: 
 
 
 def _attend_numba(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: torch.Tensor,
-                  splits: tuple[int, int] | None = None) -> torch.Tensor:
+                  splits: tuple[int, int] | None = None, quant=None) -> torch.Tensor:
     """splits: (slot ranges, item ranges), chosen for the thread count unless given (tests)."""
     nb = _numba()
     threads = nb.set_threads(torch.get_num_threads())  # the pool size PyTorch was given (OMP_NUM_THREADS)
     b, h, _, d = qf.shape
-    slot_splits, item_splits = splits or nb.splits(threads, end, b * h, 2 * d * k.element_size())
+    item_bytes = 2 * d * k.element_size() if quant is None else 2 * quant.row_bytes // quant.kv_heads
+    slot_splits, item_splits = splits or nb.splits(threads, end, b * h, item_bytes)
     work = _workspace(slot_splits, item_splits, end, *qf.shape)
     shape = np.array([*qf.shape, bias.shape[2]], np.int64)
+    layout = _NO_LAYOUT if quant is None else np.array(quant.layout(), np.int64)
     flat = lambda x: x.reshape(-1)  # noqa: E731  (views: the caller's tensors are contiguous)
-    nb.attend(flat(qf.numpy()), flat(_as_numpy(k)), flat(_as_numpy(v)), _NO_LAYOUT, shape, end,
+    nb.attend(flat(qf.numpy()), flat(_as_numpy(k)), flat(_as_numpy(v)), layout, shape, end,
               flat(bias.float().contiguous().numpy()), item_splits, *work)
     out = torch.empty(qf.shape)
     nb.merge(*work[:3], out.view(-1).numpy(), d)
@@ -113,18 +116,20 @@ def _attend_numba(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, 
 
 
 def _attend_torch(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: torch.Tensor,
-                  block: int = 64) -> torch.Tensor:
+                  block: int = 64, quant=None) -> torch.Tensor:
     """The kernel's computation in PyTorch: online softmax over blocks of `block` slots."""
     b, h, r, d = qf.shape
+    load = (lambda x: x.float()) if quant is None else \
+        (lambda x: quant.decode(x, torch.float32).unflatten(-1, (h, d)))  # noqa: E731
     m = torch.full((b, h, r), float("-inf"))
     l, acc = torch.zeros(b, h, r), torch.zeros(b, h, r, d)
     for s0 in range(0, end, block):
         s1 = min(end, s0 + block)
-        scores = torch.einsum("bhrd,sbhd->bhrs", qf, k[s0:s1].float()) + bias[s0:s1].permute(1, 2, 3, 0)
+        scores = torch.einsum("bhrd,sbhd->bhrs", qf, load(k[s0:s1])) + bias[s0:s1].permute(1, 2, 3, 0)
         top = torch.maximum(m, scores.amax(-1))
         safe = torch.where(top == float("-inf"), 0.0, top)  # no -inf - -inf while all keys so far are hidden
         alpha, p = torch.exp(m - safe), torch.exp(scores - safe[..., None])
         l = l * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + torch.einsum("bhrs,sbhd->bhrd", p, v[s0:s1].float())
+        acc = acc * alpha[..., None] + torch.einsum("bhrs,sbhd->bhrd", p, load(v[s0:s1]))
         m = top
     return torch.where(l[..., None] > 0, acc / l.clamp(min=1e-30)[..., None], 0.0)

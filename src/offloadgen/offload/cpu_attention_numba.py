@@ -105,7 +105,72 @@ def _widen(cache, row, h, heads, out, layout):
             for d in range(dim):
                 out[d] = to_f32(cache[at + d])
         return dense
+    if cache.dtype == types.uint8:
+        return lambda cache, row, h, heads, out, layout: _quant_widen(cache, row, h, out, layout)
     return None
+
+
+# -- 4- and 8-bit caches (quant/kv.py): one uint8 row of codes, scales and minimums per token --------
+# layout = (bits, group size, row bytes, codes bytes); groups span whole heads when larger.
+
+@njit(inline="always")
+def _group_params(cache, base, layout, g):
+    """float32 (scale, minimum) of group g in the row starting at byte `base`."""
+    groups = (layout[2] - layout[3]) // 4
+    p = base + U(layout[3] + 2 * g)
+    q = p + U(2 * groups)
+    scale = _f16_bits_to_f32(np.uint16(np.int64(cache[p]) | (np.int64(cache[p + U(1)]) << 8)))  # little-endian
+    low = _f16_bits_to_f32(np.uint16(np.int64(cache[q]) | (np.int64(cache[q + U(1)]) << 8)))
+    return scale, low
+
+
+@njit(fastmath=FAST, inline="always")
+def _quant_dot(x, at, cache, row, h, dim, layout):
+    """x[at:at + D] . the dequantized vector of head h: per group, scale * (x . codes) +
+    minimum * sum(x), so codes are only widened, never dequantized one by one."""
+    base, seg = U(row) * U(layout[2]), min(layout[1], dim)
+    total = np.float32(0)
+    for j in range(dim // seg):
+        e = h * dim + j * seg  # first element of this piece of a group
+        scale, low = _group_params(cache, base, layout, e // layout[1])
+        xs, dot, xsum = U(at + j * seg), np.float32(0), np.float32(0)
+        if layout[0] == 8:
+            for d in range(U(seg)):
+                dot += x[xs + d] * np.float32(cache[base + U(e) + d])
+        else:  # two codes a byte: walk the bytes, so that each is loaded once
+            for i in range(U(seg // 2)):
+                byte = cache[base + U(e // 2) + i]
+                dot += x[xs + U(2) * i] * np.float32(byte & np.uint8(15))
+                dot += x[xs + U(2) * i + U(1)] * np.float32(byte >> np.uint8(4))
+        for d in range(U(seg)):
+            xsum += x[xs + d]
+        total += scale * dot + low * xsum
+    return total
+
+
+@njit(fastmath=FAST, inline="always")
+def _quant_add(acc, at, p, cache, row, h, dim, layout):
+    """acc[at:at + D] += p * the dequantized vector of head h."""
+    base, seg = U(row) * U(layout[2]), min(layout[1], dim)
+    for j in range(dim // seg):
+        e = h * dim + j * seg
+        scale, low = _group_params(cache, base, layout, e // layout[1])
+        ps, pl, a = p * scale, p * low, U(at + j * seg)
+        if layout[0] == 8:
+            for d in range(U(seg)):
+                acc[a + d] += ps * np.float32(cache[base + U(e) + d]) + pl
+        else:
+            for i in range(U(seg // 2)):
+                byte = cache[base + U(e // 2) + i]
+                acc[a + U(2) * i] += ps * np.float32(byte & np.uint8(15)) + pl
+                acc[a + U(2) * i + U(1)] += ps * np.float32(byte >> np.uint8(4)) + pl
+
+
+@njit(fastmath=FAST)
+def _quant_widen(cache, row, h, out, layout):
+    for d in range(U(out.shape[0])):
+        out[d] = 0
+    _quant_add(out, 0, np.float32(1.0), cache, row, h, out.shape[0], layout)
 
 
 def dot_row(x, at, cache, row, h, heads, dim, layout):
@@ -122,6 +187,8 @@ def _dot_row(x, at, cache, row, h, heads, dim, layout):
                 total += x[at + d] * to_f32(cache[c + d])
             return total
         return dense
+    if cache.dtype == types.uint8:
+        return lambda x, at, cache, row, h, heads, dim, layout: _quant_dot(x, at, cache, row, h, dim, layout)
     return None
 
 
@@ -137,6 +204,8 @@ def _add_row(acc, at, p, cache, row, h, heads, dim, layout):
             for d in range(U(dim)):
                 acc[at + d] += p * to_f32(cache[c + d])
         return dense
+    if cache.dtype == types.uint8:
+        return lambda acc, at, p, cache, row, h, heads, dim, layout: _quant_add(acc, at, p, cache, row, h, dim, layout)
     return None
 
 

@@ -27,19 +27,30 @@ from dataclasses import dataclass
 import torch
 
 from ..models.layers import DeviceKV, sdpa
+from ..quant.kv import KVQuant, kv_quant
 from .cpu_attention import attend as cpu_attend, bias_from_mask
 from .kv_split import SplitController
 from .pinned import copy_in_chunks, pin_tensors, to_device_zero_copy, unpin_tensors
 
 
 class KVCache:
-    def __init__(self, n_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+    """With quant_bits (4 or 8) keys and values are kept quantized (quant/kv.py), slot-major
+    [max_len, batch, row bytes] like the offloaded cache, and each layer's are dequantized for
+    attention into a workspace of one layer and micro-batch."""
 
-    def layer(self, i: int, part: int, rows: slice) -> DeviceKV:
+    def __init__(self, n_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, quant_bits: int | None = None, quant_group_size: int = 64):
+        self.codec = kv_quant(quant_bits, quant_group_size, kv_heads, head_dim)
+        shape, store = (batch, kv_heads, max_len, head_dim), dtype
+        if self.codec is not None:
+            shape, store = (max_len, batch, self.codec.row_bytes), torch.uint8
+            self.workspace = QuantWorkspace(self.codec, dtype, device)
+        self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
+
+    def layer(self, i: int, part: int, rows: slice):
+        if self.codec is not None:
+            return QuantDeviceKV(self.k[i][:, rows], self.v[i][:, rows], self.workspace)
         return DeviceKV(self.k[i][rows], self.v[i][rows])
 
     def close(self) -> None:
@@ -49,6 +60,44 @@ class KVCache:
     def nbytes_for(n_layers, batch, max_len, kv_heads, head_dim, dtype) -> int:
         elem = dtype if isinstance(dtype, int) else torch.empty((), dtype=dtype).element_size()
         return 2 * n_layers * batch * max_len * kv_heads * head_dim * elem
+
+
+class QuantWorkspace:
+    """Device buffers that one layer and micro-batch's keys and values are dequantized into for
+    attention, grown to the largest asked for: never a dense copy of the whole cache."""
+
+    def __init__(self, codec: KVQuant, dtype: torch.dtype, device: torch.device):
+        self.codec, self.dtype, self.device = codec, dtype, device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def stored(self, x: torch.Tensor) -> torch.Tensor:
+        """New keys or values [rows, heads, t, dim] -> the cache's slot-major rows [t, rows, row bytes]."""
+        x = x.permute(2, 0, 1, 3)
+        return self.codec.encode(x.reshape(*x.shape[:2], -1))
+
+    def dense(self, rows: torch.Tensor, name: str) -> torch.Tensor:
+        """Stored rows [end, rows, row bytes] -> keys or values [rows, heads, end, dim]."""
+        end, n = rows.shape[:2]
+        size = end * n * self.codec.features
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < size:
+            buf = self.buffers[name] = torch.empty(size, dtype=self.dtype, device=self.device)
+        out = self.codec.decode(rows, self.dtype, out=buf[:size].view(end, n, self.codec.features))
+        return out.view(end, n, self.codec.kv_heads, self.codec.head_dim).permute(1, 2, 0, 3)
+
+
+class QuantDeviceKV:
+    """One layer's 4/8-bit cache for one micro-batch, on the compute device (see KVCache)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, workspace: QuantWorkspace):
+        self.k, self.v, self.ws = k, v, workspace
+
+    def attend(self, q, k, v, step, mask, scale=None) -> torch.Tensor:
+        self.k[step.start:step.end] = self.ws.stored(k)
+        self.v[step.start:step.end] = self.ws.stored(v)
+        if step.start == 0:  # a prefill attends over its own keys before they are quantized, as FlexGen's does
+            return sdpa(q, k, v, mask, scale)
+        return sdpa(q, self.ws.dense(self.k[:step.end], "k"), self.ws.dense(self.v[:step.end], "v"), mask, scale)
 
 
 SPLIT_HEADROOM = 2  # micro-batches beyond the plan's that the split may move to the GPU
@@ -65,6 +114,8 @@ class KVOffload:
     gpu_fraction: float | None = None  # share of micro-batches attending on the GPU; None: from attention
     adaptive: bool = True
     max_gpu_parts: int | None = None  # the most the split may move to the GPU; None: SPLIT_HEADROOM more
+    quant_bits: int | None = None  # 4 or 8: keys and values stored quantized (quant/kv.py); None: dtype
+    quant_group_size: int = 64
 
     def __post_init__(self):
         if self.attention not in ("auto", "cpu", "gpu"):
@@ -111,9 +162,13 @@ class OffloadedKVCache:
         self.opts = opts
         n_gpu = opts.gpu_parts(len(parts))
         self.gpu_parts = set(range(len(parts) - n_gpu, len(parts)))  # the last micro-batches
-        shape = lambda rows: (max_len, rows.stop - rows.start, kv_heads, head_dim)  # noqa: E731
-        self.k = [[torch.empty(shape(p), dtype=dtype) for p in parts] for _ in range(n_layers)]
-        self.v = [[torch.empty(shape(p), dtype=dtype) for p in parts] for _ in range(n_layers)]
+        self.codec = kv_quant(opts.quant_bits, opts.quant_group_size, kv_heads, head_dim)
+        self.quant = None if self.codec is None else QuantWorkspace(self.codec, dtype, self.device)
+        self.row_shape = (kv_heads, head_dim) if self.codec is None else (self.codec.row_bytes,)
+        self.store_dtype = dtype if self.codec is None else torch.uint8
+        shape = lambda rows: (max_len, rows.stop - rows.start, *self.row_shape)  # noqa: E731
+        self.k = [[torch.empty(shape(p), dtype=self.store_dtype) for p in parts] for _ in range(n_layers)]
+        self.v = [[torch.empty(shape(p), dtype=self.store_dtype) for p in parts] for _ in range(n_layers)]
         self._registered = []
         if opts.pinned and self.cuda:
             flat = [t for layer in self.k + self.v for t in layer]
@@ -171,10 +226,19 @@ class OffloadedKVCache:
             self.staging[(part, name)] = buf
         return buf
 
+    def _stored(self, x: torch.Tensor) -> torch.Tensor:
+        """New keys or values [rows, heads, t, dim] -> the host layout's slots [t, rows, ...]:
+        permuted, or quantized into rows of bytes."""
+        return x.permute(2, 0, 1, 3).contiguous() if self.quant is None else self.quant.stored(x)
+
+    def _dense(self, buf: torch.Tensor, end: int, name: str) -> torch.Tensor:
+        """A device buffer's slots [:end] as keys or values [rows, heads, end, dim] for SDPA."""
+        return buf[:end].permute(1, 2, 0, 3) if self.quant is None else self.quant.dense(buf[:end], name)
+
     def _write_back(self, i: int, j: int, k: torch.Tensor, v: torch.Tensor, start: int, end: int) -> None:
         """New keys/values [rows, heads, t, dim] on the device -> host slots [start:end]."""
         hk, hv = self.k[i][j], self.v[i][j]
-        kt, vt = k.permute(2, 0, 1, 3).contiguous(), v.permute(2, 0, 1, 3).contiguous()
+        kt, vt = self._stored(k), self._stored(v)
         self.stats["d2h_cache_bytes"] += 2 * kt.numel() * kt.element_size()
         if not self.cuda:
             hk[start:end].copy_(kt)
@@ -204,8 +268,8 @@ class OffloadedKVCache:
     def _buffers(self, j: int) -> list:
         if j not in self.scratch:
             rows = self.parts[j].stop - self.parts[j].start
-            make = lambda: torch.empty(self.max_len, rows, self.kv_heads, self.head_dim,  # noqa: E731
-                                       dtype=self.dtype, device=self.device)
+            make = lambda: torch.empty(self.max_len, rows, *self.row_shape,  # noqa: E731
+                                       dtype=self.store_dtype, device=self.device)
             self.scratch[j] = [(make(), make()), (make(), make())]
         return self.scratch[j]
 
@@ -253,9 +317,9 @@ class OffloadedKVCache:
         else:
             index = self._past_on_device(i, j, start)
             kb, vb = self._buffers(j)[index]
-            kb[start:end].copy_(k.permute(2, 0, 1, 3))
-            vb[start:end].copy_(v.permute(2, 0, 1, 3))
-            keys, values = kb[:end].permute(1, 2, 0, 3), vb[:end].permute(1, 2, 0, 3)
+            kb[start:end].copy_(self._stored(k))
+            vb[start:end].copy_(self._stored(v))
+            keys, values = self._dense(kb, end, "k"), self._dense(vb, end, "v")
         out = sdpa(q, keys, values, mask, scale)
         self._write_back(i, j, k, v, start, end)
         if start > 0 and j in self.gpu_parts:
@@ -269,11 +333,12 @@ class OffloadedKVCache:
         start, end = step.start, step.end
         self._landed_for_host(i, j)
         hk, hv = self.k[i][j], self.v[i][j]
+        kt, vt = self._stored(k), self._stored(v)
         if self.cuda:
             q_host = self._pinned_like(j, "q", q)
             q_host.copy_(q, non_blocking=True)
-            hk[start:end].copy_(k.permute(2, 0, 1, 3), non_blocking=True)
-            hv[start:end].copy_(v.permute(2, 0, 1, 3), non_blocking=True)
+            hk[start:end].copy_(kt, non_blocking=True)
+            hv[start:end].copy_(vt, non_blocking=True)
             arrived = torch.cuda.Event()
             arrived.record(torch.cuda.current_stream(self.device))
             t0 = time.perf_counter()
@@ -281,14 +346,14 @@ class OffloadedKVCache:
             self.stats["wait_for_gpu_s"] += time.perf_counter() - t0
         else:
             q_host = q
-            hk[start:end] = k.permute(2, 0, 1, 3)
-            hv[start:end] = v.permute(2, 0, 1, 3)
-        self.stats["d2h_cache_bytes"] += 2 * k.numel() * k.element_size()
+            hk[start:end] = kt
+            hv[start:end] = vt
+        self.stats["d2h_cache_bytes"] += 2 * kt.numel() * kt.element_size()
         bias = step.extras.get("cpu_bias")  # the same for every layer of this pass
         if bias is None:
             bias = step.extras["cpu_bias"] = bias_from_mask(mask, end)
         t0 = time.perf_counter()
-        out = cpu_attend(q_host, hk, hv, end, bias, scale)
+        out = cpu_attend(q_host, hk, hv, end, bias, scale, quant=self.codec)
         self.stats["cpu_attention_s"] += time.perf_counter() - t0
         self.stats["cpu_cache_read_bytes"] += 2 * hk[:end].numel() * hk.element_size()
         if not self.cuda:

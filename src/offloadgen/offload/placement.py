@@ -143,9 +143,17 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
                                                      streamed_per_pass=streamed_bytes))
 
 
-def kv_cache_bytes(cfg, batch: int, seq: int, elem_bytes: int) -> int:
+def kv_bytes_per_token(cfg, elem_bytes: int, bits: int | None = None, group_size: int = 64) -> int:
+    """Bytes of keys and values one token adds to the cache over all layers: elem_bytes a value,
+    or with bits 4 or 8 the packed codes and a float16 scale and minimum per group (quant/kv.py)."""
+    from ..quant.kv import kv_quant
     heads, head_dim = family_of(cfg).kv_heads(cfg)
-    return 2 * cfg.n_layers * batch * seq * heads * head_dim * elem_bytes
+    codec = kv_quant(bits, group_size, heads, head_dim)
+    return 2 * cfg.n_layers * (heads * head_dim * elem_bytes if codec is None else codec.row_bytes)
+
+
+def kv_cache_bytes(cfg, batch: int, seq: int, elem_bytes: int, bits: int | None = None, group_size: int = 64) -> int:
+    return batch * seq * kv_bytes_per_token(cfg, elem_bytes, bits, group_size)
 
 
 def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: int, gen_len: int,
@@ -164,11 +172,13 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
     if cpu_attention_bytes_s is None and h2d_bytes_s and opts.attention == "auto" and opts.gpu_fraction is None:
         from ..bench.hardware import cpu_attention_bandwidth
         heads, head_dim = family_of(cfg).kv_heads(cfg)
-        cpu_attention_bytes_s = cpu_attention_bandwidth(rows, heads, cfg.n_heads, head_dim, prompt_len + gen_len, dtype)
+        cpu_attention_bytes_s = cpu_attention_bandwidth(rows, heads, cfg.n_heads, head_dim, prompt_len + gen_len, dtype,
+                                                        quant_bits=opts.quant_bits, quant_group_size=opts.quant_group_size)
     n_parts = -(-batch // rows)
     first = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
                            offload=offload, kv_on_gpu=False, quant=quant)
-    cache_step = kv_cache_bytes(cfg, batch, prompt_len + gen_len // 2, elem_bytes)  # read per decode step
+    kv_bits = (opts.quant_bits, opts.quant_group_size)
+    cache_step = kv_cache_bytes(cfg, batch, prompt_len + gen_len // 2, elem_bytes, *kv_bits)  # read per decode step
     fraction = opts.gpu_fraction
     model = {"cache_bytes_per_step": cache_step, "h2d_bytes_s": h2d_bytes_s, "cpu_attention_bytes_s": cpu_attention_bytes_s}
     if fraction is None and opts.attention == "auto":
@@ -180,11 +190,14 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
     n_gpu = opts.gpu_parts(n_parts)
     most = opts.most_gpu_parts(n_parts)  # the split may move a few more to the GPU (kv_split)
     opts = dataclasses.replace(opts, max_gpu_parts=most)
-    # two device buffers (this layer, the next one) of keys and values per GPU-attending part
-    scratch = most * 2 * kv_cache_bytes(cfg, rows, prompt_len + gen_len, elem_bytes) // cfg.n_layers
+    # two device buffers (this layer, the next one) of keys and values per GPU-attending part, and a
+    # quantized cache's dense workspace for one layer and part
+    scratch = most * 2 * kv_cache_bytes(cfg, rows, prompt_len + gen_len, elem_bytes, *kv_bits) // cfg.n_layers
+    if opts.quant_bits and most:
+        scratch += kv_cache_bytes(cfg, rows, prompt_len + gen_len, elem_bytes) // cfg.n_layers
     placement = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
                                offload=offload, kv_on_gpu=False, quant=quant, kv_scratch=scratch) if scratch else first
-    placement.bytes["kv_host"] = kv_cache_bytes(cfg, batch, prompt_len + gen_len, elem_bytes)
+    placement.bytes["kv_host"] = kv_cache_bytes(cfg, batch, prompt_len + gen_len, elem_bytes, *kv_bits)
     if h2d_bytes_s:
         x = n_gpu / n_parts
         bus = (placement.streamed_bytes + x * cache_step) / h2d_bytes_s
