@@ -82,3 +82,18 @@ def test_generate_command_with_the_cache_offloaded(capsys):
     assert main(["generate", *prompts, "--max-new-tokens", "8", "--micro-batch-size", "2", "--kv-offload",
                  "--kv-attention", "cpu"]) == 0
     assert capsys.readouterr().out == plain
+
+
+def test_cpu_attention_runs_the_cpu_kernel(tiny, monkeypatch):
+    """Decode steps attending on the CPU go through offload/cpu_attention (tested against a float64
+    reference in test_cpu_attention), not through SDPA."""
+    from offloadgen.offload import kv_cache
+    calls = []
+    real = kv_cache.cpu_attend
+    monkeypatch.setattr(kv_cache, "cpu_attend", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw))
+    _, path = tiny("llama3-gqa-rope-scaling")
+    ref, _ = run(path, None, new_tokens=4)
+    out, engine = run(path, KVOffload(attention="cpu"), new_tokens=4)
+    assert out.tokens == ref.tokens
+    n_parts = len(engine.offloaded_cache.parts)
+    assert len(calls) == 3 * 3 * n_parts  # 3 decode steps x 3 layers x micro-batches

@@ -41,6 +41,8 @@ class RunConfig:
     pin_kv_cache: bool | None = None  # None: the command's default (on for generate, off for bench)
     async_kv_offload: bool | None = None  # likewise
     kv_attention: str = "auto"  # with kv_offload: where decode attention runs
+    kv_quant_bits: int = 16  # 4 or 8: keys and values kept group-wise quantized (quant/kv.py); 16: none
+    kv_quant_group_size: int = 64
     # -- what the GPU memory is planned for ------------------------------------------------------------
     max_batch_size: int = 16  # rows one engine runs at once
     max_seq_len: int | None = None  # longest prompt + new tokens; None: the model's context
@@ -67,6 +69,10 @@ class RunConfig:
     def kv_async(self) -> bool:
         return True if self.async_kv_offload is None else self.async_kv_offload
 
+    def kv_quant(self) -> tuple[int, int] | None:
+        """(bits, group size) of a quantized KV cache, None for a 16-bit one."""
+        return None if self.kv_quant_bits == 16 else (self.kv_quant_bits, self.kv_quant_group_size)
+
     def validate(self) -> "RunConfig":
         """Refuse bad values with one line that says what is needed and what was found."""
         _whole("max_batch_size", self.max_batch_size, 1)
@@ -77,6 +83,9 @@ class RunConfig:
                 _whole(name, getattr(self, name), 1)
         if self.max_prompt_len is not None and self.max_seq_len is not None and self.max_prompt_len > self.max_seq_len:
             raise OffloadgenError(f"max_prompt_len ({self.max_prompt_len}) is longer than max_seq_len ({self.max_seq_len})")
+        if self.kv_quant_bits not in (4, 8, 16):
+            raise OffloadgenError(f"kv_quant_bits must be 4, 8 or 16 (16: no quantization); got {self.kv_quant_bits!r}")
+        _whole("kv_quant_group_size", self.kv_quant_group_size, 1)
         if self.quant_bits not in (4, 8, 16):
             raise OffloadgenError(f"quant_bits must be 4, 8 or 16 (16: no quantization); got {self.quant_bits!r}")
         if self.gpu_memory is not None:

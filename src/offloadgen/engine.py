@@ -27,10 +27,12 @@ class GenerationOutput:
 
 
 class Engine:
-    def __init__(self, cfg, weights: WeightSource, device: torch.device, dtype: torch.dtype, micro_batch_size: int | None = None,
-                 kv_offload: KVOffload | None = None):
+    def __init__(self, cfg, weights: WeightSource, device: torch.device, dtype: torch.dtype,
+                 micro_batch_size: int | None = None, kv_offload: KVOffload | None = None,
+                 kv_quant: tuple[int, int] | None = None):
         self.cfg = cfg
         self.kv_offload = kv_offload
+        self.kv_quant = kv_quant  # (bits, group size) of the cache on the device; KVOffload has its own
         self.offloaded_cache: OffloadedKVCache | None = None  # kept between generations: pinning is slow
         self.family = family_of(cfg)
         self.weights = weights
@@ -49,11 +51,11 @@ class Engine:
     def new_cache(self, batch: int, max_len: int) -> KVCache | OffloadedKVCache:
         heads, head_dim = self.family.kv_heads(self.cfg)
         if self.kv_offload is None:
-            return KVCache(self.cfg.n_layers, batch, max_len, heads, head_dim, self.dtype, self.device)
+            return KVCache(self.cfg.n_layers, batch, max_len, heads, head_dim, self.dtype, self.device,
+                           *(self.kv_quant or (None,)))
         parts = self.micro_batches(batch)
         old = self.offloaded_cache
-        if old is not None and old.parts == parts and old.max_len >= max_len \
-                and old.gpu_parts == set(range(len(parts) - self.kv_offload.gpu_parts(len(parts)), len(parts))):
+        if old is not None and old.fits(parts, max_len, self.kv_offload):
             return old
         if old is not None:
             old.close()

@@ -20,11 +20,12 @@ from .config import RunConfig
 from .engine import Engine
 from .errors import OffloadgenError
 from .machine import GiB, available_host_memory, default_gpu_budget, h2d_bandwidth
-from .models import parse_dtype
+from .models import family_of, parse_dtype
 from .offload import ResidentWeights, WeightSource
 from .offload.kv_cache import KVOffload
 from .offload.placement import Placement, all_resident, disk_placement_on_cpu, plan_kv_offload, plan_placement
 from .quant import QuantConfig
+from .quant.kv import KVQuant
 from .quant.groupwise import check_group_size
 
 DEFAULT_PLANNED_SEQ_LEN = 2048  # what the GPU memory is planned for when max_seq_len is not given
@@ -96,8 +97,11 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
     elem = torch.empty((), dtype=dtype).element_size()
     max_len = min(config.max_seq_len or DEFAULT_PLANNED_SEQ_LEN, model_cfg.max_position)
     prompt_len = min(config.max_prompt_len or max_len, max_len)
-    kv = KVOffload(pinned=config.kv_pinned(), async_write=config.kv_async(), attention=config.kv_attention) \
-        if config.kv_offload else None
+    kv_bits = config.kv_quant() or (None, 64)
+    if config.kv_quant():  # refuse groups that fit neither the head size nor whole heads, before loading
+        KVQuant(*kv_bits, *family_of(model_cfg).kv_heads(model_cfg))
+    kv = KVOffload(pinned=config.kv_pinned(), async_write=config.kv_async(), attention=config.kv_attention,
+                   quant_bits=kv_bits[0], quant_group_size=kv_bits[1]) if config.kv_offload else None
     plan = RunPlan(config, model_cfg, device, dtype, quant, None, None, max_len, prompt_len, kv, world=world)
     if device.type != "cuda":
         if config.cpu_offload and not config.disk_offload:
@@ -121,7 +125,7 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
     else:
         plan.placement = plan_placement(model_cfg, elem, plan.budget, batch, prompt_len, gen_len,
                                         config.micro_batch_size, config.prefetch_depth, offload=config.offloaded,
-                                        quant=quant, pool_ranks=pool_ranks)
+                                        quant=quant, pool_ranks=pool_ranks, kv_bits=kv_bits)
     if config.disk_offload:
         plan.placement.bytes["weights_on_disk"] = True
     if plan.placement.streamed or plan.placement.pooled or kv is not None:
@@ -189,7 +193,8 @@ def build_runtime(config: RunConfig, world: World | None = None, checkpoint=None
     plan = plan_run(config, checkpoint.cfg, device, world, h2d_bytes_s)
     t_load = time.perf_counter()
     weights = make_weights(plan, checkpoint)
-    engine = Engine(checkpoint.cfg, weights, device, plan.dtype, config.micro_batch_size, kv_offload=plan.kv)
+    engine = Engine(checkpoint.cfg, weights, device, plan.dtype, config.micro_batch_size, kv_offload=plan.kv,
+                    kv_quant=config.kv_quant())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     now = time.perf_counter()

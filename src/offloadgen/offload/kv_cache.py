@@ -27,17 +27,30 @@ from dataclasses import dataclass
 import torch
 
 from ..models.layers import DeviceKV, sdpa
+from ..quant.kv import KVQuant, kv_quant
+from .cpu_attention import attend as cpu_attend, bias_from_mask
+from .kv_split import SplitController
 from .pinned import copy_in_chunks, pin_tensors, to_device_zero_copy, unpin_tensors
 
 
 class KVCache:
-    def __init__(self, n_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+    """With quant_bits (4 or 8) keys and values are kept quantized (quant/kv.py), slot-major
+    [max_len, batch, row bytes] like the offloaded cache, and each layer's are dequantized for
+    attention into a workspace of one layer and micro-batch."""
 
-    def layer(self, i: int, part: int, rows: slice) -> DeviceKV:
+    def __init__(self, n_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, quant_bits: int | None = None, quant_group_size: int = 64):
+        self.codec = kv_quant(quant_bits, quant_group_size, kv_heads, head_dim)
+        shape, store = (batch, kv_heads, max_len, head_dim), dtype
+        if self.codec is not None:
+            shape, store = (max_len, batch, self.codec.row_bytes), torch.uint8
+            self.workspace = QuantWorkspace(self.codec, dtype, device)
+        self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(n_layers)]
+
+    def layer(self, i: int, part: int, rows: slice):
+        if self.codec is not None:
+            return QuantDeviceKV(self.k[i][:, rows], self.v[i][:, rows], self.workspace)
         return DeviceKV(self.k[i][rows], self.v[i][rows])
 
     def close(self) -> None:
@@ -49,14 +62,60 @@ class KVCache:
         return 2 * n_layers * batch * max_len * kv_heads * head_dim * elem
 
 
+class QuantWorkspace:
+    """Device buffers that one layer and micro-batch's keys and values are dequantized into for
+    attention, grown to the largest asked for: never a dense copy of the whole cache."""
+
+    def __init__(self, codec: KVQuant, dtype: torch.dtype, device: torch.device):
+        self.codec, self.dtype, self.device = codec, dtype, device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def stored(self, x: torch.Tensor) -> torch.Tensor:
+        """New keys or values [rows, heads, t, dim] -> the cache's slot-major rows [t, rows, row bytes]."""
+        x = x.permute(2, 0, 1, 3)
+        return self.codec.encode(x.reshape(*x.shape[:2], -1))
+
+    def dense(self, rows: torch.Tensor, name: str) -> torch.Tensor:
+        """Stored rows [end, rows, row bytes] -> keys or values [rows, heads, end, dim]."""
+        end, n = rows.shape[:2]
+        size = end * n * self.codec.features
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < size:
+            buf = self.buffers[name] = torch.empty(size, dtype=self.dtype, device=self.device)
+        out = self.codec.decode(rows, self.dtype, out=buf[:size].view(end, n, self.codec.features))
+        return out.view(end, n, self.codec.kv_heads, self.codec.head_dim).permute(1, 2, 0, 3)
+
+
+class QuantDeviceKV:
+    """One layer's 4/8-bit cache for one micro-batch, on the compute device (see KVCache)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, workspace: QuantWorkspace):
+        self.k, self.v, self.ws = k, v, workspace
+
+    def attend(self, q, k, v, step, mask, scale=None) -> torch.Tensor:
+        self.k[step.start:step.end] = self.ws.stored(k)
+        self.v[step.start:step.end] = self.ws.stored(v)
+        if step.start == 0:  # a prefill attends over its own keys before they are quantized, as FlexGen's does
+            return sdpa(q, k, v, mask, scale)
+        return sdpa(q, self.ws.dense(self.k[:step.end], "k"), self.ws.dense(self.v[:step.end], "v"), mask, scale)
+
+
+SPLIT_HEADROOM = 2  # micro-batches beyond the plan's that the split may move to the GPU
+
+
 @dataclass
 class KVOffload:
     """How the offloaded cache is kept: --pin-kv-cache, --async-kv-offload, and where decode
-    attention runs ("cpu", "gpu", or "auto": gpu_fraction chosen by the runtime's model)."""
+    attention runs ("cpu", "gpu", or "auto": gpu_fraction chosen by the runtime's model, then
+    adjusted between decode steps from their times when `adaptive`, see kv_split)."""
     pinned: bool = False
     async_write: bool = False
     attention: str = "auto"
     gpu_fraction: float | None = None  # share of micro-batches attending on the GPU; None: from attention
+    adaptive: bool = True
+    max_gpu_parts: int | None = None  # the most the split may move to the GPU; None: SPLIT_HEADROOM more
+    quant_bits: int | None = None  # 4 or 8: keys and values stored quantized (quant/kv.py); None: dtype
+    quant_group_size: int = 64
 
     def __post_init__(self):
         if self.attention not in ("auto", "cpu", "gpu"):
@@ -67,6 +126,14 @@ class KVOffload:
         if fraction is None:
             fraction = {"cpu": 0.0, "gpu": 1.0}.get(self.attention, 0.0)
         return max(0, min(n_parts, round(fraction * n_parts)))
+
+    def most_gpu_parts(self, n_parts: int) -> int:
+        """The most micro-batches that may attend on the GPU at once: what GPU memory is planned for."""
+        n = self.gpu_parts(n_parts)
+        if self.attention != "auto" or not self.adaptive:
+            return n
+        most = n + SPLIT_HEADROOM if self.max_gpu_parts is None else self.max_gpu_parts
+        return max(n, min(n_parts, most))
 
 
 def gpu_fraction(weights_bus_s: float, cache_bytes: float, h2d_bytes_s: float, cpu_attention_bytes_s: float) -> float:
@@ -95,9 +162,13 @@ class OffloadedKVCache:
         self.opts = opts
         n_gpu = opts.gpu_parts(len(parts))
         self.gpu_parts = set(range(len(parts) - n_gpu, len(parts)))  # the last micro-batches
-        shape = lambda rows: (max_len, rows.stop - rows.start, kv_heads, head_dim)  # noqa: E731
-        self.k = [[torch.empty(shape(p), dtype=dtype) for p in parts] for _ in range(n_layers)]
-        self.v = [[torch.empty(shape(p), dtype=dtype) for p in parts] for _ in range(n_layers)]
+        self.codec = kv_quant(opts.quant_bits, opts.quant_group_size, kv_heads, head_dim)
+        self.quant = None if self.codec is None else QuantWorkspace(self.codec, dtype, self.device)
+        self.row_shape = (kv_heads, head_dim) if self.codec is None else (self.codec.row_bytes,)
+        self.store_dtype = dtype if self.codec is None else torch.uint8
+        shape = lambda rows: (max_len, rows.stop - rows.start, *self.row_shape)  # noqa: E731
+        self.k = [[torch.empty(shape(p), dtype=self.store_dtype) for p in parts] for _ in range(n_layers)]
+        self.v = [[torch.empty(shape(p), dtype=self.store_dtype) for p in parts] for _ in range(n_layers)]
         self._registered = []
         if opts.pinned and self.cuda:
             flat = [t for layer in self.k + self.v for t in layer]
@@ -109,6 +180,9 @@ class OffloadedKVCache:
         self.prefetched: dict[int, tuple] = {}  # part -> (layer, slots, buffer index, event)
         self.staging: dict[tuple[int, str], torch.Tensor] = {}
         self.stats = dict(cpu_attention_s=0.0, wait_for_gpu_s=0.0, cpu_cache_read_bytes=0, h2d_cache_bytes=0, d2h_cache_bytes=0)
+        adaptive = self.cuda and opts.attention == "auto" and opts.adaptive
+        self.split = SplitController(len(parts), n_gpu, opts.most_gpu_parts(len(parts))) if adaptive else None
+        self._mark = None  # (time, stats) at the start of the last decode pass
 
     @property
     def nbytes(self) -> int:
@@ -123,6 +197,26 @@ class OffloadedKVCache:
         unpin_tensors(self._registered)
         self._registered = []
 
+    def fits(self, parts: list[slice], max_len: int, opts: KVOffload) -> bool:
+        """Whether a later generation can reuse this cache (pinning anew is slow). The split it
+        has learned (kv_split) carries over."""
+        return self.parts == parts and self.max_len >= max_len and self.opts == opts
+
+    def begin_pass(self, step) -> None:
+        """At the start of every pass: between two decode steps, the last one's times go to the
+        split controller and its answer applies to this one. Prefills say nothing about decode."""
+        if self.split is None:
+            return
+        now = time.perf_counter()
+        if step.start > 0 and self._mark is not None:
+            t0, cpu_s, wait_s = self._mark
+            n = self.split.observe(self.stats["cpu_attention_s"] - cpu_s, self.stats["wait_for_gpu_s"] - wait_s, now - t0)
+            new = set(range(len(self.parts) - n, len(self.parts)))
+            for j in self.gpu_parts - new:
+                self.prefetched.pop(j, None)  # fetched ahead for a part that now attends on the CPU
+            self.gpu_parts = new
+        self._mark = (now, self.stats["cpu_attention_s"], self.stats["wait_for_gpu_s"]) if step.start > 0 else None
+
     # -- pieces -------------------------------------------------------------------------------------
     def _pinned_like(self, part: int, name: str, t: torch.Tensor) -> torch.Tensor:
         """A reusable pinned host buffer for small per-part tensors (q, attention output)."""
@@ -132,10 +226,19 @@ class OffloadedKVCache:
             self.staging[(part, name)] = buf
         return buf
 
+    def _stored(self, x: torch.Tensor) -> torch.Tensor:
+        """New keys or values [rows, heads, t, dim] -> the host layout's slots [t, rows, ...]:
+        permuted, or quantized into rows of bytes."""
+        return x.permute(2, 0, 1, 3).contiguous() if self.quant is None else self.quant.stored(x)
+
+    def _dense(self, buf: torch.Tensor, end: int, name: str) -> torch.Tensor:
+        """A device buffer's slots [:end] as keys or values [rows, heads, end, dim] for SDPA."""
+        return buf[:end].permute(1, 2, 0, 3) if self.quant is None else self.quant.dense(buf[:end], name)
+
     def _write_back(self, i: int, j: int, k: torch.Tensor, v: torch.Tensor, start: int, end: int) -> None:
         """New keys/values [rows, heads, t, dim] on the device -> host slots [start:end]."""
         hk, hv = self.k[i][j], self.v[i][j]
-        kt, vt = k.permute(2, 0, 1, 3).contiguous(), v.permute(2, 0, 1, 3).contiguous()
+        kt, vt = self._stored(k), self._stored(v)
         self.stats["d2h_cache_bytes"] += 2 * kt.numel() * kt.element_size()
         if not self.cuda:
             hk[start:end].copy_(kt)
@@ -165,8 +268,8 @@ class OffloadedKVCache:
     def _buffers(self, j: int) -> list:
         if j not in self.scratch:
             rows = self.parts[j].stop - self.parts[j].start
-            make = lambda: torch.empty(self.max_len, rows, self.kv_heads, self.head_dim,  # noqa: E731
-                                       dtype=self.dtype, device=self.device)
+            make = lambda: torch.empty(self.max_len, rows, *self.row_shape,  # noqa: E731
+                                       dtype=self.store_dtype, device=self.device)
             self.scratch[j] = [(make(), make()), (make(), make())]
         return self.scratch[j]
 
@@ -214,9 +317,9 @@ class OffloadedKVCache:
         else:
             index = self._past_on_device(i, j, start)
             kb, vb = self._buffers(j)[index]
-            kb[start:end].copy_(k.permute(2, 0, 1, 3))
-            vb[start:end].copy_(v.permute(2, 0, 1, 3))
-            keys, values = kb[:end].permute(1, 2, 0, 3), vb[:end].permute(1, 2, 0, 3)
+            kb[start:end].copy_(self._stored(k))
+            vb[start:end].copy_(self._stored(v))
+            keys, values = self._dense(kb, end, "k"), self._dense(vb, end, "v")
         out = sdpa(q, keys, values, mask, scale)
         self._write_back(i, j, k, v, start, end)
         if start > 0 and j in self.gpu_parts:
@@ -230,11 +333,12 @@ class OffloadedKVCache:
         start, end = step.start, step.end
         self._landed_for_host(i, j)
         hk, hv = self.k[i][j], self.v[i][j]
+        kt, vt = self._stored(k), self._stored(v)
         if self.cuda:
             q_host = self._pinned_like(j, "q", q)
             q_host.copy_(q, non_blocking=True)
-            hk[start:end].copy_(k.permute(2, 0, 1, 3), non_blocking=True)
-            hv[start:end].copy_(v.permute(2, 0, 1, 3), non_blocking=True)
+            hk[start:end].copy_(kt, non_blocking=True)
+            hv[start:end].copy_(vt, non_blocking=True)
             arrived = torch.cuda.Event()
             arrived.record(torch.cuda.current_stream(self.device))
             t0 = time.perf_counter()
@@ -242,16 +346,16 @@ class OffloadedKVCache:
             self.stats["wait_for_gpu_s"] += time.perf_counter() - t0
         else:
             q_host = q
-            hk[start:end] = k.permute(2, 0, 1, 3)
-            hv[start:end] = v.permute(2, 0, 1, 3)
-        self.stats["d2h_cache_bytes"] += 2 * k.numel() * k.element_size()
-        # One host copy per mask and pass: layers may use different masks (Gemma 3's sliding and global)
-        masks_host = step.extras.setdefault("masks_host", {})
-        mask_host = masks_host.get(id(mask))
-        if mask_host is None:
-            mask_host = masks_host[id(mask)] = mask.cpu()
+            hk[start:end] = kt
+            hv[start:end] = vt
+        self.stats["d2h_cache_bytes"] += 2 * kt.numel() * kt.element_size()
+        # One bias per mask and pass: layers may use different masks (Gemma 3's sliding and global)
+        biases = step.extras.setdefault("cpu_biases", {})
+        bias = biases.get(id(mask))
+        if bias is None:
+            bias = biases[id(mask)] = bias_from_mask(mask, end)
         t0 = time.perf_counter()
-        out = sdpa(q_host, hk[:end].permute(1, 2, 0, 3), hv[:end].permute(1, 2, 0, 3), mask_host, scale)
+        out = cpu_attend(q_host, hk, hv, end, bias, scale, quant=self.codec)
         self.stats["cpu_attention_s"] += time.perf_counter() - t0
         self.stats["cpu_cache_read_bytes"] += 2 * hk[:end].numel() * hk.element_size()
         if not self.cuda:
@@ -267,28 +371,40 @@ class OffloadedLayerKV:
 
     def attend(self, q, k, v, step, mask, scale=None) -> torch.Tensor:
         c = self.cache
+        if self.i == 0 and self.part == 0:
+            c.begin_pass(step)
         if step.length == 1 and self.part not in c.gpu_parts:
             return c.attend_on_cpu(self.i, self.part, q, k, v, step, mask, scale)
         return c.attend_on_device(self.i, self.part, q, k, v, step, mask, scale)
 
 
 def probe_cpu_attention_bandwidth(batch: int, kv_heads: int, q_heads: int, head_dim: int, seq: int,
-                            dtype: torch.dtype = torch.float16, repeats: int = 3) -> float:
-    """Cache bytes/s that decode attention computed on the CPU gets through, on a cache laid out
-    as the offloaded KV cache lays it out (slot-major), for one micro-batch of `batch` rows. The
-    cache is sized past the last-level cache and several layers are cycled so that reads hit RAM."""
-    per_layer = 2 * seq * batch * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+                                  dtype: torch.dtype = torch.float16, repeats: int = 3, quant_bits: int | None = None,
+                                  quant_group_size: int = 64) -> float:
+    """Cache bytes/s that decode attention computed on the CPU gets through: the kernel the
+    offloaded KV cache runs (offload/cpu_attention), on its slot-major layout (4/8-bit with
+    quant_bits), for one micro-batch of `batch` rows. The cache is sized past the last-level cache
+    and several layers are cycled so that reads hit RAM."""
+    from ..quant.kv import kv_quant
+    from .cpu_attention import attend, bias_from_mask
+    codec = kv_quant(quant_bits, quant_group_size, kv_heads, head_dim)
+    if codec is None:
+        make = lambda: torch.randn(seq, batch, kv_heads, head_dim).to(dtype)  # noqa: E731
+    else:
+        make = lambda: codec.encode(torch.randn(seq, batch, kv_heads * head_dim))  # noqa: E731
+    first = make()
+    per_layer = 2 * first.numel() * first.element_size()
     layers = max(2, min(16, (1 << 30) // max(per_layer, 1)))
-    k = [torch.randn(seq, batch, kv_heads, head_dim).to(dtype).permute(1, 2, 0, 3) for _ in range(layers)]
-    v = [torch.randn(seq, batch, kv_heads, head_dim).to(dtype).permute(1, 2, 0, 3) for _ in range(layers)]
+    k = [first] + [make() for _ in range(layers - 1)]
+    v = [make() for _ in range(layers)]
     q = torch.randn(batch, q_heads, 1, head_dim).to(dtype)
-    mask = torch.zeros(batch, 1, q_heads // kv_heads, seq, dtype=dtype)
-    for i in range(layers):
-        sdpa(q, k[i], v[i], mask)
+    bias = bias_from_mask(None, seq, batch, q_heads // kv_heads)
+    for i in range(layers):  # the first call compiles the kernel, or loads it from Numba's cache
+        attend(q, k[i], v[i], seq, bias, quant=codec)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         for i in range(layers):
-            sdpa(q, k[i], v[i], mask)
+            attend(q, k[i], v[i], seq, bias, quant=codec)
         best = min(best, time.perf_counter() - t0)
     return layers * per_layer / best

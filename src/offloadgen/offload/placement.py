@@ -99,15 +99,14 @@ def block_sizes(cfg, elem_bytes: int, quant=None) -> tuple[dict, int]:
 def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: int, gen_len: int,
                    micro_batch: int | None = None, prefetch_depth: int = 1, offload: bool = True,
                    kv_on_gpu: bool = True, max_resident_layers: int | None = None, quant=None,
-                   kv_scratch: int = 0, pool_ranks: int = 1) -> Placement:
+                   kv_scratch: int = 0, pool_ranks: int = 1, kv_bits: tuple = (None, 64)) -> Placement:
     """Place blocks under `budget` bytes of GPU memory; refuse, saying what would fit, if impossible.
 
     With the KV cache offloaded (kv_on_gpu=False) the GPU holds only `kv_scratch` bytes of it: the
     device buffers of the micro-batches that attend on the GPU. With pool_ranks N > 1 the budget is
     each of N ranks' and the layers are pooled across them (_pool_layers)."""
     max_len = prompt_len + gen_len
-    heads, head_dim = family_of(cfg).kv_heads(cfg)
-    kv = 2 * cfg.n_layers * batch * max_len * heads * head_dim * elem_bytes if kv_on_gpu else kv_scratch
+    kv = kv_cache_bytes(cfg, batch, max_len, elem_bytes, *kv_bits) if kv_on_gpu else kv_scratch
     act = activation_bytes(cfg, micro_batch or batch, prompt_len, max_len, elem_bytes)
     # The engine keeps every micro-batch's hidden state on the GPU between layers (the prefill's
     # are prompt-long): with the KV cache offloaded and batch 96 in parts of 8, 0.65 GB more.
@@ -151,7 +150,7 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
         n_resident = min(n_resident, max_resident_layers)
     if n_resident == cfg.n_layers:  # everything fits: no ring needed at all
         return plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
-                              offload=False, kv_on_gpu=kv_on_gpu, quant=quant, kv_scratch=kv_scratch)
+                              offload=False, kv_on_gpu=kv_on_gpu, quant=quant, kv_scratch=kv_scratch, kv_bits=kv_bits)
     # Keep the last layers resident: the copy of the next pass's first layers then overlaps them.
     resident_layers = list(range(cfg.n_layers - n_resident, cfg.n_layers))
     resident = [b for b in blocks(cfg) if b in ends or b in resident_layers]
@@ -183,9 +182,17 @@ def _pool_layers(cfg, sizes: dict, ends: list, free: int, ranks: int, slots: int
                                                      streamed_per_pass=sum(sizes[b] for b in streamed)), pooled)
 
 
-def kv_cache_bytes(cfg, batch: int, seq: int, elem_bytes: int) -> int:
+def kv_bytes_per_token(cfg, elem_bytes: int, bits: int | None = None, group_size: int = 64) -> int:
+    """Bytes of keys and values one token adds to the cache over all layers: elem_bytes a value,
+    or with bits 4 or 8 the packed codes and a float16 scale and minimum per group (quant/kv.py)."""
+    from ..quant.kv import kv_quant
     heads, head_dim = family_of(cfg).kv_heads(cfg)
-    return 2 * cfg.n_layers * batch * seq * heads * head_dim * elem_bytes
+    codec = kv_quant(bits, group_size, heads, head_dim)
+    return 2 * cfg.n_layers * (heads * head_dim * elem_bytes if codec is None else codec.row_bytes)
+
+
+def kv_cache_bytes(cfg, batch: int, seq: int, elem_bytes: int, bits: int | None = None, group_size: int = 64) -> int:
+    return batch * seq * kv_bytes_per_token(cfg, elem_bytes, bits, group_size)
 
 
 def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: int, gen_len: int,
@@ -205,11 +212,14 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
     if cpu_attention_bytes_s is None and h2d_bytes_s and opts.attention == "auto" and opts.gpu_fraction is None:
         from .kv_cache import probe_cpu_attention_bandwidth
         heads, head_dim = family_of(cfg).kv_heads(cfg)
-        cpu_attention_bytes_s = probe_cpu_attention_bandwidth(rows, heads, cfg.n_heads, head_dim, prompt_len + gen_len, dtype)
+        cpu_attention_bytes_s = probe_cpu_attention_bandwidth(
+            rows, heads, cfg.n_heads, head_dim, prompt_len + gen_len, dtype, quant_bits=opts.quant_bits,
+            quant_group_size=opts.quant_group_size)
     n_parts = -(-batch // rows)
     first = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
                            offload=offload, kv_on_gpu=False, quant=quant, pool_ranks=pool_ranks)
-    cache_step = kv_cache_bytes(cfg, batch, prompt_len + gen_len // 2, elem_bytes)  # read per decode step
+    kv_bits = (opts.quant_bits, opts.quant_group_size)
+    cache_step = kv_cache_bytes(cfg, batch, prompt_len + gen_len // 2, elem_bytes, *kv_bits)  # read per decode step
     fraction = opts.gpu_fraction
     model = {"cache_bytes_per_step": cache_step, "h2d_bytes_s": h2d_bytes_s, "cpu_attention_bytes_s": cpu_attention_bytes_s}
     if fraction is None and opts.attention == "auto":
@@ -219,16 +229,21 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
             fraction = 0.0  # nothing measured (no GPU): the cache is read where it is
     opts = dataclasses.replace(opts, gpu_fraction=fraction)
     n_gpu = opts.gpu_parts(n_parts)
-    # two device buffers (this layer, the next one) of keys and values per GPU-attending part
-    scratch = n_gpu * 2 * kv_cache_bytes(cfg, rows, prompt_len + gen_len, elem_bytes) // cfg.n_layers
+    most = opts.most_gpu_parts(n_parts)  # the split may move a few more to the GPU (kv_split)
+    opts = dataclasses.replace(opts, max_gpu_parts=most)
+    # two device buffers (this layer, the next one) of keys and values per GPU-attending part, and a
+    # quantized cache's dense workspace for one layer and part
+    scratch = most * 2 * kv_cache_bytes(cfg, rows, prompt_len + gen_len, elem_bytes, *kv_bits) // cfg.n_layers
+    if opts.quant_bits and most:
+        scratch += kv_cache_bytes(cfg, rows, prompt_len + gen_len, elem_bytes) // cfg.n_layers
     placement = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
                                offload=offload, kv_on_gpu=False, quant=quant, kv_scratch=scratch,
                                pool_ranks=pool_ranks) if scratch else first
-    placement.bytes["kv_host"] = kv_cache_bytes(cfg, batch, prompt_len + gen_len, elem_bytes)
+    placement.bytes["kv_host"] = kv_cache_bytes(cfg, batch, prompt_len + gen_len, elem_bytes, *kv_bits)
     if h2d_bytes_s:
         x = n_gpu / n_parts
         bus = (placement.streamed_bytes + x * cache_step) / h2d_bytes_s
         cpu = (1 - x) * cache_step / cpu_attention_bytes_s if cpu_attention_bytes_s else 0.0
         model.update(predicted_bus_s=bus, predicted_cpu_attention_s=cpu, predicted_step_s=max(bus, cpu))
-    model.update(gpu_parts=n_gpu, parts=n_parts, gpu_fraction=fraction)
+    model.update(gpu_parts=n_gpu, max_gpu_parts=most, parts=n_parts, gpu_fraction=fraction)
     return placement, opts, model

@@ -1,0 +1,136 @@
+"""CPU decode attention over the offloaded KV cache, against the cores' plain read bandwidth.
+
+    python benchmarks/kv_cpu_attention.py            # on the GPU machine (16 cores): under 4 minutes
+    python benchmarks/kv_cpu_attention.py --gb 0.5   # a smaller cache, for a small machine
+
+For each shape, one decode step's attention for one micro-batch of 8 rows at context 512 + 32,
+over the cache as the offloaded KV cache lays it out (slot-major [slots, rows, kv_heads,
+head_dim]), cycling over enough layers (about --gb GB) that every read comes from RAM:
+  - the cores' plain read bandwidth: a PyTorch sum over a 2 GB buffer (the physical limit);
+  - "sdpa": what the offloaded cache ran before, PyTorch SDPA over the permuted cache;
+  - "kernel": offload/cpu_attention's Numba kernel (float16, bfloat16, 8-bit and 4-bit caches);
+  - "fallback": the same computation in PyTorch, used where Numba does not import.
+GB/s counts the cache bytes read (packed codes, scales and minimums for the quantized caches);
+"fp16-eq" is the float16 cache's bytes for the same context over the same time, so variants
+compare by how fast they get through a context. On a GPU machine it also checks the Triton KV
+dequantizer (GPU attention's path) against PyTorch's and times it.
+The table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+from offloadgen.machine import cpu_read_bandwidth  # noqa: E402
+from offloadgen.models.layers import sdpa  # noqa: E402
+from offloadgen.offload import cpu_attention  # noqa: E402
+
+SHAPES = {  # name: (q heads, kv heads, head_dim)
+    "OPT-30B (56 heads)": (56, 56, 128),
+    "GQA 64/8 (Llama-2-70B)": (64, 8, 128),
+}
+ROWS, CONTEXT = 8, 512 + 32
+
+
+def caches(kv_heads, head_dim, dtype, quant, gb):
+    """Enough layers of (k, v) for one micro-batch to make about `gb` GB, and their bytes. Layers
+    are copies of one random layer: what matters is that every read comes from RAM."""
+    shape = (CONTEXT, ROWS, kv_heads, head_dim)
+    make = (lambda: torch.randn(shape).to(dtype)) if quant is None else \
+        (lambda: quant.encode(torch.randn(shape[:2] + (kv_heads * head_dim,)).to(dtype)))
+    first = (make(), make())
+    per_layer = sum(t.numel() * t.element_size() for t in first)
+    layers = max(2, min(1024, int(gb * 1e9 // per_layer)))
+    return [first] + [(first[0].clone(), first[1].clone()) for _ in range(layers - 1)], per_layer
+
+
+def measure(run, layers, repeats=3):
+    for k, v in layers[:2]:  # compile (or load from Numba's cache) and warm up
+        run(k, v)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for k, v in layers:
+            run(k, v)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def variants(q_heads, kv_heads):
+    """(name, cache dtype, quantization or None, function of (q, bias, mask) -> run(k, v))."""
+    from offloadgen.quant.kv import KVQuant
+    kernel = lambda quant: lambda q, bias, mask: lambda k, v: cpu_attention.attend(  # noqa: E731
+        q, k, v, CONTEXT, bias, quant=quant)
+    out = [("sdpa (before)", torch.float16, None,
+            lambda q, bias, mask: lambda k, v: sdpa(q, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), mask)),
+           ("kernel fp16", torch.float16, None, kernel(None)),
+           ("kernel bf16", torch.bfloat16, None, kernel(None))]
+    for bits in (8, 4):
+        codec = KVQuant(bits, 64, kv_heads, 128)
+        out.append((f"kernel {bits}-bit g64", torch.float16, codec, kernel(codec)))
+    out.append(("fallback fp16 (PyTorch)", torch.float16, None, lambda q, bias, mask: lambda k, v: cpu_attention.attend(
+        q, k, v, CONTEXT, bias, impl="torch")))
+    return out
+
+
+def gpu_decode_check():
+    """GPU attention over a 4/8-bit cache dequantizes one layer and micro-batch at a time with
+    quant/triton_kv.py: compare it with the PyTorch decoder and time it (OPT-30B, 8 rows)."""
+    from offloadgen.quant.kv import KVQuant
+    for bits in (8, 4):
+        codec = KVQuant(bits, 64, 56, 128)
+        rows = codec.encode(torch.randn(CONTEXT, ROWS, codec.features, device="cuda", dtype=torch.float16))
+        out = codec.decode(rows, torch.float16)
+        ref = codec.decode(rows.cpu(), torch.float16)
+        diff = (out.cpu().float() - ref.float()).abs().max().item()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            codec.decode(rows, torch.float16, out=out)
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end) / 20
+        print(f"GPU {bits}-bit KV decode (Triton) vs PyTorch: max |diff| {diff:.2e}; {ms:.3f} ms per layer of 8 rows "
+              f"({(rows.numel() + out.numel() * 2) / ms / 1e6:.0f} GB/s)", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--gb", type=float, default=2.0, help="cache bytes cycled per measurement")
+    args = p.parse_args()
+    threads = torch.get_num_threads()
+    if torch.cuda.is_available():
+        gpu_decode_check()
+    read = cpu_read_bandwidth()
+    rows = []
+    for shape, (q_heads, kv_heads, head_dim) in SHAPES.items():
+        q = torch.randn(ROWS, q_heads, 1, head_dim).half()
+        mask = torch.zeros(ROWS, 1, q_heads // kv_heads, CONTEXT, dtype=torch.float16)
+        bias = cpu_attention.bias_from_mask(mask, CONTEXT)
+        for name, dtype, quant, make_run in variants(q_heads, kv_heads):
+            layers, per_layer = caches(kv_heads, head_dim, dtype, quant, args.gb)
+            seconds = measure(make_run(q.to(dtype), bias, mask.to(dtype)), layers)
+            bw = len(layers) * per_layer / seconds
+            fp16_eq = 2 * CONTEXT * ROWS * kv_heads * head_dim * 2 * len(layers) / seconds
+            rows.append((shape, name, per_layer / 1e6, seconds / len(layers) * 1e3, bw / 1e9, bw / read, fp16_eq / 1e9))
+            print(f"{shape:24s} {name:24s} {bw / 1e9:6.1f} GB/s", flush=True)
+            del layers
+    import numba
+    print(f"\nCPU decode attention, micro-batch {ROWS} rows x context {CONTEXT}, {threads} threads "
+          f"({platform.processor() or platform.machine()}, numba {numba.__version__} "
+          f"{numba.threading_layer()} layer), torch {torch.__version__}")
+    print(f"plain read bandwidth (sum over 2 GB): {read / 1e9:.1f} GB/s")
+    print(f"{'shape':24s} {'variant':24s} {'MB/layer':>8s} {'ms/layer':>8s} {'GB/s':>7s} {'of read':>7s} {'fp16-eq':>7s}")
+    for shape, name, mb, ms, gbs, ratio, eq in rows:
+        print(f"{shape:24s} {name:24s} {mb:8.1f} {ms:8.2f} {gbs:7.1f} {ratio:7.0%} {eq:7.1f}")
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()

@@ -1,0 +1,135 @@
+"""Decode attention computed on the CPU, over the offloaded KV cache where it lies.
+
+The cache is slot-major, [slots, rows, kv_heads, head_dim] in float16, bfloat16 or float32. A
+decode step is bound by reading it, so attention must read every key and value once, straight
+from that layout, and keep up with the memory: the Numba kernel (cpu_attention_numba) does, in
+float32, split over threads by slot ranges and (row, kv head) ranges as flash-decoding splits the
+keys. PyTorch's SDPA on the same cache converted blocks of half-precision keys to float32 first and
+got a third of the cores' read bandwidth on the H100 machine (issue 17).
+
+Without Numba (an unusual platform, a version that fails to import) the same computation runs in
+PyTorch below, an online softmax over blocks of slots, so that only one block at a time is ever
+converted to float32.
+Both take every family's additive mask, so ragged rows, sliding windows and ALiBi need nothing
+special; tests/test_cpu_attention.py checks both against a float64 reference.
+"""
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+_workspaces: dict[tuple, list] = {}
+_NO_LAYOUT = np.zeros(4, np.int64)  # the kernel's quantization layout argument, unused for dense caches
+
+
+@functools.cache
+def _numba():
+    """The kernels, imported (and Numba with them) on first use; None where Numba is missing."""
+    try:
+        from .cpu_attention_numba import attend, merge, set_threads, splits
+    except ImportError:
+        return None
+    return SimpleNamespace(attend=attend, merge=merge, set_threads=set_threads, splits=splits)
+
+
+def available_impls() -> list[str]:
+    return (["numba"] if _numba() is not None else []) + ["torch"]
+
+
+def bias_from_mask(mask: torch.Tensor | None, end: int, batch: int = 1, queries: int = 1) -> torch.Tensor:
+    """The additive mask [B, 1 or Hkv, R, S] (query heads that share a KV head folded into R, as
+    layers.grouped_mask does) in the order the kernel walks it: float32 [end, B, 1 or Hkv, R] on
+    the CPU. It is the same for every layer of a pass, so callers keep it for the pass."""
+    if mask is None:
+        return torch.zeros(end, batch, 1, queries)
+    return mask[..., :end].to("cpu", torch.float32).permute(3, 0, 1, 2).contiguous()
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: torch.Tensor,
+           scale: float | None = None, impl: str | None = None, quant=None) -> torch.Tensor:
+    """Attention of q [B, H, t, D] over slots [:end] of k, v [slots, B, Hkv, D] (CPU tensors), or
+    with quant (a quant.kv.KVQuant) of the 4/8-bit cache k, v uint8 [slots, B, row bytes], with
+    bias from bias_from_mask. Returns [B, H, t, D] in q's dtype. impl: "numba" or "torch"; None
+    takes Numba where it imports."""
+    b, h, t, d = q.shape
+    h_kv = k.shape[2] if quant is None else quant.kv_heads
+    if bias.shape[2] not in (1, h_kv):
+        raise ValueError(f"mask heads must be 1 or the {h_kv} KV heads, not {bias.shape[2]}")
+    scale = d ** -0.5 if scale is None else scale
+    qf = (q.float() * scale).reshape(b, h_kv, (h // h_kv) * t, d).contiguous()
+    impl = impl or available_impls()[0]
+    if impl == "numba":
+        out = _attend_numba(qf, k, v, end, bias, quant=quant)
+    elif impl == "torch":
+        out = _attend_torch(qf, k, v, end, bias, quant=quant)
+    else:
+        raise ValueError(f"unknown CPU attention implementation {impl!r}")
+    return out.reshape(b, h, t, d).to(q.dtype)
+
+
+def _as_numpy(x: torch.Tensor):
+    """A view the kernel can read: half-precision caches as their 16-bit patterns (Numba has no
+    float16), uint16 for float16 and int16 for bfloat16, so the kernel's types tell them apart."""
+    if x.dtype == torch.float16:
+        return x.view(torch.int16).numpy().view("uint16")
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy()
+    if x.dtype in (torch.float32, torch.uint8):  # uint8: a quantized cache's rows
+        return x.numpy()
+    raise TypeError(f"CPU attention reads float16, bfloat16 or float32 caches, not {x.dtype}")
+
+
+def _workspace(slot_splits: int, item_splits: int, end: int, b: int, h: int, r: int, d: int) -> list:
+    """Partial results per slot range and the work units' scratch, as numpy arrays, kept between
+    calls: fresh buffers of a few MB per layer would cost page faults on every call."""
+    units, per_s, per_i = slot_splits * item_splits, -(-end // slot_splits), -(-(b * h) // item_splits)
+    key = (slot_splits, item_splits, per_s, b, h, r, d)
+    if key not in _workspaces:
+        if len(_workspaces) > 16:
+            _workspaces.clear()
+        shapes = [(slot_splits * b * h * r,), (slot_splits * b * h * r,), (slot_splits * b * h * r * d,),
+                  (units, per_s * per_i * r), (units, d)]
+        _workspaces[key] = [torch.empty(s).numpy() for s in shapes]
+    return _workspaces[key]
+
+
+def _attend_numba(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: torch.Tensor,
+                  splits: tuple[int, int] | None = None, quant=None) -> torch.Tensor:
+    """splits: (slot ranges, item ranges), chosen for the thread count unless given (tests)."""
+    nb = _numba()
+    threads = nb.set_threads(torch.get_num_threads())  # the pool size PyTorch was given (OMP_NUM_THREADS)
+    b, h, _, d = qf.shape
+    item_bytes = 2 * d * k.element_size() if quant is None else 2 * quant.row_bytes // quant.kv_heads
+    slot_splits, item_splits = splits or nb.splits(threads, end, b * h, item_bytes)
+    work = _workspace(slot_splits, item_splits, end, *qf.shape)
+    shape = np.array([*qf.shape, bias.shape[2]], np.int64)
+    layout = _NO_LAYOUT if quant is None else np.array(quant.layout(), np.int64)
+    flat = lambda x: x.reshape(-1)  # noqa: E731  (views: the caller's tensors are contiguous)
+    nb.attend(flat(qf.numpy()), flat(_as_numpy(k)), flat(_as_numpy(v)), layout, shape, end,
+              flat(bias.float().contiguous().numpy()), item_splits, *work)
+    out = torch.empty(qf.shape)
+    nb.merge(*work[:3], out.view(-1).numpy(), d)
+    return out
+
+
+def _attend_torch(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: torch.Tensor,
+                  block: int = 64, quant=None) -> torch.Tensor:
+    """The kernel's computation in PyTorch: online softmax over blocks of `block` slots."""
+    b, h, r, d = qf.shape
+    load = (lambda x: x.float()) if quant is None else \
+        (lambda x: quant.decode(x, torch.float32).unflatten(-1, (h, d)))  # noqa: E731
+    m = torch.full((b, h, r), float("-inf"))
+    l, acc = torch.zeros(b, h, r), torch.zeros(b, h, r, d)
+    for s0 in range(0, end, block):
+        s1 = min(end, s0 + block)
+        scores = torch.einsum("bhrd,sbhd->bhrs", qf, load(k[s0:s1])) + bias[s0:s1].permute(1, 2, 3, 0)
+        top = torch.maximum(m, scores.amax(-1))
+        safe = torch.where(top == float("-inf"), 0.0, top)  # no -inf - -inf while all keys so far are hidden
+        alpha, p = torch.exp(m - safe), torch.exp(scores - safe[..., None])
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + torch.einsum("bhrs,sbhd->bhrd", p, load(v[s0:s1]))
+        m = top
+    return torch.where(l[..., None] > 0, acc / l.clamp(min=1e-30)[..., None], 0.0)

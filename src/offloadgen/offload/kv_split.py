@@ -1,0 +1,68 @@
+"""How many micro-batches attend on the GPU, adjusted between decode steps from what they took.
+
+With the KV cache in CPU memory a decode step has two sides that run at once: the GPU side (weights
+over the bus, and the cache of the micro-batches that attend on the GPU copied over it too) and
+the CPU side (attention over the rest of the cache, where it lies). The start-up plan splits the
+micro-batches so that both finish together (kv_cache.gpu_fraction), from a probe of the CPU's
+attention bandwidth and the bus's. Probes mislead (issue 17: 33.7 and 11.9 GB/s in two leases of
+the same machine kind), and the balance drifts as the context grows, so the split is corrected
+from each step's observed times:
+
+- cpu_s: seconds of CPU attention in the step; per CPU micro-batch, c = cpu_s / CPU parts;
+- wait_s: seconds the CPU waited for the GPU side (for q, k, v to arrive) before attending.
+
+If the CPU waited longer than one more micro-batch would take it (wait > c), the GPU side is the
+bottleneck and giving one micro-batch back to the CPU shortens the step: its extra c fits in the
+time the CPU spent waiting, and the bus loses that micro-batch's cache. If the CPU hardly waited
+at all (wait < margin * c), the CPU is the bottleneck and one micro-batch moves to the GPU; whether
+the bus had room for it shows in the next step, and a move that has to be undone is not retried
+for `hold` steps. In between, the split stays.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SplitController:
+    parts: int  # micro-batches
+    gpu: int  # how many attend on the GPU now (the last ones)
+    most: int  # the most that may: the plan reserved GPU memory for their buffers
+    margin: float = 0.1  # dead band, as a share of one micro-batch's CPU attention time
+    patience: int = 1  # steps that must agree before a move
+    hold: int = 8  # steps a count that proved too many for the bus is not tried again
+    history: list = field(default_factory=list)  # GPU micro-batches at each observed step
+    _per_part_s: float | None = None  # last seen CPU attention seconds per micro-batch
+    _pending: tuple = (0, 0)  # (direction, steps in a row)
+    _ceiling: tuple = (None, 0)  # (count not to reach, steps left)
+
+    def observe(self, cpu_s: float, wait_s: float, step_s: float) -> int:
+        """Take one decode step's times; return how many micro-batches attend on the GPU next."""
+        self.history.append(self.gpu)
+        cpu_parts = self.parts - self.gpu
+        if cpu_parts:
+            self._per_part_s = cpu_s / cpu_parts
+        else:
+            wait_s = step_s  # no attention on the CPU: it waited for the GPU the whole step
+        move = self._verdict(wait_s)
+        count = self._pending[1] + 1 if move and move == self._pending[0] else 1
+        self._pending = (move, count)
+        limit, left = self._ceiling
+        self._ceiling = (limit, left - 1) if left > 1 else (None, 0)
+        if move and count >= self.patience:
+            self.gpu += move
+            self._pending = (0, 0)
+            if move < 0:  # one more than this was too many for the bus
+                self._ceiling = (self.gpu + 1, self.hold)
+        return self.gpu
+
+    def _verdict(self, wait_s: float) -> int:
+        """+1: one more micro-batch to the GPU; -1: one back to the CPU; 0: stay."""
+        c = self._per_part_s
+        if self.gpu > 0 and (c is None or wait_s > (1 + self.margin) * c):
+            return -1
+        limit = self._ceiling[0]
+        room = min(self.most, self.parts, limit - 1 if limit is not None else self.parts)
+        if self.gpu < room and c is not None and wait_s < self.margin * c:
+            return 1
+        return 0

@@ -1,0 +1,110 @@
+"""The adaptive split between CPU and GPU attention (offload/kv_split): its decisions from given
+step times, and the offloaded cache applying them between decode steps."""
+import pytest
+import torch
+
+from offloadgen.models.layers import StepInputs
+from offloadgen.offload.kv_cache import SPLIT_HEADROOM, KVOffload, OffloadedKVCache
+from offloadgen.offload.kv_split import SplitController
+
+
+def test_cpu_bound_moves_one_part_to_the_gpu():
+    # 8 parts, 2 on the GPU: 6 s of CPU attention (1 s a part) and the CPU never waited for the GPU
+    split = SplitController(parts=8, gpu=2, most=5)
+    assert split.observe(cpu_s=6.0, wait_s=0.0, step_s=6.5) == 3
+
+
+def test_bus_bound_moves_one_part_back_to_the_cpu():
+    # the CPU waited 1.5 s for the GPU side, more than one more part (1 s) would take it
+    split = SplitController(parts=8, gpu=3, most=5)
+    assert split.observe(cpu_s=5.0, wait_s=1.5, step_s=7.0) == 2
+
+
+@pytest.mark.parametrize("wait_s", [0.2, 0.5, 1.05])
+def test_stays_when_balanced(wait_s):
+    # the CPU waited a little, less than a part's attention: moving either way makes the step longer
+    split = SplitController(parts=8, gpu=3, most=5)
+    for _ in range(10):
+        assert split.observe(cpu_s=5.0, wait_s=wait_s, step_s=6.0) == 3
+
+
+def test_moves_one_part_at_a_time_up_to_what_memory_was_planned_for():
+    split = SplitController(parts=8, gpu=0, most=3)
+    seen = [split.observe(cpu_s=8.0 - split.gpu, wait_s=0.0, step_s=9.0) for _ in range(6)]
+    assert seen == [1, 2, 3, 3, 3, 3]
+
+
+def test_never_below_zero_or_past_every_part():
+    split = SplitController(parts=2, gpu=0, most=2)
+    assert split.observe(cpu_s=2.0, wait_s=5.0, step_s=7.0) == 0  # bus-bound with nothing on the GPU
+    split = SplitController(parts=2, gpu=2, most=2)
+    split._per_part_s = 9.0  # a part would take the CPU longer than the whole step
+    assert split.observe(cpu_s=0.0, wait_s=0.0, step_s=3.0) == 2
+
+
+def test_all_on_the_gpu_gives_one_back_when_the_cpu_would_be_faster():
+    split = SplitController(parts=4, gpu=4, most=4)
+    split._per_part_s = 0.5
+    assert split.observe(cpu_s=0.0, wait_s=0.0, step_s=3.0) == 3  # the CPU sat idle for 3 s
+
+
+def test_a_move_the_bus_could_not_take_is_not_retried_at_once():
+    """CPU-bound at 2, bus-bound at 3: it settles at 2, tries 3 again only after `hold` steps."""
+    split = SplitController(parts=8, gpu=2, most=5, hold=4)
+    cpu_bound = dict(cpu_s=6.0, wait_s=0.0, step_s=6.2)  # at 2 on the GPU
+    bus_bound = dict(cpu_s=5.0, wait_s=2.0, step_s=7.0)  # at 3
+    counts = []
+    for _ in range(12):
+        counts.append(split.observe(**(cpu_bound if split.gpu == 2 else bus_bound)))
+    assert counts[:2] == [3, 2]
+    assert counts[2:5] == [2, 2, 2]  # held
+    assert 3 in counts[5:]  # and tried again later: the balance moves as the context grows
+    assert max(counts) == 3 and min(counts) == 2
+
+
+def test_patience_needs_agreeing_steps():
+    split = SplitController(parts=8, gpu=2, most=5, patience=2)
+    assert split.observe(cpu_s=6.0, wait_s=0.0, step_s=6.2) == 2
+    assert split.observe(cpu_s=6.0, wait_s=0.5, step_s=6.2) == 2  # balanced: the streak breaks
+    assert split.observe(cpu_s=6.0, wait_s=0.0, step_s=6.2) == 2
+    assert split.observe(cpu_s=6.0, wait_s=0.0, step_s=6.2) == 3
+
+
+def test_plan_reserves_room_for_the_split():
+    assert KVOffload(gpu_fraction=0.25).most_gpu_parts(8) == 2 + SPLIT_HEADROOM
+    assert KVOffload(gpu_fraction=0.25, max_gpu_parts=3).most_gpu_parts(8) == 3
+    assert KVOffload(gpu_fraction=1.0).most_gpu_parts(8) == 8
+    assert KVOffload(gpu_fraction=0.25, adaptive=False).most_gpu_parts(8) == 2
+    assert KVOffload(attention="cpu").most_gpu_parts(8) == 0
+
+
+def decode_step(start):
+    return StepInputs(start=start, positions=torch.zeros(1, 1, dtype=torch.long),
+                      key_valid=torch.ones(1, start + 1, dtype=torch.bool))
+
+
+def test_the_cache_applies_the_split_between_decode_steps(monkeypatch):
+    """Times come from the cache's own stats: a step with CPU attention and no wait for the GPU
+    moves a part to the GPU before the next step; prefills are not observed."""
+    cache = OffloadedKVCache(2, [slice(i, i + 1) for i in range(4)], 16, 2, 8, torch.float32,
+                             torch.device("cpu"), KVOffload(gpu_fraction=0.25))
+    cache.split = SplitController(4, 1, 3)  # on a CPU device there is no GPU side to balance: force it
+    cache.gpu_parts = {3}
+    cache.begin_pass(StepInputs(start=0, positions=torch.zeros(1, 4, dtype=torch.long),
+                                key_valid=torch.ones(1, 4, dtype=torch.bool)))
+    cache.stats["cpu_attention_s"] += 1.0  # the prefill's times are not a decode step's
+    cache.begin_pass(decode_step(4))
+    assert cache.gpu_parts == {3} and cache.split.history == []
+    cache.stats["cpu_attention_s"] += 3.0  # decode step 1: CPU-bound
+    cache.begin_pass(decode_step(5))
+    assert cache.gpu_parts == {2, 3} and cache.split.history == [1]
+    cache.stats["cpu_attention_s"] += 2.0
+    cache.stats["wait_for_gpu_s"] += 1.5  # decode step 2: the CPU waited longer than a part takes
+    cache.begin_pass(decode_step(6))
+    assert cache.gpu_parts == {3}
+
+
+def test_split_is_off_unless_auto_on_a_gpu():
+    cpu = torch.device("cpu")
+    cache = OffloadedKVCache(1, [slice(0, 1)], 4, 1, 8, torch.float32, cpu, KVOffload(gpu_fraction=0.5))
+    assert cache.split is None  # nothing on a CPU device: there is no bus to balance
