@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Issue 17 on one GPU machine: CPU attention against the cores' read bandwidth, then OPT-30B dummy
+# (16 GiB, prompt 512, gen 32, weights in CPU RAM) at large batches with the KV cache in CPU RAM:
+# fp16 cache at batch 96, a 4-bit cache at the larger batch it allows, 4-bit weights with it.
+# Records and console go to $OUT (or ./out); the report comes last.
+#   bash benchmarks/large_batch.sh [kernel] [kv96] [kv96q8] [kvq4] [wq4kvq4] ...
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=$(realpath -m "${OUT:-out}"); mkdir -p "$out"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+bench="python3 -m offloadgen.cli bench --model facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --prompt-len 512 --gen-len 32 --loops ${LOOPS:-1} --verbose 1 --json-file $out/offloadgen.jsonl"
+kv="--kv-offload --pin-kv-cache --async-kv-offload --micro-batch-size 8"
+big=${BIG:-256}
+free -g | head -2
+for what in "$@"; do
+  echo "== $what $(date -u +%H:%M:%S)"
+  case $what in
+    kernel) timeout 300 python3 benchmarks/kv_cpu_attention.py 2>&1 | tee "$out/kv_cpu_attention.txt" ;;
+    kv96) (cd "$out" && timeout 400 $bench $kv --batch-size 96) ;;
+    kv96q8) (cd "$out" && timeout 400 $bench $kv --batch-size 96 --kv-quant-bits 8) ;;
+    kvq4) (cd "$out" && timeout 500 $bench $kv --batch-size "$big" --kv-quant-bits 4) ;;
+    wq4kvq4) (cd "$out" && timeout 500 $bench $kv --batch-size "$big" --kv-quant-bits 4 --quant-bits 4) ;;
+  esac
+done
+python3 -m offloadgen.cli report "$out"
