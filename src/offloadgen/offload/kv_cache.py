@@ -45,6 +45,9 @@ class KVCache:
     def layer(self, i: int, part: int, rows: slice) -> DeviceKV:
         return DeviceKV(self.k[i][rows], self.v[i][rows])
 
+    def zero_(self) -> None:
+        pass  # made with zeros
+
     def close(self) -> None:
         pass
 
@@ -124,6 +127,12 @@ class OffloadedKVCache:
 
     def layer(self, i: int, part: int, rows: slice) -> "OffloadedLayerKV":
         return OffloadedLayerKV(self, i, part, rows)
+
+    def zero_(self) -> None:
+        """Rows at their own lengths attend over slots other rows have not written yet, masked; but
+        a masked slot holding NaN (uninitialised memory) still poisons the sum (0 * NaN)."""
+        for t in (t for layer in self.k + self.v for t in layer):
+            t.zero_()
 
     def close(self) -> None:
         if self.cuda:
