@@ -60,10 +60,24 @@ def add_bench(sub) -> None:
     _flag(p, "--device", default=None)
     _flag(p, "--dtype", default="float16")
     _flag(p, "--json-file", default=None, help="JSON record (one line per run; default: the log's name, .jsonl)")
+    # The job-level benchmark (bench/workload.py): --batch-size is the number of slots.
+    _flag(p, "--workload", default=None, help="'synthetic' or a JSONL file ('prompt' or 'input_len', and 'output_len' "
+                                              "per line): a job through the continuous batcher instead")
+    _flag(p, "--num-requests", type=int, default=256, help="synthetic workload: requests")
+    _flag(p, "--input-len", default="32:512", help="synthetic workload: prompt tokens, MIN:MAX (uniform)")
+    _flag(p, "--output-len", default="8:256", help="synthetic workload: new tokens, MIN:MAX (uniform)")
+    _flag(p, "--workload-seed", type=int, default=0)
+    _flag(p, "--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per pass, at most")
+    _flag(p, "--compare-static", action="store_true", help="also run the workload as static batches")
+    _flag(p, "--static-only", action="store_true", help="run the workload as static batches only")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
+    if args.workload:
+        from .workload import cmd_workload
+        cmd_workload(args)
+        return 0
     from .. import distributed
     from .run import BenchArgs, run_generation
     ranks = args.num_nodes * args.num_gpus_per_node
