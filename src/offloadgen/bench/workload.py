@@ -108,7 +108,7 @@ def run_continuous(llm, items: list[WorkItem], slots: int, prefill_chunk: int, i
     return {"elapsed_s": elapsed, "output_tokens": sum(len(r.output_ids) for r in reqs),
             "passes": s.passes, "pass_s": s.mean_pass_s, "slot_occupancy": s.slot_occupancy,
             "decode_occupancy": s.decode_occupancy, "mean_context": s.mean_context,
-            "cache_alloc_s": batcher.cache_seconds, "prefill_chunk": prefill_chunk,
+            "attended_context": s.attended_context, "cache_alloc_s": batcher.cache_seconds, "prefill_chunk": prefill_chunk,
             "ttft_s_p50": ttft[len(ttft) // 2], "latency_s_p50": latency[len(latency) // 2],
             "latency_s_max": latency[-1]}
 
