@@ -194,13 +194,9 @@ def _generate_with_retry(llm, prompts, sampling, summary):
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
-            current = llm.engine.micro_batch_size or len(prompts)
-            if current <= 1:
-                raise OffloadgenError("out of GPU memory even with micro-batches of 1 prompt; lower "
-                                      "--batch-size or --max-new-tokens, or free GPU memory") from None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            llm.engine.micro_batch_size = max(1, current // 2)
+            llm.shrink_micro_batch(len(prompts))
             summary.retries.append(llm.engine.micro_batch_size)
             print(f"offloadgen: out of GPU memory; retrying the batch with micro-batches of "
                   f"{llm.engine.micro_batch_size}", file=sys.stderr)

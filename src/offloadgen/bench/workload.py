@@ -165,16 +165,15 @@ def run_workload(llm, items: list[WorkItem], slots: int, prefill_chunk: int, ign
     return record
 
 
-def build_llm(args, slots: int, max_seq_len: int, tokenizer):
-    """The model, placed for `slots` sequences of `max_seq_len` tokens, from the bench flags."""
+def build_llm(args, slots: int, max_seq_len: int, max_prompt_len: int, checkpoint, tokenizer):
+    """The model, placed for `slots` sequences of `max_seq_len` tokens, from the bench flags (the
+    reference's defaults: the KV cache pinned and written back asynchronously only if asked)."""
     from ..api import load
-    return load(args.model, dummy=args.dummy, device=args.device, dtype=args.dtype,
-                micro_batch_size=args.micro_batch_size, progress=args.verbose > 0, quant_bits=args.quant_bits,
-                quant_group_size=args.quant_group_size, tokenizer=tokenizer,
-                cpu_offload=args.cpu_offload or args.disk_offload, gpu_memory=args.gpu_memory,
-                pin_memory=bool(args.pin_memory), max_batch_size=slots, max_seq_len=max_seq_len,
-                kv_offload=args.kv_offload, pin_kv_cache=args.pin_kv_cache, async_kv_offload=args.async_kv_offload,
-                kv_attention=args.kv_attention, offload_dir=args.offload_dir if args.disk_offload else None)
+    from ..flags import config_from_args
+    config = config_from_args(args, max_batch_size=slots, max_seq_len=max_seq_len, max_prompt_len=max_prompt_len,
+                              pin_kv_cache=bool(args.pin_kv_cache), async_kv_offload=bool(args.async_kv_offload),
+                              progress=args.verbose > 0)
+    return load(config=config.validate(), checkpoint=checkpoint, tokenizer=tokenizer)
 
 
 def cmd_workload(args, out=None) -> dict:
@@ -192,8 +191,11 @@ def cmd_workload(args, out=None) -> dict:
     if max_seq_len > cfg.max_position:
         raise OffloadgenError(f"a request needs {max_seq_len} tokens; the model's context is {cfg.max_position}")
     modes = ("static",) if args.static_only else ("continuous", "static") if args.compare_static else ("continuous",)
+    # Continuous batching prefills one row's chunk at a time; static batches whole prompts.
+    longest = max(len(it.prompt_ids) for it in items)
+    max_prompt_len = longest if "static" in modes else min(longest, args.prefill_chunk)
     t0 = time.perf_counter()
-    llm = build_llm(args, args.batch_size, max_seq_len, tokenizer)
+    llm = build_llm(args, args.batch_size, max_seq_len, max_prompt_len, checkpoint, tokenizer)
     startup = time.perf_counter() - t0
     with llm:
         record = run_workload(llm, items, args.batch_size, args.prefill_chunk, ignore_eos=args.dummy, modes=modes)
