@@ -39,7 +39,7 @@ class JobItem:
     prompt: str | None = None
     error: str | None = None
     n_tokens: int = 0
-    overrides: dict = field(default_factory=dict)  # the line's own sampling settings (SamplingParams fields)
+    sampling: SamplingParams | None = None  # the line's own (it sets max_tokens, temperature, ...); None: the command's
 
 
 @dataclass
@@ -59,8 +59,9 @@ SAMPLING_KEYS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "
                  "seed": "seed", "stop": "stop"}
 
 
-def sampling_overrides(rec: dict, n: int) -> tuple[dict, str | None]:
-    """The line's own sampling settings (absent or null keys: the command's), or what is wrong."""
+def line_sampling(rec: dict, n: int, sampling: SamplingParams) -> tuple[SamplingParams | None, str | None]:
+    """The line's own sampling: the command's with the keys the line sets (absent or null: the
+    command's); None if it sets none. Or what is wrong with a value."""
     out = {}
     for key, name in SAMPLING_KEYS.items():
         value = rec.get(key)
@@ -69,20 +70,21 @@ def sampling_overrides(rec: dict, n: int) -> tuple[dict, str | None]:
         if key == "stop":
             value = [value] if isinstance(value, str) else value
             if not (isinstance(value, list) and all(isinstance(s, str) and s for s in value)):
-                return {}, f"line {n}: 'stop' must be a non-empty string or a list of them"
+                return None, f"line {n}: 'stop' must be a non-empty string or a list of them"
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return {}, f"line {n}: '{key}' must be a number"
+            return None, f"line {n}: '{key}' must be a number"
         elif key in ("max_tokens", "top_k", "seed") and not isinstance(value, int):
-            return {}, f"line {n}: '{key}' must be a whole number"
+            return None, f"line {n}: '{key}' must be a whole number"
         out[name] = value
+    if not out:
+        return None, None
     try:
-        SamplingParams(**out)  # its ranges
+        return dataclasses.replace(sampling, **out), None  # checks the ranges
     except OffloadgenError as e:
-        return {}, f"line {n}: {str(e).replace('max_new_tokens', 'max_tokens')}"
-    return out, None
+        return None, f"line {n}: {str(e).replace('max_new_tokens', 'max_tokens')}"
 
 
-def parse_input_line(text: str, n: int, tokenizer, max_context: int) -> JobItem:
+def parse_input_line(text: str, n: int, tokenizer, max_context: int, sampling: SamplingParams | None = None) -> JobItem:
     """One input line -> a prompt, or an error that says what is wrong with it; never raises."""
     try:
         rec = json.loads(text)
@@ -119,10 +121,10 @@ def parse_input_line(text: str, n: int, tokenizer, max_context: int) -> JobItem:
         return JobItem(n, item_id, error=f"line {n}: prompt has no tokens")
     if n_tokens >= max_context:
         return JobItem(n, item_id, error=f"line {n}: prompt has {n_tokens} tokens; the model's context is {max_context}")
-    overrides, error = sampling_overrides(rec, n)
+    own, error = line_sampling(rec, n, sampling or SamplingParams())
     if error:
         return JobItem(n, item_id, error=error)
-    return JobItem(n, item_id, prompt, n_tokens=n_tokens, overrides=overrides)
+    return JobItem(n, item_id, prompt, n_tokens=n_tokens, sampling=own)
 
 
 def read_done(output: Path) -> set[int]:
@@ -176,7 +178,7 @@ def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, ba
     if out_path.resolve() == src.resolve():
         raise OffloadgenError("--output must not be the --input file")
     done = read_done(out_path)
-    items = [parse_input_line(text, n, llm.tokenizer, _context(llm))
+    items = [parse_input_line(text, n, llm.tokenizer, _context(llm), sampling)
              for n, text in enumerate(lines, 1) if text.strip() and n not in done]
     summary = JobSummary(total=sum(1 for t in lines if t.strip()), skipped=len(done))
     stop = {}
@@ -184,7 +186,7 @@ def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, ba
     def request_stop(signum, frame):
         stop["signal"] = signum
         signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
-        print(f"\noffloadgen: {signal.Signals(signum).name}: finishing the batch in flight, then stopping",
+        print(f"\noffloadgen: {signal.Signals(signum).name}: finishing the requests in flight, then stopping",
               file=sys.stderr)
 
     old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -237,7 +239,7 @@ def answer_continuously(llm, items: list[JobItem], sampling: SamplingParams, slo
     from .api import Completion
     if not items:
         return
-    params = {it.line: dataclasses.replace(sampling, **it.overrides) for it in items}
+    params = {it.line: it.sampling or sampling for it in items}
     max_len = min(_context(llm), max(it.n_tokens + params[it.line].max_new_tokens for it in items))
     batcher = llm.batcher(min(slots, len(items)), max_len)
     by_line = {it.line: it for it in items}
