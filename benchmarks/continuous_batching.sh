@@ -5,6 +5,8 @@
 # 8:256 (uniform, seed 0). Each mode is one process and fits one 10-minute call; records go to
 # $OUT/workload.jsonl and $OUT/decode.jsonl; `table` prints the comparison (run it last).
 #   bash benchmarks/continuous_batching.sh check continuous static decode table
+# The static batches run about 1.7x longer than the continuous job; if they do not fit one call,
+# split them: PART=1/2 bash ... static, then PART=2/2 bash ... static (the table adds the parts).
 # Knobs (environment): N (requests, 256), SLOTS (64), CHUNK (prefill tokens per pass, 2048),
 # MODEL (facebook/opt-13b), BUDGET (8GiB), QUANT (16; 4 for the 4-bit figure), CTX (decode's
 # prompt length; default: the continuous run's mean context).
@@ -12,7 +14,7 @@ set -uo pipefail
 out=${OUT:-out}; mkdir -p "$out"; out=$(cd "$out" && pwd)
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 N=${N:-256}; SLOTS=${SLOTS:-64}; CHUNK=${CHUNK:-2048}; MODEL=${MODEL:-facebook/opt-13b}; BUDGET=${BUDGET:-8GiB}
-QUANT=${QUANT:-16}
+QUANT=${QUANT:-16}; PART=${PART:-1/1}
 common="--model $MODEL --dummy --cpu-offload --gpu-memory $BUDGET --kv-offload --pin-kv-cache --async-kv-offload
         --micro-batch-size 8 --batch-size $SLOTS --quant-bits $QUANT --verbose 1"
 job="--workload synthetic --num-requests $N --input-len 32:512 --output-len 8:256 --workload-seed 0
@@ -24,7 +26,7 @@ for what in "$@"; do
   case $what in
     check) python3 benchmarks/gpu_batcher_check.py 2>&1 | tee "$out/batcher_check.txt" ;;
     continuous) (cd "$out" && $bench $common $job) ;;
-    static) (cd "$out" && $bench $common $job --static-only) ;;
+    static) (cd "$out" && $bench $common $job --static-only --static-part "$PART") ;;
     decode)
       ctx=${CTX:-$(python3 -c "import json; r=[json.loads(l) for l in open('$out/workload.jsonl') if 'mean_context' in l]; print(round(r[-1]['mean_context']) if r else 384)")}
       echo "pure decode at batch $SLOTS, prompt $ctx (the continuous run's mean context)"
@@ -37,7 +39,20 @@ def last(path, key):
     recs = [json.loads(l) for l in open(path) if l.strip()] if path.exists() else []
     recs = [r for r in recs if key in r]
     return recs[-1] if recs else None
-c, s = last(out / "workload.jsonl", "elapsed_s"), last(out / "workload.jsonl", "static_elapsed_s")
+c = last(out / "workload.jsonl", "elapsed_s")
+s = last(out / "workload.jsonl", "static_elapsed_s")
+if s:  # a static run split over processes: the latest record of each part, added up
+    n = int(s["static_part"].split("/")[1])
+    recs = [json.loads(l) for l in open(out / "workload.jsonl") if l.strip()]
+    parts = {r["static_part"]: r for r in recs if r.get("static_part", "").endswith(f"/{n}")}
+    if len(parts) == n:
+        s = dict(s)
+        for key in ("elapsed_s", "output_tokens", "passes", "batches", "prompt_tokens"):
+            s[f"static_{key}"] = sum(r[f"static_{key}"] for r in parts.values())
+        s["static_output_throughput"] = s["static_output_tokens"] / s["static_elapsed_s"]
+        s["static_total_throughput"] = (s["static_output_tokens"] + s["static_prompt_tokens"]) / s["static_elapsed_s"]
+    else:
+        print(f"static: {len(parts)} of {n} parts recorded; showing the last part alone")
 d = last(out / "decode.jsonl", "decode_step_s")
 print(f"{'mode':12s} {'out tok/s':>10s} {'total tok/s':>12s} {'elapsed s':>10s} {'passes':>7s} {'pass s':>8s} {'occupancy':>10s}")
 if c:

@@ -41,6 +41,8 @@ def add_workload_flags(p) -> None:
     flag(g, "--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per pass, at most")
     flag(g, "--compare-static", action="store_true", help="also run the workload as static batches")
     flag(g, "--static-only", action="store_true", help="run the workload as static batches only")
+    flag(g, "--static-part", default="1/1", help="K/N: only the K-th of N runs of consecutive static batches "
+                                                 "(a long job over several processes; their records add up)")
 
 
 def cmd_bench(args) -> int:

@@ -113,13 +113,16 @@ def run_continuous(llm, items: list[WorkItem], slots: int, prefill_chunk: int, i
             "latency_s_max": latency[-1]}
 
 
-def run_static(llm, items: list[WorkItem], slots: int, ignore_eos: bool) -> dict:
+def run_static(llm, items: list[WorkItem], slots: int, ignore_eos: bool, part: tuple[int, int] = (1, 1)) -> dict:
     """Today's static batches: sorted by prompt length, `slots` at a time, left-padded; a batch
     runs until its longest row ends (rows that are done idle). The cache is made once, before the
-    clock starts, as large as the largest batch needs, so only the batching differs."""
+    clock starts, as large as the largest batch needs, so only the batching differs. part (k, n):
+    only the k-th of n runs of consecutive batches (a long job in several processes; sum them)."""
     engine, tok = llm.engine, llm.tokenizer
     order = sorted(items, key=lambda it: len(it.prompt_ids))
     batches = [order[i:i + slots] for i in range(0, len(order), slots)]
+    k, n = part
+    batches = batches[(k - 1) * len(batches) // n:k * len(batches) // n]
     if engine.kv_offload is not None:  # the offloaded cache is kept and reused by later batches
         engine.new_cache(len(batches[0]), max(len(b[-1].prompt_ids) + max(it.output_len for it in b) for b in batches))
     _sync(llm.device)
@@ -139,7 +142,19 @@ def run_static(llm, items: list[WorkItem], slots: int, ignore_eos: bool) -> dict
         passes += max(len(t) for t in out.tokens)  # the prefill, then a pass per token after the first
     _sync(llm.device)
     elapsed = time.perf_counter() - t0
-    return {"elapsed_s": elapsed, "output_tokens": tokens, "passes": passes, "batches": len(batches)}
+    return {"elapsed_s": elapsed, "output_tokens": tokens, "passes": passes, "batches": len(batches),
+            "part": f"{k}/{n}", "prompt_tokens": sum(len(it.prompt_ids) for b in batches for it in b),
+            "requests": sum(len(b) for b in batches)}
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise OffloadgenError(f"--static-part {text!r}: expected K/N, e.g. 1/2") from None
+    if not 1 <= k <= n:
+        raise OffloadgenError(f"--static-part {text!r}: expected 1 <= K <= N")
+    return k, n
 
 
 def _rates(run: dict, prompt_tokens: int, n: int) -> dict:
@@ -149,7 +164,7 @@ def _rates(run: dict, prompt_tokens: int, n: int) -> dict:
 
 
 def run_workload(llm, items: list[WorkItem], slots: int, prefill_chunk: int, ignore_eos: bool,
-                 modes: tuple[str, ...] = ("continuous",)) -> dict:
+                 modes: tuple[str, ...] = ("continuous",), static_part: tuple[int, int] = (1, 1)) -> dict:
     """The record: the workload, then each mode's figures (static ones prefixed static_)."""
     prompt_tokens = sum(len(it.prompt_ids) for it in items)
     record = {"requests": len(items), "prompt_tokens": prompt_tokens,
@@ -158,8 +173,9 @@ def run_workload(llm, items: list[WorkItem], slots: int, prefill_chunk: int, ign
         run = run_continuous(llm, items, slots, prefill_chunk, ignore_eos)
         record.update(run, **_rates(run, prompt_tokens, len(items)))
     if "static" in modes:
-        run = run_static(llm, items, slots, ignore_eos)
-        record.update({f"static_{k}": v for k, v in {**run, **_rates(run, prompt_tokens, len(items))}.items()})
+        run = run_static(llm, items, slots, ignore_eos, static_part)
+        rates = _rates(run, run["prompt_tokens"], run["requests"])
+        record.update({f"static_{k}": v for k, v in {**run, **rates}.items()})
     if "continuous" in modes and "static" in modes:
         record["output_throughput_over_static"] = record["output_throughput"] / record["static_output_throughput"]
     return record
@@ -198,7 +214,8 @@ def cmd_workload(args, out=None) -> dict:
     llm = build_llm(args, args.batch_size, max_seq_len, max_prompt_len, checkpoint, tokenizer)
     startup = time.perf_counter() - t0
     with llm:
-        record = run_workload(llm, items, args.batch_size, args.prefill_chunk, ignore_eos=args.dummy, modes=modes)
+        record = run_workload(llm, items, args.batch_size, args.prefill_chunk, ignore_eos=args.dummy, modes=modes,
+                              static_part=parse_part(args.static_part))
     record = {"system": "offloadgen", "kind": "workload", "version": __version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
               "model": args.model, "dummy": args.dummy, "workload": args.workload, "input_len": args.input_len,
@@ -223,7 +240,7 @@ def summary(r: dict) -> str:
     if "static_elapsed_s" in r:
         lines.append(f"static:     {r['static_elapsed_s']:.1f} s, {r['static_output_throughput']:.1f} output tokens/s, "
                      f"{r['static_total_throughput']:.1f} total tokens/s; {r['static_passes']} passes in "
-                     f"{r['static_batches']} batches")
+                     f"{r['static_batches']} batches (part {r['static_part']} of the static batches)")
     if "output_throughput_over_static" in r:
         lines.append(f"continuous / static output throughput: {r['output_throughput_over_static']:.2f}x")
     return "\n".join(lines)
