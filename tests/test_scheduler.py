@@ -202,3 +202,24 @@ def test_prompts_longer_than_a_slot_are_refused(tiny):
         batcher.submit(list(range(3, 14)), greedy(2))
     with pytest.raises(OffloadgenError, match="no tokens"):
         batcher.submit([], greedy(2))
+
+
+@pytest.mark.parametrize("quant", [None, "4-bit"])
+def test_weights_streamed_from_disk_under_the_batcher(tiny, tmp_path, quant):
+    """A pass keeps the weight source's schedule (every block once, in order) whatever its
+    micro-batches: the same tokens from weights read off disk, plain or quantized."""
+    from offloadgen.offload.placement import disk_placement_on_cpu
+    from offloadgen.offload.streaming import StreamingWeights
+    from offloadgen.quant import QuantConfig
+    _, path = tiny("llama3-gqa-rope-scaling")
+    ckpt = SafetensorsFolder(path)
+    q = QuantConfig(4, 32) if quant else None
+    placement = disk_placement_on_cpu(ckpt.cfg, prefetch_depth=1)
+    reqs, params = prompts(8), [greedy(n) for n in MAX_TOKENS]
+
+    def engine(offload_dir=None):
+        w = StreamingWeights(ckpt, CPU, torch.float32, placement, progress=False, quant=q, offload_dir=offload_dir)
+        return Engine(ckpt.cfg, w, CPU, torch.float32, 2)
+    ref = [alone(engine(), ids, p) for ids, p in zip(reqs, params)]
+    handles, _ = run_batcher(engine(tmp_path), reqs, params)
+    assert [h.output_ids for h in handles] == ref
