@@ -167,7 +167,7 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, batch_size: int = 16,
-            ordered: bool = False, progress: bool = True) -> JobSummary:
+            ordered: bool = False, progress: bool = True, prefill_chunk: int = 512) -> JobSummary:
     src, out_path = Path(input_path), Path(output_path)
     try:
         # JSON lines end at "\n" only: splitlines() would also break at U+0085, U+2028 and others
@@ -213,7 +213,7 @@ def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, ba
                 bar.set_postfix(tok_s=f"{summary.tokens / (time.perf_counter() - start):.1f}")
 
             answer_continuously(llm, [it for it in items if not it.error], sampling, batch_size, on_done, summary,
-                                lambda: bool(stop))
+                                lambda: bool(stop), prefill_chunk)
     finally:
         bar.close()
         for s, h in old.items():
@@ -232,7 +232,7 @@ def _context(llm) -> int:
 
 
 def answer_continuously(llm, items: list[JobItem], sampling: SamplingParams, slots: int, on_done, summary: JobSummary,
-                        stopping) -> None:
+                        stopping, prefill_chunk: int = 512) -> None:
     """Every item through the model's continuous batcher in `slots` slots; on_done([(item,
     Completion)]) after each pass in which requests ended. Once stopping() is true no request
     starts and those in flight finish. A row that reaches the cache's end stops with "length"."""
@@ -241,7 +241,7 @@ def answer_continuously(llm, items: list[JobItem], sampling: SamplingParams, slo
         return
     params = {it.line: it.sampling or sampling for it in items}
     max_len = min(_context(llm), max(it.n_tokens + params[it.line].max_new_tokens for it in items))
-    batcher = llm.batcher(min(slots, len(items)), max_len)
+    batcher = llm.batcher(min(slots, len(items)), max_len, prefill_chunk)
     by_line = {it.line: it for it in items}
     for it in items:
         batcher.submit(llm.tokenizer.encode(it.prompt), params[it.line], request_id=it.line)
