@@ -223,3 +223,14 @@ def test_weights_streamed_from_disk_under_the_batcher(tiny, tmp_path, quant):
     ref = [alone(engine(), ids, p) for ids, p in zip(reqs, params)]
     handles, _ = run_batcher(engine(tmp_path), reqs, params)
     assert [h.output_ids for h in handles] == ref
+
+
+def test_an_llm_s_planned_limits_bound_its_batcher():
+    import offloadgen
+    from offloadgen.errors import OffloadgenError
+    llm = offloadgen.load("opt-125m", dummy=True, device="cpu", progress=False)
+    llm.limits = (4, 64)  # as if placed on a GPU for 4 sequences of 64 tokens
+    assert ContinuousBatcher(llm, 4, 64).slots == 4
+    for slots, max_len in ((5, 64), (4, 65)):
+        with pytest.raises(OffloadgenError, match="placed on the GPU for 4 sequences of at most 64"):
+            ContinuousBatcher(llm, slots, max_len)

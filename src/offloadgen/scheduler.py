@@ -108,6 +108,11 @@ class ContinuousBatcher:
         if max_len > self.engine.cfg.max_position:
             raise OffloadgenError(f"max_len {max_len} exceeds the model's context of "
                                   f"{self.engine.cfg.max_position} tokens")
+        limits = getattr(engine_or_llm, "limits", None)  # what an LLM's GPU memory was planned for
+        if limits is not None and (slots > limits[0] or max_len > limits[1]):
+            raise OffloadgenError(f"this model was placed on the GPU for {limits[0]} sequences of at most {limits[1]} "
+                                  f"tokens; {slots} slots of {max_len} tokens asked for: load with larger "
+                                  "max_batch_size / max_seq_len")
         self.slots, self.max_len, self.prefill_chunk = slots, max_len, prefill_chunk
         self.stats = BatcherStats(slots)
         self._lock = threading.Lock()
