@@ -2,7 +2,10 @@
 with streamed weights (whole layers, or 1/N fetched and all-gathered) from shared host memory;
 rank 0 writes every row's tokens, gathered in order, to a JSON file.
 
-    torchrun --nproc-per-node N tests/dist_worker.py CHECKPOINT OUT.json {whole|allgather|die|shared}
+    torchrun --nproc-per-node N tests/dist_worker.py CHECKPOINT OUT.json {whole|allgather|pool|die|shared}
+
+In "pool" mode the last two layers are pooled (each rank keeps 1/N of them and all-gathers the
+rest), the others stream from shared host memory.
 """
 import json
 import os
@@ -14,7 +17,7 @@ from dist_batch import fixed_batch
 from offloadgen import distributed
 from offloadgen.checkpoint import SafetensorsFolder
 from offloadgen.engine import Engine
-from offloadgen.offload.placement import disk_placement_on_cpu
+from offloadgen.offload.placement import Placement, disk_placement_on_cpu
 from offloadgen.offload.streaming import StreamingWeights
 from offloadgen.sampling import SamplingParams
 
@@ -28,8 +31,14 @@ if mode == "die" and world.rank == world.size - 1:
 ckpt = SafetensorsFolder(path)
 ids, mask = fixed_batch()
 rows = distributed.local_rows(ids.shape[0], world)
-weights = StreamingWeights(ckpt, CPU, torch.float32, disk_placement_on_cpu(ckpt.cfg), progress=False, world=world,
-                           fetch="allgather" if mode == "allgather" else "whole")
+placement = disk_placement_on_cpu(ckpt.cfg)
+if mode == "pool":
+    layers = list(range(ckpt.cfg.n_layers))
+    placement = Placement(["embed", "head"], layers[:-2], 2, dict(streamed_per_pass=0), pooled=layers[-2:])
+weights = StreamingWeights(ckpt, CPU, torch.float32, placement, progress=False, world=world,
+                           fetch=mode if mode in ("allgather", "pool") else "whole")
+if mode == "pool":
+    assert set(weights.host) == set(layers[:-2]) and set(weights.pool_shard) == set(layers[-2:])
 if mode == "shared":
     # the streamed blocks are one memory on the node: what rank 0 writes, the others read
     block = weights.order[0]

@@ -53,8 +53,7 @@ def test_bench_run_writes_the_four_log_lines_and_a_json_record(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("flags,needle", [(["--pin-kv-cache"], "add --kv-offload"),
-                                          (["--num-nodes", "2"], "start offloadgen on each node with torchrun"),
-                                          (["--prompt-len", "3"], "shorter than the prompt")])
+                                          (["--num-nodes", "2"], "start offloadgen on each node with torchrun")])
 def test_flags_that_cannot_apply_are_refused_clearly(capsys, tmp_path, monkeypatch, flags, needle):
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "--model", "opt-125m", "--dummy", *flags]) == 2
@@ -81,3 +80,21 @@ def test_bench_with_the_kv_cache_in_cpu_memory(tmp_path, monkeypatch):
     # every decode step reads the whole cache so far: 12 layers x 4 rows x 33-35 slots x 768 x 2 (k, v) x 4 bytes
     per_step = kv["per_decode_step"]["cpu_cache_read_bytes"]
     assert 2 * 12 * 4 * 33 * 768 * 4 <= per_step <= 2 * 12 * 4 * 35 * 768 * 4
+
+
+def test_dummy_weights_take_every_prompt_len_the_reference_takes(tmp_path, monkeypatch):
+    # issue 15: the reference's prompt is 8 OPT tokens, and dummy weights' bytes made it 28
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--model", "opt-125m", "--dummy", "--batch-size", "1", "--prompt-len", "8", "--gen-len", "2",
+                 "--loops", "1", "--dtype", "float32", "--verbose", "0"]) == 0
+    rec = json.loads((tmp_path / "ds-opt-125m-bs1-prompt8-gen2-n1x1-gpu.jsonl").read_text())
+    assert rec["prompt_len"] == 8
+    # a real tokenizer's sentence is never cut: a shorter --prompt-len is refused, as the reference does
+    from types import SimpleNamespace
+
+    from offloadgen.bench.run import bench_inputs
+    from offloadgen.errors import OffloadgenError
+    real = SimpleNamespace(encode=lambda text: list(range(8)), eos_token_ids={2})
+    assert bench_inputs(real, 2, 8)[0].shape == (2, 8)
+    with pytest.raises(OffloadgenError, match="--prompt-len 7 is shorter than the prompt"):
+        bench_inputs(real, 2, 7)

@@ -58,7 +58,7 @@ def test_written_once_and_rewritten_when_incomplete(tmp_path):
     (first.disk.path / "manifest.json").unlink()
     third = StreamingWeights(ck, CPU, torch.float32, placement, progress=False, offload_dir=tmp_path)
     assert third.timings["disk_write_s"] > 0
-    assert json.loads((first.disk.path / "manifest.json").read_text())["blocks"]["3"] > 0
+    assert json.loads((first.disk.path / "manifest.json").read_text())["blocks"]["3"]["nbytes"] > 0
     # a truncated block file is caught by the manifest check too
     with open(third.disk.files[3], "r+b") as f:
         f.truncate(4096)
@@ -106,3 +106,61 @@ def test_generate_command_with_weights_on_disk(capsys, tmp_path):
     assert main(["generate", *prompts, "--max-new-tokens", "8", "--disk-offload", "--offload-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out == plain
     assert list(tmp_path.glob("*/manifest.json"))
+
+
+def _disk_weights(ckpt, folder):
+    return StreamingWeights(ckpt, CPU, torch.float32, disk_placement_on_cpu(ckpt.cfg, prefetch_depth=1),
+                            progress=False, offload_dir=folder)
+
+
+@pytest.mark.parametrize("manifest", ["{}", "[]", '"x"', "null", '{"blocks": []}', '{"blocks": "x"}'])
+def test_a_manifest_of_another_shape_means_the_folder_is_rewritten(tiny, tmp_path, manifest):
+    # issue 15, case 7: `{}` or `[]` crashed every later run
+    _, path = tiny("opt")
+    ckpt = SafetensorsFolder(path)
+    first = _disk_weights(ckpt, tmp_path)
+    (first.disk.path / "manifest.json").write_text(manifest)
+    again = _disk_weights(ckpt, tmp_path)
+    assert again.timings["disk_write_s"] > 0 and again.disk.complete()
+
+
+def test_a_block_overwritten_with_garbage_of_its_size_stops_the_run_with_the_fix(tiny, tmp_path):
+    # issue 15, case 7: it gave garbage text; the checksum is checked on each block's first read
+    _, path = tiny("opt")
+    ckpt = SafetensorsFolder(path)
+    block = _disk_weights(ckpt, tmp_path).disk.files[1]
+    block.write_bytes(os.urandom(block.stat().st_size))
+    with pytest.raises(OffloadgenError, match=f"block-1.bin: its bytes differ.*delete {block.parent} and run again"):
+        generate(ckpt, _disk_weights(ckpt, tmp_path))  # the ring's first reads are issued as it is made
+
+
+def test_writers_of_one_offload_folder_wait_for_each_other(tiny, tmp_path, capsys):
+    # issue 15, case 7: three runs writing the first copy raced on block-*.tmp
+    import fcntl
+    import threading
+    _, path = tiny("opt")
+    ckpt = SafetensorsFolder(path)
+    folder = _disk_weights(ckpt, tmp_path).disk.path
+    (folder / "manifest.json").unlink()  # as if the first writer had not finished
+    holder = os.open(folder / "lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    done = []
+    writer = threading.Thread(target=lambda: done.append(_disk_weights(ckpt, tmp_path)), daemon=True)
+    writer.start()
+    writer.join(1.0)
+    assert writer.is_alive() and not done, "a second writer went ahead while the folder was locked"
+    assert f"being written by process {os.getpid()}; waiting" in capsys.readouterr().err
+    os.close(holder)
+    writer.join(60)
+    assert done and done[0].disk.complete()
+
+
+def test_a_disk_filling_up_while_the_folder_is_written_is_one_line(tiny, tmp_path, monkeypatch):
+    import errno
+    _, path = tiny("opt")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr("offloadgen.offload.disk.os.fsync", full)
+    with pytest.raises(OffloadgenError, match="cannot write the weights \\(No space left on device\\); free space"):
+        _disk_weights(SafetensorsFolder(path), tmp_path)

@@ -35,13 +35,30 @@ def one_process_tokens(path):
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
-@pytest.mark.parametrize("mode", ["whole", "allgather"])
+@pytest.mark.parametrize("mode", ["whole", "allgather", "pool"])
 def test_ranks_give_the_tokens_of_one_process(tiny, tmp_path, nproc, mode):
     _, path = tiny("llama3-gqa-rope-scaling")
     out = tmp_path / "tokens.json"
     r = torchrun(nproc, str(WORKER), str(path), str(out), mode)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(out.read_text()) == one_process_tokens(path)
+
+
+def test_pooled_ranks_hold_more_layers_and_stream_fewer_bytes():
+    from offloadgen.models import block_nbytes, preset
+    from offloadgen.offload.placement import GiB, plan_placement
+    cfg = preset("opt-30b")
+    one = plan_placement(cfg, 2, 16 * GiB, 8, 512, 32, offload=True)
+    four = plan_placement(cfg, 2, 16 * GiB, 8, 512, 32, offload=True, pool_ranks=4)
+    one_layers = [b for b in one.resident if isinstance(b, int)]
+    assert len(four.pooled) >= 4 * len(one_layers) - 4 and not [b for b in four.resident if isinstance(b, int)]
+    layer = block_nbytes(cfg, 0, 2)
+    assert four.streamed_bytes == one.streamed_bytes - (len(four.pooled) - len(one_layers)) * layer
+    assert four.fetched == [b for b in one.fetched + one_layers if b in four.streamed or b in four.pooled]
+    for p in (one, four):  # each rank stays within its budget
+        used = sum(v for k, v in p.bytes.items() if k not in ("streamed_per_pass",))
+        assert used <= 16 * GiB
+    assert four.bytes["pooled_per_rank"] == len(four.pooled) * -(-layer // 4)
 
 
 def test_streamed_weights_are_one_memory_per_node(tiny, tmp_path):

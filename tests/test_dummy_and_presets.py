@@ -24,7 +24,7 @@ def test_dummy_tied_embeddings_stay_tied():
 
 
 def opt_reference_bytes(cfg):
-    """The reference's model_bytes formula for OPT (DESIGN.md), fp16."""
+    """The reference's model_bytes formula for OPT (docs/reference-benchmark.md), fp16."""
     h, L, V = cfg.hidden_size, cfg.n_layers, cfg.vocab_size
     return 2 * (L * (h * (3 * h + 1) + h * (h + 1) + h * (4 * h + 1) + 4 * h * (h + 1) + 4 * h) + V * (h + 1))
 

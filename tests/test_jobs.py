@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import offloadgen
-from offloadgen.jobs import read_done, run_job
+from offloadgen.jobs import run_job
+from offloadgen.outputs import JobOutput
 from offloadgen.sampling import SamplingParams
 
 N_PROMPTS = 120
@@ -75,7 +76,9 @@ def test_torn_last_line_is_dropped_and_redone(tmp_path, llm):
     full = dst.read_text().split("\n")
     torn = "\n".join(full[:6]) + "\n" + full[6][: len(full[6]) // 2]  # a write cut short
     dst.write_text(torn)
-    assert len(read_done(dst)) == 6 and dst.read_text().endswith("\n")
+    with JobOutput(dst) as out:
+        assert len(out.done) == 6
+    assert dst.read_text().endswith("\n")
     run_job(llm, src, dst, SamplingParams(max_new_tokens=2), batch_size=3, progress=False)
     assert sorted(answered(dst)) == list(range(1, 11))
 
@@ -179,3 +182,13 @@ def test_fuzzed_input_lines_never_crash_the_job(tmp_path_factory, llm, input_lin
     rows = [json.loads(line) for line in dst.read_text().split("\n") if line]
     assert len(rows) == s.total == s.done + s.errors
     assert all(("error" in r) != ("text" in r) for r in rows)
+
+
+def test_a_prompt_without_room_for_the_new_tokens_is_that_lines_error(tmp_path, llm):
+    # issue 15, case 9: it aborted every batch it was in, so the job could never finish
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"prompt": "y" * 2040}) + "\n" + json.dumps({"prompt": "short"}) + "\n")
+    s = run_job(llm, src, dst, SamplingParams(max_new_tokens=16), batch_size=2, progress=False)
+    rows = {r["line"]: r for r in map(json.loads, dst.read_text().splitlines())}
+    assert s.errors == 1 and s.done == 1 and rows[2]["tokens"] == 16
+    assert "2040 tokens" in rows[1]["error"] and "leaves 2032 for a prompt with 16 new tokens" in rows[1]["error"]

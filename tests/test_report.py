@@ -63,3 +63,59 @@ def test_report_marks_runs_over_budget_and_compares_the_best_that_fit(tmp_path, 
     rows = [r for r in best.splitlines() if r.startswith(("offloadgen", "PeerA"))]
     assert rows[0].startswith("offloadgen") and rows[0].rstrip().endswith("offloadgen, KV in CPU RAM")
     assert rows[1].startswith("PeerA") and "4.00x" in rows[1] and rows[1].rstrip().endswith("PeerA policy 2")
+
+
+def _rec(**kw):
+    return {"system": "offloadgen", "model": "opt-125m", "batch_size": 2, "prefill_throughput": 10.0,
+            "decode_throughput": 5.0, "decode_step_s": 0.4, "h2d_bandwidth_bytes_s": 2e10, **kw}
+
+
+def test_report_skips_what_it_cannot_use_with_a_line_each(tmp_path, capsys):
+    # issue 15: each of these was a traceback
+    (tmp_path / "blob.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    rows = [_rec(), _rec(system="Peer", decode_throughput=0.0), _rec(system="Partial", decode_throughput=None),
+            {"system": "Partial2", "batch_size": 2}, _rec(batch_size="8"), _rec(system=None),
+            _rec(system="Odd", quant_bits="four"), {"system": "Failed", "batch_size": 2, "error": ""}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "blob.jsonl: not UTF-8 text (a binary file?), skipped" in err
+    for problem in ("decode_throughput is None", "prefill_throughput is None", "batch_size is '8'",
+                    "system is None", "quant_bits is 'four'"):
+        assert problem + ", not" in err
+    peer = next(line for line in out.splitlines() if line.startswith("Peer"))
+    assert "0.00" in peer and "x" not in peer.split()[-1]  # no ratio over 0 tokens/s
+    assert "Failed" in out
+
+
+def test_report_is_linear_in_the_records(monkeypatch):
+    # a million records took 9 minutes: every record rebuilt its model's preset to count parameters
+    from offloadgen.bench import report
+    calls = []
+    real = report.param_count
+    monkeypatch.setattr(report, "param_count", lambda cfg: calls.append(1) or real(cfg))
+    if hasattr(report, "_param_count"):
+        report._param_count.cache_clear()
+    records = [_rec(batch_size=1 + i % 64, system=f"S{i % 3}") for i in range(3000)]
+    assert "S2" in report.table(records)
+    assert len(calls) <= 2
+
+
+def test_report_skips_a_fifo_in_a_folder_instead_of_waiting_on_it(tmp_path, capsys):
+    import os
+    import threading
+    (tmp_path / "r.jsonl").write_text(json.dumps(_rec()) + "\n")
+    os.mkfifo(tmp_path / "pipe.jsonl")
+
+    def unblock():  # a report stuck reading the FIFO gets an empty read after 20 s, and the test fails
+        fd = os.open(tmp_path / "pipe.jsonl", os.O_WRONLY)
+        fired.append(fd)
+        os.close(fd)
+    fired = []
+    watchdog = threading.Timer(20, unblock)
+    watchdog.daemon = True
+    watchdog.start()
+    assert main(["report", str(tmp_path)]) == 0
+    assert not fired, "report waited on a FIFO"
+    watchdog.cancel()

@@ -37,7 +37,7 @@ try:
     with init_empty_weights():
         model = transformers.OPTForCausalLM(hf_opt_config(a.model)).half()
     # Weights in ordinary CPU memory, filled with our fast dummy pattern (Accelerate's own dummy
-    # path saves and reloads the checkpoint: 199 s for 60 GB, DESIGN.md); tied tensors stay tied.
+    # path saves and reloads the checkpoint: 199 s for 60 GB, measured before); tied tensors stay tied.
     for name, param in list(model.named_parameters()):
         accelerate.utils.set_module_tensor_to_device(model, name, "cpu",
                                                      value=fill_dummy(torch.empty(param.shape, dtype=torch.float16), name))

@@ -7,8 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-# Never reach for a model hub, and keep transformers' advice off the user's terminal.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# transformers never reaches for a model hub on its own, and its advice stays off the user's terminal.
+# A hub model the user names is still fetched: the marker tells checkpoint/hub.py the offline mode
+# is this default, not the user's own HF_HUB_OFFLINE=1 (which is honoured).
+if "HF_HUB_OFFLINE" not in os.environ:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["OFFLOADGEN_HUB_OFFLINE_DEFAULT"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from .errors import OffloadgenError  # noqa: E402
@@ -17,7 +21,8 @@ from .flags import add_model_flags, add_run_flags, config_from_args, size  # noq
 
 def _add_generate(sub):
     p = sub.add_parser("generate", help="generate text for prompts",
-                       description="Generate text. MODEL is a Hugging Face folder, a .gguf file, or a preset "
+                       description="Generate text. MODEL is a Hugging Face folder, a hub name (org/name[@revision]: "
+                                   "from the local cache, else downloaded), a .gguf file, or a preset "
                                    "name with --dummy; with no MODEL, the embedded SmolLM2-135M.")
     add_model_flags(p)
     src = p.add_mutually_exclusive_group()
@@ -63,6 +68,8 @@ def cmd_generate(args) -> int:
             raise OffloadgenError(f"--input {args.input}: no such file")
         if not args.output:
             raise OffloadgenError("--input needs --output (a JSONL file; rerunning with it resumes)")
+        from .jobs import open_job
+        open_job(args.input, args.output, args.ordered).close()  # its files' faults, before any weight is loaded
         items = []
     else:
         items = list(enumerate(args.prompt or ["Paris is the capital city of"]))
@@ -83,43 +90,41 @@ def cmd_generate(args) -> int:
 
 
 def _answer_prompts(llm, args, sampling, items, world) -> int:
+    from contextlib import nullcontext
+
     from . import distributed
+    from .outputs import JobOutput
+    # --output gets records appended, as a job's are (locked; a file that is not ours is refused).
+    with JobOutput(args.output) if args.output and world.is_main else nullcontext() as out:
+        share = -(-len(items) // world.size)
+        mine = items[world.rank * share:(world.rank + 1) * share]
+        results = []
+        for start in range(0, len(mine), args.batch_size):
+            chunk = mine[start:start + args.batch_size]
+            results += [(item_id, prompt, c.text, len(c.token_ids), c.finish_reason)
+                        for (item_id, prompt), c in zip(chunk, llm.generate([p for _, p in chunk], sampling,
+                                                                            prefill_chunk=args.prefill_chunk))]
+            if not world.active:  # one process: print as each batch finishes
+                _emit(results, out, len(items))
+                results = []
+        if world.active:
+            results = [r for part in distributed.gather(results, world) for r in part]
+            if world.is_main:
+                _emit(results, out, len(items))
+            distributed.finish(world)
     if args.output and world.is_main:
-        open(args.output, "w").close()  # a prompt run's --output starts afresh (jobs, above, resume)
-    share = -(-len(items) // world.size)
-    mine = items[world.rank * share:(world.rank + 1) * share]
-    results = []
-    for start in range(0, len(mine), args.batch_size):
-        chunk = mine[start:start + args.batch_size]
-        results += [(item_id, prompt, c.text, len(c.token_ids), c.finish_reason)
-                    for (item_id, prompt), c in zip(chunk, llm.generate([p for _, p in chunk], sampling,
-                                                                        prefill_chunk=args.prefill_chunk))]
-        if not world.active:  # one process: print as each batch finishes
-            _emit(results, args, len(items))
-            results = []
-    if world.active:
-        results = [r for part in distributed.gather(results, world) for r in part]
-        if world.is_main:
-            _emit(results, args, len(items))
-        distributed.finish(world)
-    if args.output and world.is_main:
-        print(f"offloadgen: wrote {len(items)} results to {args.output}", file=sys.stderr)
+        print(f"offloadgen: appended {len(items)} results to {args.output}", file=sys.stderr)
     return 0
 
 
-def _emit(results, args, n_items: int) -> None:
-    """Results as JSON lines appended to --output, or printed (the text alone for one prompt)."""
-    out = open(args.output, "a", encoding="utf-8") if args.output else None
-    try:
-        for item_id, prompt, text, n_tokens, reason in results:
-            if out:
-                out.write(json.dumps({"id": item_id, "prompt": prompt, "text": text, "tokens": n_tokens,
-                                      "finish_reason": reason}) + "\n")
-            else:
-                print(prompt + text if n_items == 1 else json.dumps({"id": item_id, "text": text}), flush=True)
-    finally:
-        if out:
-            out.close()
+def _emit(results, out, n_items: int) -> None:
+    """Results as records appended to out (an outputs.JobOutput), or printed (the text alone for one prompt)."""
+    if out is not None:
+        from .jobs import prompt_records
+        out.append(prompt_records(results))
+        return
+    for item_id, prompt, text, n_tokens, reason in results:
+        print(prompt + text if n_items == 1 else json.dumps({"id": item_id, "text": text}), flush=True)
 
 
 def _run_job(llm, args, sampling) -> int:

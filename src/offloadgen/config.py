@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .errors import OffloadgenError
 
 KV_ATTENTION = ("auto", "cpu", "gpu")
-WEIGHT_FETCH = ("whole", "allgather")
+WEIGHT_FETCH = ("whole", "allgather", "pool")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 MAX_GPU_MEMORY = 1 << 50  # 1 PiB: anything larger is a typo, not a GPU
 
@@ -47,7 +47,9 @@ class RunConfig:
     max_prompt_len: int | None = None  # longest prefill; None: max_seq_len
     micro_batch_size: int | None = None  # rows per layer pass (shrinks activations); None: the whole batch
     # -- several processes (torchrun) -----------------------------------------------------------------
-    weight_fetch: str = "whole"  # each rank copies whole blocks, or 1/N and all-gathers the rest
+    # whole: each rank copies whole blocks; allgather: 1/N each and all-gather the rest; pool: the
+    # ranks also pool their GPU memory (each keeps 1/N of as many layers as fit, gathered every pass)
+    weight_fetch: str = "whole"
     # -- output -----------------------------------------------------------------------------------------
     progress: bool = True
 
@@ -92,9 +94,12 @@ class RunConfig:
         if self.kv_attention != "auto" and not self.kv_offload:
             raise OffloadgenError(f"--kv-attention {self.kv_attention} chooses where attention over an offloaded KV "
                                   "cache runs: add --kv-offload")
-        if self.weight_fetch == "allgather" and (self.disk_offload or not self.pin_memory):
-            raise OffloadgenError("--weight-fetch allgather streams from pinned CPU memory: it cannot be combined "
-                                  "with --disk-offload or --pin-memory 0")
+        if self.weight_fetch != "whole" and (self.disk_offload or not self.pin_memory):
+            raise OffloadgenError(f"--weight-fetch {self.weight_fetch} streams from pinned CPU memory: it cannot be "
+                                  "combined with --disk-offload or --pin-memory 0")
+        if self.weight_fetch == "pool" and not self.cpu_offload:
+            raise OffloadgenError("--weight-fetch pool places what the ranks' GPUs cannot hold in CPU RAM: add "
+                                  "--cpu-offload")
         return self
 
 

@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from .errors import OffloadgenError
 
-# NVLink multicast (NVLS) stays off on the lent multi-GPU machines (the device tool's KINDS.md);
+# NVLink multicast (NVLS) stays off: on shared multi-GPU hosts a program that uses it can take the
+# host's GPUs out of service;
 # set for every process we start, whatever environment it was started from.
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -119,7 +120,11 @@ def relaunch(argv: list[str], nproc: int) -> int:
     """Start this command again under torchrun with nproc processes on this node."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "offloadgen.cli", *argv]
-    env = {**os.environ, **NCCL_ENV, "OFFLOADGEN_RELAUNCHED": "1"}
+    # torchrun gives every rank OMP_NUM_THREADS=1 unless it is set; a rank that attends over an
+    # offloaded KV cache on the CPU then reads it on one core (4 ranks of 64 cores read 4 GB/s
+    # each on the 4-GPU H100 machine). Each rank gets its share of the cores instead.
+    threads = str(max(1, (os.cpu_count() or nproc) // nproc))
+    env = {"OMP_NUM_THREADS": threads, **os.environ, **NCCL_ENV, "OFFLOADGEN_RELAUNCHED": "1"}
     return subprocess.call(cmd, env=env)
 
 
@@ -142,14 +147,23 @@ def shared_host_buffers(sizes: dict, world: World, tag: str, fill) -> dict:
         barrier(world)
         host = {b: torch.from_file(paths[b], shared=True, size=n, dtype=torch.uint8) for b, n in sizes.items()}
         if owner:
-            for b, t in host.items():
-                fill(b, t)
+            fill_in_parallel(host, fill)
         barrier(world)  # every rank has mapped and the owner has filled
     finally:
         if owner:
             shutil.rmtree(folder, ignore_errors=True)
             signal.signal(signal.SIGTERM, previous)
     return host
+
+
+def fill_in_parallel(host: dict, fill, threads: int | None = None) -> None:
+    """fill(block, buffer) for every block, from several threads: making or reading weights and
+    faulting in fresh pages is per-core work (PyTorch's copies release the GIL), and one thread
+    filling 60 GB took 18-26 s of a 35 s start-up."""
+    from concurrent.futures import ThreadPoolExecutor
+    threads = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="offloadgen-fill") as pool:
+        list(pool.map(lambda item: fill(*item), host.items()))
 
 
 def _raise_exit(signum, frame):

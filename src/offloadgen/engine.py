@@ -50,6 +50,9 @@ class Engine:
         self.dtype = dtype
         self.micro_batch_size = micro_batch_size
         self.blocks = blocks(cfg)
+        # A family whose cached keys go stale at some length (Phi-3's LongRoPE switching to its long
+        # factors) names the slot; the pass that writes it recomputes the whole cache, as transformers does.
+        self.recompute_at = getattr(self.family, "recompute_cache_at", lambda cfg: None)(cfg)
 
     def micro_batches(self, batch: int) -> list[slice]:
         size = self.micro_batch_size or batch
@@ -181,6 +184,11 @@ class Engine:
                 break
             slot = prompt_len + i
             key_valid[:, slot] = True
+            if slot == self.recompute_at:  # the cached keys are stale: one pass over everything so far
+                seen = torch.cat([ids, torch.stack(new_tokens, 1)], 1)
+                valid = key_valid[:, :slot + 1]
+                logits = self.forward(seen, self._steps(0, (valid.long().cumsum(-1) - 1).clamp(min=0), valid), cache)
+                continue
             steps = self._steps(slot, (n_real + i)[:, None], key_valid[:, :slot + 1])
             logits = self.forward(token[:, None], steps, cache)
 

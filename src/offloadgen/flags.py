@@ -78,7 +78,9 @@ def add_kv_flags(p, reference_defaults: bool = False) -> None:
 
 def add_world_flags(p) -> None:
     flag(p, "--weight-fetch", default="whole", choices=list(WEIGHT_FETCH),
-         help="several ranks (torchrun): each copies whole layers over its own link, or 1/N and all-gathers the rest")
+         help="several ranks (torchrun): each copies whole layers over its own link (whole); or 1/N of each and "
+              "all-gathers the rest over NVLink (allgather); or also pools the GPUs' memory, each keeping 1/N of as "
+              "many layers as fit, so only the rest crosses PCIe (pool)")
 
 
 def add_run_flags(p, reference_defaults: bool = False) -> None:

@@ -1,26 +1,38 @@
 """Batch generation jobs that lose nothing: a JSONL file of prompts in, one JSON line per prompt out.
 
 - Prompts run through the continuous batcher (--batch-size slots): each request is appended,
-  flushed and fsynced as it finishes, in the order requests finish; a rerun with the same output
-  file skips every input line already answered (resume), so a kill loses at most the requests in
-  flight. A torn last line (a write cut short) is dropped and redone. --ordered rewrites the
-  output in input order once every line is answered.
+  flushed and fsynced as it finishes, in the order requests finish (outputs.JobOutput); a rerun
+  with the same output file skips every input line already answered (resume), so a kill loses at
+  most the requests in flight. A torn last line (a write cut short) is dropped and redone.
+- Resume matches records to input lines by the line's "id", or, for a line without one, by a
+  hash of its bytes (with the occurrence number for repeated lines): lines may be inserted,
+  removed or reordered between runs. Duplicate ids are refused.
+- The output is locked for the whole job: a second job on it is refused, naming the holder.
 - A line may set its own sampling with OpenAI's names (max_tokens, temperature, top_p, top_k,
   seed, stop); absent keys take the command's flags.
-- A bad input line (not JSON, no prompt, empty, longer than the context, a bad sampling value)
-  becomes an error record with its line number; the job goes on.
-- SIGINT / SIGTERM: no new request starts, the ones in flight finish and are written, then the
-  job stops, says how to resume, and exits non-zero. CUDA out of memory: the micro-batch is halved
-  and the requests in flight start over (none of theirs was written).
+- A bad input line (not JSON, no prompt, empty, too long for the context with its max tokens, a
+  bad sampling value) becomes an error record with its line number; the job goes on. Invalid
+  UTF-8 is replaced and the record says so in "warning"; a UTF-8 byte-order mark is ignored.
+- --ordered rewrites the output in input order once every line is answered.
+- SIGINT / SIGTERM: no new request starts, those in flight finish and are written, then the job
+  stops, says how to resume, and exits non-zero. CUDA out of memory: the micro-batch is halved and
+  the requests in flight start over (none of theirs was written).
+
+open_job finds what is wrong with a job's files (and takes the output's lock) before a model is
+loaded; answer_job answers it. The bookkeeping (read_input, JobOutput, result_record /
+error_record) does not depend on how completions are produced: a scheduler can drive it.
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,16 +41,27 @@ import torch
 from tqdm import tqdm
 
 from .errors import OffloadgenError
+from .outputs import JobOutput, is_regular_or_new
 from .sampling import SamplingParams
 
 
 @dataclass
+class InputLine:
+    line: int  # 1-based line number in the input file as it is now
+    text: str
+    key: str  # what resume matches records by: "id:<the id as JSON>" or "sha256:<hash of the line>[#k]"
+    warning: str | None = None
+
+
+@dataclass
 class JobItem:
-    line: int  # 1-based line number in the input file: the resume key
+    line: int  # 1-based line number in the input file
     id: object
     prompt: str | None = None
     error: str | None = None
     n_tokens: int = 0
+    key: str = ""
+    warning: str | None = None
     sampling: SamplingParams | None = None  # the line's own (it sets max_tokens, temperature, ...); None: the command's
 
 
@@ -52,6 +75,59 @@ class JobSummary:
     seconds: float = 0.0
     interrupted: str | None = None
     retries: list = field(default_factory=list)
+
+
+def clean_id(value):
+    """An id as it can be written back in JSON: scalars as they are, NaN/Infinity and containers
+    as their JSON text (json.loads accepts NaN; a record holding it would not be JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return json.dumps(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    try:
+        return json.dumps(value)
+    except (ValueError, RecursionError):
+        return repr(value)
+
+
+def read_input(path: str | os.PathLike) -> list[InputLine]:
+    """The input's non-blank lines with their resume keys; refuses an unreadable file and ids
+    used twice. JSON lines end at "\n" only: U+2028 and others may stand raw inside a string."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise OffloadgenError(f"cannot read --input {path}: {e.strerror}") from None
+    data = data.removeprefix(codecs.BOM_UTF8)  # editors on Windows add one; it is not part of line 1
+    lines, first_line_of, occurrences = [], {}, {}
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        raw = raw.removesuffix(b"\r")
+        if not raw.strip():
+            continue
+        try:
+            text, warning = raw.decode("utf-8"), None
+        except UnicodeDecodeError as e:
+            text = raw.decode("utf-8", errors="replace")
+            warning = f"line {n}: invalid UTF-8 at byte {e.start + 1}, replaced with U+FFFD"
+        key = _id_key(text)
+        if key is not None:
+            if key in first_line_of:
+                raise OffloadgenError(f"--input {path}: lines {first_line_of[key]} and {n} have the same id "
+                                      f"{key[3:]}; ids must be unique, since resume matches results to lines by id")
+            first_line_of[key] = n
+        else:  # no id: the line's bytes, and which repeat of them this is
+            digest = hashlib.sha256(raw).hexdigest()[:16]
+            occurrences[digest] = k = occurrences.get(digest, 0) + 1
+            key = f"sha256:{digest}" + (f"#{k}" if k > 1 else "")
+        lines.append(InputLine(n, text, key, warning))
+    return lines
+
+
+def _id_key(text: str) -> str | None:
+    try:
+        rec = json.loads(text)
+        return "id:" + json.dumps(rec["id"], sort_keys=True) if isinstance(rec, dict) and "id" in rec else None
+    except (ValueError, RecursionError):
+        return None
 
 
 # OpenAI's names in an input line -> SamplingParams fields
@@ -84,17 +160,17 @@ def line_sampling(rec: dict, n: int, sampling: SamplingParams) -> tuple[Sampling
         return None, f"line {n}: {str(e).replace('max_new_tokens', 'max_tokens')}"
 
 
-def parse_input_line(text: str, n: int, tokenizer, max_context: int, sampling: SamplingParams | None = None) -> JobItem:
-    """One input line -> a prompt, or an error that says what is wrong with it; never raises."""
+def parse_input_line(text: str, n: int, tokenizer, max_context: int, max_new_tokens: int = 1,
+                     sampling: SamplingParams | None = None) -> JobItem:
+    """One input line -> a prompt, or an error that says what is wrong with it; never raises.
+    A prompt must leave room in max_context for its max tokens (the line's, else max_new_tokens)."""
     try:
         rec = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as e:
         return JobItem(n, n, error=f"line {n}: not valid JSON ({getattr(e, 'msg', e)})")
     if not isinstance(rec, dict):
         return JobItem(n, n, error=f"line {n}: expected a JSON object with 'prompt' or 'messages'")
-    item_id = rec.get("id", n)
-    if not isinstance(item_id, (str, int, float, bool)) and item_id is not None:
-        item_id = json.dumps(item_id)
+    item_id = clean_id(rec.get("id", n))
     try:
         if "prompt" in rec:
             prompt = rec["prompt"]
@@ -119,68 +195,119 @@ def parse_input_line(text: str, n: int, tokenizer, max_context: int, sampling: S
         return JobItem(n, item_id, error=f"line {n}: cannot tokenize ({type(e).__name__}: {e})")
     if n_tokens == 0:
         return JobItem(n, item_id, error=f"line {n}: prompt has no tokens")
-    if n_tokens >= max_context:
-        return JobItem(n, item_id, error=f"line {n}: prompt has {n_tokens} tokens; the model's context is {max_context}")
-    own, error = line_sampling(rec, n, sampling or SamplingParams())
+    own, error = line_sampling(rec, n, sampling or SamplingParams(max_new_tokens=max(max_new_tokens, 1)))
     if error:
         return JobItem(n, item_id, error=error)
+    max_new_tokens = own.max_new_tokens if own else max_new_tokens
+    if n_tokens + max(max_new_tokens, 1) > max_context:
+        return JobItem(n, item_id, error=f"line {n}: prompt has {n_tokens} tokens; the model's context is {max_context}, "
+                                         f"which leaves {max_context - max_new_tokens} for a prompt with "
+                                         f"{max_new_tokens} new tokens")
     return JobItem(n, item_id, prompt, n_tokens=n_tokens, sampling=own)
-
-
-def read_done(output: Path) -> set[int]:
-    """Input lines answered by earlier runs. A torn last line is cut off so appends stay valid."""
-    if not output.exists():
-        return set()
-    data = output.read_bytes()
-    done, good_end, pos = set(), 0, 0
-    for raw in data.split(b"\n"):
-        end = pos + len(raw) + 1
-        if raw.strip():
-            try:
-                done.add(int(json.loads(raw)["line"]))
-                good_end = min(end, len(data))
-            except (ValueError, KeyError, TypeError):
-                if end < len(data):  # only the last line may be torn; anything else is not ours
-                    line_no = data[:pos].count(b"\n") + 1
-                    raise OffloadgenError(f"{output}: line {line_no} is not a result record; "
-                                          "is this the output of another program?") from None
-                break
-        pos = end
-    if good_end < len(data) and data[good_end:].strip():
-        print(f"offloadgen: {output}: dropping a torn last line (a write cut short); it will be redone",
-              file=sys.stderr)
-        with open(output, "r+b") as f:
-            f.truncate(good_end)
-    elif data and not data.endswith(b"\n"):
-        with open(output, "ab") as f:
-            f.write(b"\n")
-    return done
-
-
-def batches_by_length(items: list[JobItem], batch_size: int) -> list[list[JobItem]]:
-    items = sorted(items, key=lambda it: it.n_tokens)
-    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
 
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def context_limit(llm) -> int:
+    """Tokens a sequence may reach: the model's context, or less if the GPU placement was planned
+    for shorter sequences."""
+    limits = getattr(llm, "limits", None)
+    return min(llm.cfg.max_position, limits[1]) if limits else llm.cfg.max_position
+
+
+def job_item(src: InputLine, tokenizer, max_context: int, max_new_tokens: int,
+             sampling: SamplingParams | None = None) -> JobItem:
+    item = parse_input_line(src.text, src.line, tokenizer, max_context, max_new_tokens, sampling)
+    item.key, item.warning = src.key, src.warning
+    return item
+
+
+def _with_warning(rec: dict, item: JobItem) -> dict:
+    return {**rec, "warning": item.warning} if item.warning else rec
+
+
+def error_record(item: JobItem) -> dict:
+    return _with_warning({"key": item.key, "id": item.id, "line": item.line, "error": item.error}, item)
+
+
+def result_record(item: JobItem, completion) -> dict:
+    return _with_warning({"key": item.key, "id": item.id, "line": item.line, "prompt": item.prompt,
+                          "text": completion.text, "tokens": len(completion.token_ids),
+                          "finish_reason": completion.finish_reason}, item)
+
+
+def describe_resume(lines: list[InputLine], done: dict[str, int]) -> str:
+    """What an earlier run left and what changed in the input since: one line for stderr."""
+    current = {src.key: src.line for src in lines}
+    answered = [k for k in current if k in done]
+    moved = sum(1 for k in answered if done[k] != current[k])
+    gone = sum(1 for k in done if k not in current and not k.startswith("prompt:"))
+    text = f"{len(answered)} of {len(current)} input lines answered by earlier runs, {len(current) - len(answered)} to go"
+    if moved:
+        text += f"; {moved} answered lines moved since (matched by id or content)"
+    if gone:
+        text += f"; {gone} answered lines are no longer in the input (their results are kept)"
+    return text
+
+
+@dataclass
+class Job:
+    """A job's files, opened: the input's lines and the output, locked until close()."""
+    lines: list[InputLine]
+    out: JobOutput
+    ordered: bool = False
+
+    def close(self) -> None:
+        self.out.close()
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_job(input_path: str, output_path: str, ordered: bool = False) -> Job:
+    """Everything that can be wrong with a job's files, found before a model is loaded: an
+    unreadable input, duplicate ids, an output that is not ours or is held by another job."""
+    lines = read_input(input_path)
+    if os.path.exists(output_path) and os.path.samefile(output_path, input_path):
+        raise OffloadgenError("--output must not be the --input file")
+    if ordered and not is_regular_or_new(output_path):
+        raise OffloadgenError(f"--ordered rewrites --output at the end, and {output_path} is not a regular file "
+                              "(a pipe or a terminal): drop --ordered, or write to a file")
+    return Job(lines, JobOutput(output_path), ordered)
+
+
+def answer_job(llm, job: Job, sampling: SamplingParams, batch_size: int = 16, progress: bool = True,
+               prefill_chunk: int = 512) -> JobSummary:
+    """Answer the job's lines that its output has no record for; with job.ordered, rewrite the
+    output in input order once all are answered."""
+    if job.out.done:
+        print(f"offloadgen: {job.out.name}: {describe_resume(job.lines, job.out.done)}", file=sys.stderr)
+    todo = [src for src in job.lines if src.key not in job.out.done]
+    summary = JobSummary(total=len(job.lines), skipped=len(job.lines) - len(todo))
+    limit = context_limit(llm)
+    items = [job_item(src, llm.tokenizer, limit, sampling.max_new_tokens, sampling) for src in todo]
+    answer_items(llm, items, job.out, sampling, batch_size, summary, progress, prefill_chunk)
+    if job.ordered and not summary.interrupted:
+        job.out.rewrite_in_order({src.key: i for i, src in enumerate(job.lines)})
+    return summary
+
+
 def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, batch_size: int = 16,
             ordered: bool = False, progress: bool = True, prefill_chunk: int = 512) -> JobSummary:
-    src, out_path = Path(input_path), Path(output_path)
-    try:
-        # JSON lines end at "\n" only: splitlines() would also break at U+0085, U+2028 and others
-        # that may stand raw inside a JSON string.
-        lines = [line.removesuffix("\r") for line in src.read_text(encoding="utf-8", errors="replace").split("\n")]
-    except OSError as e:
-        raise OffloadgenError(f"cannot read --input {input_path}: {e.strerror}") from None
-    if out_path.resolve() == src.resolve():
-        raise OffloadgenError("--output must not be the --input file")
-    done = read_done(out_path)
-    items = [parse_input_line(text, n, llm.tokenizer, _context(llm), sampling)
-             for n, text in enumerate(lines, 1) if text.strip() and n not in done]
-    summary = JobSummary(total=sum(1 for t in lines if t.strip()), skipped=len(done))
+    with open_job(input_path, output_path, ordered) as job:
+        return answer_job(llm, job, sampling, batch_size, progress, prefill_chunk)
+
+
+def answer_items(llm, items: list[JobItem], out: JobOutput, sampling: SamplingParams, batch_size: int,
+                 summary: JobSummary, progress: bool = True, prefill_chunk: int = 512) -> None:
+    """Error records first, then each request's record as it finishes (continuous batching in
+    batch_size slots). SIGINT/SIGTERM: no request starts, those in flight finish and are written
+    (summary.interrupted says which signal)."""
     stop = {}
 
     def request_stop(signum, frame):
@@ -189,31 +316,26 @@ def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, ba
         print(f"\noffloadgen: {signal.Signals(signum).name}: finishing the requests in flight, then stopping",
               file=sys.stderr)
 
-    old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Python lets only the main thread set handlers; a job driven from another thread keeps the defaults.
+    in_main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     start = time.perf_counter()
     bar = tqdm(total=len(items), desc="prompts", unit="prompt", file=sys.stderr, disable=None if progress else True)
     try:
-        with open(out_path, "a", encoding="utf-8") as out:
-            def write(records):
-                for r in records:
-                    out.write(json.dumps(r, ensure_ascii=False) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
+        bad = [it for it in items if it.error]
+        out.append([error_record(it) for it in bad])
+        summary.errors += len(bad)
+        bar.update(len(bad))
 
-            bad = [it for it in items if it.error]
-            write([{"id": it.id, "line": it.line, "error": it.error} for it in bad])
-            summary.errors += len(bad)
-            bar.update(len(bad))
-            def on_done(pairs):
-                write([{"id": it.id, "line": it.line, "prompt": it.prompt, "text": c.text, "tokens": len(c.token_ids),
-                        "finish_reason": c.finish_reason} for it, c in pairs])
-                summary.done += len(pairs)
-                summary.tokens += sum(len(c.token_ids) for _, c in pairs)
-                bar.update(len(pairs))
-                bar.set_postfix(tok_s=f"{summary.tokens / (time.perf_counter() - start):.1f}")
+        def on_done(pairs):
+            out.append([result_record(it, c) for it, c in pairs])
+            summary.done += len(pairs)
+            summary.tokens += sum(len(c.token_ids) for _, c in pairs)
+            bar.update(len(pairs))
+            bar.set_postfix(tok_s=f"{summary.tokens / (time.perf_counter() - start):.1f}")
 
-            answer_continuously(llm, [it for it in items if not it.error], sampling, batch_size, on_done, summary,
-                                lambda: bool(stop), prefill_chunk)
+        answer_continuously(llm, [it for it in items if not it.error], sampling, batch_size, on_done, summary,
+                            lambda: bool(stop), prefill_chunk)
     finally:
         bar.close()
         for s, h in old.items():
@@ -221,26 +343,27 @@ def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, ba
     summary.seconds = time.perf_counter() - start
     if stop:
         summary.interrupted = signal.Signals(stop["signal"]).name
-    elif ordered:
-        write_in_input_order(out_path)
-    return summary
 
 
-def _context(llm) -> int:
-    """Tokens a sequence may reach: the model's context, or less where the GPU was planned for less."""
-    return min(llm.cfg.max_position, llm.limits[1]) if llm.limits else llm.cfg.max_position
+def prompt_records(results) -> list[dict]:
+    """Records of a --prompt run, from (index, prompt, text, tokens, finish_reason) tuples, in the
+    shape of a job's. Their keys start with "prompt:", so a job's resume never takes them for its
+    own lines."""
+    return [{"key": "prompt:" + hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()[:16],
+             "id": index, "line": index + 1, "prompt": prompt, "text": text, "tokens": n_tokens,
+             "finish_reason": reason} for index, prompt, text, n_tokens, reason in results]
 
 
 def answer_continuously(llm, items: list[JobItem], sampling: SamplingParams, slots: int, on_done, summary: JobSummary,
                         stopping, prefill_chunk: int = 512) -> None:
     """Every item through the model's continuous batcher in `slots` slots; on_done([(item,
     Completion)]) after each pass in which requests ended. Once stopping() is true no request
-    starts and those in flight finish. A row that reaches the cache's end stops with "length"."""
+    starts and those in flight finish."""
     from .api import Completion
     if not items:
         return
     params = {it.line: it.sampling or sampling for it in items}
-    max_len = min(_context(llm), max(it.n_tokens + params[it.line].max_new_tokens for it in items))
+    max_len = min(context_limit(llm), max(it.n_tokens + params[it.line].max_new_tokens for it in items))
     batcher = llm.batcher(min(slots, len(items)), max_len, prefill_chunk)
     by_line = {it.line: it for it in items}
     for it in items:
@@ -268,16 +391,3 @@ def _step_with_retry(llm, batcher, summary):
             print(f"offloadgen: out of GPU memory; the requests in flight start over with micro-batches of "
                   f"{llm.engine.micro_batch_size}", file=sys.stderr)
             batcher.restart()
-
-
-def write_in_input_order(path: Path) -> None:
-    """Rewrite the output sorted by input line, atomically (a temporary file renamed over it)."""
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-    records.sort(key=lambda r: r["line"])
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -25,6 +25,7 @@ from .offload import ResidentWeights, WeightSource
 from .offload.kv_cache import KVOffload
 from .offload.placement import Placement, all_resident, disk_placement_on_cpu, plan_kv_offload, plan_placement
 from .quant import QuantConfig
+from .quant.groupwise import check_group_size
 
 DEFAULT_PLANNED_SEQ_LEN = 2048  # what the GPU memory is planned for when max_seq_len is not given
 
@@ -89,6 +90,8 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
     config.validate()
     world = world or World()
     quant = QuantConfig(config.quant_bits, config.quant_group_size) if config.quant_bits != 16 else None
+    if quant is not None:
+        check_group_size(quant, model_cfg)
     dtype = resolve_dtype(config.dtype, device, model_cfg)
     elem = torch.empty((), dtype=dtype).element_size()
     max_len = min(config.max_seq_len or DEFAULT_PLANNED_SEQ_LEN, model_cfg.max_position)
@@ -108,19 +111,20 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
         return plan
     plan.budget = config.gpu_memory or default_gpu_budget(device)
     batch, gen_len = config.max_batch_size, max_len - prompt_len
+    pool_ranks = world.size if config.weight_fetch == "pool" else 1
     if kv is not None:
         if h2d_bytes_s is None and kv.attention == "auto":
             h2d_bytes_s = h2d_bandwidth(device)["best"]
         plan.placement, plan.kv, plan.kv_model = plan_kv_offload(
             model_cfg, elem, plan.budget, batch, prompt_len, gen_len, config.micro_batch_size, config.prefetch_depth,
-            quant, kv, h2d_bytes_s, dtype, offload=config.offloaded)
+            quant, kv, h2d_bytes_s, dtype, offload=config.offloaded, pool_ranks=pool_ranks)
     else:
         plan.placement = plan_placement(model_cfg, elem, plan.budget, batch, prompt_len, gen_len,
                                         config.micro_batch_size, config.prefetch_depth, offload=config.offloaded,
-                                        quant=quant)
+                                        quant=quant, pool_ranks=pool_ranks)
     if config.disk_offload:
         plan.placement.bytes["weights_on_disk"] = True
-    if plan.placement.streamed or kv is not None:
+    if plan.placement.streamed or plan.placement.pooled or kv is not None:
         check_host_memory(plan.placement, host_available, quantized=quant is not None, ranks_per_node=world.local_size)
     return plan
 

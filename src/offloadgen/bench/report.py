@@ -1,7 +1,9 @@
 """`offloadgen report`: read bench records (ours and the peers'), print a table, draw a plot."""
 from __future__ import annotations
 
+import functools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -15,27 +17,66 @@ def load_records(paths: list[str]) -> list[dict]:
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(p.rglob("*.jsonl")) + sorted(p.rglob("*.json"))
+            # regular files only: reading a FIFO that happens to be named *.jsonl would wait forever
+            files += [f for f in sorted(p.rglob("*.jsonl")) + sorted(p.rglob("*.json")) if f.is_file()]
         elif p.is_file():
             files.append(p)
         else:
             raise OffloadgenError(f"{p}: no such file or folder")
     records = []
     for f in files:
-        for n, line in enumerate(f.read_text().split("\n"), 1):  # not splitlines(): U+2028 may sit in a string
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            print(f"offloadgen: {f}: not UTF-8 text (a binary file?), skipped", file=sys.stderr)
+            continue
+        except OSError as e:
+            raise OffloadgenError(f"{f}: cannot read it ({e.strerror})") from None
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit in a string
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 print(f"offloadgen: {f}:{n}: not a JSON record, skipped", file=sys.stderr)
                 continue
             if isinstance(rec, dict) and "system" in rec and "batch_size" in rec:
+                problem = record_problem(rec)
+                if problem:
+                    print(f"offloadgen: {f}:{n}: not a usable bench record ({problem}), skipped", file=sys.stderr)
+                    continue
                 rec["_file"] = str(f)
                 records.append(rec)
     if not records:
         raise OffloadgenError("no bench records found (JSON lines with 'system' and 'batch_size')")
     return records
+
+
+_MEASURED = ("prefill_throughput", "decode_throughput", "decode_step_s")
+_OPTIONAL = ("peak_gpu_mem_bytes", "gpu_budget_bytes", "quant_bits", "quant_group_size", "h2d_bandwidth_bytes_s",
+             "prompt_len", "gen_len")
+
+
+def _number(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and value >= 0
+
+
+def record_problem(rec: dict) -> str | None:
+    """What makes a record unusable for the table (a field missing or of the wrong type), or None."""
+    if not isinstance(rec["system"], str) or not rec["system"]:
+        return f"system is {rec['system']!r}, not a name"
+    if type(rec["batch_size"]) is not int or rec["batch_size"] < 1:
+        return f"batch_size is {rec['batch_size']!r}, not a positive integer"
+    if "error" in rec:
+        rec["error"] = str(rec["error"]) or "(no message)"
+        return None
+    for key in _MEASURED:
+        if not _number(rec.get(key)):
+            return f"{key} is {rec.get(key)!r}, not a number"
+    for key in _OPTIONAL:
+        if rec.get(key) is not None and not _number(rec[key]):
+            return f"{key} is {rec[key]!r}, not a number"
+    return None
 
 
 def _label(rec) -> str:
@@ -72,17 +113,29 @@ def _bandwidth(records) -> float | None:
     return bws[len(bws) // 2] if bws else None
 
 
-def bus_limit_tokens_s(rec, bandwidth: float | None) -> float | None:
-    """DESIGN.md's ceiling with every weight streamed: batch * bandwidth / weight bytes."""
-    if not bandwidth:
-        return None
+@functools.lru_cache(maxsize=None)
+def _param_count(model: str) -> int | None:
+    """Parameters of a preset by name; cached, since every record of a model asks (a million
+    records took 9 minutes when each rebuilt its preset)."""
     try:
-        params = param_count(preset(_model(rec)))
+        return param_count(preset(model))
     except OffloadgenError:
+        return None
+
+
+def bus_limit_tokens_s(rec, bandwidth: float | None) -> float | None:
+    """docs/performance.md's ceiling with every weight streamed: batch * bandwidth / weight bytes."""
+    params = _param_count(_model(rec)) if bandwidth else None
+    if not params:
         return None
     bits = int(rec.get("quant_bits") or 16)
     bytes_per_param = 2 if bits == 16 else bits / 8 + 4 / int(rec.get("quant_group_size") or 64)
     return rec["batch_size"] * bandwidth / (params * bytes_per_param)
+
+
+def _ratio(ours: float | None, theirs: float) -> str:
+    """offloadgen's throughput over another's, blank where either is missing or zero."""
+    return f"{ours / theirs:.2f}x" if ours and theirs > 0 else ""
 
 
 def table(records: list[dict]) -> str:
@@ -103,7 +156,7 @@ def table(records: list[dict]) -> str:
             continue
         limit = bus_limit_tokens_s(r, bw)
         ours = best_ours.get((*_config(r), r["batch_size"]))
-        ratio = f"{ours / r['decode_throughput']:.2f}x" if ours and _label(r) != "offloadgen" else ""
+        ratio = _ratio(ours, r["decode_throughput"]) if _label(r) != "offloadgen" else ""
         peak = f"{r.get('peak_gpu_mem_bytes', 0) / GiB:.2f}" + ("" if fits(r) else "!")
         lines.append(f"{_label(r)[:40]:40s} {model:9s} {bits:4d} {r['batch_size']:5d} {r['prefill_throughput']:13.1f} "
                      f"{r['decode_throughput']:12.2f} {r['decode_step_s']:7.3f} {peak:>8s} "
@@ -124,7 +177,8 @@ def table(records: list[dict]) -> str:
             ours = systems.get("offloadgen")
             for family, r in sorted(systems.items(), key=lambda kv: -kv[1]["decode_throughput"]):
                 limit = bus_limit_tokens_s(r, bw)
-                ratio = f"{ours['decode_throughput'] / r['decode_throughput']:.2f}x" if ours and family != "offloadgen" else ""
+                mine = ours["decode_throughput"] if ours and family != "offloadgen" else None
+                ratio = _ratio(mine, r["decode_throughput"])
                 lines.append(f"{family:12s} {model:9s} {bits:4d} {r['batch_size']:5d} {r['decode_throughput']:12.2f} "
                              f"{r.get('peak_gpu_mem_bytes', 0) / GiB:8.2f} "
                              f"{(r['decode_throughput'] / limit) if limit else float('nan'):7.0%} {ratio:>15s}  {_label(r)}")

@@ -65,8 +65,14 @@ class Workload:
 
 
 def bench_inputs(tokenizer, batch: int, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's workload: its sentence, left-padded with EOS to exactly prompt_len tokens."""
+    """The reference's workload: its sentence, left-padded with EOS to exactly prompt_len tokens.
+    Dummy weights have no vocabulary to honour, and their byte-level sentence (28 tokens) is longer
+    than a real tokenizer's (OPT's: 8): it is cut to its last prompt_len tokens, so every
+    --prompt-len the reference accepts is accepted."""
+    from ..tokenizer import ByteTokenizer
     ids = tokenizer.encode(PROMPT)
+    if isinstance(tokenizer, ByteTokenizer):
+        ids = ids[-prompt_len:]
     if len(ids) > prompt_len:
         raise OffloadgenError(f"--prompt-len {prompt_len} is shorter than the prompt ({len(ids)} tokens)")
     eos = min(tokenizer.eos_token_ids)
@@ -83,9 +89,10 @@ def bench_config(run: RunConfig, w: Workload, batch: int) -> RunConfig:
                        progress=run.progress and w.verbose > 0)
 
 
-def run_generation(run: RunConfig, w: Workload, out=sys.stdout) -> dict | None:
+def run_generation(run: RunConfig, w: Workload, out=None) -> dict | None:
     """Build the run, time `loops` generations, write the log lines and the JSON record (rank 0).
     Returns the record (None on other ranks)."""
+    out = out or sys.stdout  # the stream of the call, not of the import (tests swap sys.stdout)
     w.check()
     run.validate()
     world = distributed.init(resolve_device(run).type)
@@ -227,7 +234,8 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, bandwidth, 
         "h2d_bandwidth_median_bytes_s": bandwidth and bandwidth["median"],
         "bus_limit_decode_step_s": bus_limit, "copy_only_step_s": copy_only,
         "decode_step_over_copy_only": m.decode_step_s / copy_only if copy_only else None,
-        "streamed_bytes_per_step": streamed, "model_bytes": model_bytes, "cache_bytes": cache, "hidden_bytes": hidden,
+        "streamed_bytes_per_step": streamed, **_link_bytes(p, plan.world.size, run.weight_fetch),
+        "model_bytes": model_bytes, "cache_bytes": cache, "hidden_bytes": hidden,
         **m.as_record(),
         "decode_step_over_bus_limit": m.decode_step_s / bus_limit if bus_limit else None,
         "startup_s": rt.timings["startup_s"], "weights_load_s": rt.timings["weights_load_s"],
@@ -239,6 +247,18 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, bandwidth, 
     with open(json_path, "a") as f:
         f.write(json.dumps(record) + "\n")
     return record
+
+
+def _link_bytes(p, ranks: int, fetch: str) -> dict:
+    """Weight bytes each rank moves per decode step over its host link (PCIe) and receives from its
+    peers (NVLink): with allgather and pool a rank copies 1/N of each streamed block and gathers the
+    other (N - 1)/N of every streamed and pooled block."""
+    if p is None:
+        return {}
+    shards = ranks if fetch != "whole" else 1
+    gathered = p.streamed_bytes + p.bytes.get("pooled_per_rank", 0) * ranks
+    return {"pcie_bytes_per_step_per_rank": p.streamed_bytes / shards, "pooled_blocks": len(p.pooled),
+            "nvlink_bytes_per_step_per_rank": (shards - 1) / shards * gathered if shards > 1 else 0}
 
 
 def _print_summary(r: dict, m: RunMetrics, file) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from ..models import blocks, config_from_hf, family_of
 # Checkpoints saved by older code name tensors without the model-class prefix (facebook's OPT:
 # "decoder.layers.0..."; bigscience's BLOOM: "h.0..."), so each name is also tried without it.
 _PREFIXES = ("model.", "transformer.")
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class SafetensorsFolder:
@@ -23,9 +25,13 @@ class SafetensorsFolder:
         if not config_file.is_file():
             raise OffloadgenError(f"{self.path}: no config.json (is this a Hugging Face model folder?)")
         try:
-            self.hf_config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
+            self.hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise OffloadgenError(f"{config_file}: not UTF-8 text (is it a config.json?)") from None
+        except (json.JSONDecodeError, RecursionError) as e:
             raise OffloadgenError(f"{config_file}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise OffloadgenError(f"{config_file}: cannot read it ({e.strerror})") from None
         self.cfg = config_from_hf(self.hf_config, str(config_file))
         self.family = family_of(self.cfg)
         files = sorted(self.path.glob("*.safetensors"))
@@ -61,19 +67,31 @@ class SafetensorsFolder:
                 key = self._resolve(hf_name)
                 if key is None:
                     raise OffloadgenError(f"{self.path}: tensor {hf_name!r} is missing from the safetensors files")
-                found = tuple(self._handles[self._where[key]].get_slice(key).get_shape())
+                tensor = self._handles[self._where[key]].get_slice(key)
+                found = tuple(tensor.get_shape())
                 if found != tuple(shape):
                     raise OffloadgenError(f"{self.path}: tensor {hf_name!r} has shape {found}, "
                                           f"config.json implies {tuple(shape)}")
+                if tensor.get_dtype() not in FLOAT_DTYPES:  # integers are quantized or not weights at all
+                    raise OffloadgenError(f"{self.path}: tensor {hf_name!r} is stored as {tensor.get_dtype()}; "
+                                          f"weights must be floating point ({', '.join(FLOAT_DTYPES)})")
 
     def read_block(self, block, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         out = {}
         for local, (hf_name, _) in self.family.block_tensors(self.cfg, block).items():
             key = self._resolve(hf_name)
             try:
-                out[local] = self._handles[self._where[key]].get_tensor(key).to(dtype)
+                t = self._handles[self._where[key]].get_tensor(key).to(dtype)
+                # safetensors' buffers may be only 8-byte aligned; BLAS then takes other kernels, which
+                # round differently (1 ulp between resident and streamed weights on the CPU) and run slower
+                out[local] = t.clone() if t.data_ptr() % 64 else t
             except SafetensorError as e:
                 raise OffloadgenError(f"{self._where[key]}: cannot read {key!r} ({e})") from None
+            # One float64 sum per tensor (no copy): NaN or inf anywhere makes it non-finite.
+            if not math.isfinite(out[local].sum(dtype=torch.float64)):
+                raise OffloadgenError(f"{self._where[key]}: tensor {key!r} holds NaN or infinite values as "
+                                      f"{str(dtype).replace('torch.', '')}: the checkpoint is damaged, or its values "
+                                      "do not fit that dtype (try --dtype float32)")
         return out
 
     def tokenizer(self):

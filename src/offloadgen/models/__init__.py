@@ -15,11 +15,15 @@ from types import ModuleType
 import torch
 
 from ..errors import OffloadgenError
-from . import bloom, llama, opt
+from . import bloom, gemma3, llama, mixtral, opt, phi3, qwen_moe
+from .checks import check_raw_sizes, check_sizes
 
-FAMILIES: dict[str, ModuleType] = {"llama": llama, "opt": opt, "bloom": bloom}
+FAMILIES: dict[str, ModuleType] = {"llama": llama, "opt": opt, "bloom": bloom, "gemma3": gemma3, "phi3": phi3,
+                                   "mixtral": mixtral, "qwen_moe": qwen_moe}
 _BY_MODEL_TYPE = {t: m for m in FAMILIES.values() for t in m.MODEL_TYPES}
-_CONFIG_CLASS = {llama.LlamaConfig: llama, opt.OPTConfig: opt, bloom.BloomConfig: bloom}
+_CONFIG_CLASS = {llama.LlamaConfig: llama, opt.OPTConfig: opt, bloom.BloomConfig: bloom,
+                 gemma3.Gemma3Config: gemma3, phi3.Phi3Config: phi3, mixtral.MixtralConfig: mixtral,
+                 qwen_moe.QwenMoeConfig: qwen_moe}
 
 
 def supported_model_types() -> str:
@@ -31,15 +35,22 @@ def family_of(cfg) -> ModuleType:
 
 
 def config_from_hf(d: dict, where: str = "config.json"):
+    if not isinstance(d, dict):
+        raise OffloadgenError(f"{where}: expected a JSON object of settings, found a {type(d).__name__}")
     model_type = d.get("model_type")
     if model_type not in _BY_MODEL_TYPE:
         archs = ", ".join(d.get("architectures") or []) or "none given"
         raise OffloadgenError(f"{where}: architecture {model_type!r} ({archs}) is not supported; "
                               f"supported model types: {supported_model_types()}")
+    check_raw_sizes(d, where)
     try:
-        return _BY_MODEL_TYPE[model_type].config_from_hf(d)
+        cfg = _BY_MODEL_TYPE[model_type].config_from_hf(d)
     except KeyError as e:
         raise OffloadgenError(f"{where}: field {e.args[0]!r} missing for a {model_type} model") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # a setting of the wrong type
+        raise OffloadgenError(f"{where}: a setting has a value a {model_type} model cannot use ({e})") from None
+    check_sizes(cfg, d, where)
+    return cfg
 
 
 def preset_names() -> list[str]:

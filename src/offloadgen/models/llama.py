@@ -172,16 +172,26 @@ def embed(cfg: LlamaConfig, w: dict, ids: torch.Tensor, step: StepInputs) -> tor
     return F.embedding(ids, w["embed"])
 
 
-def layer(cfg: LlamaConfig, w: dict, x: torch.Tensor, step: StepInputs, kv) -> torch.Tensor:
-    b, t, _ = x.shape
-    h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
-    q = linear(h, w["q"], w.get("q_bias")).view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-    k = linear(h, w["k"], w.get("k_bias")).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+def attention(cfg, w: dict, h: torch.Tensor, step: StepInputs, kv) -> torch.Tensor:
+    """Rotary grouped-query attention of the normed hidden state h, through the layer's KV cache.
+
+    Shared with the families built on LLaMA's attention (Mixtral, Qwen-MoE): `cfg` needs n_heads,
+    n_kv_heads, head_dim and norm_eps. Per-head q/k RMS norms (Qwen3) apply where the block has them.
+    """
+    b, t, _ = h.shape
+    q = linear(h, w["q"], w.get("q_bias")).view(b, t, cfg.n_heads, cfg.head_dim)
+    k = linear(h, w["k"], w.get("k_bias")).view(b, t, cfg.n_kv_heads, cfg.head_dim)
     v = linear(h, w["v"], w.get("v_bias")).view(b, t, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    if "q_norm" in w:
+        q, k = rms_norm(q, w["q_norm"], cfg.norm_eps), rms_norm(k, w["k_norm"], cfg.norm_eps)
     cos, sin = step.extras["cos_sin"]
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
     a = kv.attend(q, k, v, step, step.mask)
-    x = x + linear(a.transpose(1, 2).reshape(b, t, -1), w["o"], w.get("o_bias"))
+    return linear(a.transpose(1, 2).reshape(b, t, -1), w["o"], w.get("o_bias"))
+
+
+def layer(cfg: LlamaConfig, w: dict, x: torch.Tensor, step: StepInputs, kv) -> torch.Tensor:
+    x = x + attention(cfg, w, rms_norm(x, w["attn_norm"], cfg.norm_eps), step, kv)
     h = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
     gated = F.silu(linear(h, w["gate"], w.get("gate_bias"))) * linear(h, w["up"], w.get("up_bias"))
     return x + linear(gated, w["down"], w.get("down_bias"))

@@ -77,7 +77,7 @@ PRESETS = {
     "opt-13b": _opt(5120, 40, 40),
     "opt-30b": _opt(7168, 48, 56),
     "opt-66b": _opt(9216, 64, 72),
-    # No public config: the reference takes opt-66b's and widens it (DESIGN.md).
+    # No public config: the reference takes opt-66b's and widens it (docs/reference-benchmark.md).
     "opt-175b": _opt(12288, 96, 96),
 }
 

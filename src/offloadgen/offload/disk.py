@@ -8,6 +8,12 @@ pinned buffer with O_DIRECT reads of 16 MiB pieces in parallel: the page cache i
 step's speed is the disk's, not RAM's, and a model larger than RAM needs no RAM for its weights.
 Where the filesystem refuses O_DIRECT (tmpfs, some overlays), reads are buffered and each file
 is dropped from the page cache after it is read (posix_fadvise DONTNEED); the run says which.
+
+The folder is locked while it is written (other runs wait, then use it); the manifest holds a
+CRC-32 per 16 MiB piece of each block, checked on the first read of each block in a run (in the
+reader threads, at several GB/s), so a damaged file stops the run with a way to fix it, never
+with garbage text. A manifest that is not what we write (`{}`, `[]`, wrong types) means the
+folder is incomplete, and it is rewritten.
 """
 from __future__ import annotations
 
@@ -17,12 +23,14 @@ import mmap
 import os
 import shutil
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from ..errors import OffloadgenError
+from ..outputs import lock_exclusive
 
 ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffer addresses aligned to the device's block
 PIECE = 16 << 20  # bytes per read call; several in flight keep a virtual disk's queue full
@@ -70,21 +78,35 @@ class DiskStore:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="offloadgen-disk")
         self.direct = hasattr(os, "O_DIRECT")
         self.stats = {"read_bytes": 0, "read_s": 0.0}
+        self.crcs: dict = {}  # block -> CRC-32 of each PIECE of its file, from the manifest
+        self.verified: set = set()  # blocks whose checksums were checked in this run
 
     @property
     def nbytes(self) -> int:
         return sum(padded(l.nbytes) for l in self.layouts.values())
 
     def complete(self) -> bool:
-        manifest = self.path / "manifest.json"
-        if not manifest.is_file():
-            return False
+        """Whether every block file is there with the size and checksums the manifest records;
+        loads the checksums. Anything unexpected in the manifest means "no"."""
         try:
-            m = json.loads(manifest.read_text())
-        except ValueError:
+            m = json.loads((self.path / "manifest.json").read_text())
+        except (OSError, ValueError):
             return False
-        return all(self.files[b].is_file() and self.files[b].stat().st_size == padded(self.layouts[b].nbytes)
-                   and m["blocks"].get(str(b)) == self.layouts[b].nbytes for b in self.layouts)
+        blocks = m.get("blocks") if isinstance(m, dict) else None
+        if not isinstance(blocks, dict):
+            return False
+        crcs = {}
+        for b, layout in self.layouts.items():
+            entry, size = blocks.get(str(b)), padded(layout.nbytes)
+            if not (isinstance(entry, dict) and entry.get("nbytes") == layout.nbytes
+                    and isinstance(entry.get("crc32"), list) and len(entry["crc32"]) == -(-size // PIECE)
+                    and all(type(c) is int for c in entry["crc32"])):
+                return False
+            if not (self.files[b].is_file() and self.files[b].stat().st_size == size):
+                return False
+            crcs[b] = entry["crc32"]
+        self.crcs = crcs
+        return True
 
     def check_space(self) -> None:
         try:
@@ -101,14 +123,29 @@ class DiskStore:
 
     def write(self, parts_of, progress=None) -> float:
         """Write every block that is not already there (parts_of(block) -> {entry: tensor}); returns
-        seconds spent. The manifest goes last: a folder without it is not trusted."""
+        seconds spent. Another run writing the same folder is waited for. The manifest goes last:
+        a folder without it is not trusted."""
         t0 = time.perf_counter()
         if self.complete():
             return 0.0
         self.check_space()
         self.path.mkdir(parents=True, exist_ok=True)
+        lock = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            lock_exclusive(lock, f"--offload-dir {self.path}", wait=True)
+            if self.complete():  # the run we waited for wrote it
+                return 0.0
+            self._write_blocks(parts_of, progress)
+        except OSError as e:  # a full disk despite check_space (another writer), a read-only folder
+            raise OffloadgenError(f"--offload-dir {self.path}: cannot write the weights ({e.strerror}); free space "
+                                  "or choose another --offload-dir, and run again (the folder is rewritten)") from None
+        finally:
+            os.close(lock)
+        return time.perf_counter() - t0
+
+    def _write_blocks(self, parts_of, progress) -> None:
         (self.path / "manifest.json").unlink(missing_ok=True)
-        buf = None
+        buf, blocks = None, {}
         for b, layout in self.layouts.items():
             size = padded(layout.nbytes)
             if buf is None or buf.numel() < size:
@@ -116,36 +153,50 @@ class DiskStore:
             flat = buf[:size]
             flat.zero_()
             layout.write(flat, parts_of(b))
+            data = memoryview(flat.numpy())
             tmp = self.files[b].with_suffix(".tmp")
             with open(tmp, "wb") as f:
-                f.write(memoryview(flat.numpy()))
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
                 _drop_from_page_cache(f.fileno())
             os.replace(tmp, self.files[b])
+            blocks[str(b)] = {"nbytes": layout.nbytes,
+                              "crc32": [zlib.crc32(data[off:off + PIECE]) for off in range(0, size, PIECE)]}
             if progress:
                 progress()
-        manifest = {"blocks": {str(b): l.nbytes for b, l in self.layouts.items()}, "written": time.strftime("%F %T")}
+        manifest = {"blocks": blocks, "written": time.strftime("%F %T")}
         (self.path / "manifest.json").write_text(json.dumps(manifest))
-        return time.perf_counter() - t0
+        self.crcs = {b: blocks[str(b)]["crc32"] for b in self.layouts}
 
-    def read_into(self, block, dst: torch.Tensor) -> None:
-        """Read a block's file into dst (page-aligned, at least padded(nbytes) long)."""
+    def read_into(self, block, dst: torch.Tensor, verify: bool = True) -> None:
+        """Read a block's file into dst (page-aligned, at least padded(nbytes) long); its first
+        read in this run is checked against the manifest's checksums."""
         t0 = time.perf_counter()
         size = padded(self.layouts[block].nbytes)
         view = memoryview(dst[:size].numpy())
+        crcs = self.crcs.get(block) if verify and block not in self.verified else None
         fd = self._open(self.files[block])
+
+        def read(i):
+            off = i * PIECE
+            piece = view[off:min(off + PIECE, size)]
+            done = os.preadv(fd, [piece], off)
+            if done != len(piece):
+                raise OffloadgenError(f"{self.files[block]}: short read ({done} of {len(piece)} bytes at {off}); "
+                                      f"the offload folder is damaged: delete {self.path} to rewrite it")
+            if crcs is not None and zlib.crc32(piece) != crcs[i]:  # crc32 releases the GIL: threads overlap
+                raise OffloadgenError(f"{self.files[block]}: its bytes differ from those written (checksum "
+                                      f"mismatch at byte {off}); the offload folder was changed or damaged: "
+                                      f"delete {self.path} and run again to rewrite it")
         try:
-            pieces = [(off, min(PIECE, size - off)) for off in range(0, size, PIECE)]
-            for done, want in zip(self.pool.map(lambda p: os.preadv(fd, [view[p[0]:p[0] + p[1]]], p[0]), pieces),
-                                  pieces):
-                if done != want[1]:
-                    raise OffloadgenError(f"{self.files[block]}: short read ({done} of {want[1]} bytes at {want[0]}); "
-                                          f"the offload folder is damaged: delete {self.path} to rewrite it")
+            list(self.pool.map(read, range(-(-size // PIECE))))
             if not self.direct:
                 _drop_from_page_cache(fd)
         finally:
             os.close(fd)
+        if crcs is not None:
+            self.verified.add(block)
         self.stats["read_bytes"] += size
         self.stats["read_s"] += time.perf_counter() - t0
 
@@ -165,7 +216,7 @@ class DiskStore:
         total, t0 = 0, time.perf_counter()
         before = dict(self.stats)
         for b in self.layouts:
-            self.read_into(b, buf)
+            self.read_into(b, buf, verify=False)  # the disk's speed, not the checksum's
             total += padded(self.layouts[b].nbytes)
             if total >= max_bytes:
                 break

@@ -404,9 +404,11 @@ class OffloadedKVCache:
             hk[write_slots_host(step), rows] = k_new
             hv[write_slots_host(step), rows] = v_new
         self.stats["d2h_cache_bytes"] += 2 * k.numel() * k.element_size()
-        mask_host = step.extras.get("mask_host")
+        # One host copy per mask and pass: layers may use different masks (Gemma 3's sliding and global)
+        masks_host = step.extras.setdefault("masks_host", {})
+        mask_host = masks_host.get(id(mask))
         if mask_host is None:
-            mask_host = step.extras["mask_host"] = mask.cpu()
+            mask_host = masks_host[id(mask)] = mask.cpu()
         t0 = time.perf_counter()
         out = sdpa(q_host, hk[:end].permute(1, 2, 0, 3), hv[:end].permute(1, 2, 0, 3), mask_host, scale)
         self.stats["cpu_attention_s"] += time.perf_counter() - t0

@@ -18,20 +18,35 @@ from .packed import PackedBlock
 GiB = 1 << 30
 
 
+def pass_position(block) -> float:
+    """Where a block comes in a pass: embed, the layers in order, head."""
+    return -1 if block == "embed" else float("inf") if block == "head" else block
+
+
 @dataclass
 class Placement:
-    resident: list  # blocks kept on the GPU
-    streamed: list  # blocks copied in every pass, in pass order
+    resident: list  # blocks kept whole on the GPU
+    streamed: list  # blocks copied from host memory (or disk) in every pass, in pass order
     ring_slots: int
     bytes: dict = field(default_factory=dict)  # what each part of the GPU memory holds
+    # Several ranks pooling their GPU memory (--weight-fetch pool): each rank keeps 1/N of these
+    # blocks and all-gathers the rest from its peers every pass; they never cross PCIe.
+    pooled: list = field(default_factory=list)
 
     @property
     def streamed_bytes(self) -> int:
         return self.bytes["streamed_per_pass"]
 
+    @property
+    def fetched(self) -> list:
+        """Blocks that arrive in the ring every pass (streamed or pooled), in pass order."""
+        return sorted([*self.streamed, *self.pooled], key=pass_position)
+
     def describe(self) -> str:
         b = {"resident": 0, "ring": 0, "kv_cache": 0, "activations": 0, **self.bytes}
-        return (f"{len(self.resident)} blocks resident ({b['resident'] / GiB:.2f} GiB), {len(self.streamed)} streamed "
+        pooled = (f"{len(self.pooled)} pooled across ranks ({b['pooled_per_rank'] / GiB:.2f} GiB on each), "
+                  if self.pooled else "")
+        return (f"{len(self.resident)} blocks resident ({b['resident'] / GiB:.2f} GiB), {pooled}{len(self.streamed)} streamed "
                 f"({b['streamed_per_pass'] / GiB:.2f} GiB per pass through {self.ring_slots} buffers of "
                 f"{b['ring'] / self.ring_slots / GiB if self.ring_slots else 0:.2f} GiB), KV cache {b['kv_cache'] / GiB:.2f} GiB, "
                 f"activations {b['activations'] / GiB:.2f} GiB")
@@ -84,11 +99,12 @@ def block_sizes(cfg, elem_bytes: int, quant=None) -> tuple[dict, int]:
 def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: int, gen_len: int,
                    micro_batch: int | None = None, prefetch_depth: int = 1, offload: bool = True,
                    kv_on_gpu: bool = True, max_resident_layers: int | None = None, quant=None,
-                   kv_scratch: int = 0) -> Placement:
+                   kv_scratch: int = 0, pool_ranks: int = 1) -> Placement:
     """Place blocks under `budget` bytes of GPU memory; refuse, saying what would fit, if impossible.
 
     With the KV cache offloaded (kv_on_gpu=False) the GPU holds only `kv_scratch` bytes of it: the
-    device buffers of the micro-batches that attend on the GPU."""
+    device buffers of the micro-batches that attend on the GPU. With pool_ranks N > 1 the budget is
+    each of N ranks' and the layers are pooled across them (_pool_layers)."""
     max_len = prompt_len + gen_len
     heads, head_dim = family_of(cfg).kv_heads(cfg)
     kv = 2 * cfg.n_layers * batch * max_len * heads * head_dim * elem_bytes if kv_on_gpu else kv_scratch
@@ -127,6 +143,9 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
             f"{(fixed + ring) / GiB:.1f} GiB. Try a smaller --batch-size (e.g. {largest}), a larger --gpu-memory, "
             f"or --micro-batch-size to shrink activations" + ("" if not kv_on_gpu else ", or --kv-offload"))
     free = budget - fixed - ring - ends_bytes
+    if pool_ranks > 1:
+        return _pool_layers(cfg, sizes, ends, free, pool_ranks, slots, shared,
+                            dict(kv_cache=kv, activations=act, ring=ring))
     n_resident = min(cfg.n_layers, int(free // layer_bytes))
     if max_resident_layers is not None:
         n_resident = min(n_resident, max_resident_layers)
@@ -143,6 +162,27 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
                                                      streamed_per_pass=streamed_bytes))
 
 
+def _pool_layers(cfg, sizes: dict, ends: list, free: int, ranks: int, slots: int, shared: int, parts: dict) -> Placement:
+    """Ranks pool their GPU memory: a pooled layer costs each rank 1/ranks of its bytes, and is
+    all-gathered over NVLink into the ring every pass, so the pool holds ranks times the layers
+    that one GPU would; only the layers it cannot hold cross PCIe (1/ranks of each on every link).
+    The last layers are pooled first, as resident ones are: the next pass's first copies then
+    overlap them."""
+    share = lambda b: -(-sizes[b] // ranks)  # noqa: E731
+    pooled = []
+    for i in reversed(range(cfg.n_layers)):
+        if share(i) > free:
+            break
+        pooled.insert(0, i)
+        free -= share(i)
+    resident = [b for b in blocks(cfg) if b in ends]
+    streamed = [b for b in blocks(cfg) if b not in resident and b not in pooled]
+    resident_bytes = sum(sizes[b] for b in resident) - (shared if "embed" in resident else 0)
+    return Placement(resident, streamed, slots, dict(parts, resident=resident_bytes,
+                                                     pooled_per_rank=sum(share(b) for b in pooled),
+                                                     streamed_per_pass=sum(sizes[b] for b in streamed)), pooled)
+
+
 def kv_cache_bytes(cfg, batch: int, seq: int, elem_bytes: int) -> int:
     heads, head_dim = family_of(cfg).kv_heads(cfg)
     return 2 * cfg.n_layers * batch * seq * heads * head_dim * elem_bytes
@@ -150,7 +190,8 @@ def kv_cache_bytes(cfg, batch: int, seq: int, elem_bytes: int) -> int:
 
 def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: int, gen_len: int,
                     micro_batch: int | None, prefetch_depth: int, quant, opts, h2d_bytes_s: float | None,
-                    dtype: torch.dtype, offload: bool = True, cpu_attention_bytes_s: float | None = None):
+                    dtype: torch.dtype, offload: bool = True, cpu_attention_bytes_s: float | None = None,
+                    pool_ranks: int = 1):
     """Placement with the KV cache in CPU memory, and the share of micro-batches that attend on the
     GPU. With attention "auto" the share comes from the step model (kv_cache.gpu_fraction): the
     cache read in a decode step at the average context length, against the bus time the streamed
@@ -167,7 +208,7 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
         cpu_attention_bytes_s = probe_cpu_attention_bandwidth(rows, heads, cfg.n_heads, head_dim, prompt_len + gen_len, dtype)
     n_parts = -(-batch // rows)
     first = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
-                           offload=offload, kv_on_gpu=False, quant=quant)
+                           offload=offload, kv_on_gpu=False, quant=quant, pool_ranks=pool_ranks)
     cache_step = kv_cache_bytes(cfg, batch, prompt_len + gen_len // 2, elem_bytes)  # read per decode step
     fraction = opts.gpu_fraction
     model = {"cache_bytes_per_step": cache_step, "h2d_bytes_s": h2d_bytes_s, "cpu_attention_bytes_s": cpu_attention_bytes_s}
@@ -181,7 +222,8 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
     # two device buffers (this layer, the next one) of keys and values per GPU-attending part
     scratch = n_gpu * 2 * kv_cache_bytes(cfg, rows, prompt_len + gen_len, elem_bytes) // cfg.n_layers
     placement = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
-                               offload=offload, kv_on_gpu=False, quant=quant, kv_scratch=scratch) if scratch else first
+                               offload=offload, kv_on_gpu=False, quant=quant, kv_scratch=scratch,
+                               pool_ranks=pool_ranks) if scratch else first
     placement.bytes["kv_host"] = kv_cache_bytes(cfg, batch, prompt_len + gen_len, elem_bytes)
     if h2d_bytes_s:
         x = n_gpu / n_parts

@@ -49,13 +49,15 @@ class StreamingWeights:
         # Several ranks (distributed.World): streamed blocks sit once per node in shared memory; with
         # fetch="allgather" each rank copies 1/N of a block over its own link and all-gathers the rest.
         self.world = world if world is not None and world.active else None
-        if fetch not in ("whole", "allgather"):
-            raise ValueError(f"fetch must be 'whole' or 'allgather', not {fetch!r}")
-        self.shards = self.world.size if fetch == "allgather" and self.world is not None else 1
+        if fetch not in ("whole", "allgather", "pool"):
+            raise ValueError(f"fetch must be 'whole', 'allgather' or 'pool', not {fetch!r}")
+        self.shards = self.world.size if fetch in ("allgather", "pool") and self.world is not None else 1
         if self.shards > 1 and (offload_dir is not None or not pinned):
-            raise OffloadgenError("--weight-fetch allgather streams from pinned CPU memory: it cannot be combined "
+            raise OffloadgenError(f"--weight-fetch {fetch} streams from pinned CPU memory: it cannot be combined "
                                   "with --disk-offload or --pin-memory 0")
-        self.order = list(placement.streamed)
+        if placement.pooled and self.shards == 1:
+            raise ValueError("pooled blocks need several ranks fetching with 'pool'")
+        self.order = placement.fetched
         self.quant = quant
         family = family_of(self.cfg)
         self.layouts = {b: PackedBlock(b, {k: s for k, (_, s) in family.block_tensors(self.cfg, b).items()}, dtype, quant)
@@ -66,11 +68,13 @@ class StreamingWeights:
             from ..quant.cache import QuantCache
             self.quant_cache = QuantCache(checkpoint.path, quant, dtype)
         self.timings = {"quantized_blocks": 0, "cached_blocks": 0}
+        self._count_lock = threading.Lock()  # blocks are filled from several threads
         self.disk = None
         t0 = time.perf_counter()
         bar = tqdm(total=len(placement.resident) + len(self.order), desc="placing weights", unit="block",
                    file=sys.stderr, leave=False, disable=None if progress else True)
         self._place_resident(checkpoint, bar)
+        self._place_pooled(checkpoint, bar)
         self._place_streamed(checkpoint, offload_dir, bar, progress)
         self.timings["fill_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -86,11 +90,13 @@ class StreamingWeights:
         if layout.quantized and self.quant_cache is not None:
             cached = self.quant_cache.load(b)
             if cached is not None and set(cached) == set(layout.entries):
-                self.timings["cached_blocks"] += 1
+                with self._count_lock:
+                    self.timings["cached_blocks"] += 1
                 return cached
         parts = layout.encode(checkpoint.read_block(b, self.dtype), self.device)
         if layout.quantized:
-            self.timings["quantized_blocks"] += 1
+            with self._count_lock:
+                self.timings["quantized_blocks"] += 1
             if self.quant_cache is not None:
                 self.quant_cache.save(b, parts)
         return parts
@@ -109,12 +115,30 @@ class StreamingWeights:
                 self.resident[b] = load_resident_block(checkpoint, b, self.dtype, self.device, shared)
             bar.update()
 
+    def _place_pooled(self, checkpoint, bar) -> None:
+        """This rank's 1/N of every pooled block, kept on its GPU: the part it contributes to the
+        block's all-gather every pass, in place of a copy from host memory. Each rank makes its
+        parts itself, from several threads (a rank's start-up is mostly this)."""
+        from ..distributed import fill_in_parallel
+        self.pool_shard = {b: None for b in self.placement.pooled}
+
+        def make(b, _):
+            flat = torch.zeros(self.layouts[b].nbytes, dtype=torch.uint8)
+            self.layouts[b].write(flat, self._block_parts(checkpoint, b))
+            part = self._part_bytes(flat.numel())
+            mine = flat[self.world.rank * part:(self.world.rank + 1) * part]
+            shard = torch.zeros(part, dtype=torch.uint8, device=self.device)
+            shard[:mine.numel()].copy_(mine)
+            self.pool_shard[b] = shard
+            bar.update()
+        fill_in_parallel(dict(self.pool_shard), make)
+
     def _place_streamed(self, checkpoint, offload_dir, bar, progress) -> None:
         """Streamed blocks: packed host buffers filled straight from the checkpoint (once per node
         in shared memory under torchrun), or packed files on disk, written once and reused by a
         later run with the same model."""
         self.host = {}
-        if not self.order:
+        if not self.placement.streamed:
             bar.close()
             return
         from .disk import DiskStore, store_key
@@ -132,14 +156,14 @@ class StreamingWeights:
         def fill(b, flat):
             self.layouts[b].write(flat, self._block_parts(checkpoint, b))
             bar.update()
-        sizes = {b: self.layouts[b].nbytes for b in self.order}
+        sizes = {b: self.layouts[b].nbytes for b in self.placement.streamed}
         if self.world is not None:
             from ..distributed import shared_host_buffers
             self.host = shared_host_buffers(sizes, self.world, key, fill)
         else:
+            from ..distributed import fill_in_parallel
             self.host = {b: torch.empty(n, dtype=torch.uint8) for b, n in sizes.items()}
-            for b, flat in self.host.items():
-                fill(b, flat)
+            fill_in_parallel(self.host, fill)
         bar.close()
 
     def _pin_host(self, pinned: bool) -> None:
@@ -242,23 +266,29 @@ class StreamingWeights:
         return -(-nbytes // (self.shards * ALIGN)) * ALIGN
 
     def _issue_shard(self, block, slot) -> None:
-        """Copy this rank's 1/N of the block from host memory, then all-gather the other parts from
-        the other ranks into the same ring slot (in place: each rank's part sits where it belongs)."""
+        """Put this rank's 1/N of the block in its place in the ring slot (copied from host memory,
+        or, for a pooled block, from the part this GPU keeps), then all-gather the other parts from
+        the other ranks into the same slot (in place: each rank's part sits where it belongs)."""
         import torch.distributed as dist
-        src = self.host[block]
-        part = self._part_bytes(src.numel())
+        part = self._part_bytes(self.layouts[block].nbytes)
         r = self.world.rank
         gathered = self.ring[slot][:part * self.shards]
         mine = gathered[r * part:(r + 1) * part]
-        lo, hi = min(r * part, src.numel()), min((r + 1) * part, src.numel())
+        if block in self.pool_shard:
+            src = self.pool_shard[block]
+            lo, hi = 0, part
+        else:
+            src = self.host[block]
+            lo, hi = min(r * part, src.numel()), min((r + 1) * part, src.numel())
+            src = src[lo:hi]
         if not self.cuda:
-            mine[:hi - lo].copy_(src[lo:hi])
+            mine[:hi - lo].copy_(src)
             dist.all_gather_into_tensor(gathered, mine, group=self.world.group)
             return
         with torch.cuda.stream(self.copy_stream):
             if self.free[slot] is not None:
                 self.copy_stream.wait_event(self.free[slot])
-            copy_in_chunks(mine[:hi - lo], src[lo:hi])
+            copy_in_chunks(mine[:hi - lo], src)
             # NCCL runs on its own stream after what the copy stream has queued; wait() puts the
             # copy stream behind the gather, and the block's ready event behind both.
             dist.all_gather_into_tensor(gathered, mine, group=self.world.group, async_op=True).wait()
@@ -312,6 +342,8 @@ class StreamingWeights:
         if self.cuda:
             if self.staged:
                 self.issued[block].wait()  # the worker has recorded the block's ready event
+                if isinstance(self.worker_error, OffloadgenError):  # e.g. a damaged offload folder: say so
+                    raise self.worker_error
                 if self.worker_error is not None:
                     raise RuntimeError("the weight staging thread failed") from self.worker_error
             torch.cuda.current_stream(self.device).wait_event(self.ready[block])

@@ -5,6 +5,7 @@ Groups are `group_size` consecutive weights along the input dimension of a linea
 bits. Only the decoder layers' linear weights are quantized; embeddings, the LM head, norms and
 biases stay in 16 bits.
 """
-from .groupwise import QuantConfig, QuantizedTensor, dequantize, is_quantized_tensor, quantize
+from .groupwise import (QuantConfig, QuantizedTensor, check_group_size, dequantize, is_quantized_tensor,
+                        quantize)
 
-__all__ = ["QuantConfig", "QuantizedTensor", "dequantize", "is_quantized_tensor", "quantize"]
+__all__ = ["QuantConfig", "QuantizedTensor", "check_group_size", "dequantize", "is_quantized_tensor", "quantize"]

@@ -30,6 +30,24 @@ class QuantConfig:
         return s["packed"][0] * s["packed"][1] + 2 * 2 * s["scale"][0] * s["scale"][1]
 
 
+def check_group_size(config: QuantConfig, cfg) -> None:
+    """Refuse a group size that exceeds or does not divide the input width of a quantized weight
+    of this model (cfg: a models Config). Rows are padded to whole groups, so a group of 100000
+    on a 768-wide model quantizes 130 times the weights it has (minutes and gigabytes)."""
+    import math
+
+    from ..models import family_of
+    widths = sorted({shape[1] for local, (_, shape) in family_of(cfg).block_tensors(cfg, 0).items()
+                     if is_quantized_tensor(0, local, shape)})
+    bad = [w for w in widths if w % config.group_size]
+    if bad:
+        common = math.gcd(*widths)
+        fits = [g for g in (128, 64, 32, 16) if common % g == 0] or [2]
+        raise OffloadgenError(f"--quant-group-size {config.group_size}: it must divide the width of every quantized "
+                              f"weight row of this model ({', '.join(map(str, widths))}); "
+                              f"{fits[0]} does, and so does any even divisor of {common}")
+
+
 @dataclass
 class QuantizedTensor:
     packed: torch.Tensor  # uint8 [rows, padded_cols * bits / 8]
@@ -39,9 +57,14 @@ class QuantizedTensor:
     config: QuantConfig
 
 
+# MoE routers and Qwen2-MoE's shared-expert gate choose discretely (top-k) or scale a whole
+# expert: quantization error there changes which experts run, and they are tiny, so they stay 16-bit.
+UNQUANTIZED = ("router", "shared_gate")
+
+
 def is_quantized_tensor(block, local: str, shape: tuple) -> bool:
     """Linear weights of decoder layers; everything else stays in 16 bits."""
-    return isinstance(block, int) and len(shape) == 2 and not local.endswith("bias")
+    return isinstance(block, int) and len(shape) == 2 and not local.endswith("bias") and local not in UNQUANTIZED
 
 
 def quantize(w: torch.Tensor, config: QuantConfig) -> QuantizedTensor:

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue 20 in one call on a machine of N GPUs: OPT-30B dummy, weights in CPU RAM, 16 GiB per GPU,
+# prompt 512, gen 32, 8 rows per GPU, against one GPU of the same machine in the same call; the
+# links probed first (benchmarks/link_probe.py). Records and console go to $OUT (or ./out); a table last.
+#   bash benchmarks/multi_gpu.sh [probe] [one] [whole] [allgather] [pool] [poolq4] [poolkv] ...
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=$(realpath -m "${OUT:-out}"); mkdir -p "$out"
+# NVLink multicast stays off on shared hosts (see src/offloadgen/distributed.py)
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+n=${GPUS:-$(nvidia-smi -L | wc -l)}  # GPUS=2 with CUDA_VISIBLE_DEVICES=0,1 uses two of them
+bench="python3 -m offloadgen.cli bench --model facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --prompt-len 512 --gen-len 32 --loops ${LOOPS:-1} --verbose 1 --json-file $out/offloadgen.jsonl"
+many="--num-gpus-per-node $n --batch-size $((8 * n))"
+nvidia-smi topo -m; free -g | head -2
+for what in "$@"; do
+  echo "== $what $(date -u +%H:%M:%S)"
+  case $what in
+    probe) timeout 300 python3 benchmarks/link_probe.py ;;
+    one) (cd "$out" && timeout 600 $bench --batch-size 8) ;;
+    whole) (cd "$out" && timeout 600 $bench $many --weight-fetch whole) ;;
+    allgather) (cd "$out" && timeout 600 $bench $many --weight-fetch allgather) ;;
+    pool) (cd "$out" && timeout 600 $bench $many --weight-fetch pool) ;;
+    poolq4) (cd "$out" && timeout 600 $bench $many --weight-fetch pool --quant-bits 4) ;;
+    poolkv) (cd "$out" && timeout 600 $bench --num-gpus-per-node $n --batch-size $((64 * n)) --weight-fetch pool \
+               --kv-offload --micro-batch-size 8) ;;
+  esac
+done
+python3 - "$out/offloadgen.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+one = next((r["decode_throughput"] for r in rows if r["world_size"] == 1 and r["quant_bits"] == 16 and not r["kv_offload"]), None)
+print(f"{'gpus':>4} {'fetch':>9} {'bits':>4} {'kv':>3} {'batch':>5} {'pooled':>6} {'tok/s':>8} {'step s':>7} {'vs 1':>6} {'PCIe GB/rank':>12} {'NVLink GB/rank':>14} {'start s':>7}")
+for r in rows:
+    ratio = r["decode_throughput"] / one if one else float("nan")
+    print(f"{r['world_size']:4d} {r['weight_fetch']:>9} {r['quant_bits']:4d} {'y' if r['kv_offload'] else 'n':>3} {r['batch_size']:5d} "
+          f"{r.get('pooled_blocks', 0):6d} {r['decode_throughput']:8.2f} {r['decode_step_s']:7.3f} {ratio:6.2f} "
+          f"{r.get('pcie_bytes_per_step_per_rank', 0) / 1e9:12.2f} {r.get('nvlink_bytes_per_step_per_rank', 0) / 1e9:14.2f} {r['startup_s']:7.1f}")
+PY

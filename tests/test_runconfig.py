@@ -1,0 +1,169 @@
+"""One settings object, one builder: `plan`, `bench` and `load()` plan the same run the same way,
+and every bad setting is refused with one clear line before anything loads."""
+import pytest
+import torch
+
+import offloadgen
+from offloadgen import runtime
+from offloadgen.bench import run as bench_run
+from offloadgen.cli import build_parser, main
+from offloadgen.config import RunConfig, parse_bytes
+from offloadgen.errors import OffloadgenError
+from offloadgen.flags import config_from_args
+from offloadgen.offload import kv_cache
+
+GiB = 1 << 30
+
+
+class Planned(Exception):
+    """Raised by the spy once a run is planned, so that no weight is loaded."""
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Every plan made, on a pretend GPU: the links and the CPU-attention probe read fixed figures
+    (a probe that reads differently per call would make the three commands disagree, which is the
+    point of measuring it once), and the host has room for OPT-30B."""
+    plans = []
+    real = runtime.plan_run
+
+    def recording(*args, stop=True, **kw):
+        plans.append(real(*args, **kw))
+        if stop and len(plans) and not recording.plan_command:
+            raise Planned()
+        return plans[-1]
+    recording.plan_command = False
+    cuda = lambda config, world=None: torch.device("cuda")  # noqa: E731
+    monkeypatch.setattr(runtime, "plan_run", recording)
+    monkeypatch.setattr("offloadgen.plan.plan_run", recording)
+    monkeypatch.setattr(runtime, "resolve_device", cuda)
+    monkeypatch.setattr(bench_run, "resolve_device", cuda)
+    monkeypatch.setattr(runtime, "h2d_bandwidth", lambda device: {"best": 50e9, "median": 50e9})
+    monkeypatch.setattr(bench_run, "h2d_bandwidth", lambda device: {"best": 50e9, "median": 50e9})
+    monkeypatch.setattr(runtime, "available_host_memory", lambda: 400 * GiB)
+    monkeypatch.setattr(kv_cache, "probe_cpu_attention_bandwidth", lambda *a, **k: 30e9)
+    recording.plans = plans
+    return recording
+
+
+CASES = {
+    "fp16": ([], {}),
+    "4-bit": (["--quant-bits", "4"], {"quant_bits": 4}),
+    "kv-offload": (["--kv-offload", "--micro-batch-size", "8"], {"kv_offload": True, "micro_batch_size": 8}),
+    "disk": (["--disk-offload", "--offload-dir", "/nonexistent/offload"],
+             {"disk_offload": True, "offload_dir": "/nonexistent/offload"}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_plan_bench_and_load_plan_the_same_run(spy, case, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    flags, settings = CASES[case]
+    batch = 32 if case == "kv-offload" else 8
+    offload = [] if case == "disk" else ["--cpu-offload"]
+    spy.plan_command = True
+    assert main(["plan", "opt-30b", "--dummy", *offload, *flags, "--gpu-memory", "16GiB", "--batch-sizes", str(batch),
+                 "--h2d-bandwidth", "50e9", "--cpu-memory", "400GiB"]) == 0
+    spy.plan_command = False
+    with pytest.raises(Planned):
+        main(["bench", "--model", "opt-30b", "--dummy", *offload, *flags, "--gpu-memory", "16GiB",
+              "--batch-size", str(batch), "--prompt-len", "512", "--gen-len", "32"])
+    with pytest.raises(Planned):
+        offloadgen.load("opt-30b", dummy=True, cpu_offload=case != "disk", gpu_memory=16 * GiB, max_batch_size=batch,
+                        max_seq_len=544, max_prompt_len=512, **settings)
+    planned, benched, loaded = spy.plans
+    for other in (benched, loaded):
+        p, q = planned.placement, other.placement
+        assert (p.resident, p.streamed, p.ring_slots, p.bytes) == (q.resident, q.streamed, q.ring_slots, q.bytes)
+        assert (planned.dtype, planned.quant, planned.budget) == (other.dtype, other.quant, other.budget)
+        if case == "kv-offload":  # the same micro-batch split between CPU and GPU attention
+            assert planned.kv.gpu_fraction == other.kv.gpu_fraction
+            assert {k: planned.kv_model[k] for k in ("gpu_parts", "parts")} == \
+                   {k: other.kv_model[k] for k in ("gpu_parts", "parts")}
+    assert planned.placement.streamed, "the case must stream something to mean anything"
+    if case == "kv-offload":
+        assert planned.kv_model["parts"] == 4 and "kv_host" in planned.placement.bytes
+    if case == "disk":
+        assert planned.placement.bytes["weights_on_disk"]
+
+
+def test_generate_plans_a_gpu_run_under_the_budget_even_without_offloading(spy, capsys):
+    # generate on a GPU without --cpu-offload used to skip the budget check that bench made.
+    with pytest.raises(OffloadgenError, match=r"needs .* GiB of GPU memory .* budget is 16.0 GiB: add --cpu-offload"):
+        main_raising(["generate", "opt-30b", "--dummy", "--gpu-memory", "16GiB", "--prompt", "hi"])
+
+
+def main_raising(argv):
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    return args.func(args)
+
+
+@pytest.mark.parametrize("settings,needle", [
+    ({"max_batch_size": 0}, "max_batch_size must be a whole number of at least 1; got 0"),
+    ({"micro_batch_size": -1}, "micro_batch_size must be a whole number of at least 1; got -1"),
+    ({"max_seq_len": 2.5}, "max_seq_len must be a whole number"),
+    ({"prefetch_depth": 0}, "prefetch_depth must be"),
+    ({"quant_bits": 3}, "quant_bits must be 4, 8 or 16"),
+    ({"quant_group_size": 0}, "quant_group_size must be"),
+    ({"gpu_memory": 0}, "gpu_memory must be a whole number of at least 1"),
+    ({"gpu_memory": 1 << 60}, "is not a GPU's"),
+    ({"device": "tpu"}, "device must be cpu, cuda or cuda:N; got 'tpu'"),
+    ({"dtype": "int8"}, "dtype must be one of"),
+    ({"kv_attention": "disk"}, "kv_attention must be one of auto, cpu, gpu"),
+    ({"weight_fetch": "p2p"}, "weight_fetch must be one of whole, allgather"),
+    ({"pin_kv_cache": True}, "add --kv-offload"),
+    ({"async_kv_offload": True}, "add --kv-offload"),
+    ({"kv_attention": "gpu"}, "add --kv-offload"),
+    ({"weight_fetch": "allgather", "disk_offload": True}, "cannot be combined with --disk-offload"),
+    ({"max_seq_len": 16, "max_prompt_len": 32}, "max_prompt_len (32) is longer than max_seq_len (16)"),
+])
+def test_each_bad_setting_is_one_clear_error(settings, needle):
+    with pytest.raises(OffloadgenError) as e:
+        RunConfig(**settings).validate()
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_good_settings_pass_and_explicit_off_is_not_a_conflict():
+    RunConfig(kv_offload=True, pin_kv_cache=False, async_kv_offload=True, kv_attention="cpu").validate()
+    RunConfig(pin_kv_cache=False, async_kv_offload=False).validate()  # --no-pin-kv-cache alone asks for nothing
+
+
+@pytest.mark.parametrize("flag,value,needle", [("--device", "tpu", "device must be cpu, cuda"),
+                                               ("--micro-batch-size", "-1", "micro_batch_size must be")])
+def test_bad_flags_are_one_line_and_exit_2_in_every_command(capsys, flag, value, needle):
+    for argv in (["generate", "opt-125m", "--dummy", "--prompt", "hi"], ["bench", "--model", "opt-125m", "--dummy"],
+                 ["plan", "opt-125m", "--dummy", "--h2d-bandwidth", "50GB"]):
+        assert main([*argv, flag, value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("offloadgen: error:") and needle in err[0], err
+
+
+@pytest.mark.parametrize("text", ["1e400", "0", "-5GiB", "nan", "lots"])
+def test_sizes_that_are_not_sizes_are_refused(text):
+    with pytest.raises(ValueError):
+        parse_bytes(text)
+    assert parse_bytes("16GiB") == 16 * GiB and parse_bytes("8e9") == 8_000_000_000
+
+
+def test_shared_flags_are_spelled_and_mean_the_same_in_every_command():
+    common = ["--cpu-offload", "--gpu-memory", "12GiB", "--quant_bits", "8", "--quant-group-size", "32", "--kv-offload",
+              "--no-pin-kv-cache", "--async_kv_offload", "--kv-attention", "cpu", "--micro_batch_size", "4",
+              "--prefetch-depth", "2", "--pin-memory", "0", "--weight-fetch", "allgather", "--dtype", "float16"]
+    parser = build_parser()
+    configs = [config_from_args(parser.parse_args(argv + common)) for argv in
+               (["generate", "m"], ["bench", "--model", "m"], ["plan", "m"])]
+    assert configs[0] == configs[1] == configs[2]
+    c = configs[0]
+    assert (c.gpu_memory, c.quant_bits, c.pin_kv_cache, c.async_kv_offload, c.pin_memory) == (12 * GiB, 8, False, True, False)
+
+
+def test_kv_cache_defaults_differ_only_where_the_reference_says(capsys):
+    parser = build_parser()
+    gen = config_from_args(parser.parse_args(["generate", "--kv-offload"]))
+    bench = bench_run.bench_config(config_from_args(parser.parse_args(["bench", "--kv-offload"])),
+                                   bench_run.Workload(), 1)
+    assert (gen.kv_pinned(), gen.kv_async()) == (True, True)  # generate: pinned, asynchronous
+    assert (bench.kv_pinned(), bench.kv_async()) == (False, False)  # bench: the reference's defaults
+    assert "off, as in the reference benchmark" in " ".join(parser._subparsers._group_actions[0].choices["bench"]
+                                                            .format_help().split())
