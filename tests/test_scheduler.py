@@ -10,7 +10,7 @@ from offloadgen.offload.kv_cache import KVOffload
 from offloadgen.sampling import SamplingParams
 from offloadgen.scheduler import ContinuousBatcher
 
-from conftest import V
+from conftest import V, VARIANTS
 
 CPU = torch.device("cpu")
 # Prompt lengths and max_tokens mixed so that rows end at different passes, prompts longer than
@@ -47,9 +47,7 @@ def greedy(n):
     return SamplingParams(max_new_tokens=n, ignore_eos=True)
 
 
-@pytest.mark.parametrize("variant", ["llama2-mha", "llama3-gqa-rope-scaling", "smollm-tied", "mistral-sliding-window",
-                                     "qwen2-qkv-bias", "opt", "opt-350m-style", "bloom",
-                                     "bloom-6-heads-residual-post-norm"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_each_request_equals_its_prompt_run_alone(tiny, variant):
     _, path = tiny(variant)
     reqs, params = prompts(), [greedy(n) for n in MAX_TOKENS]
@@ -64,7 +62,8 @@ KV = {"cpu-attention": KVOffload(attention="cpu"), "device-attention": KVOffload
       "split": KVOffload(gpu_fraction=0.5)}
 
 
-@pytest.mark.parametrize("variant", ["opt", "llama3-gqa-rope-scaling", "mistral-sliding-window", "bloom"])
+@pytest.mark.parametrize("variant", ["opt", "llama3-gqa-rope-scaling", "mistral-sliding-window", "bloom", "gemma3",
+                                     "qwen3-moe"])
 @pytest.mark.parametrize("kv", sorted(KV))
 def test_offloaded_cache_each_request_equals_its_prompt_run_alone(tiny, variant, kv):
     _, path = tiny(variant)
@@ -234,3 +233,17 @@ def test_an_llm_s_planned_limits_bound_its_batcher():
     for slots, max_len in ((5, 64), (4, 65)):
         with pytest.raises(OffloadgenError, match="placed on the GPU for 4 sequences of at most 64"):
             ContinuousBatcher(llm, slots, max_len)
+
+
+def test_longrope_rows_cross_to_long_factors_on_their_own(tiny):
+    """Phi-3 LongRoPE switches to long factors once a sequence passes 32 tokens, and recomputes its
+    cache then, as transformers does. Each row must do it at its own length: rows that cross during
+    decode, a prompt longer than 32 prefilled in chunks, and rows that never cross share passes."""
+    _, path = tiny("phi3-longrope")
+    g = torch.Generator().manual_seed(3)
+    lengths, new = [34, 40, 47, 55, 28, 12, 31, 5], [6, 6, 6, 6, 10, 30, 4, 8]
+    reqs = [torch.randint(3, V, (n,), generator=g).tolist() for n in lengths]
+    params = [greedy(n) for n in new]
+    ref = [alone(engine_for(path, micro_batch=None), ids, p) for ids, p in zip(reqs, params)]
+    handles, _ = run_batcher(engine_for(path), reqs, params, slots=3, prefill_chunk=8, max_len=64)
+    assert [h.output_ids for h in handles] == ref

@@ -47,8 +47,14 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     slot: int | None = None  # the batcher's: the cache row it holds
-    prefilled: int = 0  # the batcher's: prompt tokens in the cache so far
+    prefilled: int = 0  # the batcher's: tokens of fill_ids in the cache so far
+    refill: list[int] | None = None  # the batcher's: every token so far, while its cache is recomputed
     generator: torch.Generator | None = None  # its own random stream when sampling.seed is set
+
+
+def fill_ids(req: Request) -> list[int]:
+    """The tokens a row prefills: its prompt, or everything so far when its cache is recomputed."""
+    return req.refill if req.refill is not None else req.prompt_ids
 
 
 @dataclass
@@ -192,6 +198,7 @@ class ContinuousBatcher:
         """One pass over the weights; the outputs of every request that moved or ended."""
         t0 = time.perf_counter()
         outputs = self._cancel_and_admit()
+        self._recompute_where_due()
         decode = [s for s, r in enumerate(self.rows) if r is not None and s not in self.prefilling]
         chunks = self._prompt_chunks()
         if not decode and not chunks:
@@ -207,7 +214,8 @@ class ContinuousBatcher:
         ready = [(s, logits[j][s - self.parts[self.part_of(s)].start]) for s, j in logit_of]
         for n, (slot, start, end) in enumerate(chunks):
             self.rows[slot].prefilled = self.lengths[slot] = end
-            if end == len(self.rows[slot].prompt_ids):
+            if end == len(fill_ids(self.rows[slot])):
+                self.rows[slot].refill = None
                 self.prefilling.remove(slot)
                 ready.append((slot, logits[len(batches) - len(chunks) + n][0]))
         outputs += self._accept(ready)
@@ -226,7 +234,7 @@ class ContinuousBatcher:
         its prompt, in the order it came, on a cache rebuilt for the engine's micro-batch size now."""
         active = sorted((r for r in self.rows if r is not None), key=lambda r: r.submitted_at)
         for r in active:
-            r.output_ids, r.slot, r.prefilled, r.first_token_at = [], None, 0, None
+            r.output_ids, r.slot, r.prefilled, r.first_token_at, r.refill = [], None, 0, None, None
         with self._lock:
             self._waiting.extendleft(reversed(active))
         if torch.cuda.is_available():
@@ -256,6 +264,18 @@ class ContinuousBatcher:
                 self._admit(free.pop(0), self._waiting.popleft())
         return outputs
 
+    def _recompute_where_due(self) -> None:
+        """A row about to write the engine's recompute slot (Phi-3 LongRoPE, crossing to its long
+        factors) prefills everything so far again instead, as the model run alone does; first in
+        line, since it was decoding."""
+        at = self.engine.recompute_at
+        if at is None:
+            return
+        for slot, req in enumerate(self.rows):
+            if req is not None and slot not in self.prefilling and self.lengths[slot] == at:
+                req.refill, req.prefilled, self.lengths[slot] = req.prompt_ids + req.output_ids, 0, 0
+                self.prefilling.insert(0, slot)
+
     def _admit(self, slot: int, req: Request) -> None:
         req.slot, req.prefilled = slot, 0
         if req.sampling.seed is not None:
@@ -276,7 +296,7 @@ class ContinuousBatcher:
             if budget == 0:
                 break
             req = self.rows[slot]
-            n = min(len(req.prompt_ids) - req.prefilled, budget)
+            n = min(len(fill_ids(req)) - req.prefilled, budget)
             chunks.append((slot, req.prefilled, req.prefilled + n))
             budget -= n
         return chunks
@@ -302,19 +322,19 @@ class ContinuousBatcher:
             valid = (torch.arange(start + 1)[None] <= lengths[:, None]) & is_live[:, None]
             ids = torch.tensor([[self.next_token[s] if s in live else 0] for s in slots])
             step = StepInputs(start, self._to_device(lengths[:, None]), self._to_device(valid),
-                              write_slots=self._to_device(write))
+                              write_slots=self._to_device(write), seq_lens=(lengths + 1).tolist())
             step.extras["write_slots_host"] = write  # an offloaded cache needs them on the CPU
             logit_of += [(s, len(batches)) for s in slots if s in live]
             batches.append(MicroBatch(self._to_device(ids), self.engine.prepare(step), j, part))
         return batches, logit_of
 
     def _chunk_batch(self, slot: int, start: int, end: int) -> MicroBatch:
-        req = self.rows[slot]
-        ids = torch.tensor([req.prompt_ids[start:end]])
+        tokens = fill_ids(self.rows[slot])
+        ids = torch.tensor([tokens[start:end]])
         step = StepInputs(start, self._to_device(torch.arange(start, end)[None]),
-                          self._to_device(torch.ones(1, end, dtype=torch.bool)))
+                          self._to_device(torch.ones(1, end, dtype=torch.bool)), seq_lens=[len(tokens)])
         return MicroBatch(self._to_device(ids), self.engine.prepare(step), self.part_of(slot), slice(slot, slot + 1),
-                          logits=end == len(req.prompt_ids))
+                          logits=end == len(tokens))
 
     def _accept(self, ready: list[tuple[int, torch.Tensor]]) -> list[RequestOutput]:
         """Sample the next token of every row with logits this pass, and end the rows that are done."""

@@ -32,6 +32,9 @@ class StepInputs:
     mask: torch.Tensor | None = None  # [B, 1 or H, t, start + t] additive, built by the family
     extras: dict = field(default_factory=dict)  # family-specific per-pass tensors (rope, alibi)
     write_slots: torch.Tensor | None = None  # [B] long, t == 1: each row's own slot (None: start..end)
+    # Each row's sequence length this pass is for, where it is not `end`: rows at their own lengths,
+    # or a prompt prefilled in chunks (its whole length). Phi-3 LongRoPE picks its factors by it.
+    seq_lens: list[int] | None = None
 
     @property
     def length(self) -> int:
