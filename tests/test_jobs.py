@@ -6,6 +6,8 @@ import sys
 import time
 
 import pytest
+
+from offloadgen.errors import OffloadgenError
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -172,12 +174,25 @@ def test_line_separators_inside_prompts_do_not_split_records(tmp_path, llm):
     assert [json.loads(line)["prompt"] for line in dst.read_text().split("\n") if line] == ["a\u0085b\u2028c", "d"]
 
 
+def _json_or_none(text):
+    try:
+        return json.loads(text.replace("\n", " ").replace("\r", " "))
+    except ValueError:
+        return None
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(lines, min_size=1, max_size=6))
 def test_fuzzed_input_lines_never_crash_the_job(tmp_path_factory, llm, input_lines):
     folder = tmp_path_factory.mktemp("fuzz")
     src, dst = folder / "in.jsonl", folder / "out.jsonl"
     src.write_text("\n".join(line.replace("\n", " ").replace("\r", " ") for line in input_lines) + "\n")
+    ids = [rec["id"] for rec in map(_json_or_none, input_lines) if isinstance(rec, dict) and rec.get("id") is not None]
+    if len({json.dumps(i, sort_keys=True) for i in ids}) < len(ids):  # one clear refusal, nothing written
+        with pytest.raises(OffloadgenError, match="have the same id"):
+            run_job(llm, src, dst, SamplingParams(max_new_tokens=1), batch_size=4, progress=False)
+        assert not dst.exists() or dst.read_text() == ""
+        return
     s = run_job(llm, src, dst, SamplingParams(max_new_tokens=1), batch_size=4, progress=False)
     rows = [json.loads(line) for line in dst.read_text().split("\n") if line]
     assert len(rows) == s.total == s.done + s.errors

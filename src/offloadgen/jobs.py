@@ -125,7 +125,9 @@ def read_input(path: str | os.PathLike) -> list[InputLine]:
 def _id_key(text: str) -> str | None:
     try:
         rec = json.loads(text)
-        return "id:" + json.dumps(rec["id"], sort_keys=True) if isinstance(rec, dict) and "id" in rec else None
+        # "id": null is no id: such lines are keyed by their content, as lines without one are
+        has_id = isinstance(rec, dict) and rec.get("id") is not None
+        return "id:" + json.dumps(rec["id"], sort_keys=True) if has_id else None
     except (ValueError, RecursionError):
         return None
 
