@@ -29,5 +29,37 @@ class FakeLLM:
         return [Completion(p, answer(p), [5] * min(3, sampling.max_new_tokens), "length") for p in prompts]
 
 
+    def batcher(self, slots, max_len, prefill_chunk=512):
+        """Jobs drive a continuous batcher: this one answers up to `slots` waiting requests per
+        pass, all of them ending in it, with generate's answers (and its simulated kills)."""
+        return FakeBatcher(self, slots)
+
+
+class FakeBatcher:
+    def __init__(self, llm: FakeLLM, slots: int):
+        self.llm, self.slots, self.waiting, self.admitting = llm, slots, [], True
+
+    def submit(self, prompt_ids, sampling, request_id=None):
+        req = SimpleNamespace(id=request_id, prompt=self.llm.tokenizer.decode(prompt_ids), sampling=sampling)
+        self.waiting.append(req)
+        return req
+
+    def stop_admitting(self):
+        self.admitting = False
+
+    def has_work(self):
+        return bool(self.waiting) and self.admitting
+
+    def step(self):
+        """One pass: the next `slots` requests, answered (and counted, or killed) as one batch."""
+        batch, self.waiting = self.waiting[:self.slots], self.waiting[self.slots:]
+        outputs = []
+        for req, c in zip(batch, self.llm.generate([r.prompt for r in batch], batch[0].sampling)):
+            req.text, req.output_ids, req.finish_reason, req.finished = c.text, c.token_ids, c.finish_reason, True
+            outputs.append(SimpleNamespace(request=req, new_token_ids=c.token_ids, finished=True,
+                                           finish_reason=c.finish_reason))
+        return outputs
+
+
 class Killed(BaseException):
     """What a kill looks like to the test: the job stops between two writes."""

@@ -31,7 +31,9 @@ def _add_generate(sub):
     p.add_argument("--output", help="JSONL file for the results, appended; rerunning resumes (default: stdout)")
     p.add_argument("--ordered", action="store_true", help="rewrite --output in input order at the end")
     add_sampling_flags(p)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="sequence slots: prompts in flight at once; a finished one's slot takes the next (default 16)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per pass, at most (default 512)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="longest prompt + new tokens to plan GPU memory for (default: from --prompt, or 2048 with --input)")
     add_run_flags(p)
@@ -100,7 +102,8 @@ def _answer_prompts(llm, args, sampling, items, world) -> int:
         for start in range(0, len(mine), args.batch_size):
             chunk = mine[start:start + args.batch_size]
             results += [(item_id, prompt, c.text, len(c.token_ids), c.finish_reason)
-                        for (item_id, prompt), c in zip(chunk, llm.generate([p for _, p in chunk], sampling))]
+                        for (item_id, prompt), c in zip(chunk, llm.generate([p for _, p in chunk], sampling,
+                                                                            prefill_chunk=args.prefill_chunk))]
             if not world.active:  # one process: print as each batch finishes
                 _emit(results, out, len(items))
                 results = []
@@ -126,7 +129,8 @@ def _emit(results, out, n_items: int) -> None:
 
 def _run_job(llm, args, sampling) -> int:
     from .jobs import run_job
-    s = run_job(llm, args.input, args.output, sampling, args.batch_size, args.ordered)
+    s = run_job(llm, args.input, args.output, sampling, args.batch_size, args.ordered,
+                prefill_chunk=args.prefill_chunk)
     rate = s.tokens / s.seconds if s.seconds else 0.0
     print(f"offloadgen: {s.done} prompts answered this run ({s.skipped} already done earlier), {s.errors} bad lines, "
           f"{s.tokens} tokens in {s.seconds:.1f} s ({rate:.1f} tokens/s) -> {args.output}", file=sys.stderr)

@@ -1,19 +1,22 @@
 """Batch generation jobs that lose nothing: a JSONL file of prompts in, one JSON line per prompt out.
 
-- Each finished batch is appended, flushed and fsynced before the next starts (outputs.JobOutput);
-  a rerun with the same output file skips every input line already answered (resume), so a kill
-  loses at most the batch in flight. A torn last line (a write cut short) is dropped and redone.
+- Prompts run through the continuous batcher (--batch-size slots): each request is appended,
+  flushed and fsynced as it finishes, in the order requests finish (outputs.JobOutput); a rerun
+  with the same output file skips every input line already answered (resume), so a kill loses at
+  most the requests in flight. A torn last line (a write cut short) is dropped and redone.
 - Resume matches records to input lines by the line's "id", or, for a line without one, by a
   hash of its bytes (with the occurrence number for repeated lines): lines may be inserted,
   removed or reordered between runs. Duplicate ids are refused.
 - The output is locked for the whole job: a second job on it is refused, naming the holder.
-- A bad input line (not JSON, no prompt, empty, too long for the context with --max-new-tokens)
-  becomes an error record with its line number; the job goes on. Invalid UTF-8 is replaced and
-  the record says so in "warning"; a UTF-8 byte-order mark is ignored.
-- Prompts run in batches of similar length (less padding); --ordered rewrites the output in input
-  order once every line is answered.
-- SIGINT / SIGTERM: the batch in flight finishes and is written, then the job stops, says how to
-  resume, and exits non-zero. CUDA out of memory: the batch is retried with half the micro-batch.
+- A line may set its own sampling with OpenAI's names (max_tokens, temperature, top_p, top_k,
+  seed, stop); absent keys take the command's flags.
+- A bad input line (not JSON, no prompt, empty, too long for the context with its max tokens, a
+  bad sampling value) becomes an error record with its line number; the job goes on. Invalid
+  UTF-8 is replaced and the record says so in "warning"; a UTF-8 byte-order mark is ignored.
+- --ordered rewrites the output in input order once every line is answered.
+- SIGINT / SIGTERM: no new request starts, those in flight finish and are written, then the job
+  stops, says how to resume, and exits non-zero. CUDA out of memory: the micro-batch is halved and
+  the requests in flight start over (none of theirs was written).
 
 open_job finds what is wrong with a job's files (and takes the output's lock) before a model is
 loaded; answer_job answers it. The bookkeeping (read_input, JobOutput, result_record /
@@ -22,6 +25,7 @@ error_record) does not depend on how completions are produced: a scheduler can d
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 import json
 import math
@@ -58,6 +62,7 @@ class JobItem:
     n_tokens: int = 0
     key: str = ""
     warning: str | None = None
+    sampling: SamplingParams | None = None  # the line's own (it sets max_tokens, temperature, ...); None: the command's
 
 
 @dataclass
@@ -127,9 +132,40 @@ def _id_key(text: str) -> str | None:
         return None
 
 
-def parse_input_line(text: str, n: int, tokenizer, max_context: int, max_new_tokens: int = 1) -> JobItem:
+# OpenAI's names in an input line -> SamplingParams fields
+SAMPLING_KEYS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                 "seed": "seed", "stop": "stop"}
+
+
+def line_sampling(rec: dict, n: int, sampling: SamplingParams) -> tuple[SamplingParams | None, str | None]:
+    """The line's own sampling: the command's with the keys the line sets (absent or null: the
+    command's); None if it sets none. Or what is wrong with a value."""
+    out = {}
+    for key, name in SAMPLING_KEYS.items():
+        value = rec.get(key)
+        if value is None:
+            continue
+        if key == "stop":
+            value = [value] if isinstance(value, str) else value
+            if not (isinstance(value, list) and all(isinstance(s, str) and s for s in value)):
+                return None, f"line {n}: 'stop' must be a non-empty string or a list of them"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None, f"line {n}: '{key}' must be a number"
+        elif key in ("max_tokens", "top_k", "seed") and not isinstance(value, int):
+            return None, f"line {n}: '{key}' must be a whole number"
+        out[name] = value
+    if not out:
+        return None, None
+    try:
+        return dataclasses.replace(sampling, **out), None  # checks the ranges
+    except OffloadgenError as e:
+        return None, f"line {n}: {str(e).replace('max_new_tokens', 'max_tokens')}"
+
+
+def parse_input_line(text: str, n: int, tokenizer, max_context: int, max_new_tokens: int = 1,
+                     sampling: SamplingParams | None = None) -> JobItem:
     """One input line -> a prompt, or an error that says what is wrong with it; never raises.
-    A prompt must leave room in max_context for max_new_tokens."""
+    A prompt must leave room in max_context for its max tokens (the line's, else max_new_tokens)."""
     try:
         rec = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as e:
@@ -161,16 +197,15 @@ def parse_input_line(text: str, n: int, tokenizer, max_context: int, max_new_tok
         return JobItem(n, item_id, error=f"line {n}: cannot tokenize ({type(e).__name__}: {e})")
     if n_tokens == 0:
         return JobItem(n, item_id, error=f"line {n}: prompt has no tokens")
+    own, error = line_sampling(rec, n, sampling or SamplingParams(max_new_tokens=max(max_new_tokens, 1)))
+    if error:
+        return JobItem(n, item_id, error=error)
+    max_new_tokens = own.max_new_tokens if own else max_new_tokens
     if n_tokens + max(max_new_tokens, 1) > max_context:
         return JobItem(n, item_id, error=f"line {n}: prompt has {n_tokens} tokens; the model's context is {max_context}, "
                                          f"which leaves {max_context - max_new_tokens} for a prompt with "
                                          f"{max_new_tokens} new tokens")
-    return JobItem(n, item_id, prompt, n_tokens=n_tokens)
-
-
-def batches_by_length(items: list[JobItem], batch_size: int) -> list[list[JobItem]]:
-    items = sorted(items, key=lambda it: it.n_tokens)
-    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    return JobItem(n, item_id, prompt, n_tokens=n_tokens, sampling=own)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -184,8 +219,9 @@ def context_limit(llm) -> int:
     return min(llm.cfg.max_position, limits[1]) if limits else llm.cfg.max_position
 
 
-def job_item(src: InputLine, tokenizer, max_context: int, max_new_tokens: int) -> JobItem:
-    item = parse_input_line(src.text, src.line, tokenizer, max_context, max_new_tokens)
+def job_item(src: InputLine, tokenizer, max_context: int, max_new_tokens: int,
+             sampling: SamplingParams | None = None) -> JobItem:
+    item = parse_input_line(src.text, src.line, tokenizer, max_context, max_new_tokens, sampling)
     item.key, item.warning = src.key, src.warning
     return item
 
@@ -247,7 +283,8 @@ def open_job(input_path: str, output_path: str, ordered: bool = False) -> Job:
     return Job(lines, JobOutput(output_path), ordered)
 
 
-def answer_job(llm, job: Job, sampling: SamplingParams, batch_size: int = 16, progress: bool = True) -> JobSummary:
+def answer_job(llm, job: Job, sampling: SamplingParams, batch_size: int = 16, progress: bool = True,
+               prefill_chunk: int = 512) -> JobSummary:
     """Answer the job's lines that its output has no record for; with job.ordered, rewrite the
     output in input order once all are answered."""
     if job.out.done:
@@ -255,29 +292,30 @@ def answer_job(llm, job: Job, sampling: SamplingParams, batch_size: int = 16, pr
     todo = [src for src in job.lines if src.key not in job.out.done]
     summary = JobSummary(total=len(job.lines), skipped=len(job.lines) - len(todo))
     limit = context_limit(llm)
-    items = [job_item(src, llm.tokenizer, limit, sampling.max_new_tokens) for src in todo]
-    answer_items(llm, items, job.out, sampling, batch_size, summary, progress)
+    items = [job_item(src, llm.tokenizer, limit, sampling.max_new_tokens, sampling) for src in todo]
+    answer_items(llm, items, job.out, sampling, batch_size, summary, progress, prefill_chunk)
     if job.ordered and not summary.interrupted:
         job.out.rewrite_in_order({src.key: i for i, src in enumerate(job.lines)})
     return summary
 
 
 def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, batch_size: int = 16,
-            ordered: bool = False, progress: bool = True) -> JobSummary:
+            ordered: bool = False, progress: bool = True, prefill_chunk: int = 512) -> JobSummary:
     with open_job(input_path, output_path, ordered) as job:
-        return answer_job(llm, job, sampling, batch_size, progress)
+        return answer_job(llm, job, sampling, batch_size, progress, prefill_chunk)
 
 
 def answer_items(llm, items: list[JobItem], out: JobOutput, sampling: SamplingParams, batch_size: int,
-                 summary: JobSummary, progress: bool = True) -> None:
-    """Error records first, then batches of similar length, each written before the next starts.
-    SIGINT/SIGTERM stop after the batch in flight (summary.interrupted says which)."""
+                 summary: JobSummary, progress: bool = True, prefill_chunk: int = 512) -> None:
+    """Error records first, then each request's record as it finishes (continuous batching in
+    batch_size slots). SIGINT/SIGTERM: no request starts, those in flight finish and are written
+    (summary.interrupted says which signal)."""
     stop = {}
 
     def request_stop(signum, frame):
         stop["signal"] = signum
         signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
-        print(f"\noffloadgen: {signal.Signals(signum).name}: finishing the batch in flight, then stopping",
+        print(f"\noffloadgen: {signal.Signals(signum).name}: finishing the requests in flight, then stopping",
               file=sys.stderr)
 
     # Python lets only the main thread set handlers; a job driven from another thread keeps the defaults.
@@ -290,15 +328,16 @@ def answer_items(llm, items: list[JobItem], out: JobOutput, sampling: SamplingPa
         out.append([error_record(it) for it in bad])
         summary.errors += len(bad)
         bar.update(len(bad))
-        for batch in batches_by_length([it for it in items if not it.error], batch_size):
-            if stop:
-                break
-            completions = _generate_with_retry(llm, [it.prompt for it in batch], sampling, summary)
-            out.append([result_record(it, c) for it, c in zip(batch, completions)])
-            summary.done += len(batch)
-            summary.tokens += sum(len(c.token_ids) for c in completions)
-            bar.update(len(batch))
+
+        def on_done(pairs):
+            out.append([result_record(it, c) for it, c in pairs])
+            summary.done += len(pairs)
+            summary.tokens += sum(len(c.token_ids) for _, c in pairs)
+            bar.update(len(pairs))
             bar.set_postfix(tok_s=f"{summary.tokens / (time.perf_counter() - start):.1f}")
+
+        answer_continuously(llm, [it for it in items if not it.error], sampling, batch_size, on_done, summary,
+                            lambda: bool(stop), prefill_chunk)
     finally:
         bar.close()
         for s, h in old.items():
@@ -317,16 +356,40 @@ def prompt_records(results) -> list[dict]:
              "finish_reason": reason} for index, prompt, text, n_tokens, reason in results]
 
 
-def _generate_with_retry(llm, prompts, sampling, summary):
+def answer_continuously(llm, items: list[JobItem], sampling: SamplingParams, slots: int, on_done, summary: JobSummary,
+                        stopping, prefill_chunk: int = 512) -> None:
+    """Every item through the model's continuous batcher in `slots` slots; on_done([(item,
+    Completion)]) after each pass in which requests ended. Once stopping() is true no request
+    starts and those in flight finish."""
+    from .api import Completion
+    if not items:
+        return
+    params = {it.line: it.sampling or sampling for it in items}
+    max_len = min(context_limit(llm), max(it.n_tokens + params[it.line].max_new_tokens for it in items))
+    batcher = llm.batcher(min(slots, len(items)), max_len, prefill_chunk)
+    by_line = {it.line: it for it in items}
+    for it in items:
+        batcher.submit(llm.tokenizer.encode(it.prompt), params[it.line], request_id=it.line)
+    while batcher.has_work():
+        if stopping():
+            batcher.stop_admitting()
+        ended = [o.request for o in _step_with_retry(llm, batcher, summary) if o.finished]
+        if ended:
+            on_done([(by_line[r.id], Completion(by_line[r.id].prompt, r.text, r.output_ids, r.finish_reason))
+                     for r in ended])
+
+
+def _step_with_retry(llm, batcher, summary):
     while True:
         try:
-            return llm.generate(prompts, sampling)
+            return batcher.step()
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            llm.shrink_micro_batch(len(prompts))
+            llm.shrink_micro_batch(batcher.slots)
             summary.retries.append(llm.engine.micro_batch_size)
-            print(f"offloadgen: out of GPU memory; retrying the batch with micro-batches of "
+            print(f"offloadgen: out of GPU memory; the requests in flight start over with micro-batches of "
                   f"{llm.engine.micro_batch_size}", file=sys.stderr)
+            batcher.restart()

@@ -25,10 +25,31 @@ def add_bench(sub) -> None:
     flag(p, "--num-gpus-per-node", type=int, default=1,
          help="ranks on this node; more than 1 starts torchrun (or run under torchrun yourself)")
     add_run_flags(p, reference_defaults=True)
+    add_workload_flags(p)
     p.set_defaults(func=cmd_bench)
 
 
+def add_workload_flags(p) -> None:
+    """The job-level benchmark (bench/workload.py); --batch-size is then the number of slots."""
+    g = p.add_argument_group("a job through the continuous batcher (--workload)")
+    flag(g, "--workload", default=None, help="'synthetic' or a JSONL file ('prompt' or 'input_len', and 'output_len' "
+                                             "per line): requests of their own lengths instead of the fixed batch")
+    flag(g, "--num-requests", type=int, default=256, help="synthetic workload: requests")
+    flag(g, "--input-len", default="32:512", help="synthetic workload: prompt tokens, MIN:MAX (uniform)")
+    flag(g, "--output-len", default="8:256", help="synthetic workload: new tokens, MIN:MAX (uniform)")
+    flag(g, "--workload-seed", type=int, default=0)
+    flag(g, "--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per pass, at most")
+    flag(g, "--compare-static", action="store_true", help="also run the workload as static batches")
+    flag(g, "--static-only", action="store_true", help="run the workload as static batches only")
+    flag(g, "--static-part", default="1/1", help="K/N: only the K-th of N runs of consecutive static batches "
+                                                 "(a long job over several processes; their records add up)")
+
+
 def cmd_bench(args) -> int:
+    if args.workload:
+        from .workload import cmd_workload
+        cmd_workload(args)
+        return 0
     from .. import distributed
     from .run import Workload, run_generation
     workload = Workload(args.batch_size, args.prompt_len, args.gen_len, args.loops, args.num_nodes,

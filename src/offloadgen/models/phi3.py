@@ -102,8 +102,17 @@ def recompute_cache_at(cfg: Phi3Config) -> int | None:
 
 
 def prepare(cfg: Phi3Config, step: StepInputs, dtype: torch.dtype) -> None:
-    freq, scale = inv_freq(cfg, step.end)
+    lens = step.seq_lens or [step.end]
+    freq, scale = inv_freq(cfg, lens[0])
     step.extras["cos_sin"] = rope_cos_sin(step.positions, freq, dtype, scale)
+    original = cfg.original_max_position or cfg.max_position
+    if cfg.rope_scaling is not None and len({n > original for n in lens}) > 1:
+        # Rows at their own lengths (continuous batching): each row's factors by its own length.
+        other_freq, other_scale = inv_freq(cfg, original if lens[0] > original else original + 1)
+        other = rope_cos_sin(step.positions, other_freq, dtype, other_scale)
+        flip = torch.tensor([(n > original) != (lens[0] > original) for n in lens], device=step.positions.device)
+        flip = flip[:, None, None, None]
+        step.extras["cos_sin"] = tuple(torch.where(flip, b, a) for a, b in zip(step.extras["cos_sin"], other))
     step.mask = grouped_mask(attention_mask(step, dtype, cfg.sliding_window), cfg.n_heads // cfg.n_kv_heads)
 
 
