@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     _add_plan(sub)
+    from .serve.cli import add_serve
+    add_serve(sub)
     p = sub.add_parser("report", help="table (and plot) of bench records: offloadgen's and the peers'")
     p.add_argument("paths", nargs="+", help="JSON-lines files or folders of them")
     p.add_argument("--plot", metavar="FILE.png", help="draw decode throughput against batch size")

@@ -1,0 +1,162 @@
+"""`offloadgen serve`: load a model once, start the continuous batcher, and answer the OpenAI API."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from ..errors import OffloadgenError
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the continuous batcher",
+                       description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics. "
+                                   "Every request joins the running batch at the next pass over the weights.")
+    _add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--slots", "--batch-size", dest="slots", type=int, default=16,
+                   help="sequence slots: requests generated together in each pass (default 16)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="longest prompt + max_tokens of a request (default: the model's context, at most 4096)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a slot; beyond it the server answers 429 (default 64)")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens prefilled per pass (batcher default)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $OFFLOADGEN_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: from MODEL)")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds SIGTERM leaves in-flight requests to finish before cancelling them (default 30)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+def _add_model_flags(p) -> None:
+    """TEMPORARY: the model / offload / quantization flags `generate` takes, until the main parser's
+    shared flag groups exist; then this becomes one call to them."""
+    from ..bench.cli import parse_bytes
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    p.add_argument("--dummy", action="store_true", help="MODEL is a built-in preset with made-up weights")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--micro-batch-size", type=int, default=None)
+    p.add_argument("--quant-bits", "--quant_bits", type=int, default=16, choices=[4, 8, 16])
+    p.add_argument("--quant-group-size", "--quant_group_size", type=int, default=64)
+    p.add_argument("--cpu-offload", action="store_true")
+    p.add_argument("--gpu-memory", type=parse_bytes, default=None)
+    p.add_argument("--pin-memory", type=int, default=1, choices=[0, 1])
+    p.add_argument("--disk-offload", "--disk_offload", action="store_true")
+    p.add_argument("--offload-dir", "--offload_dir", default="~/offload_dir")
+    p.add_argument("--kv-offload", "--kv_offload", action="store_true")
+    p.add_argument("--pin-kv-cache", "--pin_kv_cache", type=int, default=1, choices=[0, 1])
+    p.add_argument("--async-kv-offload", "--async_kv_offload", type=int, default=1, choices=[0, 1])
+    p.add_argument("--kv-attention", default="auto", choices=["auto", "cpu", "gpu"])
+
+
+def _model_name(args, checkpoint) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    path = Path(args.model) if args.model else Path(getattr(checkpoint, "path", "model"))
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before loading the model: a port in use is found in a second, not after minutes of loading."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        raise OffloadgenError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _check_extras() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import sse_starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise OffloadgenError(f"offloadgen serve needs {e.name}: pip install 'offloadgen[serve]'") from None
+
+
+def _bus_seconds_per_pass(llm) -> float | None:
+    placement = getattr(llm.weights, "placement", None)
+    if llm.device.type != "cuda" or placement is None or not placement.streamed:
+        return None
+    from ..plan import load_calibration
+    return placement.streamed_bytes / load_calibration().h2d_bytes_s
+
+
+def build_context(args):
+    """Load the model and make the batcher, the worker and the HTTP app's context."""
+    from .. import api
+    from ..checkpoint import open_checkpoint
+    from ..scheduler import ContinuousBatcher
+    from .app import ServeContext
+    from .metrics import ServeMetrics
+    from .worker import Worker
+
+    if args.slots < 1 or args.max_queue < 0:
+        raise OffloadgenError("--slots must be at least 1 and --max-queue at least 0")
+    checkpoint = open_checkpoint(args.model, dummy=args.dummy)
+    max_len = min(args.max_seq_len or 4096, checkpoint.cfg.max_position)
+    llm = api.load(args.model, dummy=args.dummy, device=args.device, dtype=args.dtype,
+                   micro_batch_size=args.micro_batch_size, quant_bits=args.quant_bits,
+                   quant_group_size=args.quant_group_size, cpu_offload=args.cpu_offload, gpu_memory=args.gpu_memory,
+                   pin_memory=bool(args.pin_memory), max_batch_size=args.slots, max_seq_len=max_len,
+                   kv_offload=args.kv_offload, pin_kv_cache=bool(args.pin_kv_cache),
+                   async_kv_offload=bool(args.async_kv_offload), kv_attention=args.kv_attention,
+                   offload_dir=args.offload_dir if args.disk_offload else None)
+    chunk = {"prefill_chunk": args.prefill_chunk} if args.prefill_chunk else {}
+    batcher = ContinuousBatcher(llm, slots=args.slots, max_len=max_len, **chunk)
+    metrics = ServeMetrics(args.slots, _bus_seconds_per_pass(llm))
+    worker = Worker(batcher, args.slots, args.max_queue, metrics)
+    ctx = ServeContext(worker, llm.tokenizer, metrics, _model_name(args, checkpoint), max_len,
+                       api_key=args.api_key or os.environ.get("OFFLOADGEN_API_KEY") or None,
+                       shutdown_grace_s=args.shutdown_grace)
+    return ctx, llm
+
+
+def run_server(app, ctx, sock: socket.socket, log_level: str = "info") -> int:
+    """Serve until SIGTERM or SIGINT; then admit nothing new, give in-flight requests the grace
+    period, cancel the rest, and return 0."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            ctx.worker.begin_drain(ctx.shutdown_grace_s)
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own deadline comes after ours, so cancelled requests still get their error reply
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=ctx.shutdown_grace_s + 2)
+    server = Server(config)
+    # uvicorn re-raises the signal it caught once it has shut down, so that the process ends "as
+    # the signal would"; a server stopped on purpose has done its job and exits 0 instead.
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0 if server.started else 1
+
+
+def cmd_serve(args) -> int:
+    _check_extras()
+    sock = _listen(args.host, args.port)
+    ctx, llm = build_context(args)
+    from .app import create_app
+    host, port = sock.getsockname()[:2]
+    if not ctx.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"offloadgen: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
+              file=sys.stderr)
+    print(f"offloadgen: serving '{ctx.model_name}' on http://{host}:{port}/v1 ({ctx.worker.slots} slots, "
+          f"{ctx.max_len} tokens each, queue {ctx.worker.max_queue})", file=sys.stderr, flush=True)
+    with llm:
+        return run_server(create_app(ctx), ctx, sock, args.log_level)
