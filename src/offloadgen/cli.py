@@ -30,6 +30,8 @@ def _add_generate(sub):
     src.add_argument("--input", help="JSONL file: one {'prompt': ...} or {'messages': [...]} per line, optional 'id'")
     p.add_argument("--output", help="JSONL file for the results, appended; rerunning resumes (default: stdout)")
     p.add_argument("--ordered", action="store_true", help="rewrite --output in input order at the end")
+    p.add_argument("--output-format", choices=["jsonl", "openai-batch"], default="jsonl",
+                   help="--output records: offloadgen's (default) or the OpenAI Batch API's output lines")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -158,7 +160,8 @@ def _emit(results, args, n_items: int) -> None:
 
 def _run_job(llm, args, sampling) -> int:
     from .jobs import run_job
-    s = run_job(llm, args.input, args.output, sampling, args.batch_size, args.ordered)
+    s = run_job(llm, args.input, args.output, sampling, args.batch_size, args.ordered,
+                output_format=args.output_format)
     rate = s.tokens / s.seconds if s.seconds else 0.0
     print(f"offloadgen: {s.done} prompts answered this run ({s.skipped} already done earlier), {s.errors} bad lines, "
           f"{s.tokens} tokens in {s.seconds:.1f} s ({rate:.1f} tokens/s) -> {args.output}", file=sys.stderr)

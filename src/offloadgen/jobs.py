@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import OffloadgenError
+from .openai_batch import error_output_record, is_batch_request, output_record, parse_batch_line
 from .sampling import SamplingParams
 
 
@@ -34,6 +35,8 @@ class JobItem:
     prompt: str | None = None
     error: str | None = None
     n_tokens: int = 0
+    sampling: SamplingParams | None = None  # a Batch API line's own; None: the command's
+    openai: object = None  # a Batch API line's request (openai_batch.BatchRequest)
 
 
 @dataclass
@@ -48,7 +51,7 @@ class JobSummary:
     retries: list = field(default_factory=list)
 
 
-def parse_input_line(text: str, n: int, tokenizer, max_context: int) -> JobItem:
+def parse_input_line(text: str, n: int, tokenizer, max_context: int, sampling: SamplingParams | None = None) -> JobItem:
     """One input line -> a prompt, or an error that says what is wrong with it; never raises."""
     try:
         rec = json.loads(text)
@@ -56,6 +59,8 @@ def parse_input_line(text: str, n: int, tokenizer, max_context: int) -> JobItem:
         return JobItem(n, n, error=f"line {n}: not valid JSON ({getattr(e, 'msg', e)})")
     if not isinstance(rec, dict):
         return JobItem(n, n, error=f"line {n}: expected a JSON object with 'prompt' or 'messages'")
+    if is_batch_request(rec):
+        return _batch_item(rec, n, tokenizer, max_context, sampling or SamplingParams())
     item_id = rec.get("id", n)
     if not isinstance(item_id, (str, int, float, bool)) and item_id is not None:
         item_id = json.dumps(item_id)
@@ -86,6 +91,31 @@ def parse_input_line(text: str, n: int, tokenizer, max_context: int) -> JobItem:
     if n_tokens >= max_context:
         return JobItem(n, item_id, error=f"line {n}: prompt has {n_tokens} tokens; the model's context is {max_context}")
     return JobItem(n, item_id, prompt, n_tokens=n_tokens)
+
+
+def _batch_item(rec: dict, n: int, tokenizer, max_context: int, sampling: SamplingParams) -> JobItem:
+    req = parse_batch_line(rec, tokenizer, max_context, sampling)
+    if req.parsed is None:
+        return JobItem(n, req.custom_id, error=f"line {n}: {req.line_error or req.error.message}", openai=req)
+    p = req.parsed
+    return JobItem(n, req.custom_id, p.prompt, n_tokens=len(p.prompt_ids), sampling=p.sampling, openai=req)
+
+
+def _error_record(it: JobItem, output_format: str) -> dict:
+    if output_format != "openai-batch":
+        return {"id": it.id, "line": it.line, "error": it.error}
+    req = it.openai  # None: not a Batch API line; its custom_id is then its id (by default its line number)
+    custom_id = req.custom_id if req is not None else str(it.id)
+    return {"line": it.line, **error_output_record(custom_id, it.error, req.error if req is not None else None)}
+
+
+def _result_record(it: JobItem, c, output_format: str, model: str) -> dict:
+    if output_format != "openai-batch":
+        return {"id": it.id, "line": it.line, "prompt": it.prompt, "text": c.text, "tokens": len(c.token_ids),
+                "finish_reason": c.finish_reason}
+    kind = it.openai.kind if it.openai is not None else "completion"
+    return {"line": it.line, **output_record(str(it.id), kind, model, c.text, c.finish_reason, it.n_tokens,
+                                             len(c.token_ids))}
 
 
 def read_done(output: Path) -> set[int]:
@@ -119,8 +149,16 @@ def read_done(output: Path) -> set[int]:
 
 
 def batches_by_length(items: list[JobItem], batch_size: int) -> list[list[JobItem]]:
-    items = sorted(items, key=lambda it: it.n_tokens)
-    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    """Batches of similar length; a batch shares one sampling, so lines with their own (Batch API
+    lines) run with the lines that sample alike."""
+    groups: dict[str, list[JobItem]] = {}
+    for it in items:
+        groups.setdefault(repr(it.sampling), []).append(it)
+    batches = []
+    for group in groups.values():
+        group.sort(key=lambda it: it.n_tokens)
+        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    return batches
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -128,7 +166,7 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, batch_size: int = 16,
-            ordered: bool = False, progress: bool = True) -> JobSummary:
+            ordered: bool = False, progress: bool = True, output_format: str = "jsonl") -> JobSummary:
     src, out_path = Path(input_path), Path(output_path)
     try:
         # JSON lines end at "\n" only: splitlines() would also break at U+0085, U+2028 and others
@@ -139,7 +177,7 @@ def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, ba
     if out_path.resolve() == src.resolve():
         raise OffloadgenError("--output must not be the --input file")
     done = read_done(out_path)
-    items = [parse_input_line(text, n, llm.tokenizer, llm.cfg.max_position)
+    items = [parse_input_line(text, n, llm.tokenizer, llm.cfg.max_position, sampling)
              for n, text in enumerate(lines, 1) if text.strip() and n not in done]
     summary = JobSummary(total=sum(1 for t in lines if t.strip()), skipped=len(done))
     stop = {}
@@ -162,15 +200,16 @@ def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, ba
                 os.fsync(out.fileno())
 
             bad = [it for it in items if it.error]
-            write([{"id": it.id, "line": it.line, "error": it.error} for it in bad])
+            write([_error_record(it, output_format) for it in bad])
             summary.errors += len(bad)
             bar.update(len(bad))
             for batch in batches_by_length([it for it in items if not it.error], batch_size):
                 if stop:
                     break
-                completions = _generate_with_retry(llm, [it.prompt for it in batch], sampling, summary)
-                write([{"id": it.id, "line": it.line, "prompt": it.prompt, "text": c.text, "tokens": len(c.token_ids),
-                        "finish_reason": c.finish_reason} for it, c in zip(batch, completions)])
+                completions = _generate_with_retry(llm, [it.prompt for it in batch], batch[0].sampling or sampling,
+                                                   summary)
+                model = getattr(llm.checkpoint, "name", "offloadgen")
+                write([_result_record(it, c, output_format, model) for it, c in zip(batch, completions)])
                 summary.done += len(batch)
                 summary.tokens += sum(len(c.token_ids) for c in completions)
                 bar.update(len(batch))
