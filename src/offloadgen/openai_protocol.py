@@ -147,7 +147,9 @@ def _sampling(body: dict, kind: str, n_prompt: int, max_len: int, defaults: Samp
                                      "a number from 0 to 2")),
             top_p=float(_field(body, "top_p", (int, float), base.top_p, lambda v: 0 < v <= 1, "a number in (0, 1]")),
             top_k=max(top_k, 0), seed=_field(body, "seed", int, base.seed),
-            stop=_stop_strings(body) if body.get("stop") is not None else list(base.stop))
+            stop=_stop_strings(body) if body.get("stop") is not None else list(base.stop),
+            # extension (as vLLM's): generate exactly max_tokens, as load tests with dummy weights need
+            ignore_eos=_field(body, "ignore_eos", bool, base.ignore_eos))
     except OffloadgenError as e:
         raise ApiError(400, str(e)) from None
 
