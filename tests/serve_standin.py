@@ -58,9 +58,9 @@ class ContinuousBatcher:
         with self.lock:
             return bool(self.waiting or self.active)
 
-    def stats(self) -> dict:
+    def snapshot(self) -> dict:
         with self.lock:
-            return {"passes": self.passes, "mean_pass_s": self.pass_seconds / max(self.passes, 1),
+            return {"passes": self.passes, "pass_s": self.pass_seconds / max(self.passes, 1),
                     "queue_length": len(self.waiting), "active_slots": len(self.active)}
 
     def _admit(self) -> list[RequestOutput]:

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import OffloadgenError
 from ..openai_protocol import (ApiError, ParsedRequest, TextAssembler, chunk_body, new_id, parse_request,
                                response_body, usage_chunk)
 from .metrics import ServeMetrics
@@ -140,6 +141,8 @@ def _submit(ctx: ServeContext, parsed: ParsedRequest) -> Handle:
                        code="rate_limit_exceeded", headers={"Retry-After": str(retry)}) from None
     except Draining:
         raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
+    except OffloadgenError as e:  # the batcher refuses what parse_request let through: still the request's fault
+        raise ApiError(400, str(e)) from None
 
 
 async def _create(ctx: ServeContext, kind: str, request: Request):

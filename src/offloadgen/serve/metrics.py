@@ -14,13 +14,8 @@ PASS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)
 
 
 def batcher_stats(batcher) -> dict:
-    """The batcher's own figures (active slots, queue length, ...) as a dict, whichever way it offers them."""
-    stats = getattr(batcher, "stats", None)
-    if callable(stats):
-        stats = stats()
-    if stats is None:
-        return {}
-    return dict(stats) if isinstance(stats, dict) else dict(vars(stats))
+    """The batcher's own figures: passes, pass_s, slot_occupancy, queue_length, active_slots, ..."""
+    return dict(batcher.snapshot())
 
 
 class ServeMetrics:
@@ -77,14 +72,16 @@ class _LiveGauges:
         worker = m.worker
         stats = batcher_stats(worker.batcher) if worker is not None else {}
         in_flight = worker.in_flight() if worker is not None else 0
-        # the batcher's own counts where it gives them; else what admission control knows
-        active = stats.get("active_slots", min(in_flight, m.slots))
-        queued = stats.get("queue_length", max(in_flight - m.slots, 0))
+        active = stats.get("active_slots", 0)
+        queued = stats.get("queue_length", 0)
         tokens_s, pass_s = m.recent()
         yield _gauge("offloadgen_slots", "Sequence slots (the batch)", m.slots)
         yield _gauge("offloadgen_active_slots", "Slots holding a request", active)
         yield _gauge("offloadgen_queue_length", "Requests waiting for a slot", queued)
         yield _gauge("offloadgen_requests_in_flight", "Requests admitted and not yet answered", in_flight)
+        if "slot_occupancy" in stats:
+            yield _gauge("offloadgen_slot_occupancy", "Mean share of slots busy per pass, since start",
+                         stats["slot_occupancy"])
         yield _gauge("offloadgen_tokens_per_second", f"Generated tokens/s over the last {m.window_s:g} s", tokens_s)
         if pass_s is not None:
             yield _gauge("offloadgen_recent_pass_seconds", f"Mean pass time over the last {m.window_s:g} s", pass_s)

@@ -125,11 +125,22 @@ class Worker:
             except Exception as e:  # noqa: BLE001 - the server outlives a failed pass
                 traceback.print_exc(file=sys.stderr)
                 self._cancel_all(f"generation failed: {type(e).__name__}: {e}")
+                self._recover()
                 continue
             elapsed = time.perf_counter() - start
             self._deliver(outputs)
             if self.metrics is not None:
                 self.metrics.observe_pass(elapsed, sum(len(o.new_token_ids) for o in outputs))
+
+    def _recover(self) -> None:
+        """After a failed pass the batcher's rows are in an unknown state: rebuild them (the
+        requests, all cancelled above, then leave at the next pass)."""
+        restart = getattr(self.batcher, "restart", None)
+        if restart is not None:
+            try:
+                restart()
+            except Exception:  # noqa: BLE001 - still serving: the next pass reports what is wrong
+                traceback.print_exc(file=sys.stderr)
 
     def _deliver(self, outputs) -> None:
         with self._lock:
