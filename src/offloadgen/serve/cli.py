@@ -55,10 +55,14 @@ def _add_model_flags(p) -> None:
     p.add_argument("--kv-attention", default="auto", choices=["auto", "cpu", "gpu"])
 
 
-def _model_name(args, checkpoint) -> str:
+def _model_name(args) -> str:
+    """--served-model-name, else MODEL's folder name, .gguf stem or preset name."""
     if args.served_model_name:
         return args.served_model_name
-    path = Path(args.model) if args.model else Path(getattr(checkpoint, "path", "model"))
+    if args.model is None:
+        from ..checkpoint import embedded_default_gguf
+        return embedded_default_gguf().stem  # present: open_checkpoint found it
+    path = Path(args.model)
     return path.stem if path.suffix == ".gguf" else path.name
 
 
@@ -117,7 +121,7 @@ def build_context(args):
     batcher = ContinuousBatcher(llm, slots=args.slots, max_len=max_len, **chunk)
     metrics = ServeMetrics(args.slots, _bus_seconds_per_pass(llm))
     worker = Worker(batcher, args.slots, args.max_queue, metrics)
-    ctx = ServeContext(worker, llm.tokenizer, metrics, _model_name(args, checkpoint), max_len,
+    ctx = ServeContext(worker, llm.tokenizer, metrics, _model_name(args), max_len,
                        api_key=args.api_key or os.environ.get("OFFLOADGEN_API_KEY") or None,
                        shutdown_grace_s=args.shutdown_grace)
     return ctx, llm
