@@ -110,7 +110,11 @@ def test_requests_beyond_the_planned_limits_are_refused():
     llm = offloadgen.load("opt-125m", dummy=True, device="cpu", progress=False)
     llm.limits = (2, 16)  # as if placed on a GPU for 2 prompts of 16 tokens
     with pytest.raises(OffloadgenError, match="at most 2 and sequences of at most 16"):
-        llm.generate(["a", "b", "c"], SamplingParams(max_new_tokens=2))
+        llm.generate(["a", "b", "c"], SamplingParams(max_new_tokens=2), static=True)
+    with pytest.raises(OffloadgenError, match="at most 2 and sequences of at most 16"):
+        llm.generate(["a", "b", "c"], SamplingParams(max_new_tokens=2), batch_size=3)
     with pytest.raises(OffloadgenError, match="at most 2 and sequences"):
         llm.generate(["a"], SamplingParams(max_new_tokens=20))
     assert llm.generate(["a", "b"], SamplingParams(max_new_tokens=4))
+    # more prompts than planned slots: continuous batching queues them
+    assert len(llm.generate(["a", "b", "c"], SamplingParams(max_new_tokens=2))) == 3 and llm._batcher.slots == 2

@@ -65,10 +65,12 @@ class LLM:
         self.tokenizer = tokenizer or checkpoint.tokenizer()
         self.weights = weights or ResidentWeights(checkpoint, device, dtype, progress=progress)
         self.engine = Engine(self.cfg, self.weights, device, dtype, micro_batch_size, kv_offload=kv_offload)
+        self._batcher = None
 
     def close(self) -> None:
         """Stop the weight source's threads, unpin its memory and the KV cache's. A streamed model
         holds threads and page-locked memory until this is called (or the process ends)."""
+        self._batcher = None
         self.engine.close()
         if hasattr(self.weights, "close"):
             self.weights.close()
@@ -90,20 +92,55 @@ class LLM:
             mask[i, width - len(ids):] = 1
         return input_ids, mask
 
-    def generate(self, prompts: list[str] | str, sampling: SamplingParams | None = None) -> list[Completion]:
+    def _check_limits(self, batch: int, longest: int, new_tokens: int) -> None:
+        if self.limits is not None:
+            max_batch, max_len = self.limits
+            if batch > max_batch or longest + new_tokens > max_len:
+                raise OffloadgenError(
+                    f"this model was placed on the GPU for batches of at most {max_batch} and sequences of at most "
+                    f"{max_len} tokens; got {batch} prompts of up to {longest} tokens + "
+                    f"{new_tokens} new: load with larger max_batch_size / max_seq_len")
+        if longest + new_tokens > self.cfg.max_position:
+            raise OffloadgenError(f"prompt of {longest} tokens + {new_tokens} new tokens exceeds "
+                                  f"the model's context of {self.cfg.max_position} tokens")
+
+    def batcher(self, slots: int, max_len: int, prefill_chunk: int = 512):
+        """The model's continuous batcher: made once and kept while it fits, so its KV cache is
+        allocated (and pinned) once, not per call."""
+        from .scheduler import ContinuousBatcher
+        b = self._batcher
+        if b is None or b.slots != slots or b.max_len < max_len or b.has_work():
+            self._batcher = None  # the old cache goes before the new one is made
+            b = self._batcher = ContinuousBatcher(self, slots, max_len, prefill_chunk)
+        b.prefill_chunk = prefill_chunk
+        return b
+
+    def generate(self, prompts: list[str] | str, sampling: SamplingParams | None = None, *,
+                 batch_size: int | None = None, prefill_chunk: int = 512, static: bool = False) -> list[Completion]:
+        """Completions in prompt order. Prompts run through the continuous batcher in `batch_size`
+        slots (default: the batch the model was placed for, or all prompts at once); a row that
+        ends frees its slot for the next prompt. static=True runs them as one left-padded batch."""
         sampling = sampling or SamplingParams()
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
             return []
+        if static:
+            return self._generate_static(prompts, sampling)
+        encoded = encode_prompts(self.tokenizer, self.cfg, prompts)
+        slots = min(len(prompts), batch_size or (self.limits[0] if self.limits else len(prompts)))
+        longest = max(len(ids) for ids in encoded)
+        self._check_limits(slots, longest, sampling.max_new_tokens)
+        batcher = self.batcher(slots, longest + sampling.max_new_tokens, prefill_chunk)
+        requests = [batcher.submit(ids, sampling) for ids in encoded]
+        while batcher.has_work():
+            batcher.step()
+        return [Completion(p, r.text, r.output_ids, r.finish_reason) for p, r in zip(prompts, requests)]
+
+    def _generate_static(self, prompts: list[str], sampling: SamplingParams) -> list[Completion]:
         input_ids, mask = self.encode_batch(prompts)
-        if self.limits is not None:
-            max_batch, max_len = self.limits
-            if len(prompts) > max_batch or input_ids.shape[1] + sampling.max_new_tokens > max_len:
-                raise OffloadgenError(
-                    f"this model was placed on the GPU for batches of at most {max_batch} and sequences of at most "
-                    f"{max_len} tokens; got {len(prompts)} prompts of up to {input_ids.shape[1]} tokens + "
-                    f"{sampling.max_new_tokens} new: load with larger max_batch_size / max_seq_len")
+        self._check_limits(len(prompts), input_ids.shape[1], sampling.max_new_tokens)
+
         def ends_in_stop_string(row, tokens):
             text = self.tokenizer.decode(tokens)
             return any(s in text for s in sampling.stop)

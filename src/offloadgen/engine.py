@@ -19,6 +19,18 @@ from .sampling import SamplingParams, sample
 
 
 @dataclass
+class MicroBatch:
+    """One micro-batch of a pass: new tokens ids [b, t] of cache rows `rows` (inside cache part
+    `part`), with their StepInputs. A pass's micro-batches may differ in rows and token counts (a
+    continuous batch decodes some rows and prefills a prompt chunk of another in the same pass)."""
+    ids: torch.Tensor
+    step: StepInputs
+    part: int
+    rows: slice
+    logits: bool = True  # run the head on the last position (a prompt chunk before the last needs none)
+
+
+@dataclass
 class GenerationOutput:
     tokens: list[list[int]]  # new tokens per row, without padding after a stop
     finish_reasons: list[str]  # "stop" (EOS or stop string) or "length"
@@ -75,20 +87,41 @@ class Engine:
             raise
 
     def _forward(self, ids: torch.Tensor, steps: list[StepInputs], cache: KVCache) -> torch.Tensor:
-        cfg, fam, w = self.cfg, self.family, self.weights
         parts = self.micro_batches(ids.shape[0])
+        batches = [MicroBatch(ids[rows], steps[j], j, rows) for j, rows in enumerate(parts)]
+        return torch.cat(self._run(batches, cache))[:, -1].float()
+
+    def run_pass(self, batches: list[MicroBatch], cache) -> list[torch.Tensor | None]:
+        """One pass over the weights for every micro-batch; per micro-batch, its last position's
+        logits [b, V] in float32 (None where logits=False)."""
+        try:
+            out = self._run(batches, cache)
+        except BaseException:
+            if hasattr(self.weights, "reset"):  # as in forward
+                self.weights.reset()
+            raise
+        return [None if x is None else x[:, -1].float() for x in out]
+
+    def _run(self, batches: list[MicroBatch], cache) -> list[torch.Tensor | None]:
+        cfg, fam, w = self.cfg, self.family, self.weights
         block = w.get("embed")
-        hidden = [fam.embed(cfg, block, ids[rows], steps[j]) for j, rows in enumerate(parts)]
+        hidden = [fam.embed(cfg, block, mb.ids, mb.step) for mb in batches]
         w.done("embed")
         for i in range(cfg.n_layers):
             block = w.get(i)
-            for j, rows in enumerate(parts):
-                hidden[j] = fam.layer(cfg, block, hidden[j], steps[j], cache.layer(i, j, rows))
+            # In list order: a continuous batch puts its decode micro-batches before prompt chunks.
+            for j, mb in enumerate(batches):
+                hidden[j] = fam.layer(cfg, block, hidden[j], mb.step, cache.layer(i, mb.part, mb.rows))
             w.done(i)
         block = w.get("head")
-        logits = torch.cat([fam.head(cfg, block, h[:, -1:]) for h in hidden])
+        logits = [fam.head(cfg, block, h[:, -1:]) if mb.logits else None for h, mb in zip(hidden, batches)]
         w.done("head")
-        return logits[:, -1].float()
+        return logits
+
+    def prepare(self, step: StepInputs) -> StepInputs:
+        """Build a step's per-pass tensors (mask, rope, alibi) as the model family wants them."""
+        self.family.prepare(self.cfg, step, self.dtype)
+        return step
 
     def _steps(self, start: int, positions: torch.Tensor, key_valid: torch.Tensor) -> list[StepInputs]:
         steps = []

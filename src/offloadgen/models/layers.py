@@ -18,6 +18,12 @@ class StepInputs:
 
     The KV cache has one slot per step of the padded batch: slot j of every row holds the token fed
     at step j, so all rows write the same slots and left padding is expressed by `key_valid`.
+
+    With `write_slots` (continuous batching) the rows of a one-token pass sit at different
+    lengths: row r writes its token at slot write_slots[r] and attends over its own valid keys;
+    `start` is then the largest slot a real row writes, so keys [:end] cover every row. A row with
+    nothing to decode is parked: it writes a slot beyond `end` (the cache's spare last slot) and
+    has no valid key; attention_mask lets it see slot 0 so that softmax stays finite.
     """
 
     start: int  # first cache slot written by this pass
@@ -25,6 +31,7 @@ class StepInputs:
     key_valid: torch.Tensor  # [B, start + t] bool: slot holds a real (non-padding) token
     mask: torch.Tensor | None = None  # [B, 1 or H, t, start + t] additive, built by the family
     extras: dict = field(default_factory=dict)  # family-specific per-pass tensors (rope, alibi)
+    write_slots: torch.Tensor | None = None  # [B] long, t == 1: each row's own slot (None: start..end)
 
     @property
     def length(self) -> int:
@@ -42,15 +49,24 @@ def attention_mask(step: StepInputs, dtype: torch.dtype, sliding_window: int | N
     make softmax produce NaN); real tokens never see padding, so those rows cannot leak into them.
     """
     device = step.positions.device
-    q_slots = torch.arange(step.start, step.end, device=device)[:, None]
-    k_slots = torch.arange(step.end, device=device)[None, :]
-    allowed = (k_slots <= q_slots)[None] & step.key_valid[:, None, :]
+    q_slots = query_slots(step)[:, :, None]  # [B or 1, t, 1]
+    k_slots = torch.arange(step.end, device=device)[None, None, :]
+    allowed = (k_slots <= q_slots) & step.key_valid[:, None, :]
     if sliding_window is not None:
-        allowed &= (k_slots > q_slots - sliding_window)[None]
-    allowed |= (k_slots == q_slots)[None]
+        allowed &= k_slots > q_slots - sliding_window
+    allowed |= k_slots == q_slots
+    if step.write_slots is not None:  # a parked row sees no key at all: give it slot 0
+        allowed[..., 0] |= ~allowed.any(-1)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, float("-inf"))
     return mask[:, None]
+
+
+def query_slots(step: StepInputs) -> torch.Tensor:
+    """Cache slot of each new token: [B, 1] per row with write_slots, else [1, t] shared by all rows."""
+    if step.write_slots is not None:
+        return step.write_slots[:, None]
+    return torch.arange(step.start, step.end, device=step.positions.device)[None, :]
 
 
 def grouped_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
@@ -82,8 +98,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Ten
 
     q [B, H, t, D]; k, v [B, Hkv, t, D]; cache [B, Hkv, S_max, D].
     """
-    cache_k[:, :, step.start:step.end] = k
-    cache_v[:, :, step.start:step.end] = v
+    if step.write_slots is None:
+        cache_k[:, :, step.start:step.end] = k
+        cache_v[:, :, step.start:step.end] = v
+    else:  # each row at its own slot
+        rows = torch.arange(k.shape[0], device=k.device)
+        cache_k[rows, :, step.write_slots] = k[:, :, 0]
+        cache_v[rows, :, step.write_slots] = v[:, :, 0]
     return sdpa(q, cache_k[:, :, :step.end], cache_v[:, :, :step.end], mask, scale)
 
 

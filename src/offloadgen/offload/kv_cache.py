@@ -17,6 +17,11 @@ of two places, chosen per micro-batch:
 The runtime gives some micro-batches to each so that neither the bus nor the CPU waits on the other
 (see gpu_fraction). The prefill always attends on the GPU (its keys and values are there) and
 writes them back; with async_write that copy runs on a side stream, overlapping the next layer.
+
+Continuous batching (StepInputs.write_slots) writes each row at its own slot, and prefills a prompt
+chunk into one row of a part. Those writes scatter into strided host slots, which no single DMA
+does: from the GPU they land in pinned staging and the CPU puts them in place before anything
+next reads or rewrites that layer and part (_apply_deferred), by when the copy has long landed.
 """
 from __future__ import annotations
 
@@ -39,6 +44,9 @@ class KVCache:
 
     def layer(self, i: int, part: int, rows: slice) -> DeviceKV:
         return DeviceKV(self.k[i][rows], self.v[i][rows])
+
+    def zero_(self) -> None:
+        pass  # made with zeros
 
     def close(self) -> None:
         pass
@@ -108,6 +116,9 @@ class OffloadedKVCache:
         self.scratch: dict[int, list] = {}  # GPU parts: two (k, v) device buffers, used by turns
         self.prefetched: dict[int, tuple] = {}  # part -> (layer, slots, buffer index, event)
         self.staging: dict[tuple[int, str], torch.Tensor] = {}
+        self.deferred: dict[tuple[int, int], list] = {}  # (layer, part) -> staged row writes, in order
+        self.row_stage: dict[tuple[int, int], tuple] = {}  # pinned buffers for rows' past slots, and their last use
+        self._row_reads = (-1, 0)  # (layer, reads so far in it): picks a staging buffer
         self.stats = dict(cpu_attention_s=0.0, wait_for_gpu_s=0.0, cpu_cache_read_bytes=0, h2d_cache_bytes=0, d2h_cache_bytes=0)
 
     @property
@@ -115,11 +126,19 @@ class OffloadedKVCache:
         return sum(t.numel() * t.element_size() for layer in self.k + self.v for t in layer)
 
     def layer(self, i: int, part: int, rows: slice) -> "OffloadedLayerKV":
-        return OffloadedLayerKV(self, i, part)
+        return OffloadedLayerKV(self, i, part, rows)
+
+    def zero_(self) -> None:
+        """Rows at their own lengths attend over slots other rows have not written yet, masked; but
+        a masked slot holding NaN (uninitialised memory) still poisons the sum (0 * NaN)."""
+        for t in (t for layer in self.k + self.v for t in layer):
+            t.zero_()
 
     def close(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
+        self.deferred.clear()
+        self.row_stage.clear()
         unpin_tensors(self._registered)
         self._registered = []
 
@@ -134,6 +153,7 @@ class OffloadedKVCache:
 
     def _write_back(self, i: int, j: int, k: torch.Tensor, v: torch.Tensor, start: int, end: int) -> None:
         """New keys/values [rows, heads, t, dim] on the device -> host slots [start:end]."""
+        self._apply_deferred(i, j)  # older row writes first: they must not land over these
         hk, hv = self.k[i][j], self.v[i][j]
         kt, vt = k.permute(2, 0, 1, 3).contiguous(), v.permute(2, 0, 1, 3).contiguous()
         self.stats["d2h_cache_bytes"] += 2 * kt.numel() * kt.element_size()
@@ -161,6 +181,7 @@ class OffloadedKVCache:
         event = self.pending.pop((i, j), None)
         if event is not None:
             event.synchronize()
+        self._apply_deferred(i, j)
 
     def _buffers(self, j: int) -> list:
         if j not in self.scratch:
@@ -172,6 +193,7 @@ class OffloadedKVCache:
 
     def _copy_past(self, i: int, j: int, upto: int, index: int, stream) -> None:
         kb, vb = self._buffers(j)[index]
+        self._apply_deferred(i, j)
         if self.cuda:
             event = self.pending.get((i, j))
             if event is not None:
@@ -205,8 +227,119 @@ class OffloadedKVCache:
         landed.record(self.stream)
         self.prefetched[j] = (i, upto, index, landed)
 
+    # -- rows at their own slots (continuous batching) ----------------------------------------------
+    def _defer(self, i: int, j: int, k_new: torch.Tensor, v_new: torch.Tensor, put, rows: set) -> None:
+        """Write new keys/values (device tensors) into host slots of `rows` of part j: put(k, v)
+        does it with host tensors; on the CPU now, from the GPU later, from pinned staging."""
+        self.stats["d2h_cache_bytes"] += 2 * k_new.numel() * k_new.element_size()
+        if not self.cuda:
+            put(k_new, v_new)
+            return
+        staged = []
+        for t in (k_new, v_new):
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            staged.append(host)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.deferred.setdefault((i, j), []).append((event, *staged, put, rows))
+
+    def _apply_deferred(self, i: int, j: int, rows: set | None = None) -> None:
+        """Put (i, j)'s staged writes in place, in order: all of them, or those touching `rows` and
+        those already landed. One pass's writes touch disjoint rows and older ones have landed, so
+        what is left behind never overlaps what goes in before it."""
+        entries = self.deferred.pop((i, j), None)
+        if not entries:
+            return
+        keep = []
+        for entry in entries:
+            event, k_host, v_host, put, touched = entry
+            if rows is None or touched & rows or event.query():
+                event.synchronize()
+                put(k_host, v_host)
+            else:
+                keep.append(entry)
+        if keep:
+            self.deferred[(i, j)] = keep
+
+    def _rows_past_on_device(self, i: int, j: int, local: slice, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots [:upto] of rows `local` of part j as device tensors [rows, heads, upto, dim].
+
+        Gathered by the CPU into pinned memory and read by a kernel (to_device_zero_copy), so the
+        copy never queues behind a layer of weights on the copy engine."""
+        event = self.pending.pop((i, j), None)
+        if event is not None:
+            event.synchronize()
+        self._apply_deferred(i, j, set(range(local.start, local.stop)))
+        src = (self.k[i][j][:upto, local], self.v[i][j][:upto, local])
+        self.stats["h2d_cache_bytes"] += 2 * src[0].numel() * src[0].element_size()
+        if not self.cuda:
+            return tuple(t.permute(1, 2, 0, 3) for t in src)
+        # Buffers by turns, reused two layers on, once the kernel that read them is done.
+        layer, n = self._row_reads
+        self._row_reads = (i, n + 1 if layer == i else 0)
+        key = (i % 2, self._row_reads[1])
+        buf, used = self.row_stage.get(key, (None, None))
+        if used is not None:
+            used.synchronize()
+        numel = src[0].numel()
+        if buf is None or buf.numel() < 2 * numel:
+            buf = torch.empty(2 * numel, dtype=self.dtype, pin_memory=True)
+        out = []
+        for n_, t in enumerate(src):
+            host = buf[n_ * numel:(n_ + 1) * numel].view(t.shape)
+            host.copy_(t)
+            out.append(to_device_zero_copy(host, self.device).permute(1, 2, 0, 3))
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        self.row_stage[key] = (buf, done)
+        return tuple(out)
+
+    def attend_rows(self, i, j, local: slice, q, k, v, step, mask, scale):
+        """A prompt chunk of some rows of part j (slots start..end of those rows only): attends on
+        the device over the rows' earlier slots and the chunk, and writes the chunk back."""
+        start, end = step.start, step.end
+        keys, values = k, v
+        if start > 0:
+            past_k, past_v = self._rows_past_on_device(i, j, local, start)
+            keys, values = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+        out = sdpa(q, keys, values, mask, scale)
+        hk, hv = self.k[i][j], self.v[i][j]
+
+        def put(k_host, v_host):
+            hk[start:end, local] = k_host
+            hv[start:end, local] = v_host
+        self._defer(i, j, k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3), put, set(range(local.start, local.stop)))
+        return out
+
+    def _decode_rows_on_device(self, i, j, q, k, v, step, mask, scale):
+        """A decode step of rows at their own slots, attended on the GPU: the part's slots [:end]
+        come over as in a static step (the prefetch included), each row's new k/v goes in at its
+        slot, and only real rows' new k/v go back (a parked row's slot is beyond the keys)."""
+        end = step.end
+        index = self._past_on_device(i, j, end)
+        kb, vb = self._buffers(j)[index]
+        rows = torch.arange(k.shape[0], device=k.device)
+        kb[step.write_slots, rows] = k[:, :, 0]
+        vb[step.write_slots, rows] = v[:, :, 0]
+        out = sdpa(q, kb[:end].permute(1, 2, 0, 3), vb[:end].permute(1, 2, 0, 3), mask, scale)
+        slots = write_slots_host(step)
+        real = (slots < end).nonzero().flatten()
+        hk, hv = self.k[i][j], self.v[i][j]
+
+        def put(k_host, v_host):
+            hk[slots[real], real] = k_host[real]
+            hv[slots[real], real] = v_host[real]
+        self._defer(i, j, k[:, :, 0], v[:, :, 0], put, set(real.tolist()))
+        if j in self.gpu_parts:  # the guess for the next pass: one slot further
+            nxt, upto = (i + 1, end) if i + 1 < self.n_layers else (0, min(end + 1, self.max_len))
+            self._prefetch(nxt, j, upto, 1 - index)
+        return out
+
     # -- attention ----------------------------------------------------------------------------------
     def attend_on_device(self, i, j, q, k, v, step, mask, scale):
+        if step.write_slots is not None:
+            return self._decode_rows_on_device(i, j, q, k, v, step, mask, scale)
         start, end = step.start, step.end
         if start == 0:
             self.prefetched.pop(j, None)  # a new sequence: whatever was fetched ahead is stale
@@ -230,11 +363,18 @@ class OffloadedKVCache:
         start, end = step.start, step.end
         self._landed_for_host(i, j)
         hk, hv = self.k[i][j], self.v[i][j]
+        own_slots = step.write_slots is not None
+        if own_slots:  # rows at their own slots: staged here, put in place once they have arrived
+            k_new, v_new = (self._pinned_like(j, n, t[:, :, 0]) if self.cuda else t[:, :, 0] for n, t in (("k", k), ("v", v)))
         if self.cuda:
             q_host = self._pinned_like(j, "q", q)
             q_host.copy_(q, non_blocking=True)
-            hk[start:end].copy_(k.permute(2, 0, 1, 3), non_blocking=True)
-            hv[start:end].copy_(v.permute(2, 0, 1, 3), non_blocking=True)
+            if own_slots:
+                k_new.copy_(k[:, :, 0], non_blocking=True)
+                v_new.copy_(v[:, :, 0], non_blocking=True)
+            else:
+                hk[start:end].copy_(k.permute(2, 0, 1, 3), non_blocking=True)
+                hv[start:end].copy_(v.permute(2, 0, 1, 3), non_blocking=True)
             arrived = torch.cuda.Event()
             arrived.record(torch.cuda.current_stream(self.device))
             t0 = time.perf_counter()
@@ -242,8 +382,13 @@ class OffloadedKVCache:
             self.stats["wait_for_gpu_s"] += time.perf_counter() - t0
         else:
             q_host = q
-            hk[start:end] = k.permute(2, 0, 1, 3)
-            hv[start:end] = v.permute(2, 0, 1, 3)
+            if not own_slots:
+                hk[start:end] = k.permute(2, 0, 1, 3)
+                hv[start:end] = v.permute(2, 0, 1, 3)
+        if own_slots:
+            rows = torch.arange(k.shape[0])
+            hk[write_slots_host(step), rows] = k_new
+            hv[write_slots_host(step), rows] = v_new
         self.stats["d2h_cache_bytes"] += 2 * k.numel() * k.element_size()
         mask_host = step.extras.get("mask_host")
         if mask_host is None:
@@ -259,12 +404,24 @@ class OffloadedKVCache:
         return to_device_zero_copy(out_host, self.device)
 
 
+def write_slots_host(step) -> torch.Tensor:
+    """The step's per-row write slots on the CPU, copied once per pass."""
+    slots = step.extras.get("write_slots_host")
+    if slots is None:
+        slots = step.extras["write_slots_host"] = step.write_slots.cpu()
+    return slots
+
+
 class OffloadedLayerKV:
-    def __init__(self, cache: OffloadedKVCache, i: int, part: int):
-        self.cache, self.i, self.part = cache, i, part
+    def __init__(self, cache: OffloadedKVCache, i: int, part: int, rows: slice | None = None):
+        self.cache, self.i, self.part, self.rows = cache, i, part, rows
 
     def attend(self, q, k, v, step, mask, scale=None) -> torch.Tensor:
         c = self.cache
+        whole = c.parts[self.part]
+        if self.rows is not None and self.rows != whole:  # some rows of the part: a prompt chunk
+            local = slice(self.rows.start - whole.start, self.rows.stop - whole.start)
+            return c.attend_rows(self.i, self.part, local, q, k, v, step, mask, scale)
         if step.length == 1 and self.part not in c.gpu_parts:
             return c.attend_on_cpu(self.i, self.part, q, k, v, step, mask, scale)
         return c.attend_on_device(self.i, self.part, q, k, v, step, mask, scale)

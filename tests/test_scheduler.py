@@ -1,0 +1,204 @@
+"""Continuous batching: every request gives what its prompt gives alone, whatever shares its
+passes; slots are refilled as rows end; cancel frees a slot; chunked prefill changes nothing."""
+import pytest
+import torch
+
+from offloadgen.checkpoint import SafetensorsFolder
+from offloadgen.engine import Engine
+from offloadgen.offload import ResidentWeights
+from offloadgen.offload.kv_cache import KVOffload
+from offloadgen.sampling import SamplingParams
+from offloadgen.scheduler import ContinuousBatcher
+
+from conftest import V
+
+CPU = torch.device("cpu")
+# Prompt lengths and max_tokens mixed so that rows end at different passes, prompts longer than
+# the chunk budget are split, and Mistral's window of 12 is exceeded.
+LENGTHS = [14, 3, 9, 20, 1, 7, 16]
+MAX_TOKENS = [10, 4, 12, 3, 8, 6, 9]
+
+
+def prompts(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, V, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def engine_for(path, kv_offload=None, micro_batch=2):
+    ckpt = SafetensorsFolder(path)
+    weights = ResidentWeights(ckpt, CPU, torch.float32, progress=False)
+    return Engine(ckpt.cfg, weights, CPU, torch.float32, micro_batch, kv_offload=kv_offload)
+
+
+def alone(engine, ids, params):
+    t = torch.tensor([ids])
+    return engine.generate(t, torch.ones_like(t), params, set(), 0).tokens[0]
+
+
+def run_batcher(engine, reqs, params, slots=3, prefill_chunk=8, max_len=40):
+    batcher = ContinuousBatcher(engine, slots, max_len, prefill_chunk)
+    handles = [batcher.submit(ids, p) for ids, p in zip(reqs, params)]
+    while batcher.has_work():
+        batcher.step()
+    return handles, batcher
+
+
+def greedy(n):
+    return SamplingParams(max_new_tokens=n, ignore_eos=True)
+
+
+@pytest.mark.parametrize("variant", ["llama2-mha", "llama3-gqa-rope-scaling", "smollm-tied", "mistral-sliding-window",
+                                     "qwen2-qkv-bias", "opt", "opt-350m-style", "bloom",
+                                     "bloom-6-heads-residual-post-norm"])
+def test_each_request_equals_its_prompt_run_alone(tiny, variant):
+    _, path = tiny(variant)
+    reqs, params = prompts(), [greedy(n) for n in MAX_TOKENS]
+    ref = [alone(engine_for(path, micro_batch=None), ids, p) for ids, p in zip(reqs, params)]
+    handles, batcher = run_batcher(engine_for(path), reqs, params)
+    assert [h.output_ids for h in handles] == ref
+    assert all(h.finished and h.finish_reason == "length" for h in handles)
+    assert batcher.stats.prompt_tokens == sum(LENGTHS) and batcher.stats.output_tokens == sum(MAX_TOKENS)
+
+
+KV = {"cpu-attention": KVOffload(attention="cpu"), "device-attention": KVOffload(attention="gpu", async_write=True),
+      "split": KVOffload(gpu_fraction=0.5)}
+
+
+@pytest.mark.parametrize("variant", ["opt", "llama3-gqa-rope-scaling", "mistral-sliding-window", "bloom"])
+@pytest.mark.parametrize("kv", sorted(KV))
+def test_offloaded_cache_each_request_equals_its_prompt_run_alone(tiny, variant, kv):
+    _, path = tiny(variant)
+    reqs, params = prompts(1), [greedy(n) for n in MAX_TOKENS]
+    ref = [alone(engine_for(path, micro_batch=None), ids, p) for ids, p in zip(reqs, params)]
+    # 5 slots in parts of 2: the last part has one row
+    handles, batcher = run_batcher(engine_for(path, KV[kv]), reqs, params, slots=5, prefill_chunk=6)
+    assert [h.output_ids for h in handles] == ref
+    cache = batcher.cache
+    assert cache.nbytes == 2 * cache.n_layers * 41 * 5 * cache.kv_heads * cache.head_dim * 4  # max_len + the spare slot
+    assert (cache.stats["cpu_cache_read_bytes"] > 0) == (len(cache.gpu_parts) < len(cache.parts))
+
+
+@pytest.mark.parametrize("variant", ["llama3-gqa-rope-scaling", "opt", "bloom"])
+@pytest.mark.parametrize("kv", [None, "cpu-attention", "device-attention"])
+def test_chunked_prefill_equals_unchunked(tiny, variant, kv):
+    _, path = tiny(variant)
+    reqs, params = prompts(2), [greedy(n) for n in MAX_TOKENS]
+    whole, b1 = run_batcher(engine_for(path, KV.get(kv)), reqs, params, prefill_chunk=1000)
+    chunked, b2 = run_batcher(engine_for(path, KV.get(kv)), reqs, params, prefill_chunk=3)
+    assert [h.output_ids for h in chunked] == [h.output_ids for h in whole]
+    assert b2.stats.passes > b1.stats.passes  # it did prefill in pieces
+
+
+def test_a_late_request_takes_a_freed_slot_while_a_long_one_runs(tiny):
+    """Two slots; A runs 24 tokens, B 2, then C and D arrive. Static batches of two would start C
+    only when A ends; here C takes B's slot at once and ends long before A."""
+    _, path = tiny("opt")
+    reqs = prompts(3)
+    batcher = ContinuousBatcher(engine_for(path, micro_batch=None), 2, 40, 64)
+    a, b = batcher.submit(reqs[0], greedy(24)), batcher.submit(reqs[1], greedy(2))
+    batcher.step()
+    c, d = batcher.submit(reqs[2], greedy(3)), batcher.submit(reqs[4], greedy(3))
+    ended = {}
+    while batcher.has_work():
+        for out in batcher.step():
+            if out.finished:
+                ended[out.request.id] = batcher.stats.passes
+    assert ended[c.id] < ended[a.id] and ended[d.id] < ended[a.id]
+    static_passes = 24 + 3  # batch [A, B] runs to A's end, then [C, D]
+    assert batcher.stats.passes < static_passes
+    # both slots busy until C and D end (pass 1 to 6); A alone for the rest
+    assert batcher.stats.busy_slots == 2 * ended[d.id] + (batcher.stats.passes - ended[d.id])
+    engine = engine_for(path, micro_batch=None)
+    assert c.output_ids == alone(engine, reqs[2], greedy(3)) and a.output_ids == alone(engine, reqs[0], greedy(24))
+
+
+def test_cancel_frees_the_slot_for_the_next_request(tiny):
+    _, path = tiny("llama2-mha")
+    reqs = prompts(4)
+    batcher = ContinuousBatcher(engine_for(path, micro_batch=None), 1, 48, 64)
+    long, queued, dropped = (batcher.submit(reqs[0], greedy(30)), batcher.submit(reqs[2], greedy(5)),
+                             batcher.submit(reqs[1], greedy(5)))
+    for _ in range(3):
+        batcher.step()
+    assert batcher.active_slots == 1 and batcher.queue_length == 2 and len(long.output_ids) == 3
+    batcher.cancel(long)
+    batcher.cancel(dropped)
+    outs = batcher.step()
+    assert {o.request.id: o.finish_reason for o in outs if o.finished} == {long.id: "cancelled", dropped.id: "cancelled"}
+    assert queued.slot == 0 and batcher.queue_length == 0  # admitted into the freed slot this pass
+    while batcher.has_work():
+        batcher.step()
+    assert queued.output_ids == alone(engine_for(path, micro_batch=None), reqs[2], greedy(5))
+    assert len(long.output_ids) == 3 and dropped.output_ids == []
+
+
+def test_per_request_sampling_seed_eos_and_length(tiny):
+    """Greedy and seeded rows side by side: a seeded row draws what it draws alone; an EOS ends
+    a row (not returned); a row reaching the cache's end stops with 'length'."""
+    _, path = tiny("llama3-gqa-rope-scaling")
+    engine = engine_for(path, micro_batch=None)
+    reqs = prompts(5)
+    seeded = SamplingParams(max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=7, ignore_eos=True)
+    free_run = alone(engine, reqs[0], greedy(6))
+    eos = free_run[2]
+    batcher = ContinuousBatcher(engine, 3, 24, 8, eos_token_ids={eos})
+    g = batcher.submit(reqs[0], SamplingParams(max_new_tokens=6))
+    s = batcher.submit(reqs[2], seeded)
+    full = batcher.submit(reqs[3], greedy(50))  # 20 prompt tokens in 24 slots: 5 new tokens fit
+    while batcher.has_work():
+        batcher.step()
+    assert g.finish_reason == "stop" and g.output_ids == free_run[:free_run.index(eos)]
+    t = torch.tensor([reqs[2]])
+    assert s.output_ids == engine.generate(t, torch.ones_like(t), seeded, set(), 0).tokens[0]
+    assert full.finish_reason == "length" and len(full.output_ids) == 24 - 20 + 1
+
+
+class TagTokenizer:
+    """Each token id decodes to '<id>', so a stop string can name a token exactly."""
+    eos_token_ids = set()
+
+    def decode(self, ids):
+        return "".join(f"<{i}>" for i in ids)
+
+
+def test_stop_strings_end_a_row_and_are_cut_from_the_text(tiny):
+    _, path = tiny("opt")
+    engine = engine_for(path, micro_batch=None)
+    ids = prompts(7)[0]
+    free_run = alone(engine, ids, greedy(8))
+    stop = f"<{free_run[2]}>"
+    batcher = ContinuousBatcher(engine, 2, 32, tokenizer=TagTokenizer())
+    stopped = batcher.submit(ids, SamplingParams(max_new_tokens=8, stop=[stop]))
+    plain = batcher.submit(ids, SamplingParams(max_new_tokens=8))
+    while batcher.has_work():
+        batcher.step()
+    cut = free_run.index(free_run[2]) + 1
+    assert stopped.finish_reason == "stop" and stopped.output_ids == free_run[:cut]
+    assert stopped.text == TagTokenizer().decode(free_run[:cut]).split(stop)[0] and stop not in stopped.text
+    assert plain.finish_reason == "length" and plain.text == TagTokenizer().decode(free_run)
+
+
+def test_restart_after_a_failed_pass_gives_the_same_tokens(tiny):
+    _, path = tiny("opt")
+    engine = engine_for(path, micro_batch=None)
+    reqs, params = prompts(6), [greedy(n) for n in MAX_TOKENS]
+    batcher = ContinuousBatcher(engine, 3, 40, 8)
+    handles = [batcher.submit(ids, p) for ids, p in zip(reqs, params)]
+    for _ in range(5):
+        batcher.step()
+    engine.micro_batch_size = 2  # as a job does after running out of memory
+    batcher.restart()
+    while batcher.has_work():
+        batcher.step()
+    ref = [alone(engine_for(path, micro_batch=None), ids, p) for ids, p in zip(reqs, params)]
+    assert [h.output_ids for h in handles] == ref and len(batcher.parts) == 2
+
+
+def test_prompts_longer_than_a_slot_are_refused(tiny):
+    from offloadgen.errors import OffloadgenError
+    _, path = tiny("opt")
+    batcher = ContinuousBatcher(engine_for(path), 2, 10)
+    with pytest.raises(OffloadgenError, match="longer than the 10 tokens"):
+        batcher.submit(list(range(3, 14)), greedy(2))
+    with pytest.raises(OffloadgenError, match="no tokens"):
+        batcher.submit([], greedy(2))
