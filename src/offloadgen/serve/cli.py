@@ -73,6 +73,7 @@ def _listen(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
+        sock.listen(2048)  # connections made from now on wait in the backlog until uvicorn accepts them
     except OSError as e:
         raise OffloadgenError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)
@@ -80,13 +81,11 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _check_extras() -> None:
-    try:
-        import fastapi  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import sse_starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise OffloadgenError(f"offloadgen serve needs {e.name}: pip install 'offloadgen[serve]'") from None
+    import importlib.util
+    missing = [m for m in ("fastapi", "uvicorn", "sse_starlette", "prometheus_client")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise OffloadgenError(f"offloadgen serve needs {', '.join(missing)}: pip install 'offloadgen[serve]'")
 
 
 def _bus_seconds_per_pass(llm) -> float | None:
