@@ -245,6 +245,7 @@ def test_full_queue_answers_429_with_retry_after(server):
     (json.dumps({"model": MODEL, "prompt": "hi", "logprobs": 3}).encode(), 400, "logprobs"),
     (json.dumps({"model": "gpt-4o", "prompt": "hi"}).encode(), 404, "model"),
     (json.dumps({"prompt": "hi"}).encode(), 400, "model"),
+    (b'{"model": "x", "prompt": "' + b"a" * (33 << 20) + b'"}', 413, None),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, param):
     r = request(server, "POST", "/v1/completions", body)

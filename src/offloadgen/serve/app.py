@@ -121,8 +121,17 @@ def _add_error_handlers(app: FastAPI, ctx: ServeContext) -> None:
         return reply(ApiError(500, f"internal error: {type(e).__name__}", type="server_error"))
 
 
+MAX_BODY_BYTES = 32 << 20  # far above any prompt a context holds; a larger body is refused unread
+
+
 async def _json_body(request: Request):
-    raw = await request.body()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as e:
@@ -151,8 +160,12 @@ async def _create(ctx: ServeContext, kind: str, request: Request):
     handle = _submit(ctx, parsed)
     rid, created = new_id(kind), int(time.time())
     if parsed.stream:
+        async def client_gone(message):  # also covers a hang-up before the stream's first event
+            ctx.worker.cancel(handle)
+
         return EventSourceResponse(_stream(ctx, handle, parsed, rid, created), ping=15,
-                                   shutdown_grace_period=ctx.shutdown_grace_s + 1)
+                                   shutdown_grace_period=ctx.shutdown_grace_s + 1,
+                                   client_close_handler_callable=client_gone)
     try:
         text, reason, n_tokens = await _until_done_or_gone(ctx, handle, parsed, request)
     finally:
