@@ -12,6 +12,10 @@ work. Reported per mode: aggregate output tokens/s over the wall time of the run
 token (TTFT) and time per output token after the first (TPOT) percentiles, and the ratio to
 `generate`'s output tokens/s (its own figure, model loading excluded). Every request has a
 timeout and the whole run a deadline, so nothing hangs.
+
+While jobs run lines of equal sampling together (each batch shares one SamplingParams), Batch
+API lines that differ in max_tokens run in separate batches through `generate`: for a
+like-for-like comparison give a fixed output length (e.g. --output-len 128:128).
 """
 from __future__ import annotations
 

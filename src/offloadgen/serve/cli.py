@@ -88,12 +88,21 @@ def _check_extras() -> None:
         raise OffloadgenError(f"offloadgen serve needs {', '.join(missing)}: pip install 'offloadgen[serve]'")
 
 
-def _bus_seconds_per_pass(llm) -> float | None:
-    placement = getattr(llm.weights, "placement", None)
-    if llm.device.type != "cuda" or placement is None or not placement.streamed:
+def _bus_bandwidth(args) -> float | None:
+    """Host-to-device bytes/s, measured before the model takes the GPU's memory (the probe needs
+    a buffer of its own); None where no weights stream to a GPU."""
+    import torch
+    if not (args.cpu_offload or args.disk_offload) or args.device == "cpu" or not torch.cuda.is_available():
         return None
-    from ..plan import load_calibration
-    return placement.streamed_bytes / load_calibration().h2d_bytes_s
+    from ..bench.hardware import h2d_bandwidth
+    return h2d_bandwidth(torch.device("cuda"), nbytes=256 << 20)["best"]
+
+
+def _bus_seconds_per_pass(llm, bandwidth: float | None) -> float | None:
+    placement = getattr(llm.weights, "placement", None)
+    if bandwidth is None or placement is None or not placement.streamed:
+        return None
+    return placement.streamed_bytes / bandwidth
 
 
 def build_context(args):
@@ -109,6 +118,7 @@ def build_context(args):
         raise OffloadgenError("--slots must be at least 1 and --max-queue at least 0")
     checkpoint = open_checkpoint(args.model, dummy=args.dummy)
     max_len = min(args.max_seq_len or 4096, checkpoint.cfg.max_position)
+    bandwidth = _bus_bandwidth(args)
     llm = api.load(args.model, dummy=args.dummy, device=args.device, dtype=args.dtype,
                    micro_batch_size=args.micro_batch_size, quant_bits=args.quant_bits,
                    quant_group_size=args.quant_group_size, cpu_offload=args.cpu_offload, gpu_memory=args.gpu_memory,
@@ -118,7 +128,7 @@ def build_context(args):
                    offload_dir=args.offload_dir if args.disk_offload else None)
     chunk = {"prefill_chunk": args.prefill_chunk} if args.prefill_chunk else {}
     batcher = ContinuousBatcher(llm, slots=args.slots, max_len=max_len, **chunk)
-    metrics = ServeMetrics(args.slots, _bus_seconds_per_pass(llm))
+    metrics = ServeMetrics(args.slots, _bus_seconds_per_pass(llm, bandwidth))
     worker = Worker(batcher, args.slots, args.max_queue, metrics)
     ctx = ServeContext(worker, llm.tokenizer, metrics, _model_name(args), max_len,
                        api_key=args.api_key or os.environ.get("OFFLOADGEN_API_KEY") or None,
