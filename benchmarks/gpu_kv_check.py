@@ -6,7 +6,8 @@ import sys
 import torch
 from gpu_inputs import padded_batch
 
-from offloadgen.bench.hardware import cpu_attention_bandwidth, cpu_read_bandwidth
+from offloadgen.machine import cpu_read_bandwidth
+from offloadgen.offload.kv_cache import probe_cpu_attention_bandwidth as cpu_attention_bandwidth
 from offloadgen.checkpoint import DummyCheckpoint
 from offloadgen.engine import Engine
 from offloadgen.models import preset

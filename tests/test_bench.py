@@ -4,16 +4,20 @@ import re
 
 import pytest
 
-from offloadgen.bench.metrics import Metrics, log_filename
+from offloadgen.bench.metrics import log_filename
+from offloadgen.metrics import RunMetrics
 from offloadgen.cli import main
 
 
 def test_metric_formulas_are_the_references():
-    m = Metrics(batch=8, prompt_len=512, gen_len=32, prefill_latency=2.0, total_latency=10.0, peak_gpu_mem=0)
-    assert m.decode_latency == 8.0
+    m = RunMetrics.measured(batch=8, prompt_len=512, gen_len=32, prefill_s=2.0, total_s=10.0, peak_gpu_mem=0)
+    assert m.decode_latency_s == 8.0 and m.decode_step_s == 8.0 / 31
     assert m.prefill_throughput == 8 * 512 / 2.0
     assert m.decode_throughput == 8 * 31 / 8.0
     assert m.total_throughput == 8 * 32 / 10.0
+    both = RunMetrics.combined([m, RunMetrics.measured(8, 512, 32, 3.0, 12.0, 5)])  # two ranks as one run
+    assert both.batch == 16 and both.total_latency_s == 12.0 and both.peak_gpu_mem_bytes == 5
+    assert both.decode_throughput == m.decode_throughput + 8 * 31 / 9.0
 
 
 def test_log_file_names_follow_the_reference():

@@ -13,7 +13,7 @@ from offloadgen.errors import OffloadgenError
 from offloadgen.models import preset
 from offloadgen.offload.placement import GiB, disk_placement_on_cpu
 from offloadgen.offload.streaming import StreamingWeights
-from offloadgen.plan import check_host_memory
+from offloadgen.runtime import check_host_memory
 from offloadgen.quant import QuantConfig
 from offloadgen.sampling import SamplingParams
 

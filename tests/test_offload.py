@@ -33,7 +33,9 @@ def test_streamed_generation_equals_resident(tiny, variant, resident, depth):
     weights = StreamingWeights(ckpt, CPU, torch.float32, streamed_placement(ckpt.cfg, resident, depth), progress=False)
     out = Engine(ckpt.cfg, weights, CPU, torch.float32, micro_batch_size=2).generate(ids, mask, params, set(), 0)
     assert out.tokens == ref.tokens
-    assert torch.equal(out.last_logits, ref.last_logits)
+    # Not bit-equal: a streamed block's tensors are views into one flat buffer, and the CPU BLAS
+    # picks its kernel by alignment and strides, so the last bits of a sum may differ.
+    torch.testing.assert_close(out.last_logits, ref.last_logits, rtol=1e-6, atol=1e-6)
 
 
 def test_prefetch_schedule_runs_ahead_and_reuses_slots_in_order():

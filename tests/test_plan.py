@@ -5,7 +5,9 @@ from offloadgen.cli import main
 from offloadgen.errors import OffloadgenError
 from offloadgen.models import preset
 from offloadgen.offload.placement import GiB, plan_placement
-from offloadgen.plan import Calibration, check_host_memory, predict
+from offloadgen.machine import Calibration
+from offloadgen.plan import predict
+from offloadgen.runtime import check_host_memory
 
 
 def test_prediction_is_the_bus_time_when_the_bus_is_the_limit():
@@ -33,7 +35,7 @@ def test_host_memory_is_checked_before_loading():
 
 
 def test_plan_command_prints_the_table_and_the_largest_batch(capsys):
-    code = main(["plan", "facebook/opt-30b", "--dummy", "--gpu-memory", "16GiB", "--cpu-memory", "120GiB",
+    code = main(["plan", "facebook/opt-30b", "--dummy", "--cpu-offload", "--gpu-memory", "16GiB", "--cpu-memory", "120GiB",
                  "--h2d-bandwidth", "50GB", "--batch-sizes", "8,16,32"])
     out = capsys.readouterr().out
     assert code == 0
@@ -43,6 +45,6 @@ def test_plan_command_prints_the_table_and_the_largest_batch(capsys):
 
 
 def test_plan_refuses_when_nothing_fits(capsys):
-    assert main(["plan", "opt-175b", "--dummy", "--gpu-memory", "8GiB", "--cpu-memory", "64GiB",
+    assert main(["plan", "opt-175b", "--dummy", "--cpu-offload", "--gpu-memory", "8GiB", "--cpu-memory", "64GiB",
                  "--batch-sizes", "8", "--h2d-bandwidth", "50GB"]) == 2
     assert "nothing fits" in capsys.readouterr().out

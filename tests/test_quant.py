@@ -98,7 +98,7 @@ def test_dummy_quantized_generation_runs():
 
 
 def test_second_load_reads_quantized_blocks_from_the_cache(tiny, tmp_path, monkeypatch):
-    import offloadgen.offload.streaming as streaming
+    import offloadgen.offload.packed as packed
     monkeypatch.setenv("OFFLOADGEN_CACHE", str(tmp_path))
     _, path = tiny("llama2-mha")
     ckpt = SafetensorsFolder(path)
@@ -116,11 +116,11 @@ def test_second_load_reads_quantized_blocks_from_the_cache(tiny, tmp_path, monke
     def no_quantizing(*args, **kwargs):
         raise AssertionError("the second load quantized again")
 
-    monkeypatch.setattr(streaming, "quantize", no_quantizing)
+    monkeypatch.setattr(packed, "quantize", no_quantizing)
     second_w, second = run()
     assert second_w.timings["cached_blocks"] == ckpt.cfg.n_layers and second_w.timings["quantized_blocks"] == 0
     assert second.tokens == first.tokens and torch.equal(second.last_logits, first.last_logits)
     # another group size is another cache entry, not a wrong hit
-    monkeypatch.setattr(streaming, "quantize", quantize)
+    monkeypatch.setattr(packed, "quantize", quantize)
     other = StreamingWeights(ckpt, CPU, torch.float32, all_resident(ckpt.cfg), progress=False, quant=QuantConfig(4, 64))
     assert other.timings["quantized_blocks"] == ckpt.cfg.n_layers

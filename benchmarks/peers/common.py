@@ -7,7 +7,7 @@ import traceback
 import torch
 
 sys.path.insert(0, "src")
-from offloadgen.bench.metrics import Metrics  # noqa: E402
+from offloadgen.metrics import RunMetrics  # noqa: E402
 from offloadgen.models import preset  # noqa: E402
 
 PROMPT_IDS = [2, 32826, 16, 5, 812, 343, 9]  # "Paris is the capital city of" in OPT's vocabulary, after BOS
@@ -28,7 +28,7 @@ def parser(loops: int = 1, several_batches: bool = False):
     budget the comparison holds every system to: a peer that cannot be given one still records it,
     so that the report can tell which runs fit."""
     import argparse
-    from offloadgen.bench.cli import parse_bytes
+    from offloadgen.config import parse_bytes
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="opt-30b")
     if several_batches:
@@ -96,14 +96,11 @@ def time_generate(model, generate, loops: int):
 
 
 def record(system, args, prefill, total, peak, extra=None, json_file="peers.jsonl"):
-    m = Metrics(args.batch_size, args.prompt_len, args.gen_len, prefill, total, peak)
-    rec = {"system": system, "model": args.model, "batch_size": args.batch_size, "prompt_len": args.prompt_len,
+    m = RunMetrics.measured(args.batch_size, args.prompt_len, args.gen_len, prefill, total, peak)
+    rec = {"system": system, "model": args.model, "prompt_len": args.prompt_len,
            "gen_len": args.gen_len, "gpu_budget_bytes": getattr(args, "gpu_memory", None),
-           "quant_bits": getattr(args, "quant_bits", 16),
-           "prefill_latency_s": m.prefill_latency, "prefill_throughput": m.prefill_throughput,
-           "decode_latency_s": m.decode_latency, "decode_throughput": m.decode_throughput,
-           "decode_step_s": m.decode_step, "total_latency_s": m.total_latency,
-           "total_throughput": m.total_throughput, "peak_gpu_mem_bytes": peak, **(extra or {})}
+           "quant_bits": getattr(args, "quant_bits", 16), **m.as_record(), "batch_size": args.batch_size,
+           **(extra or {})}
     print(json.dumps(rec))
     with open(json_file, "a") as f:
         f.write(json.dumps(rec) + "\n")

@@ -11,11 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import open_checkpoint
-from .engine import Engine
+from .config import RunConfig
 from .errors import OffloadgenError
-from .models import parse_dtype
-from .offload import ResidentWeights
+from .runtime import Runtime, build_runtime
 from .sampling import SamplingParams
 
 
@@ -25,19 +23,6 @@ class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" or "length"
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device, cfg) -> torch.dtype:
-    if dtype != "auto":
-        return parse_dtype(dtype)
-    if device.type == "cpu":
-        return torch.float32  # half precision matmuls on CPUs are slow and less exact
-    stored = parse_dtype(cfg.dtype) if cfg.dtype in ("float16", "bfloat16") else torch.float16
-    return stored
 
 
 def encode_prompts(tokenizer, cfg, prompts: list[str], names: list | None = None) -> list[list[int]]:
@@ -54,26 +39,36 @@ def encode_prompts(tokenizer, cfg, prompts: list[str], names: list | None = None
 
 
 class LLM:
-    def __init__(self, checkpoint, device: torch.device, dtype: torch.dtype, weights=None,
-                 micro_batch_size: int | None = None, progress: bool = True, tokenizer=None,
-                 limits: tuple[int, int] | None = None, kv_offload=None):
-        self.limits = limits  # (max batch, max sequence length) the GPU placement was planned for
-        self.checkpoint = checkpoint
-        self.cfg = checkpoint.cfg
-        self.device = device
-        self.dtype = dtype
-        self.tokenizer = tokenizer or checkpoint.tokenizer()
-        self.weights = weights or ResidentWeights(checkpoint, device, dtype, progress=progress)
-        self.engine = Engine(self.cfg, self.weights, device, dtype, micro_batch_size, kv_offload=kv_offload)
-        self._batcher = None
+    """A loaded model: its runtime (runtime.Runtime) and generation over lists of prompts."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.plan = runtime.plan
+        self.checkpoint = runtime.checkpoint
+        self.cfg = runtime.checkpoint.cfg
+        self.device = runtime.plan.device
+        self.dtype = runtime.plan.dtype
+        self.tokenizer = runtime.tokenizer
+        self.weights = runtime.weights
+        self.engine = runtime.engine
+        self.limits = runtime.plan.limits  # (max batch, max sequence length) the GPU placement was planned for
+        self._batcher = None  # the continuous batcher, kept while it fits (its cache is made once)
+
+    def shrink_micro_batch(self, rows: int) -> int:
+        """Halve the rows per layer pass of a batch of `rows` (after running out of GPU memory): the
+        placement, planned for larger micro-batches, stays valid for smaller ones. Returns the new size."""
+        current = self.engine.micro_batch_size or rows
+        if current <= 1:
+            raise OffloadgenError("out of GPU memory even with micro-batches of 1 prompt; lower "
+                                  "--batch-size or --max-new-tokens, or free GPU memory")
+        self.engine.micro_batch_size = max(1, current // 2)
+        return self.engine.micro_batch_size
 
     def close(self) -> None:
         """Stop the weight source's threads, unpin its memory and the KV cache's. A streamed model
         holds threads and page-locked memory until this is called (or the process ends)."""
         self._batcher = None
-        self.engine.close()
-        if hasattr(self.weights, "close"):
-            self.weights.close()
+        self.runtime.close()
 
     def __enter__(self) -> "LLM":
         return self
@@ -159,88 +154,30 @@ class LLM:
         return completions
 
 
-def place_weights(checkpoint, device: torch.device, dtype: torch.dtype, *, cpu_offload: bool = False,
-                  gpu_memory: int | None = None, pin_memory: bool = True, max_batch_size: int = 16,
-                  max_seq_len: int | None = None, micro_batch_size: int | None = None, quant_bits: int = 16,
-                  quant_group_size: int = 64, progress: bool = True, kv_offload=None, offload_dir: str | None = None):
-    """The weight source for a run: resident, quantized, or streamed from CPU memory under a GPU
-    budget planned for `max_batch_size` sequences of `max_seq_len` tokens; with kv_offload (a
-    KVOffload) the KV cache is planned in CPU memory; with offload_dir the streamed weights are
-    read from disk there instead of held in RAM. Returns (weights, limits, kv_offload resolved)."""
-    from .offload.placement import all_resident, plan_placement
-    from .offload.streaming import StreamingWeights
-    from .plan import check_host_memory
-    from .quant import QuantConfig
-    cfg = checkpoint.cfg
-    quant = QuantConfig(quant_bits, quant_group_size) if quant_bits != 16 else None
-    cpu_offload = cpu_offload or offload_dir is not None
-    if offload_dir is not None and device.type != "cuda":  # a CPU run: layers stream from disk into RAM buffers
-        from .offload.placement import disk_placement_on_cpu
-        placement = disk_placement_on_cpu(cfg, 1, torch.empty((), dtype=dtype).element_size())
-        placement.bytes["weights_on_disk"] = True
-        return (StreamingWeights(checkpoint, device, dtype, placement, progress=progress, quant=quant,
-                                 offload_dir=offload_dir), None, kv_offload)
-    if (cpu_offload or kv_offload is not None) and device.type == "cuda":
-        from .bench.run import default_budget
-        max_len = min(max_seq_len or cfg.max_position, cfg.max_position)
-        elem = torch.empty((), dtype=dtype).element_size()
-        budget = gpu_memory or default_budget(device)
-        if kv_offload is not None:
-            from .bench.hardware import h2d_bandwidth
-            from .offload.placement import plan_kv_offload
-            placement, kv_offload, _ = plan_kv_offload(cfg, elem, budget, max_batch_size, max_len, 0, micro_batch_size,
-                                                       1, quant, kv_offload, h2d_bandwidth(device)["best"], dtype,
-                                                       offload=cpu_offload)
-        else:
-            placement = plan_placement(cfg, elem, budget, max_batch_size, max_len, 0, micro_batch_size, offload=True,
-                                       quant=quant)
-        if offload_dir is not None:
-            placement.bytes["weights_on_disk"] = True
-        check_host_memory(placement, quantized=quant is not None)
-        if placement.streamed or quant is not None:
-            weights = StreamingWeights(checkpoint, device, dtype, placement, pinned=pin_memory, progress=progress,
-                                       quant=quant, offload_dir=offload_dir)
-        else:
-            weights = ResidentWeights(checkpoint, device, dtype, progress=progress)
-        return weights, (max_batch_size, max_len), kv_offload
-    if cpu_offload:
-        raise OffloadgenError("--cpu-offload streams weights to a GPU; this run is on the CPU, where the "
-                              "weights already are (drop --cpu-offload)")
-    if quant is not None:
-        return (StreamingWeights(checkpoint, device, dtype, all_resident(cfg), progress=progress, quant=quant), None,
-                kv_offload)
-    return ResidentWeights(checkpoint, device, dtype, progress=progress), None, kv_offload
-
-
-def load(model: str | None = None, *, dummy: bool = False, device: str | torch.device | None = None,
-         dtype: str | torch.dtype = "auto", micro_batch_size: int | None = None, progress: bool = True,
-         quant_bits: int = 16, quant_group_size: int = 64, tokenizer=None, cpu_offload: bool = False,
-         gpu_memory: int | None = None, pin_memory: bool = True, max_batch_size: int = 16,
-         max_seq_len: int | None = None, kv_offload: bool = False, pin_kv_cache: bool = True,
-         async_kv_offload: bool = True, kv_attention: str = "auto", offload_dir: str | None = None) -> LLM:
+def load(model: str | None = None, *, tokenizer=None, offload_dir: str | None = None, config: RunConfig | None = None,
+         checkpoint=None, world=None, **settings) -> LLM:
     """Load a model folder, a GGUF file, a preset (dummy=True), or the embedded default (None).
 
-    quant_bits 4 or 8 stores the decoder layers' linear weights group-wise quantized and
-    dequantizes each layer just before it runs. cpu_offload keeps weights in CPU memory and
-    streams them to the GPU layer by layer, with the layers that fit `gpu_memory` (bytes) kept
-    resident; the placement is planned for `max_batch_size` prompts of `max_seq_len` tokens.
-    kv_offload keeps the KV cache in CPU memory (pinned, written back asynchronously by default),
-    with decode attention on the CPU, the GPU, or split between them (kv_attention). offload_dir
-    keeps the streamed weights on disk there (written once), for models larger than CPU RAM."""
-    from .offload.kv_cache import KVOffload
-    checkpoint = open_checkpoint(model, dummy=dummy)
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise OffloadgenError("device 'cuda' asked for, but this machine has no CUDA GPU")
-    dtype = resolve_dtype(dtype, device, checkpoint.cfg)
-    kv = KVOffload(pinned=pin_kv_cache, async_write=async_kv_offload, attention=kv_attention) if kv_offload else None
-    weights, limits, kv = place_weights(checkpoint, device, dtype, cpu_offload=cpu_offload, gpu_memory=gpu_memory,
-                                        pin_memory=pin_memory, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                                        micro_batch_size=micro_batch_size, quant_bits=quant_bits,
-                                        quant_group_size=quant_group_size, progress=progress, kv_offload=kv,
-                                        offload_dir=offload_dir)
-    return LLM(checkpoint, device, dtype, weights=weights, micro_batch_size=micro_batch_size, progress=progress,
-               tokenizer=tokenizer, limits=limits, kv_offload=kv)
+    `settings` are RunConfig's fields (config.py says what each does), e.g.
+        load("opt-30b", dummy=True, cpu_offload=True, gpu_memory=16 << 30, max_batch_size=16, quant_bits=4)
+        load("opt-30b", dummy=True, cpu_offload=True, kv_offload=True, max_batch_size=64, micro_batch_size=8)
+    quant_bits 4 or 8 stores the decoder layers' linear weights group-wise quantized; cpu_offload
+    streams weights from CPU RAM to the GPU, keeping resident what fits gpu_memory, planned for
+    max_batch_size prompts of max_seq_len tokens; kv_offload keeps the KV cache in CPU RAM;
+    offload_dir (or disk_offload=True) keeps the streamed weights on disk there. A command that
+    has already opened the checkpoint (to check its input first) or joined torchrun's process
+    group passes them in."""
+    if offload_dir is not None:
+        settings.update(disk_offload=True, offload_dir=offload_dir)
+    for key in ("device", "dtype"):  # torch.device / torch.dtype objects are welcome too
+        if settings.get(key) is not None and not isinstance(settings[key], str):
+            settings[key] = str(settings[key]).replace("torch.", "")
+    try:
+        config = (config or RunConfig()).replace(model=model if model is not None else (config and config.model),
+                                                 **settings)
+    except TypeError as e:
+        raise OffloadgenError(f"load(): {e} (settings are RunConfig's fields)") from None
+    return LLM(build_runtime(config, world, checkpoint=checkpoint, tokenizer=tokenizer))
 
 
 def generate(llm: LLM, prompts: list[str] | str, sampling: SamplingParams | None = None) -> list[Completion]:

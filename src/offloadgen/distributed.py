@@ -91,10 +91,14 @@ def device_for(world: World, device: torch.device) -> torch.device:
 def local_rows(batch: int, world: World) -> slice:
     """This rank's contiguous slice of the batch; the batch must divide evenly."""
     if batch % world.size:
-        raise OffloadgenError(f"batch size {batch} does not divide by the world size {world.size}: each rank takes "
-                              f"an equal share; use a multiple of {world.size} (e.g. {batch + world.size - batch % world.size})")
+        raise OffloadgenError(uneven_batch_message(batch, world.size))
     share = batch // world.size
     return slice(world.rank * share, (world.rank + 1) * share)
+
+
+def uneven_batch_message(batch: int, ranks: int) -> str:
+    return (f"batch size {batch} does not divide by the world size {ranks}: each rank takes an equal share; "
+            f"use a multiple of {ranks} (e.g. {batch + ranks - batch % ranks})")
 
 
 def gather(obj, world: World) -> list:
@@ -109,18 +113,6 @@ def gather(obj, world: World) -> list:
 def barrier(world: World) -> None:
     if world.active:
         dist.barrier()
-
-
-def combine_metrics(per_rank: list[dict]) -> dict:
-    """Rank 0's view of a run: throughput summed over ranks, latencies the slowest rank's, peak
-    memory the largest."""
-    out = dict(per_rank[0])
-    for k in ("prefill_latency_s", "decode_latency_s", "total_latency_s", "decode_step_s"):
-        out[k] = max(r[k] for r in per_rank)
-    for k in ("prefill_throughput", "decode_throughput", "total_throughput"):
-        out[k] = sum(r[k] for r in per_rank)
-    out["peak_gpu_mem_bytes"] = max(r["peak_gpu_mem_bytes"] for r in per_rank)
-    return out
 
 
 def relaunch(argv: list[str], nproc: int) -> int:

@@ -15,6 +15,7 @@ from .errors import OffloadgenError
 from .models import blocks, family_of
 from .models.layers import StepInputs
 from .offload.kv_cache import KVCache, KVOffload, OffloadedKVCache
+from .offload.weights import WeightSource
 from .sampling import SamplingParams, sample
 
 
@@ -38,7 +39,7 @@ class GenerationOutput:
 
 
 class Engine:
-    def __init__(self, cfg, weights, device: torch.device, dtype: torch.dtype, micro_batch_size: int | None = None,
+    def __init__(self, cfg, weights: WeightSource, device: torch.device, dtype: torch.dtype, micro_batch_size: int | None = None,
                  kv_offload: KVOffload | None = None):
         self.cfg = cfg
         self.kv_offload = kv_offload
@@ -82,8 +83,7 @@ class Engine:
         except BaseException:
             # A pass that stops midway leaves a streaming source mid-schedule; put it back at the start
             # so that a retry (e.g. with smaller micro-batches after running out of memory) works.
-            if hasattr(self.weights, "reset"):
-                self.weights.reset()
+            self.weights.reset()
             raise
 
     def _forward(self, ids: torch.Tensor, steps: list[StepInputs], cache: KVCache) -> torch.Tensor:
@@ -97,8 +97,7 @@ class Engine:
         try:
             out = self._run(batches, cache)
         except BaseException:
-            if hasattr(self.weights, "reset"):  # as in forward
-                self.weights.reset()
+            self.weights.reset()  # as in forward
             raise
         return [None if x is None else x[:, -1].float() for x in out]
 

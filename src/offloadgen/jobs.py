@@ -177,7 +177,9 @@ def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, ba
     if out_path.resolve() == src.resolve():
         raise OffloadgenError("--output must not be the --input file")
     done = read_done(out_path)
-    items = [parse_input_line(text, n, llm.tokenizer, llm.cfg.max_position, sampling)
+    # the GPU memory may be planned for shorter sequences than the model's context
+    limit = min(llm.cfg.max_position, llm.limits[1]) if llm.limits else llm.cfg.max_position
+    items = [parse_input_line(text, n, llm.tokenizer, limit, sampling)
              for n, text in enumerate(lines, 1) if text.strip() and n not in done]
     summary = JobSummary(total=sum(1 for t in lines if t.strip()), skipped=len(done))
     stop = {}
@@ -233,13 +235,9 @@ def _generate_with_retry(llm, prompts, sampling, summary):
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
-            current = llm.engine.micro_batch_size or len(prompts)
-            if current <= 1:
-                raise OffloadgenError("out of GPU memory even with micro-batches of 1 prompt; lower "
-                                      "--batch-size or --max-new-tokens, or free GPU memory") from None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            llm.engine.micro_batch_size = max(1, current // 2)
+            llm.shrink_micro_batch(len(prompts))
             summary.retries.append(llm.engine.micro_batch_size)
             print(f"offloadgen: out of GPU memory; retrying the batch with micro-batches of "
                   f"{llm.engine.micro_batch_size}", file=sys.stderr)

@@ -1,5 +1,7 @@
 """`offloadgen plan`: before any weight is loaded, where everything would go and how fast a decode
-step would be, for a range of batch sizes (DESIGN.md's model with this machine's bandwidths).
+step would be, for a range of batch sizes (the step model of docs/performance.md, with this
+machine's bandwidths). Each row is runtime.plan_run with the same settings a run would use, so the
+placement shown is the placement a run gets.
 
     step = max(streamed bytes / host-to-device bandwidth,
                GPU memory traffic / device memory bandwidth) + per-layer launch overhead
@@ -9,130 +11,54 @@ quantized, the dequantized copy written and read), and the KV cache read once.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
+from .config import RunConfig
 from .errors import OffloadgenError
+from .machine import Calibration, GiB
 from .models import block_nbytes, blocks, param_count
-from .offload.placement import GiB, plan_placement
+from .runtime import plan_run
 
 LAUNCH_OVERHEAD_S = 40e-6  # per layer and micro-batch: a dozen kernel launches from Python
 
 
-@dataclass
-class Calibration:
-    h2d_bytes_s: float
-    device_bytes_s: float
-    source: str
-
-
-def calibration_file() -> Path:
-    from .checkpoint.gguf import cache_root
-    return cache_root() / "calibration.json"
-
-
-def measure_calibration(device: torch.device) -> Calibration:
-    from .bench.hardware import h2d_bandwidth
-    h2d = h2d_bandwidth(device)["best"]
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    torch.cuda.synchronize(device)
-    dev = 2 * 10 * a.numel() / (time.perf_counter() - t0)  # bytes read + written
-    del a, b
-    torch.cuda.empty_cache()
-    cal = Calibration(h2d, dev, f"measured on {torch.cuda.get_device_name(device)} at {time.strftime('%Y-%m-%d %H:%M')}")
-    try:
-        calibration_file().parent.mkdir(parents=True, exist_ok=True)
-        calibration_file().write_text(json.dumps(asdict(cal)))
-    except OSError:
-        pass
-    return cal
-
-
-def load_calibration(h2d_override: float | None = None) -> Calibration:
-    if torch.cuda.is_available():
-        cal = measure_calibration(torch.device("cuda"))
-    elif calibration_file().is_file():
-        cal = Calibration(**json.loads(calibration_file().read_text()))
-        cal.source = f"{calibration_file()} ({cal.source})"
-    else:
-        cal = Calibration(25e9, 2e12, "assumed: PCIe Gen4 x16 and 2 TB/s device memory (no GPU here, no calibration "
-                                      "file; run `offloadgen plan` once on the GPU machine to measure)")
-    if h2d_override:
-        cal = Calibration(h2d_override, cal.device_bytes_s, "given with --h2d-bandwidth")
-    return cal
-
-
-def meminfo(field: str) -> int | None:
-    """A field of /proc/meminfo in bytes (None where there is no such file)."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def available_host_memory() -> int:
-    """MemAvailable from /proc/meminfo (what can be allocated without swapping)."""
-    available = meminfo("MemAvailable")
-    return available if available is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def check_host_memory(placement, available: int | None = None, quantized: bool = False) -> None:
-    """Streamed blocks (and an offloaded KV cache) live in CPU RAM: refuse before loading if they
-    cannot fit."""
-    kv = placement.bytes.get("kv_host", 0)
-    weights = 0 if placement.bytes.get("weights_on_disk") else placement.streamed_bytes
-    need = weights + kv + GiB  # and a little for buffers and Python
-    available = available if available is not None else available_host_memory()
-    if need > available:
-        if kv:
-            raise OffloadgenError(f"the offloaded KV cache needs {kv / GiB:.1f} GiB of CPU RAM and the streamed weights "
-                                  f"{weights / GiB:.1f} GiB, {need / GiB:.1f} GiB in all; {available / GiB:.1f} GiB is "
-                                  f"available: lower the batch size, or the prompt or generation length")
-        hint = "" if quantized else "quantize (--quant-bits 4), "
-        raise OffloadgenError(f"the streamed weights need {need / GiB:.1f} GiB of CPU RAM, {available / GiB:.1f} GiB "
-                              f"is available: {hint}give the GPU a larger budget, or free memory")
-
-
 def predict(cfg, placement, batch: int, micro_batch: int | None, prompt_len: int, gen_len: int, elem: int,
-            quant, cal: Calibration) -> dict:
+            quant, cal: Calibration, kv_model: dict | None = None) -> dict:
+    """The predicted decode step. With the KV cache in CPU memory, the bus also carries the cache
+    of the micro-batches that attend on the GPU, and the CPU reads the rest (kv_model, from
+    plan_kv_offload); the step is the longer of the two."""
     n_micro = math.ceil(batch / (micro_batch or batch))
     dense = sum(block_nbytes(cfg, b, elem) for b in blocks(cfg) if isinstance(b, int))
     traffic = dense * n_micro + (2 * dense if quant is not None else 0) + placement.bytes["kv_cache"]
     bus = placement.streamed_bytes / cal.h2d_bytes_s
+    cpu = 0.0
+    if kv_model and kv_model.get("predicted_bus_s") is not None:
+        bus, cpu = kv_model["predicted_bus_s"], kv_model["predicted_cpu_attention_s"]
     gpu = traffic / cal.device_bytes_s
-    step = max(bus, gpu) + cfg.n_layers * n_micro * LAUNCH_OVERHEAD_S
-    return {"step_s": step, "bus_s": bus, "gpu_s": gpu, "bound": "bus" if bus >= gpu else "GPU memory",
-            "tokens_s": batch / step}
+    step = max(bus, gpu, cpu) + cfg.n_layers * n_micro * LAUNCH_OVERHEAD_S
+    bound = "bus" if bus >= max(gpu, cpu) else "CPU attention" if cpu >= gpu else "GPU memory"
+    return {"step_s": step, "bus_s": bus, "gpu_s": gpu, "cpu_s": cpu, "bound": bound, "tokens_s": batch / step}
 
 
-def plan_table(cfg, budget: int, batches: list[int], prompt_len: int, gen_len: int, elem: int, quant,
-               micro_batch: int | None, cal: Calibration, host_available: int, offload: bool = True) -> list[dict]:
+def plan_table(config: RunConfig, model_cfg, batches: list[int], cal: Calibration, host_available: int) -> list[dict]:
+    """One row per batch size: the run's plan (or why it cannot run) and its predicted step."""
+    device = torch.device(config.device or "cuda")  # planned for a GPU even where there is none
     rows = []
     for batch in batches:
         row = {"batch": batch}
         try:
-            p = plan_placement(cfg, elem, budget, batch, prompt_len, gen_len, micro_batch, offload=offload, quant=quant)
-            check_host_memory(p, host_available, quantized=quant is not None)
+            plan = plan_run(config.replace(max_batch_size=batch), model_cfg, device, h2d_bytes_s=cal.h2d_bytes_s,
+                            host_available=host_available)
         except OffloadgenError as e:
             row["error"] = str(e)
             rows.append(row)
             continue
-        row.update(placement=p, **predict(cfg, p, batch, micro_batch, prompt_len, gen_len, elem, quant, cal))
+        elem = torch.empty((), dtype=plan.dtype).element_size()
+        row.update(placement=plan.placement, kv=plan.kv_model,
+                   **predict(model_cfg, plan.placement, batch, config.micro_batch_size, plan.max_prompt_len,
+                             plan.max_seq_len - plan.max_prompt_len, elem, plan.quant, cal, plan.kv_model))
         rows.append(row)
     return rows
 
@@ -150,8 +76,9 @@ def print_plan(cfg, name: str, rows: list[dict], cal: Calibration, budget: int, 
             print(f"{r['batch']:5d}  does not fit: {r['error']}", file=out)
             continue
         p = r["placement"]
+        kv = f"{p.bytes['kv_host'] / GiB:5.1f}C" if "kv_host" in p.bytes else f"{p.bytes['kv_cache'] / GiB:6.2f}"
         print(f"{r['batch']:5d} {len(p.resident):8d} {len(p.streamed):8d} {p.streamed_bytes / 1e9:8.2f} "
-              f"{p.bytes['kv_cache'] / GiB:7.2f} {r['step_s']:7.3f} {r['bound']:>10s} {r['tokens_s']:9.2f}", file=out)
+              f"{kv:>7s} {r['step_s']:7.3f} {r['bound']:>10s} {r['tokens_s']:9.2f}", file=out)
     fits = [r["batch"] for r in rows if "error" not in r]
     if fits:
         best = max((r for r in rows if "error" not in r), key=lambda r: r["tokens_s"])
@@ -159,3 +86,5 @@ def print_plan(cfg, name: str, rows: list[dict], cal: Calibration, budget: int, 
               file=out)
     else:
         print("nothing fits: lower the batch size or prompt length, quantize, or raise --gpu-memory", file=out)
+    if any("kv_host" in r["placement"].bytes for r in rows if "error" not in r):
+        print("KV GiB ending in C: the cache in CPU RAM (--kv-offload)", file=out)

@@ -67,6 +67,7 @@ class BatcherStats:
     busy_slots: int = 0  # summed over passes: slots holding a request
     decode_rows: int = 0  # summed over passes: rows that decoded
     context_tokens: int = 0  # summed over passes and decoding rows: the row's length
+    attended_tokens: int = 0  # the same, but the longest row's length in the row's part: what attention reads
     prompt_tokens: int = 0  # prefilled
     output_tokens: int = 0
 
@@ -86,6 +87,10 @@ class BatcherStats:
     @property
     def mean_context(self) -> float:
         return self.context_tokens / self.decode_rows if self.decode_rows else 0.0
+
+    @property
+    def attended_context(self) -> float:
+        return self.attended_tokens / self.decode_rows if self.decode_rows else 0.0
 
 
 class ContinuousBatcher:
@@ -171,7 +176,7 @@ class ContinuousBatcher:
         s = self.stats
         return {"passes": s.passes, "pass_s": s.mean_pass_s, "slot_occupancy": s.slot_occupancy,
                 "decode_occupancy": s.decode_occupancy, "mean_context": s.mean_context,
-                "queue_length": self.queue_length, "active_slots": self.active_slots,
+                "attended_context": s.attended_context, "queue_length": self.queue_length, "active_slots": self.active_slots,
                 "prompt_tokens": s.prompt_tokens, "output_tokens": s.output_tokens}
 
     # -- the device thread --------------------------------------------------------------------------
@@ -189,6 +194,7 @@ class ContinuousBatcher:
         batches += [self._chunk_batch(*c) for c in chunks]
         logits = self.engine.run_pass(batches, self.cache)
         context = sum(self.lengths[s] + 1 for s in decode)
+        attended = sum(batches[j].step.end for _, j in logit_of)
         for s in decode:
             self.lengths[s] += 1  # the token fed this pass is in the cache now
         ready = [(s, logits[j][s - self.parts[self.part_of(s)].start]) for s, j in logit_of]
@@ -204,6 +210,7 @@ class ContinuousBatcher:
         s.busy_slots += busy
         s.decode_rows += len(decode)
         s.context_tokens += context
+        s.attended_tokens += attended
         s.prompt_tokens += sum(end - start for _, start, end in chunks)
         return outputs
 

@@ -9,10 +9,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Protocol
+
+import torch
 
 from ..errors import OffloadgenError
 from .dummy import DummyCheckpoint
 from .safetensors_folder import SafetensorsFolder
+
+
+class Checkpoint(Protocol):
+    """What every reader offers the rest of the package."""
+    cfg: object  # the family's config dataclass
+    path: Path | None  # the folder the weights are read from (None: made up)
+
+    def read_block(self, block, dtype: torch.dtype) -> dict[str, torch.Tensor]: ...
+
+    def tokenizer(self): ...
 
 
 def embedded_default_gguf() -> Path | None:

@@ -38,6 +38,8 @@ def fill_dummy(out: torch.Tensor, name: str) -> torch.Tensor:
 
 
 class DummyCheckpoint:
+    path = None  # no files: nothing to cache quantized blocks for, nothing to fingerprint
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.family = family_of(cfg)

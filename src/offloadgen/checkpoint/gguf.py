@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import OffloadgenError
+from ..machine import cache_root
 
 CONVERTER_VERSION = 1
 SHARD_BYTES = 2 << 30
@@ -33,10 +34,6 @@ _LAYER_NAMES = {
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
 SUPPORTED_ARCHS = ("llama", "qwen2")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("OFFLOADGEN_CACHE", Path.home() / ".cache" / "offloadgen"))
 
 
 def convert_gguf(path: Path) -> Path:

@@ -5,6 +5,6 @@ finished with it (`done`). ResidentWeights keeps every block on the device; the 
 keeps them in CPU memory and copies ahead of use. Nothing else in the engine changes between them.
 """
 from .kv_cache import KVCache
-from .weights import ResidentWeights
+from .weights import ResidentWeights, WeightSource
 
-__all__ = ["KVCache", "ResidentWeights"]
+__all__ = ["KVCache", "ResidentWeights", "WeightSource"]

@@ -44,7 +44,7 @@ def aligned_buffer(nbytes: int) -> torch.Tensor:
 def checkpoint_identity(checkpoint) -> tuple[str, str]:
     """(readable name, identity) of where the weights come from: a folder's path with its files'
     sizes and modification times, or a dummy model's config."""
-    path = getattr(checkpoint, "path", None)
+    path = checkpoint.path
     if path is not None:
         files = sorted(p for p in Path(path).iterdir() if p.is_file())
         stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
@@ -179,9 +179,3 @@ class DiskStore:
 def _drop_from_page_cache(fd: int) -> None:
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def page_cache_bytes() -> int | None:
-    """The kernel's page cache size (Cached in /proc/meminfo), to show reads did not land in it."""
-    from ..plan import meminfo
-    return meminfo("Cached")

@@ -426,3 +426,24 @@ class OffloadedLayerKV:
             return c.attend_on_cpu(self.i, self.part, q, k, v, step, mask, scale)
         return c.attend_on_device(self.i, self.part, q, k, v, step, mask, scale)
 
+
+def probe_cpu_attention_bandwidth(batch: int, kv_heads: int, q_heads: int, head_dim: int, seq: int,
+                            dtype: torch.dtype = torch.float16, repeats: int = 3) -> float:
+    """Cache bytes/s that decode attention computed on the CPU gets through, on a cache laid out
+    as the offloaded KV cache lays it out (slot-major), for one micro-batch of `batch` rows. The
+    cache is sized past the last-level cache and several layers are cycled so that reads hit RAM."""
+    per_layer = 2 * seq * batch * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    layers = max(2, min(16, (1 << 30) // max(per_layer, 1)))
+    k = [torch.randn(seq, batch, kv_heads, head_dim).to(dtype).permute(1, 2, 0, 3) for _ in range(layers)]
+    v = [torch.randn(seq, batch, kv_heads, head_dim).to(dtype).permute(1, 2, 0, 3) for _ in range(layers)]
+    q = torch.randn(batch, q_heads, 1, head_dim).to(dtype)
+    mask = torch.zeros(batch, 1, q_heads // kv_heads, seq, dtype=dtype)
+    for i in range(layers):
+        sdpa(q, k[i], v[i], mask)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(layers):
+            sdpa(q, k[i], v[i], mask)
+        best = min(best, time.perf_counter() - t0)
+    return layers * per_layer / best

@@ -65,6 +65,11 @@ class _HostPointer:
 _zero_copy_ok: bool | None = None  # unknown until first tried
 
 
+def zero_copy_used() -> bool | None:
+    """Whether attention outputs return to the GPU through the zero-copy kernel (None: not tried)."""
+    return _zero_copy_ok
+
+
 def to_device_zero_copy(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small pinned host tensor on the GPU, read by a kernel instead of a copy engine.
 

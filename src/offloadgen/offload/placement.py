@@ -13,6 +13,7 @@ import torch
 
 from ..errors import OffloadgenError
 from ..models import block_nbytes, blocks, family_of, shared_nbytes
+from .packed import PackedBlock
 
 GiB = 1 << 30
 
@@ -72,7 +73,6 @@ def block_sizes(cfg, elem_bytes: int, quant=None) -> tuple[dict, int]:
     dequantized layers need on the device."""
     if quant is None:
         return {b: block_nbytes(cfg, b, elem_bytes) for b in blocks(cfg)}, 0
-    from .streaming import PackedBlock
     dtype = {2: torch.float16, 4: torch.float32}[elem_bytes]
     fam = family_of(cfg)
     layouts = {b: PackedBlock(b, {k: s for k, (_, s) in fam.block_tensors(cfg, b).items()}, dtype, quant)
@@ -162,9 +162,9 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
     from .kv_cache import gpu_fraction
     rows = micro_batch or batch
     if cpu_attention_bytes_s is None and h2d_bytes_s and opts.attention == "auto" and opts.gpu_fraction is None:
-        from ..bench.hardware import cpu_attention_bandwidth
+        from .kv_cache import probe_cpu_attention_bandwidth
         heads, head_dim = family_of(cfg).kv_heads(cfg)
-        cpu_attention_bytes_s = cpu_attention_bandwidth(rows, heads, cfg.n_heads, head_dim, prompt_len + gen_len, dtype)
+        cpu_attention_bytes_s = probe_cpu_attention_bandwidth(rows, heads, cfg.n_heads, head_dim, prompt_len + gen_len, dtype)
     n_parts = -(-batch // rows)
     first = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
                            offload=offload, kv_on_gpu=False, quant=quant)

@@ -15,7 +15,6 @@ one through a pinned buffer: no slow pinning at start-up, at the price of a CPU 
 from __future__ import annotations
 
 import collections
-import math
 import queue
 import sys
 import threading
@@ -26,83 +25,17 @@ from tqdm import tqdm
 
 from ..errors import OffloadgenError
 from ..models import family_of
-from ..quant import QuantConfig, QuantizedTensor, dequantize, is_quantized_tensor, quantize
+from ..quant import QuantConfig
+from .packed import ALIGN, PackedBlock
 from .pinned import copy_in_chunks, pin_tensors, unpin_tensors
 from .weights import load_resident_block
 
-ALIGN = 256  # bytes: keeps every tensor view aligned for vectorised kernels
-
-
-class PackedBlock:
-    """One block's tensors laid out in a single flat byte buffer.
-
-    A 16-bit tensor is one entry; a quantized one is three (packed values, scales, minimums) and
-    is turned back into dense weights by `dense`, into a workspace shared by all blocks.
-    """
-
-    def __init__(self, block, shapes: dict[str, tuple], dtype: torch.dtype, quant: QuantConfig | None = None):
-        self.block, self.dtype, self.quant = block, dtype, quant
-        self.entries: dict[str, tuple[int, torch.dtype, tuple]] = {}
-        self.quantized: dict[str, tuple] = {}
-        pos = 0
-
-        def add(key, dt, shape):
-            nonlocal pos
-            self.entries[key] = (pos, dt, tuple(shape))
-            pos += -(-math.prod(shape) * _elem(dt) // ALIGN) * ALIGN
-
-        for local, shape in shapes.items():
-            if quant is not None and is_quantized_tensor(block, local, shape):
-                self.quantized[local] = tuple(shape)
-                for part, pshape in quant.packed_shapes(shape).items():
-                    add(f"{local}.{part}", torch.uint8 if part == "packed" else torch.float16, pshape)
-            else:
-                add(local, dtype, shape)
-        self.nbytes = pos
-        self.dense_numel = sum(math.prod(s) for s in self.quantized.values())
-
-    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {key: flat[off:off + math.prod(shape) * _elem(dt)].view(dt).view(shape)
-                for key, (off, dt, shape) in self.entries.items()}
-
-    def encode(self, tensors: dict[str, torch.Tensor], quant_device: torch.device) -> dict[str, torch.Tensor]:
-        """A block's 16-bit tensors as this layout's entries, quantizing where the layout says so."""
-        parts = {}
-        for local, t in tensors.items():
-            if local in self.quantized:
-                qt = quantize(t.to(quant_device), self.quant)
-                for part in ("packed", "scale", "min"):
-                    parts[f"{local}.{part}"] = getattr(qt, part)
-            else:
-                parts[local] = t
-        return parts
-
-    def write(self, flat: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
-        views = self.views(flat)
-        for key, t in parts.items():
-            views[key].copy_(t)
-
-    def dense(self, flat: torch.Tensor, workspace: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        views = self.views(flat)
-        out, pos = {}, 0
-        for key, t in views.items():
-            local = key.rsplit(".", 1)[0]
-            if local in self.quantized and key.endswith(".packed"):
-                shape = self.quantized[local]
-                n = math.prod(shape)
-                qt = QuantizedTensor(t, views[local + ".scale"], views[local + ".min"], shape, self.quant)
-                out[local] = dequantize(qt, self.dtype, out=workspace[pos:pos + n].view(shape))
-                pos += n
-            elif local not in self.quantized:
-                out[key] = t
-        return out
-
-
-def _elem(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
 
 class StreamingWeights:
+    """The streaming weight source (weights.WeightSource). Start-up has four steps, each its own
+    method: resident blocks to the device, streamed blocks into host memory (or onto disk),
+    pinning, and the GPU ring; then the first copies are issued."""
+
     def __init__(self, checkpoint, device: torch.device, dtype: torch.dtype, placement, pinned: bool = True,
                  progress: bool = True, quant: QuantConfig | None = None, offload_dir: str | None = None,
                  world=None, fetch: str = "whole"):
@@ -123,78 +56,93 @@ class StreamingWeights:
             raise OffloadgenError("--weight-fetch allgather streams from pinned CPU memory: it cannot be combined "
                                   "with --disk-offload or --pin-memory 0")
         self.order = list(placement.streamed)
-        family = family_of(self.cfg)
         self.quant = quant
+        family = family_of(self.cfg)
         self.layouts = {b: PackedBlock(b, {k: s for k, (_, s) in family.block_tensors(self.cfg, b).items()}, dtype, quant)
                         for b in [*placement.resident, *self.order]}
-        # Quantizing 60 GB is fast on the GPU and slow on the CPU: do it where the weights go. A real
-        # checkpoint's quantized blocks are cached on disk; dummy weights are remade faster than read.
-        quant_device = self.device
+        # A real checkpoint's quantized blocks are cached on disk; dummy weights are remade faster than read.
         self.quant_cache = None
-        if quant is not None and hasattr(checkpoint, "path"):
+        if quant is not None and checkpoint.path is not None:
             from ..quant.cache import QuantCache
             self.quant_cache = QuantCache(checkpoint.path, quant, dtype)
         self.timings = {"quantized_blocks": 0, "cached_blocks": 0}
-
-        def block_parts(b):
-            layout = self.layouts[b]
-            if layout.quantized and self.quant_cache is not None:
-                cached = self.quant_cache.load(b)
-                if cached is not None and set(cached) == set(layout.entries):
-                    self.timings["cached_blocks"] += 1
-                    return cached
-            parts = layout.encode(checkpoint.read_block(b, dtype), quant_device)
-            if layout.quantized:
-                self.timings["quantized_blocks"] += 1
-                if self.quant_cache is not None:
-                    self.quant_cache.save(b, parts)
-            return parts
-
-        # Resident blocks: straight to the device. Tied tensors (same checkpoint name) are shared.
+        self.disk = None
         t0 = time.perf_counter()
-        shared: dict[str, torch.Tensor] = {}
-        self.resident = {}
         bar = tqdm(total=len(placement.resident) + len(self.order), desc="placing weights", unit="block",
                    file=sys.stderr, leave=False, disable=None if progress else True)
-        self.resident_packed = {}  # quantized resident blocks: flat bytes on the device, dequantized per use
-        for b in placement.resident:
+        self._place_resident(checkpoint, bar)
+        self._place_streamed(checkpoint, offload_dir, bar, progress)
+        self.timings["fill_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self._pin_host(pinned)
+        self.timings["pin_s"] = time.perf_counter() - t0
+        self._make_ring()
+        self._start()
+
+    def _block_parts(self, checkpoint, b) -> dict[str, torch.Tensor]:
+        """A block's entries as its layout stores them: read, and quantized where the layout says so
+        (on the device the weights go to: 60 GB quantize fast on a GPU and slowly on a CPU)."""
+        layout = self.layouts[b]
+        if layout.quantized and self.quant_cache is not None:
+            cached = self.quant_cache.load(b)
+            if cached is not None and set(cached) == set(layout.entries):
+                self.timings["cached_blocks"] += 1
+                return cached
+        parts = layout.encode(checkpoint.read_block(b, self.dtype), self.device)
+        if layout.quantized:
+            self.timings["quantized_blocks"] += 1
+            if self.quant_cache is not None:
+                self.quant_cache.save(b, parts)
+        return parts
+
+    def _place_resident(self, checkpoint, bar) -> None:
+        """Resident blocks go straight to the device; tied tensors (same checkpoint name) are shared.
+        Quantized ones stay packed there and are dequantized per use."""
+        shared: dict[str, torch.Tensor] = {}
+        self.resident, self.resident_packed = {}, {}
+        for b in self.placement.resident:
             if self.layouts[b].quantized:
                 flat = torch.empty(self.layouts[b].nbytes, dtype=torch.uint8, device=self.device)
-                self.layouts[b].write(flat, block_parts(b))
+                self.layouts[b].write(flat, self._block_parts(checkpoint, b))
                 self.resident_packed[b] = flat
             else:
-                self.resident[b] = load_resident_block(checkpoint, b, dtype, self.device, shared)
+                self.resident[b] = load_resident_block(checkpoint, b, self.dtype, self.device, shared)
             bar.update()
 
-        # Streamed blocks: packed host buffers filled straight from the checkpoint, or, with an
-        # offload folder, packed files on disk (written once; a later run with the same model reuses them).
+    def _place_streamed(self, checkpoint, offload_dir, bar, progress) -> None:
+        """Streamed blocks: packed host buffers filled straight from the checkpoint (once per node
+        in shared memory under torchrun), or packed files on disk, written once and reused by a
+        later run with the same model."""
         self.host = {}
-        self.disk = None
-        if offload_dir is not None and self.order:
-            from .disk import DiskStore, store_key
-            self.disk = DiskStore(offload_dir, store_key(checkpoint, dtype, quant, self.layouts), self.layouts)
+        if not self.order:
+            bar.close()
+            return
+        from .disk import DiskStore, store_key
+        key = store_key(checkpoint, self.dtype, self.quant, self.layouts)
+        if offload_dir is not None:
+            self.disk = DiskStore(offload_dir, key, self.layouts)
             bar.close()
             bar = tqdm(total=len(self.layouts), desc=f"writing weights to {self.disk.path}", unit="block",
                        file=sys.stderr, leave=False, disable=None if progress else True)
-            self.timings["disk_write_s"] = self.disk.write(block_parts, progress=bar.update)
-        elif self.order:
-            def fill(b, flat):
-                self.layouts[b].write(flat, block_parts(b))
-                bar.update()
-            sizes = {b: self.layouts[b].nbytes for b in self.order}
-            if self.world is not None:  # once per node, in shared memory
-                from ..distributed import shared_host_buffers
-                from .disk import store_key
-                self.host = shared_host_buffers(sizes, self.world, store_key(checkpoint, dtype, quant, self.layouts),
-                                                fill)
-            else:
-                self.host = {b: torch.empty(n, dtype=torch.uint8) for b, n in sizes.items()}
-                for b, flat in self.host.items():
-                    fill(b, flat)
-        bar.close()
-        self.timings["fill_s"] = time.perf_counter() - t0
+            self.timings["disk_write_s"] = self.disk.write(lambda b: self._block_parts(checkpoint, b),
+                                                           progress=bar.update)
+            bar.close()
+            return
 
-        t0 = time.perf_counter()
+        def fill(b, flat):
+            self.layouts[b].write(flat, self._block_parts(checkpoint, b))
+            bar.update()
+        sizes = {b: self.layouts[b].nbytes for b in self.order}
+        if self.world is not None:
+            from ..distributed import shared_host_buffers
+            self.host = shared_host_buffers(sizes, self.world, key, fill)
+        else:
+            self.host = {b: torch.empty(n, dtype=torch.uint8) for b, n in sizes.items()}
+            for b, flat in self.host.items():
+                fill(b, flat)
+        bar.close()
+
+    def _pin_host(self, pinned: bool) -> None:
         self.pinned = pinned and self.cuda and self.disk is None
         self._registered = []
         if self.pinned:
@@ -204,30 +152,31 @@ class StreamingWeights:
                 for b, good in zip(list(self.host), ok):
                     if not good:
                         self.host[b] = self.host[b].pin_memory()
-        self.timings["pin_s"] = time.perf_counter() - t0
 
-        slots = placement.ring_slots if self.order else 0
+    def _make_ring(self) -> None:
+        """The GPU buffers streamed blocks arrive in (page-aligned host buffers for a CPU run from
+        disk, read straight into), the dequantization workspace, and the staging thread when the
+        host memory is not pinned."""
+        slots = self.placement.ring_slots if self.order else 0
         ring_numel = max((self.layouts[b].nbytes for b in self.order), default=0)
         if self.disk is not None:
             from .disk import aligned_buffer, padded
             ring_numel = padded(ring_numel)
         if self.shards > 1:  # room for N equal parts of the largest block
             ring_numel = self.shards * self._part_bytes(ring_numel)
-        if self.disk is not None and not self.cuda:  # read straight into the ring: it must be page-aligned
+        if self.disk is not None and not self.cuda:
             self.ring = [aligned_buffer(ring_numel) for _ in range(slots)]
         else:
             self.ring = [torch.empty(ring_numel, dtype=torch.uint8, device=self.device) for _ in range(slots)]
         dense = max((layout.dense_numel for layout in self.layouts.values()), default=0)
-        self.workspace = torch.empty(dense, dtype=dtype, device=self.device) if dense else None
+        self.workspace = torch.empty(dense, dtype=self.dtype, device=self.device) if dense else None
         self.depth = slots - 1
-        # The schedule (reset by _start): slot_of[block], ready[block] (event after its copy),
-        # free[slot] (event when its last block was done), next_issue / next_use (indices over
-        # all passes of the next block to copy / to be asked for).
         # (issue index, block, slot) of recent copies, for tests of the schedule; bounded, since a
         # long job issues a copy per streamed block per pass.
         self.issued_log: collections.deque = collections.deque(maxlen=4096)
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.staged = bool(not self.pinned and self.cuda and self.order)
+        self.worker = None
         if self.staged:
             if self.disk is not None:  # O_DIRECT targets: page-aligned, then pinned in place
                 self.staging = [aligned_buffer(ring_numel) for _ in range(slots)]
@@ -241,7 +190,6 @@ class StreamingWeights:
             self.worker_error = None
             self.worker = threading.Thread(target=self._stage_worker, daemon=True)
             self.worker.start()
-        self._start()
 
     def _start(self) -> None:
         """Begin a pass: the first depth + 1 streamed blocks start copying."""
@@ -398,7 +346,7 @@ class StreamingWeights:
         return min(times)
 
     def close(self) -> None:
-        if getattr(self, "worker", None) is not None:
+        if self.worker is not None:
             self.jobs.put(None)
             self.worker.join()
             self.worker = None

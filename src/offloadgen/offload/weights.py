@@ -1,12 +1,38 @@
-"""Weight sources: objects with get(block) -> {name: tensor on the device} and done(block)."""
+"""Weight sources: where the engine gets each block's tensors, and the protocol they all follow."""
 from __future__ import annotations
 
 import sys
+from typing import Protocol, runtime_checkable
 
 import torch
 from tqdm import tqdm
 
 from ..models import blocks, family_of
+
+
+@runtime_checkable
+class WeightSource(Protocol):
+    """What the engine and the benchmark may ask of any weight source.
+
+    Blocks are asked for in pass order: get(block) returns {name: tensor on the compute device},
+    valid until done(block). A streaming source copies ahead of use; a resident one just hands
+    them out."""
+
+    timings: dict  # start-up seconds and counts, for the benchmark's record
+    disk: object | None  # the on-disk store (offload/disk.py) when weights are read from disk
+
+    def get(self, block) -> dict[str, torch.Tensor]: ...
+
+    def done(self, block) -> None: ...
+
+    def reset(self) -> None:
+        """Forget a pass that stopped midway (an out-of-memory retry starts from the first block)."""
+
+    def copy_only_pass_s(self) -> float | None:
+        """Seconds one pass's transfers take with no compute, or None where nothing streams."""
+
+    def close(self) -> None:
+        """Stop threads and release page-locked memory."""
 
 
 def load_resident_block(checkpoint, block, dtype: torch.dtype, device: torch.device,
@@ -26,9 +52,12 @@ def load_resident_block(checkpoint, block, dtype: torch.dtype, device: torch.dev
 class ResidentWeights:
     """Every block loaded once onto the compute device: the no-offload case, and all CPU runs."""
 
+    disk = None
+
     def __init__(self, checkpoint, device: torch.device, dtype: torch.dtype, progress: bool = True):
         self.cfg = checkpoint.cfg
         self.device = device
+        self.timings: dict = {}
         self._blocks, shared = {}, {}
         for block in tqdm(blocks(self.cfg), desc="loading weights", unit="block", file=sys.stderr,
                           leave=False, disable=None if progress else True):  # None: only on a terminal
@@ -38,6 +67,15 @@ class ResidentWeights:
         return self._blocks[block]
 
     def done(self, block) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def copy_only_pass_s(self) -> float | None:
+        return None
+
+    def close(self) -> None:
         pass
 
     def nbytes(self) -> int:

@@ -15,6 +15,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..machine import cache_root
+
 CACHE_VERSION = 1
 
 
@@ -24,7 +26,6 @@ class QuantCache:
         stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
         key = hashlib.sha1(f"{Path(folder).resolve()}|{stamp}|{quant.bits}|{quant.group_size}|{dtype}|{CACHE_VERSION}"
                            .encode()).hexdigest()[:16]
-        from ..checkpoint.gguf import cache_root
         self.dir = cache_root() / "quantized" / f"{Path(folder).name}-q{quant.bits}g{quant.group_size}-{key}"
 
     def _file(self, block) -> Path:

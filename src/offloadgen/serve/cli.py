@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 from ..errors import OffloadgenError
+from ..flags import add_model_flags, add_run_flags, config_from_args
 
 
 def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server on the continuous batcher",
                        description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics. "
                                    "Every request joins the running batch at the next pass over the weights.")
-    _add_model_flags(p)
+    add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--slots", "--batch-size", dest="slots", type=int, default=16,
@@ -30,29 +31,8 @@ def add_serve(sub) -> None:
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds SIGTERM leaves in-flight requests to finish before cancelling them (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_run_flags(p)
     p.set_defaults(func=cmd_serve)
-
-
-def _add_model_flags(p) -> None:
-    """TEMPORARY: the model / offload / quantization flags `generate` takes, until the main parser's
-    shared flag groups exist; then this becomes one call to them."""
-    from ..bench.cli import parse_bytes
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL")
-    p.add_argument("--dummy", action="store_true", help="MODEL is a built-in preset with made-up weights")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--micro-batch-size", type=int, default=None)
-    p.add_argument("--quant-bits", "--quant_bits", type=int, default=16, choices=[4, 8, 16])
-    p.add_argument("--quant-group-size", "--quant_group_size", type=int, default=64)
-    p.add_argument("--cpu-offload", action="store_true")
-    p.add_argument("--gpu-memory", type=parse_bytes, default=None)
-    p.add_argument("--pin-memory", type=int, default=1, choices=[0, 1])
-    p.add_argument("--disk-offload", "--disk_offload", action="store_true")
-    p.add_argument("--offload-dir", "--offload_dir", default="~/offload_dir")
-    p.add_argument("--kv-offload", "--kv_offload", action="store_true")
-    p.add_argument("--pin-kv-cache", "--pin_kv_cache", type=int, default=1, choices=[0, 1])
-    p.add_argument("--async-kv-offload", "--async_kv_offload", type=int, default=1, choices=[0, 1])
-    p.add_argument("--kv-attention", default="auto", choices=["auto", "cpu", "gpu"])
 
 
 def _model_name(args) -> str:
@@ -88,18 +68,19 @@ def _check_extras() -> None:
         raise OffloadgenError(f"offloadgen serve needs {', '.join(missing)}: pip install 'offloadgen[serve]'")
 
 
-def _bus_bandwidth(args) -> float | None:
+def _bus_bandwidth(config) -> float | None:
     """Host-to-device bytes/s, measured before the model takes the GPU's memory (the probe needs
     a buffer of its own); None where no weights stream to a GPU."""
-    import torch
-    if not (args.cpu_offload or args.disk_offload) or args.device == "cpu" or not torch.cuda.is_available():
+    from ..machine import h2d_bandwidth
+    from ..runtime import resolve_device
+    device = resolve_device(config)
+    if not config.offloaded or device.type != "cuda":
         return None
-    from ..bench.hardware import h2d_bandwidth
-    return h2d_bandwidth(torch.device("cuda"), nbytes=256 << 20)["best"]
+    return h2d_bandwidth(device, nbytes=256 << 20)["best"]
 
 
 def _bus_seconds_per_pass(llm, bandwidth: float | None) -> float | None:
-    placement = getattr(llm.weights, "placement", None)
+    placement = llm.plan.placement
     if bandwidth is None or placement is None or not placement.streamed:
         return None
     return placement.streamed_bytes / bandwidth
@@ -107,7 +88,7 @@ def _bus_seconds_per_pass(llm, bandwidth: float | None) -> float | None:
 
 def build_context(args):
     """Load the model and make the batcher, the worker and the HTTP app's context."""
-    from .. import api
+    from ..api import load
     from ..checkpoint import open_checkpoint
     from ..scheduler import ContinuousBatcher
     from .app import ServeContext
@@ -118,16 +99,13 @@ def build_context(args):
         raise OffloadgenError("--slots must be at least 1 and --max-queue at least 0")
     checkpoint = open_checkpoint(args.model, dummy=args.dummy)
     max_len = min(args.max_seq_len or 4096, checkpoint.cfg.max_position)
-    bandwidth = _bus_bandwidth(args)
-    llm = api.load(args.model, dummy=args.dummy, device=args.device, dtype=args.dtype,
-                   micro_batch_size=args.micro_batch_size, quant_bits=args.quant_bits,
-                   quant_group_size=args.quant_group_size, cpu_offload=args.cpu_offload, gpu_memory=args.gpu_memory,
-                   pin_memory=bool(args.pin_memory), max_batch_size=args.slots, max_seq_len=max_len,
-                   kv_offload=args.kv_offload, pin_kv_cache=bool(args.pin_kv_cache),
-                   async_kv_offload=bool(args.async_kv_offload), kv_attention=args.kv_attention,
-                   offload_dir=args.offload_dir if args.disk_offload else None)
-    chunk = {"prefill_chunk": args.prefill_chunk} if args.prefill_chunk else {}
-    batcher = ContinuousBatcher(llm, slots=args.slots, max_len=max_len, **chunk)
+    chunk = args.prefill_chunk or 512
+    # the GPU memory is planned for every slot at full length, and prefills of one chunk
+    config = config_from_args(args, max_batch_size=args.slots, max_seq_len=max_len,
+                              max_prompt_len=min(chunk, max_len)).validate()
+    bandwidth = _bus_bandwidth(config)
+    llm = load(config=config, checkpoint=checkpoint)
+    batcher = ContinuousBatcher(llm, slots=args.slots, max_len=max_len, prefill_chunk=chunk)
     metrics = ServeMetrics(args.slots, _bus_seconds_per_pass(llm, bandwidth))
     worker = Worker(batcher, args.slots, args.max_queue, metrics)
     ctx = ServeContext(worker, llm.tokenizer, metrics, _model_name(args), max_len,

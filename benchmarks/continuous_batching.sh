@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Issue 16 on one GPU: a synthetic job through the continuous batcher against the same job as
+# static batches, and a pure decode step at the same batch. OPT-13B fp16 dummy, weights in CPU RAM
+# under an 8 GiB GPU budget, KV cache in CPU RAM, 64 slots, 256 requests, prompts 32:512, outputs
+# 8:256 (uniform, seed 0). Each mode is one process and fits one 10-minute call; records go to
+# $OUT/workload.jsonl and $OUT/decode.jsonl; `table` prints the comparison (run it last).
+#   bash benchmarks/continuous_batching.sh check continuous static decode table
+# Knobs (environment): N (requests, 256), SLOTS (64), CHUNK (prefill tokens per pass, 2048),
+# MODEL (facebook/opt-13b), BUDGET (8GiB), QUANT (16; 4 for the 4-bit figure), CTX (decode's
+# prompt length; default: the continuous run's mean context).
+set -uo pipefail
+out=${OUT:-out}; mkdir -p "$out"; out=$(cd "$out" && pwd)
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+N=${N:-256}; SLOTS=${SLOTS:-64}; CHUNK=${CHUNK:-2048}; MODEL=${MODEL:-facebook/opt-13b}; BUDGET=${BUDGET:-8GiB}
+QUANT=${QUANT:-16}
+common="--model $MODEL --dummy --cpu-offload --gpu-memory $BUDGET --kv-offload --pin-kv-cache --async-kv-offload
+        --micro-batch-size 8 --batch-size $SLOTS --quant-bits $QUANT --verbose 1"
+job="--workload synthetic --num-requests $N --input-len 32:512 --output-len 8:256 --workload-seed 0
+     --prefill-chunk $CHUNK --json-file $out/workload.jsonl"
+bench="python3 -m offloadgen.cli bench"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; free -g | head -2
+for what in "$@"; do
+  echo "== $what $(date +%T)"
+  case $what in
+    check) python3 benchmarks/gpu_batcher_check.py 2>&1 | tee "$out/batcher_check.txt" ;;
+    continuous) (cd "$out" && $bench $common $job) ;;
+    static) (cd "$out" && $bench $common $job --static-only) ;;
+    decode)
+      ctx=${CTX:-$(python3 -c "import json; r=[json.loads(l) for l in open('$out/workload.jsonl') if 'mean_context' in l]; print(round(r[-1]['mean_context']) if r else 384)")}
+      echo "pure decode at batch $SLOTS, prompt $ctx (the continuous run's mean context)"
+      (cd "$out" && $bench $common --prompt-len "$ctx" --gen-len 16 --loops 1 --json-file "$out/decode.jsonl") ;;
+    table) python3 - "$out" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def last(path, key):
+    recs = [json.loads(l) for l in open(path) if l.strip()] if path.exists() else []
+    recs = [r for r in recs if key in r]
+    return recs[-1] if recs else None
+c, s = last(out / "workload.jsonl", "elapsed_s"), last(out / "workload.jsonl", "static_elapsed_s")
+d = last(out / "decode.jsonl", "decode_step_s")
+print(f"{'mode':12s} {'out tok/s':>10s} {'total tok/s':>12s} {'elapsed s':>10s} {'passes':>7s} {'pass s':>8s} {'occupancy':>10s}")
+if c:
+    print(f"{'continuous':12s} {c['output_throughput']:10.1f} {c['total_throughput']:12.1f} {c['elapsed_s']:10.1f} "
+          f"{c['passes']:7d} {c['pass_s']:8.3f} {c['slot_occupancy']:10.1%}")
+if s:
+    print(f"{'static':12s} {s['static_output_throughput']:10.1f} {s['static_total_throughput']:12.1f} "
+          f"{s['static_elapsed_s']:10.1f} {s['static_passes']:7d} {s['static_elapsed_s'] / s['static_passes']:8.3f}")
+if c and s:
+    print(f"continuous / static output tokens/s: {c['output_throughput'] / s['static_output_throughput']:.2f}x (goal >= 1.7x); "
+          f"occupancy {c['slot_occupancy']:.1%} (goal >= 90%)")
+if c and d:
+    print(f"pure decode step at batch {d['batch_size']}, prompt {d['prompt_len']}: {d['decode_step_s']:.3f} s; "
+          f"continuous pass {c['pass_s']:.3f} s = {c['pass_s'] / d['decode_step_s']:.2f}x (goal <= 1.15x); "
+          f"mean context {c['mean_context']:.0f}, attended (longest row of each part) {c.get('attended_context', 0):.0f}")
+EOF
+    ;;
+  esac
+done

@@ -1,0 +1,229 @@
+"""The job-level benchmark, as vLLM's throughput benchmark runs one: many requests, each with its
+own prompt and output length, run through the continuous batcher; and, to compare, the same
+requests as static batches (sorted by prompt length, batch = slots), each batch running until its
+longest row ends.
+
+    offloadgen bench --model facebook/opt-13b --dummy --cpu-offload --gpu-memory 8GiB --kv-offload \
+        --batch-size 64 --workload synthetic --num-requests 256 --input-len 32:512 --output-len 8:256
+
+With dummy weights each request is held to its output length (EOS ignored); with real ones a
+request also ends at EOS, its output length being its max_tokens. Only tokens a request asked for
+count, in both modes.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import OffloadgenError
+from ..sampling import SamplingParams
+
+
+@dataclass
+class WorkItem:
+    prompt_ids: list[int]
+    output_len: int
+
+
+def parse_range(text: str, name: str) -> tuple[int, int]:
+    """'32:512' (uniform in [32, 512]) or '128' (always 128)."""
+    try:
+        lo, _, hi = str(text).partition(":")
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        raise OffloadgenError(f"{name} {text!r}: expected MIN:MAX or N, e.g. 32:512") from None
+    if not 1 <= lo <= hi:
+        raise OffloadgenError(f"{name} {text!r}: expected 1 <= MIN <= MAX")
+    return lo, hi
+
+
+def _random_ids(rng: random.Random, n: int, vocab_size: int) -> list[int]:
+    return [rng.randrange(4, vocab_size) for _ in range(n)]  # clear of the usual special ids
+
+
+def synthetic(n: int, input_len: tuple[int, int], output_len: tuple[int, int], seed: int,
+              vocab_size: int) -> list[WorkItem]:
+    """n requests with prompt and output lengths drawn uniformly; the prompt's tokens are random."""
+    rng = random.Random(seed)
+    items = []
+    for _ in range(n):
+        p, o = rng.randint(*input_len), rng.randint(*output_len)
+        items.append(WorkItem(_random_ids(rng, p, vocab_size), o))
+    return items
+
+
+def from_file(path: str, tokenizer, seed: int, vocab_size: int) -> list[WorkItem]:
+    """JSON lines with 'prompt' (text) or 'input_len' (random tokens), and 'output_len'."""
+    rng, items = random.Random(seed), []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except OSError as e:
+        raise OffloadgenError(f"--workload {path}: {e.strerror}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            out = int(rec["output_len"])
+            ids = tokenizer.encode(rec["prompt"]) if "prompt" in rec else _random_ids(rng, int(rec["input_len"]), vocab_size)
+        except (ValueError, KeyError, TypeError) as e:
+            raise OffloadgenError(f"--workload {path}, line {n}: expected 'prompt' or 'input_len', and 'output_len' "
+                                  f"({type(e).__name__}: {e})") from None
+        if not ids or out < 1:
+            raise OffloadgenError(f"--workload {path}, line {n}: empty prompt or output_len < 1")
+        items.append(WorkItem(ids, out))
+    if not items:
+        raise OffloadgenError(f"--workload {path}: no requests")
+    return items
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_continuous(llm, items: list[WorkItem], slots: int, prefill_chunk: int, ignore_eos: bool) -> dict:
+    """Every request through one ContinuousBatcher; its cache is made before the clock starts."""
+    from ..scheduler import ContinuousBatcher
+    max_len = max(len(it.prompt_ids) + it.output_len for it in items)
+    batcher = ContinuousBatcher(llm, slots, max_len, prefill_chunk)
+    _sync(llm.device)
+    t0 = time.perf_counter()
+    reqs = [batcher.submit(it.prompt_ids, SamplingParams(max_new_tokens=it.output_len, ignore_eos=ignore_eos))
+            for it in items]
+    while batcher.has_work():
+        batcher.step()
+    _sync(llm.device)
+    elapsed = time.perf_counter() - t0
+    ttft = sorted(r.first_token_at - r.submitted_at for r in reqs)
+    latency = sorted(r.finished_at - r.submitted_at for r in reqs)
+    s = batcher.stats
+    return {"elapsed_s": elapsed, "output_tokens": sum(len(r.output_ids) for r in reqs),
+            "passes": s.passes, "pass_s": s.mean_pass_s, "slot_occupancy": s.slot_occupancy,
+            "decode_occupancy": s.decode_occupancy, "mean_context": s.mean_context,
+            "attended_context": s.attended_context, "cache_alloc_s": batcher.cache_seconds, "prefill_chunk": prefill_chunk,
+            "ttft_s_p50": ttft[len(ttft) // 2], "latency_s_p50": latency[len(latency) // 2],
+            "latency_s_max": latency[-1]}
+
+
+def run_static(llm, items: list[WorkItem], slots: int, ignore_eos: bool) -> dict:
+    """Today's static batches: sorted by prompt length, `slots` at a time, left-padded; a batch
+    runs until its longest row ends (rows that are done idle). The cache is made once, before the
+    clock starts, as large as the largest batch needs, so only the batching differs."""
+    engine, tok = llm.engine, llm.tokenizer
+    order = sorted(items, key=lambda it: len(it.prompt_ids))
+    batches = [order[i:i + slots] for i in range(0, len(order), slots)]
+    if engine.kv_offload is not None:  # the offloaded cache is kept and reused by later batches
+        engine.new_cache(len(batches[0]), max(len(b[-1].prompt_ids) + max(it.output_len for it in b) for b in batches))
+    _sync(llm.device)
+    t0, tokens, passes = time.perf_counter(), 0, 0
+    for batch in batches:
+        width = len(batch[-1].prompt_ids)
+        ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, it in enumerate(batch):
+            ids[r, width - len(it.prompt_ids):] = torch.tensor(it.prompt_ids)
+            mask[r, width - len(it.prompt_ids):] = 1
+        wanted = [it.output_len for it in batch]
+        params = SamplingParams(max_new_tokens=max(wanted), ignore_eos=ignore_eos)
+        out = engine.generate(ids, mask, params, tok.eos_token_ids, tok.pad_token_id,
+                              stop_fn=lambda row, got: len(got) >= wanted[row])
+        tokens += sum(min(len(t), w) for t, w in zip(out.tokens, wanted))
+        passes += max(len(t) for t in out.tokens)  # the prefill, then a pass per token after the first
+    _sync(llm.device)
+    elapsed = time.perf_counter() - t0
+    return {"elapsed_s": elapsed, "output_tokens": tokens, "passes": passes, "batches": len(batches)}
+
+
+def _rates(run: dict, prompt_tokens: int, n: int) -> dict:
+    e = run["elapsed_s"]
+    return {"requests_per_s": n / e, "output_throughput": run["output_tokens"] / e,
+            "total_throughput": (prompt_tokens + run["output_tokens"]) / e}
+
+
+def run_workload(llm, items: list[WorkItem], slots: int, prefill_chunk: int, ignore_eos: bool,
+                 modes: tuple[str, ...] = ("continuous",)) -> dict:
+    """The record: the workload, then each mode's figures (static ones prefixed static_)."""
+    prompt_tokens = sum(len(it.prompt_ids) for it in items)
+    record = {"requests": len(items), "prompt_tokens": prompt_tokens,
+              "requested_output_tokens": sum(it.output_len for it in items), "slots": slots}
+    if "continuous" in modes:
+        run = run_continuous(llm, items, slots, prefill_chunk, ignore_eos)
+        record.update(run, **_rates(run, prompt_tokens, len(items)))
+    if "static" in modes:
+        run = run_static(llm, items, slots, ignore_eos)
+        record.update({f"static_{k}": v for k, v in {**run, **_rates(run, prompt_tokens, len(items))}.items()})
+    if "continuous" in modes and "static" in modes:
+        record["output_throughput_over_static"] = record["output_throughput"] / record["static_output_throughput"]
+    return record
+
+
+def build_llm(args, slots: int, max_seq_len: int, max_prompt_len: int, checkpoint, tokenizer):
+    """The model, placed for `slots` sequences of `max_seq_len` tokens, from the bench flags (the
+    reference's defaults: the KV cache pinned and written back asynchronously only if asked)."""
+    from ..api import load
+    from ..flags import config_from_args
+    config = config_from_args(args, max_batch_size=slots, max_seq_len=max_seq_len, max_prompt_len=max_prompt_len,
+                              pin_kv_cache=bool(args.pin_kv_cache), async_kv_offload=bool(args.async_kv_offload),
+                              progress=args.verbose > 0)
+    return load(config=config.validate(), checkpoint=checkpoint, tokenizer=tokenizer)
+
+
+def cmd_workload(args, out=None) -> dict:
+    """`offloadgen bench --workload ...`: build, run the modes asked for, print and record."""
+    from .. import __version__
+    from ..checkpoint import open_checkpoint
+    checkpoint = open_checkpoint(args.model, dummy=args.dummy)
+    cfg, tokenizer = checkpoint.cfg, checkpoint.tokenizer()
+    if args.workload == "synthetic":
+        items = synthetic(args.num_requests, parse_range(args.input_len, "--input-len"),
+                          parse_range(args.output_len, "--output-len"), args.workload_seed, cfg.vocab_size)
+    else:
+        items = from_file(args.workload, tokenizer, args.workload_seed, cfg.vocab_size)
+    max_seq_len = max(len(it.prompt_ids) + it.output_len for it in items)
+    if max_seq_len > cfg.max_position:
+        raise OffloadgenError(f"a request needs {max_seq_len} tokens; the model's context is {cfg.max_position}")
+    modes = ("static",) if args.static_only else ("continuous", "static") if args.compare_static else ("continuous",)
+    # Continuous batching prefills one row's chunk at a time; static batches whole prompts.
+    longest = max(len(it.prompt_ids) for it in items)
+    max_prompt_len = longest if "static" in modes else min(longest, args.prefill_chunk)
+    t0 = time.perf_counter()
+    llm = build_llm(args, args.batch_size, max_seq_len, max_prompt_len, checkpoint, tokenizer)
+    startup = time.perf_counter() - t0
+    with llm:
+        record = run_workload(llm, items, args.batch_size, args.prefill_chunk, ignore_eos=args.dummy, modes=modes)
+    record = {"system": "offloadgen", "kind": "workload", "version": __version__,
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+              "model": args.model, "dummy": args.dummy, "workload": args.workload, "input_len": args.input_len,
+              "output_len": args.output_len, "workload_seed": args.workload_seed, "kv_offload": args.kv_offload,
+              "quant_bits": args.quant_bits, "gpu_budget_bytes": args.gpu_memory, "startup_s": startup,
+              "device": torch.cuda.get_device_name() if llm.device.type == "cuda" else "cpu", **record}
+    print(summary(record), file=out or sys.stdout)
+    path = Path(args.json_file or f"workload-{Path(args.model).name}-slots{args.batch_size}.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return record
+
+
+def summary(r: dict) -> str:
+    lines = [f"workload: {r['requests']} requests, {r['prompt_tokens']} prompt tokens, "
+             f"{r['requested_output_tokens']} output tokens asked for, {r['slots']} slots"]
+    if "elapsed_s" in r:
+        lines.append(f"continuous: {r['elapsed_s']:.1f} s, {r['output_throughput']:.1f} output tokens/s, "
+                     f"{r['total_throughput']:.1f} total tokens/s, {r['requests_per_s']:.2f} requests/s; "
+                     f"{r['passes']} passes of {r['pass_s']:.3f} s, slot occupancy {r['slot_occupancy']:.1%}, "
+                     f"mean context {r['mean_context']:.0f}; cache made in {r['cache_alloc_s']:.1f} s")
+    if "static_elapsed_s" in r:
+        lines.append(f"static:     {r['static_elapsed_s']:.1f} s, {r['static_output_throughput']:.1f} output tokens/s, "
+                     f"{r['static_total_throughput']:.1f} total tokens/s; {r['static_passes']} passes in "
+                     f"{r['static_batches']} batches")
+    if "output_throughput_over_static" in r:
+        lines.append(f"continuous / static output throughput: {r['output_throughput_over_static']:.2f}x")
+    return "\n".join(lines)

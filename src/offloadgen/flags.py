@@ -1,0 +1,103 @@
+"""Command-line flags, each declared once and shared by every command that takes it.
+
+Every flag has both spellings the ecosystem uses (--kv-offload and DeepSpeed's --kv_offload), and
+the same meaning in `generate`, `bench`, `plan` and `serve`. `config_from_args` turns parsed flags
+into the one settings object (config.RunConfig), which validates them.
+"""
+from __future__ import annotations
+
+import argparse
+
+from .config import KV_ATTENTION, WEIGHT_FETCH, RunConfig, parse_bytes
+
+
+def flag(p, name: str, **kw):
+    """Add --a-b together with its underscore spelling --a_b."""
+    names = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
+    return p.add_argument(*names, **kw)
+
+
+def size(text: str) -> int:
+    """argparse type for byte sizes: 16GiB, 12GB, 8e9."""
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_model_flags(p, positional: bool = True, default: str | None = None) -> None:
+    if positional:
+        p.add_argument("model", nargs="?", default=default, metavar="MODEL",
+                       help="a Hugging Face folder, a .gguf file, or a preset name with --dummy "
+                            "(default: the embedded SmolLM2-135M)")
+    else:  # the reference's spelling
+        flag(p, "--model", default=default, help="folder, .gguf, or preset name with --dummy")
+    flag(p, "--dummy", action="store_true", help="made-up weights from a built-in config (`offloadgen presets`)")
+
+
+def add_device_flags(p) -> None:
+    flag(p, "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is one)")
+    flag(p, "--dtype", default="auto", help="float32, float16 or bfloat16 (default: float32 on the CPU, the "
+                                            "checkpoint's 16-bit type on a GPU)")
+
+
+def add_placement_flags(p) -> None:
+    g = p.add_argument_group("where the weights live")
+    flag(g, "--cpu-offload", action="store_true", help="weights in CPU RAM, streamed to the GPU layer by layer")
+    flag(g, "--disk-offload", action="store_true",
+         help="weights on disk (written once to --offload-dir) and read layer by layer: models larger than RAM")
+    flag(g, "--offload-dir", default="~/offload_dir")
+    flag(g, "--gpu-memory", type=size, default=None,
+         help="GPU memory budget, e.g. 16GiB (default: the card's free memory less a margin)")
+    flag(g, "--pin-memory", type=int, default=1, choices=[0, 1],
+         help="1: streamed weights in pinned CPU memory (default); 0: pageable, staged through pinned buffers")
+    flag(g, "--prefetch-depth", type=int, default=1, help="layers copied ahead of the one computing (default 1)")
+    flag(g, "--micro-batch-size", type=int, default=None, help="rows per layer pass; shrinks activations")
+
+
+def add_quant_flags(p) -> None:
+    g = p.add_argument_group("weight quantization")
+    flag(g, "--quant-bits", type=int, default=16, choices=[4, 8, 16],
+         help="group-wise quantize the decoder layers' linear weights (16 = none)")
+    flag(g, "--quant-group-size", type=int, default=64)
+
+
+def add_kv_flags(p, reference_defaults: bool = False) -> None:
+    """The KV cache's flags. bench keeps the reference's defaults (its --pin_kv_cache and
+    --async_kv_offload are off unless given); elsewhere both are on with --kv-offload."""
+    g = p.add_argument_group("the KV cache")
+    flag(g, "--kv-offload", action="store_true", help="KV cache in CPU memory: batches limited by CPU RAM, not GPU memory")
+    default = "off, as in the reference benchmark" if reference_defaults else "on with --kv-offload"
+    flag(g, "--pin-kv-cache", action=argparse.BooleanOptionalAction, default=None,
+         help=f"with --kv-offload: page-locked cache memory, needed for asynchronous copies ({default})")
+    flag(g, "--async-kv-offload", action=argparse.BooleanOptionalAction, default=None,
+         help=f"with --kv-offload: write the cache back on a side stream ({default})")
+    flag(g, "--kv-attention", default="auto", choices=list(KV_ATTENTION),
+         help="with --kv-offload: where decode attention runs (auto: split by the step model)")
+
+
+def add_world_flags(p) -> None:
+    flag(p, "--weight-fetch", default="whole", choices=list(WEIGHT_FETCH),
+         help="several ranks (torchrun): each copies whole layers over its own link, or 1/N and all-gathers the rest")
+
+
+def add_run_flags(p, reference_defaults: bool = False) -> None:
+    """Everything a RunConfig holds but the model and the planned batch."""
+    add_device_flags(p)
+    add_placement_flags(p)
+    add_quant_flags(p)
+    add_kv_flags(p, reference_defaults)
+    add_world_flags(p)
+
+
+def config_from_args(args, **planned) -> RunConfig:
+    """The settings the parsed flags describe; `planned` gives what the command plans for (batch,
+    sequence lengths). Validation happens when the run is planned (RunConfig.validate)."""
+    settings = dict(
+        model=getattr(args, "model", None), dummy=getattr(args, "dummy", False), device=args.device, dtype=args.dtype,
+        cpu_offload=args.cpu_offload, disk_offload=args.disk_offload, offload_dir=args.offload_dir,
+        gpu_memory=args.gpu_memory, pin_memory=bool(args.pin_memory), prefetch_depth=args.prefetch_depth,
+        micro_batch_size=args.micro_batch_size, quant_bits=args.quant_bits, quant_group_size=args.quant_group_size,
+        kv_offload=args.kv_offload, pin_kv_cache=args.pin_kv_cache, async_kv_offload=args.async_kv_offload,
+        kv_attention=args.kv_attention, weight_fetch=args.weight_fetch)
+    return RunConfig(**{**settings, **planned})

@@ -1,0 +1,152 @@
+"""Facts about this machine that plans and defaults come from: memory, link bandwidths, folders.
+
+The lowest layer of the package: it imports nothing of offloadgen's but errors, so every other
+module may ask it. Probes are quick (well under a second each) and are taken in the same run as
+whatever they are compared with, because a lent machine's links vary between leases
+(docs/performance.md records how much).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+GiB = 1 << 30
+
+
+def cache_root() -> Path:
+    """Where converted GGUF models, quantized blocks and the bandwidth calibration are kept."""
+    return Path(os.environ.get("OFFLOADGEN_CACHE", Path.home() / ".cache" / "offloadgen"))
+
+
+def meminfo(field: str) -> int | None:
+    """A field of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def available_host_memory() -> int:
+    """MemAvailable (what can be allocated without swapping)."""
+    available = meminfo("MemAvailable")
+    return available if available is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def page_cache_bytes() -> int | None:
+    """The kernel's page cache (Cached), to show that weights read from disk did not land in it."""
+    return meminfo("Cached")
+
+
+def default_gpu_budget(device: torch.device) -> int | None:
+    """The card's free memory less a margin for the CUDA context's own growth and fragmentation;
+    None off the GPU."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free - max(1 * GiB, 0.05 * free))
+
+
+def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> dict | None:
+    """Host-to-device bytes/s from pinned memory: median and best of `repeats` copies after a
+    warm-up; None without CUDA."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    for i in range(repeats + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        if i:  # the first copy warms up
+            times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    times.sort()
+    return {"median": nbytes / times[len(times) // 2], "best": nbytes / times[0]}
+
+
+def device_memory_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        b.copy_(a)
+    torch.cuda.synchronize(device)
+    rate = 2 * repeats * nbytes / (time.perf_counter() - t0)
+    del a, b
+    torch.cuda.empty_cache()
+    return rate
+
+
+def cpu_read_bandwidth(nbytes: int = 2 << 30, repeats: int = 3) -> float:
+    """Bytes/s that the CPU cores together read from RAM (a sum over a buffer far larger than the
+    caches): the physical limit of attention computed on the CPU."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+@dataclass
+class Calibration:
+    """The two bandwidths the step model needs, and where they came from."""
+    h2d_bytes_s: float
+    device_bytes_s: float
+    source: str
+
+
+def calibration_file() -> Path:
+    return cache_root() / "calibration.json"
+
+
+def measure_calibration(device: torch.device) -> Calibration:
+    """Measure both links now and save them, so that planning on a machine without a GPU can use
+    the last GPU machine's figures."""
+    cal = Calibration(h2d_bandwidth(device)["best"], device_memory_bandwidth(device),
+                      f"measured on {torch.cuda.get_device_name(device)} at {time.strftime('%Y-%m-%d %H:%M')}")
+    try:
+        calibration_file().parent.mkdir(parents=True, exist_ok=True)
+        calibration_file().write_text(json.dumps(asdict(cal)))
+    except OSError:
+        pass  # an unwritable cache costs a measurement next time, nothing else
+    return cal
+
+
+def load_calibration(h2d_override: float | None = None) -> Calibration:
+    """Measured on this GPU; else the saved figures of the last GPU run; else an assumption that
+    says it is one (PCIe Gen4 x16, 2 TB/s)."""
+    if torch.cuda.is_available():
+        cal = measure_calibration(torch.device("cuda"))
+    elif calibration_file().is_file():
+        try:
+            cal = Calibration(**json.loads(calibration_file().read_text()))
+            cal.source = f"{calibration_file()} ({cal.source})"
+        except (ValueError, TypeError):
+            cal = None
+    else:
+        cal = None
+    if cal is None:
+        cal = Calibration(25e9, 2e12, "assumed: PCIe Gen4 x16 and 2 TB/s device memory (no GPU here, no calibration "
+                                      "file; run `offloadgen plan` once on the GPU machine to measure)")
+    if h2d_override:
+        cal = Calibration(h2d_override, cal.device_bytes_s, "given with --h2d-bandwidth")
+    return cal

@@ -1,0 +1,193 @@
+"""The one way to build a run: settings + checkpoint + world -> plan -> weights -> engine.
+
+    plan_run(config, model_cfg, device)   where every block and the KV cache go, checked against
+                                          the GPU budget and CPU RAM; loads nothing
+    build_runtime(config)                 the plan, then the weight source and the engine
+
+`load()` (api.py), `offloadgen generate`, `bench`, `plan` and `serve` all go through here, so
+`plan` predicts exactly the placement that a run with the same settings gets.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .distributed import World, device_for
+from .checkpoint import open_checkpoint
+from .config import RunConfig
+from .engine import Engine
+from .errors import OffloadgenError
+from .machine import GiB, available_host_memory, default_gpu_budget, h2d_bandwidth
+from .models import parse_dtype
+from .offload import ResidentWeights, WeightSource
+from .offload.kv_cache import KVOffload
+from .offload.placement import Placement, all_resident, disk_placement_on_cpu, plan_kv_offload, plan_placement
+from .quant import QuantConfig
+
+DEFAULT_PLANNED_SEQ_LEN = 2048  # what the GPU memory is planned for when max_seq_len is not given
+
+
+@dataclass
+class RunPlan:
+    """Everything decided before a weight is loaded."""
+    config: RunConfig
+    model_cfg: object
+    device: torch.device
+    dtype: torch.dtype
+    quant: QuantConfig | None
+    placement: Placement | None  # None: every block on the compute device, no budget to plan (a CPU run)
+    budget: int | None  # GPU bytes planned for
+    max_seq_len: int
+    max_prompt_len: int
+    kv: KVOffload | None = None  # the offloaded cache's options, with the CPU/GPU attention split decided
+    kv_model: dict | None = None  # the step model behind that split
+    world: World = field(default_factory=World)
+
+    @property
+    def limits(self) -> tuple[int, int] | None:
+        """(rows, tokens per row) the GPU memory was planned for; None where nothing was planned."""
+        return None if self.budget is None else (self.config.max_batch_size, self.max_seq_len)
+
+    @property
+    def streams(self) -> bool:
+        """Whether the weights go through the streaming source (streamed blocks, or packed quantized ones)."""
+        return self.quant is not None or bool(self.placement is not None and self.placement.streamed)
+
+    def describe(self) -> str:
+        if self.placement is None:
+            return f"all weights on the {self.device.type.upper()}"
+        return self.placement.describe()
+
+
+def resolve_device(config: RunConfig, world: World | None = None) -> torch.device:
+    device = torch.device(config.device) if config.device else \
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OffloadgenError("device cuda asked for, but this machine has no CUDA GPU (use --device cpu)")
+    return device_for(world or World(), device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, model_cfg) -> torch.dtype:
+    if dtype != "auto":
+        return parse_dtype(dtype)
+    if device.type == "cpu":
+        return torch.float32  # half-precision matmuls on CPUs are slow and less exact
+    stored = model_cfg.dtype
+    return parse_dtype(stored) if stored in ("float16", "bfloat16") else torch.float16
+
+
+def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | None = None,
+             h2d_bytes_s: float | None = None, host_available: int | None = None) -> RunPlan:
+    """Where everything goes, refused up front (with what would fit) when it cannot.
+
+    On a GPU every run is planned under the budget: resident blocks, the ring streamed blocks
+    arrive in, activations and the KV cache (or, offloaded, its device buffers). h2d_bytes_s
+    weighs CPU against GPU attention for an offloaded cache; it is measured here when needed and
+    not given. A CPU run has nothing to plan but where weights on disk are read into."""
+    config.validate()
+    world = world or World()
+    quant = QuantConfig(config.quant_bits, config.quant_group_size) if config.quant_bits != 16 else None
+    dtype = resolve_dtype(config.dtype, device, model_cfg)
+    elem = torch.empty((), dtype=dtype).element_size()
+    max_len = min(config.max_seq_len or DEFAULT_PLANNED_SEQ_LEN, model_cfg.max_position)
+    prompt_len = min(config.max_prompt_len or max_len, max_len)
+    kv = KVOffload(pinned=config.kv_pinned(), async_write=config.kv_async(), attention=config.kv_attention) \
+        if config.kv_offload else None
+    plan = RunPlan(config, model_cfg, device, dtype, quant, None, None, max_len, prompt_len, kv, world=world)
+    if device.type != "cuda":
+        if config.cpu_offload and not config.disk_offload:
+            raise OffloadgenError("--cpu-offload streams weights to a GPU; this run is on the CPU, where the "
+                                  "weights already are (drop --cpu-offload)")
+        if config.disk_offload:  # layers stream from disk into a ring of RAM buffers
+            plan.placement = disk_placement_on_cpu(model_cfg, config.prefetch_depth, elem)
+            plan.placement.bytes["weights_on_disk"] = True
+        elif quant is not None:
+            plan.placement = all_resident(model_cfg)
+        return plan
+    plan.budget = config.gpu_memory or default_gpu_budget(device)
+    batch, gen_len = config.max_batch_size, max_len - prompt_len
+    if kv is not None:
+        if h2d_bytes_s is None and kv.attention == "auto":
+            h2d_bytes_s = h2d_bandwidth(device)["best"]
+        plan.placement, plan.kv, plan.kv_model = plan_kv_offload(
+            model_cfg, elem, plan.budget, batch, prompt_len, gen_len, config.micro_batch_size, config.prefetch_depth,
+            quant, kv, h2d_bytes_s, dtype, offload=config.offloaded)
+    else:
+        plan.placement = plan_placement(model_cfg, elem, plan.budget, batch, prompt_len, gen_len,
+                                        config.micro_batch_size, config.prefetch_depth, offload=config.offloaded,
+                                        quant=quant)
+    if config.disk_offload:
+        plan.placement.bytes["weights_on_disk"] = True
+    if plan.placement.streamed or kv is not None:
+        check_host_memory(plan.placement, host_available, quantized=quant is not None, ranks_per_node=world.local_size)
+    return plan
+
+
+def check_host_memory(placement: Placement, available: int | None = None, quantized: bool = False,
+                      ranks_per_node: int = 1) -> None:
+    """Streamed blocks and an offloaded KV cache live in CPU RAM: refuse before loading if they
+    cannot fit. A node holds the streamed weights once (shared by its ranks) and a KV cache per rank."""
+    kv = placement.bytes.get("kv_host", 0) * ranks_per_node
+    weights = 0 if placement.bytes.get("weights_on_disk") else placement.streamed_bytes
+    need = weights + kv + GiB  # and a little for buffers and Python
+    available = available if available is not None else available_host_memory()
+    if need <= available:
+        return
+    if kv:
+        raise OffloadgenError(f"the offloaded KV cache needs {kv / GiB:.1f} GiB of CPU RAM and the streamed weights "
+                              f"{weights / GiB:.1f} GiB, {need / GiB:.1f} GiB in all; {available / GiB:.1f} GiB is "
+                              f"available: lower the batch size, or the prompt or generation length")
+    hint = "" if quantized else "quantize (--quant-bits 4), "
+    raise OffloadgenError(f"the streamed weights need {need / GiB:.1f} GiB of CPU RAM, {available / GiB:.1f} GiB "
+                          f"is available: {hint}give the GPU a larger budget, or free memory")
+
+
+def make_weights(plan: RunPlan, checkpoint) -> WeightSource:
+    """The weight source the plan calls for: resident blocks, or the streaming source (from RAM or
+    disk, quantized or not, shared per node under torchrun)."""
+    c = plan.config
+    if not plan.streams:
+        return ResidentWeights(checkpoint, plan.device, plan.dtype, progress=c.progress)
+    from .offload.streaming import StreamingWeights
+    return StreamingWeights(checkpoint, plan.device, plan.dtype, plan.placement or all_resident(plan.model_cfg),
+                            pinned=c.pin_memory, progress=c.progress, quant=plan.quant,
+                            offload_dir=c.offload_dir if c.disk_offload else None, world=plan.world,
+                            fetch=c.weight_fetch)
+
+
+@dataclass
+class Runtime:
+    """A built run: what was planned, and the objects that carry it out."""
+    plan: RunPlan
+    checkpoint: object
+    tokenizer: object
+    weights: WeightSource
+    engine: Engine
+    timings: dict  # startup_s (checkpoint opened to ready), weights_load_s
+
+    def close(self) -> None:
+        """Stop the weight source's threads and unpin its memory and the KV cache's."""
+        self.engine.close()
+        self.weights.close()
+
+
+def build_runtime(config: RunConfig, world: World | None = None, checkpoint=None, tokenizer=None,
+                  h2d_bytes_s: float | None = None) -> Runtime:
+    """Plan, then load: the checkpoint is opened (unless given), the plan refuses what cannot fit
+    before any weight is read, then the weight source and the engine are made."""
+    t_start = time.perf_counter()
+    world = world or World()
+    checkpoint = checkpoint or open_checkpoint(config.model, dummy=config.dummy)
+    tokenizer = tokenizer or checkpoint.tokenizer()
+    device = resolve_device(config, world)
+    plan = plan_run(config, checkpoint.cfg, device, world, h2d_bytes_s)
+    t_load = time.perf_counter()
+    weights = make_weights(plan, checkpoint)
+    engine = Engine(checkpoint.cfg, weights, device, plan.dtype, config.micro_batch_size, kv_offload=plan.kv)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    now = time.perf_counter()
+    return Runtime(plan, checkpoint, tokenizer, weights, engine,
+                   {"startup_s": now - t_start, "weights_load_s": now - t_load})
