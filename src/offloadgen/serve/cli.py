@@ -24,7 +24,7 @@ def add_serve(sub) -> None:
                    help="longest prompt + max_tokens of a request (default: the model's context, at most 4096)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; beyond it the server answers 429 (default 64)")
-    p.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens prefilled per pass (batcher default)")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens prefilled per pass (default 512)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $OFFLOADGEN_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: from MODEL)")
