@@ -13,9 +13,8 @@ token (TTFT) and time per output token after the first (TPOT) percentiles, and t
 `generate`'s output tokens/s (its own figure, model loading excluded). Every request has a
 timeout and the whole run a deadline, so nothing hangs.
 
-While jobs run lines of equal sampling together (each batch shares one SamplingParams), Batch
-API lines that differ in max_tokens run in separate batches through `generate`: for a
-like-for-like comparison give a fixed output length (e.g. --output-len 128:128).
+`generate` runs the same Batch API lines through the same continuous batcher (--batch-size =
+--slots), each with its own max_tokens: the comparison is the HTTP path's cost.
 """
 from __future__ import annotations
 

@@ -95,22 +95,58 @@ def test_ordered_output_and_bad_lines_reported(tmp_path, llm):
 def test_out_of_memory_retries_with_smaller_micro_batches(tmp_path, llm, monkeypatch, capsys):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_prompts(src, 8)
-    real, calls = llm.generate, []
+    real, calls = llm.engine.run_pass, []
 
-    def flaky(prompts, sampling):
+    def flaky(batches, cache):
         calls.append(llm.engine.micro_batch_size)
         if llm.engine.micro_batch_size is None or llm.engine.micro_batch_size > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(prompts, sampling)
+        return real(batches, cache)
 
-    monkeypatch.setattr(llm, "generate", flaky)
+    monkeypatch.setattr(llm.engine, "run_pass", flaky)
     try:
         s = run_job(llm, src, dst, SamplingParams(max_new_tokens=2), batch_size=8, progress=False)
     finally:
         llm.engine.micro_batch_size = None
     assert s.retries == [4, 2] and calls[:3] == [None, 4, 2]
     assert sorted(answered(dst)) == list(range(1, 9))
-    assert "retrying the batch with micro-batches of 2" in capsys.readouterr().err
+    assert "start over with micro-batches of 2" in capsys.readouterr().err
+
+
+def test_lines_set_their_own_sampling_and_records_come_as_requests_end(tmp_path, llm):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"id": "long", "prompt": "aaaa", "max_tokens": 12},  # asked first, ends last
+             {"id": "short", "prompt": "bbbb", "max_tokens": 2},
+             {"id": "flags", "prompt": "cccc"},  # the command's --max-new-tokens 5
+             {"id": "seeded", "prompt": "dddd", "max_tokens": 4, "temperature": 0.8, "top_p": 0.9, "top_k": 40,
+              "seed": 3, "stop": None},
+             {"id": "bad", "prompt": "eeee", "top_p": 2},
+             {"id": "bad2", "prompt": "ffff", "max_tokens": "3"}]
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    s = run_job(llm, src, dst, SamplingParams(max_new_tokens=5, ignore_eos=True), batch_size=2, progress=False)
+    rows = [json.loads(x) for x in dst.read_text().split("\n") if x]
+    by_id = {r["id"]: r for r in rows}
+    assert "top_p" in by_id["bad"]["error"] and "must be a number" in by_id["bad2"]["error"] and s.errors == 2
+    assert [r["id"] for r in rows if "text" in r][-1] == "long" and [r["id"] for r in rows if "text" in r][0] == "short"
+    assert (by_id["long"]["tokens"], by_id["short"]["tokens"], by_id["flags"]["tokens"]) == (12, 2, 5)
+    alone = llm.generate(["dddd"], SamplingParams(max_new_tokens=4, temperature=0.8, top_p=0.9, top_k=40, seed=3,
+                                                  ignore_eos=True))[0]
+    assert by_id["seeded"]["text"] == alone.text and by_id["seeded"]["tokens"] == len(alone.token_ids) == 4
+
+
+def test_a_line_stop_string_ends_its_request(tmp_path, llm, monkeypatch):
+    # each token decodes to '<id>' so that a stop string names a token exactly
+    monkeypatch.setattr(llm.tokenizer, "decode", lambda ids: "".join(f"<{i}>" for i in ids))
+    [free] = llm.generate(["abc"], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    stop = f"<{free.token_ids[2]}>"
+    cut = free.token_ids.index(free.token_ids[2]) + 1
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"prompt": "abc", "stop": stop}) + "\n" + json.dumps({"prompt": "abc"}) + "\n")
+    run_job(llm, src, dst, SamplingParams(max_new_tokens=8, ignore_eos=True), batch_size=2, progress=False,
+            ordered=True)
+    stopped, plain = [json.loads(x) for x in dst.read_text().split("\n") if x]
+    assert stopped["finish_reason"] == "stop" and stopped["tokens"] == cut and stop not in stopped["text"]
+    assert plain["finish_reason"] == "length" and plain["tokens"] == 8
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=30),

@@ -104,7 +104,7 @@ class LLM:
         allocated (and pinned) once, not per call."""
         from .scheduler import ContinuousBatcher
         b = self._batcher
-        if b is None or b.slots != slots or b.max_len < max_len or b.has_work():
+        if b is None or b.slots != slots or b.max_len < max_len or b.active_slots or b.queue_length:
             self._batcher = None  # the old cache goes before the new one is made
             b = self._batcher = ContinuousBatcher(self, slots, max_len, prefill_chunk)
         b.prefill_chunk = prefill_chunk

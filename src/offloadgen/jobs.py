@@ -1,18 +1,26 @@
 """Batch generation jobs that lose nothing: a JSONL file of prompts in, one JSON line per prompt out.
 
-- Each finished batch is appended, flushed and fsynced before the next starts; a rerun with the
-  same output file skips every input line already answered (resume), so a kill loses at most the
-  batch in flight. A torn last line (a write cut short) is dropped and redone.
-- A bad input line (not JSON, no prompt, empty, longer than the context) becomes an error record
-  with its line number; the job goes on.
-- Prompts run in batches of similar length (less padding); --ordered rewrites the output in input
-  order once every line is answered.
-- SIGINT / SIGTERM: the batch in flight finishes and is written, then the job stops, says how to
-  resume, and exits non-zero. CUDA out of memory: the batch is retried with half the micro-batch.
+- Prompts run through the continuous batcher (--batch-size slots): each request is appended,
+  flushed and fsynced as it finishes, in the order requests finish; a rerun with the same output
+  file skips every input line already answered (resume), so a kill loses at most the requests in
+  flight. A torn last line (a write cut short) is dropped and redone. --ordered rewrites the
+  output in input order once every line is answered.
+- A line may set its own sampling with OpenAI's names (max_tokens, temperature, top_p, top_k,
+  seed, stop); absent keys take the command's flags.
+- A bad input line (not JSON, no prompt, empty, longer than the context, a bad sampling value)
+  becomes an error record with its line number; the job goes on.
+- OpenAI Batch API request lines ({"custom_id", "method", "url", "body"}) are read as `offloadgen
+  serve` reads a request (openai_batch.py); --output-format openai-batch writes the Batch API's
+  output lines.
+- SIGINT / SIGTERM: no new request starts, the ones in flight finish and are written, then the
+  job stops, says how to resume, and exits non-zero. CUDA out of memory: the micro-batch is halved
+  and the requests in flight start over (none of theirs was written).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -35,7 +43,7 @@ class JobItem:
     prompt: str | None = None
     error: str | None = None
     n_tokens: int = 0
-    sampling: SamplingParams | None = None  # a Batch API line's own; None: the command's
+    overrides: dict = field(default_factory=dict)  # the line's own sampling settings (SamplingParams fields)
     openai: object = None  # a Batch API line's request (openai_batch.BatchRequest)
 
 
@@ -49,6 +57,34 @@ class JobSummary:
     seconds: float = 0.0
     interrupted: str | None = None
     retries: list = field(default_factory=list)
+
+
+# OpenAI's names in an input line -> SamplingParams fields
+SAMPLING_KEYS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                 "seed": "seed", "stop": "stop"}
+
+
+def sampling_overrides(rec: dict, n: int) -> tuple[dict, str | None]:
+    """The line's own sampling settings (absent or null keys: the command's), or what is wrong."""
+    out = {}
+    for key, name in SAMPLING_KEYS.items():
+        value = rec.get(key)
+        if value is None:
+            continue
+        if key == "stop":
+            value = [value] if isinstance(value, str) else value
+            if not (isinstance(value, list) and all(isinstance(s, str) and s for s in value)):
+                return {}, f"line {n}: 'stop' must be a non-empty string or a list of them"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return {}, f"line {n}: '{key}' must be a number"
+        elif key in ("max_tokens", "top_k", "seed") and not isinstance(value, int):
+            return {}, f"line {n}: '{key}' must be a whole number"
+        out[name] = value
+    try:
+        SamplingParams(**out)  # its ranges
+    except OffloadgenError as e:
+        return {}, f"line {n}: {str(e).replace('max_new_tokens', 'max_tokens')}"
+    return out, None
 
 
 def parse_input_line(text: str, n: int, tokenizer, max_context: int, sampling: SamplingParams | None = None) -> JobItem:
@@ -90,15 +126,19 @@ def parse_input_line(text: str, n: int, tokenizer, max_context: int, sampling: S
         return JobItem(n, item_id, error=f"line {n}: prompt has no tokens")
     if n_tokens >= max_context:
         return JobItem(n, item_id, error=f"line {n}: prompt has {n_tokens} tokens; the model's context is {max_context}")
-    return JobItem(n, item_id, prompt, n_tokens=n_tokens)
+    overrides, error = sampling_overrides(rec, n)
+    if error:
+        return JobItem(n, item_id, error=error)
+    return JobItem(n, item_id, prompt, n_tokens=n_tokens, overrides=overrides)
 
 
 def _batch_item(rec: dict, n: int, tokenizer, max_context: int, sampling: SamplingParams) -> JobItem:
     req = parse_batch_line(rec, tokenizer, max_context, sampling)
     if req.parsed is None:
         return JobItem(n, req.custom_id, error=f"line {n}: {req.line_error or req.error.message}", openai=req)
-    p = req.parsed
-    return JobItem(n, req.custom_id, p.prompt, n_tokens=len(p.prompt_ids), sampling=p.sampling, openai=req)
+    p = req.parsed  # its sampling already has the command's values for absent keys
+    return JobItem(n, req.custom_id, p.prompt, n_tokens=len(p.prompt_ids), overrides=dataclasses.asdict(p.sampling),
+                   openai=req)
 
 
 def _error_record(it: JobItem, output_format: str) -> dict:
@@ -149,16 +189,8 @@ def read_done(output: Path) -> set[int]:
 
 
 def batches_by_length(items: list[JobItem], batch_size: int) -> list[list[JobItem]]:
-    """Batches of similar length; a batch shares one sampling, so lines with their own (Batch API
-    lines) run with the lines that sample alike."""
-    groups: dict[str, list[JobItem]] = {}
-    for it in items:
-        groups.setdefault(repr(it.sampling), []).append(it)
-    batches = []
-    for group in groups.values():
-        group.sort(key=lambda it: it.n_tokens)
-        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
-    return batches
+    items = sorted(items, key=lambda it: it.n_tokens)
+    return [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -177,9 +209,7 @@ def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, ba
     if out_path.resolve() == src.resolve():
         raise OffloadgenError("--output must not be the --input file")
     done = read_done(out_path)
-    # the GPU memory may be planned for shorter sequences than the model's context
-    limit = min(llm.cfg.max_position, llm.limits[1]) if llm.limits else llm.cfg.max_position
-    items = [parse_input_line(text, n, llm.tokenizer, limit, sampling)
+    items = [parse_input_line(text, n, llm.tokenizer, _context(llm), sampling)
              for n, text in enumerate(lines, 1) if text.strip() and n not in done]
     summary = JobSummary(total=sum(1 for t in lines if t.strip()), skipped=len(done))
     stop = {}
@@ -201,21 +231,20 @@ def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, ba
                 out.flush()
                 os.fsync(out.fileno())
 
+            model = getattr(llm.checkpoint, "name", "offloadgen")
             bad = [it for it in items if it.error]
             write([_error_record(it, output_format) for it in bad])
             summary.errors += len(bad)
             bar.update(len(bad))
-            for batch in batches_by_length([it for it in items if not it.error], batch_size):
-                if stop:
-                    break
-                completions = _generate_with_retry(llm, [it.prompt for it in batch], batch[0].sampling or sampling,
-                                                   summary)
-                model = getattr(llm.checkpoint, "name", "offloadgen")
-                write([_result_record(it, c, output_format, model) for it, c in zip(batch, completions)])
-                summary.done += len(batch)
-                summary.tokens += sum(len(c.token_ids) for c in completions)
-                bar.update(len(batch))
+            def on_done(pairs):
+                write([_result_record(it, c, output_format, model) for it, c in pairs])
+                summary.done += len(pairs)
+                summary.tokens += sum(len(c.token_ids) for _, c in pairs)
+                bar.update(len(pairs))
                 bar.set_postfix(tok_s=f"{summary.tokens / (time.perf_counter() - start):.1f}")
+
+            answer_continuously(llm, [it for it in items if not it.error], sampling, batch_size, on_done, summary,
+                                lambda: bool(stop))
     finally:
         bar.close()
         for s, h in old.items():
@@ -228,19 +257,48 @@ def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, ba
     return summary
 
 
-def _generate_with_retry(llm, prompts, sampling, summary):
+def _context(llm) -> int:
+    """Tokens a sequence may reach: the model's context, or less where the GPU was planned for less."""
+    return min(llm.cfg.max_position, llm.limits[1]) if llm.limits else llm.cfg.max_position
+
+
+def answer_continuously(llm, items: list[JobItem], sampling: SamplingParams, slots: int, on_done, summary: JobSummary,
+                        stopping) -> None:
+    """Every item through the model's continuous batcher in `slots` slots; on_done([(item,
+    Completion)]) after each pass in which requests ended. Once stopping() is true no request
+    starts and those in flight finish. A row that reaches the cache's end stops with "length"."""
+    from .api import Completion
+    if not items:
+        return
+    params = {it.line: dataclasses.replace(sampling, **it.overrides) for it in items}
+    max_len = min(_context(llm), max(it.n_tokens + params[it.line].max_new_tokens for it in items))
+    batcher = llm.batcher(min(slots, len(items)), max_len)
+    by_line = {it.line: it for it in items}
+    for it in items:
+        batcher.submit(llm.tokenizer.encode(it.prompt), params[it.line], request_id=it.line)
+    while batcher.has_work():
+        if stopping():
+            batcher.stop_admitting()
+        ended = [o.request for o in _step_with_retry(llm, batcher, summary) if o.finished]
+        if ended:
+            on_done([(by_line[r.id], Completion(by_line[r.id].prompt, r.text, r.output_ids, r.finish_reason))
+                     for r in ended])
+
+
+def _step_with_retry(llm, batcher, summary):
     while True:
         try:
-            return llm.generate(prompts, sampling)
+            return batcher.step()
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            llm.shrink_micro_batch(len(prompts))
+            llm.shrink_micro_batch(batcher.slots)
             summary.retries.append(llm.engine.micro_batch_size)
-            print(f"offloadgen: out of GPU memory; retrying the batch with micro-batches of "
+            print(f"offloadgen: out of GPU memory; the requests in flight start over with micro-batches of "
                   f"{llm.engine.micro_batch_size}", file=sys.stderr)
+            batcher.restart()
 
 
 def write_in_input_order(path: Path) -> None:

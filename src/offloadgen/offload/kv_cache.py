@@ -235,13 +235,25 @@ class OffloadedKVCache:
         if not self.cuda:
             put(k_new, v_new)
             return
+        compute = torch.cuda.current_stream(self.device)
+        # With async_write on the side stream, so that a prompt chunk's copy does not hold up compute.
+        stream = self.stream if self.opts.async_write else compute
+        sources = [t.contiguous() for t in (k_new, v_new)]
+        if stream is not compute:
+            ready = torch.cuda.Event()
+            ready.record(compute)
+            stream.wait_event(ready)
         staged = []
-        for t in (k_new, v_new):
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t, non_blocking=True)
-            staged.append(host)
+        with torch.cuda.stream(stream):
+            for t in sources:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                staged.append(host)
+        if stream is not compute:
+            for t in sources:
+                t.record_stream(stream)  # freed only once the side stream has read them
         event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
+        event.record(stream)
         self.deferred.setdefault((i, j), []).append((event, *staged, put, rows))
 
     def _apply_deferred(self, i: int, j: int, rows: set | None = None) -> None:
