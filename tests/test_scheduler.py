@@ -95,7 +95,7 @@ def test_a_late_request_takes_a_freed_slot_while_a_long_one_runs(tiny):
     _, path = tiny("opt")
     reqs = prompts(3)
     batcher = ContinuousBatcher(engine_for(path, micro_batch=None), 2, 40, 64)
-    a, b = batcher.submit(reqs[0], greedy(24)), batcher.submit(reqs[1], greedy(2))
+    a, _ = batcher.submit(reqs[0], greedy(24)), batcher.submit(reqs[1], greedy(2))
     batcher.step()
     c, d = batcher.submit(reqs[2], greedy(3)), batcher.submit(reqs[4], greedy(3))
     ended = {}

@@ -43,7 +43,7 @@ class JobItem:
     prompt: str | None = None
     error: str | None = None
     n_tokens: int = 0
-    overrides: dict = field(default_factory=dict)  # the line's own sampling settings (SamplingParams fields)
+    sampling: SamplingParams | None = None  # the line's own (it sets max_tokens, temperature, ...); None: the command's
     openai: object = None  # a Batch API line's request (openai_batch.BatchRequest)
 
 
@@ -64,8 +64,9 @@ SAMPLING_KEYS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "
                  "seed": "seed", "stop": "stop"}
 
 
-def sampling_overrides(rec: dict, n: int) -> tuple[dict, str | None]:
-    """The line's own sampling settings (absent or null keys: the command's), or what is wrong."""
+def line_sampling(rec: dict, n: int, sampling: SamplingParams) -> tuple[SamplingParams | None, str | None]:
+    """The line's own sampling: the command's with the keys the line sets (absent or null: the
+    command's); None if it sets none. Or what is wrong with a value."""
     out = {}
     for key, name in SAMPLING_KEYS.items():
         value = rec.get(key)
@@ -74,17 +75,18 @@ def sampling_overrides(rec: dict, n: int) -> tuple[dict, str | None]:
         if key == "stop":
             value = [value] if isinstance(value, str) else value
             if not (isinstance(value, list) and all(isinstance(s, str) and s for s in value)):
-                return {}, f"line {n}: 'stop' must be a non-empty string or a list of them"
+                return None, f"line {n}: 'stop' must be a non-empty string or a list of them"
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return {}, f"line {n}: '{key}' must be a number"
+            return None, f"line {n}: '{key}' must be a number"
         elif key in ("max_tokens", "top_k", "seed") and not isinstance(value, int):
-            return {}, f"line {n}: '{key}' must be a whole number"
+            return None, f"line {n}: '{key}' must be a whole number"
         out[name] = value
+    if not out:
+        return None, None
     try:
-        SamplingParams(**out)  # its ranges
+        return dataclasses.replace(sampling, **out), None  # checks the ranges
     except OffloadgenError as e:
-        return {}, f"line {n}: {str(e).replace('max_new_tokens', 'max_tokens')}"
-    return out, None
+        return None, f"line {n}: {str(e).replace('max_new_tokens', 'max_tokens')}"
 
 
 def parse_input_line(text: str, n: int, tokenizer, max_context: int, sampling: SamplingParams | None = None) -> JobItem:
@@ -126,10 +128,10 @@ def parse_input_line(text: str, n: int, tokenizer, max_context: int, sampling: S
         return JobItem(n, item_id, error=f"line {n}: prompt has no tokens")
     if n_tokens >= max_context:
         return JobItem(n, item_id, error=f"line {n}: prompt has {n_tokens} tokens; the model's context is {max_context}")
-    overrides, error = sampling_overrides(rec, n)
+    own, error = line_sampling(rec, n, sampling or SamplingParams())
     if error:
         return JobItem(n, item_id, error=error)
-    return JobItem(n, item_id, prompt, n_tokens=n_tokens, overrides=overrides)
+    return JobItem(n, item_id, prompt, n_tokens=n_tokens, sampling=own)
 
 
 def _batch_item(rec: dict, n: int, tokenizer, max_context: int, sampling: SamplingParams) -> JobItem:
@@ -137,8 +139,7 @@ def _batch_item(rec: dict, n: int, tokenizer, max_context: int, sampling: Sampli
     if req.parsed is None:
         return JobItem(n, req.custom_id, error=f"line {n}: {req.line_error or req.error.message}", openai=req)
     p = req.parsed  # its sampling already has the command's values for absent keys
-    return JobItem(n, req.custom_id, p.prompt, n_tokens=len(p.prompt_ids), overrides=dataclasses.asdict(p.sampling),
-                   openai=req)
+    return JobItem(n, req.custom_id, p.prompt, n_tokens=len(p.prompt_ids), sampling=p.sampling, openai=req)
 
 
 def _error_record(it: JobItem, output_format: str) -> dict:
@@ -217,7 +218,7 @@ def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, ba
     def request_stop(signum, frame):
         stop["signal"] = signum
         signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
-        print(f"\noffloadgen: {signal.Signals(signum).name}: finishing the batch in flight, then stopping",
+        print(f"\noffloadgen: {signal.Signals(signum).name}: finishing the requests in flight, then stopping",
               file=sys.stderr)
 
     old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -270,7 +271,7 @@ def answer_continuously(llm, items: list[JobItem], sampling: SamplingParams, slo
     from .api import Completion
     if not items:
         return
-    params = {it.line: dataclasses.replace(sampling, **it.overrides) for it in items}
+    params = {it.line: it.sampling or sampling for it in items}
     max_len = min(_context(llm), max(it.n_tokens + params[it.line].max_new_tokens for it in items))
     batcher = llm.batcher(min(slots, len(items)), max_len)
     by_line = {it.line: it for it in items}

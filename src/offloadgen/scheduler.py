@@ -106,7 +106,8 @@ class ContinuousBatcher:
         if slots < 1 or max_len < 1 or prefill_chunk < 1:
             raise OffloadgenError("slots, max_len and prefill_chunk must be at least 1")
         if max_len > self.engine.cfg.max_position:
-            raise OffloadgenError(f"max_len {max_len} exceeds the model's context of {self.engine.cfg.max_position} tokens")
+            raise OffloadgenError(f"max_len {max_len} exceeds the model's context of "
+                                  f"{self.engine.cfg.max_position} tokens")
         self.slots, self.max_len, self.prefill_chunk = slots, max_len, prefill_chunk
         self.stats = BatcherStats(slots)
         self._lock = threading.Lock()
@@ -176,7 +177,8 @@ class ContinuousBatcher:
         s = self.stats
         return {"passes": s.passes, "pass_s": s.mean_pass_s, "slot_occupancy": s.slot_occupancy,
                 "decode_occupancy": s.decode_occupancy, "mean_context": s.mean_context,
-                "attended_context": s.attended_context, "queue_length": self.queue_length, "active_slots": self.active_slots,
+                "attended_context": s.attended_context, "queue_length": self.queue_length,
+                "active_slots": self.active_slots,
                 "prompt_tokens": s.prompt_tokens, "output_tokens": s.output_tokens}
 
     # -- the device thread --------------------------------------------------------------------------

@@ -377,7 +377,9 @@ class OffloadedKVCache:
         hk, hv = self.k[i][j], self.v[i][j]
         own_slots = step.write_slots is not None
         if own_slots:  # rows at their own slots: staged here, put in place once they have arrived
-            k_new, v_new = (self._pinned_like(j, n, t[:, :, 0]) if self.cuda else t[:, :, 0] for n, t in (("k", k), ("v", v)))
+            k_new, v_new = k[:, :, 0], v[:, :, 0]
+            if self.cuda:
+                k_new, v_new = self._pinned_like(j, "k", k_new), self._pinned_like(j, "v", v_new)
         if self.cuda:
             q_host = self._pinned_like(j, "q", q)
             q_host.copy_(q, non_blocking=True)
