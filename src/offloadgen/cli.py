@@ -30,6 +30,8 @@ def _add_generate(sub):
     src.add_argument("--input", help="JSONL file: one {'prompt': ...} or {'messages': [...]} per line, optional 'id'")
     p.add_argument("--output", help="JSONL file for the results, appended; rerunning resumes (default: stdout)")
     p.add_argument("--ordered", action="store_true", help="rewrite --output in input order at the end")
+    p.add_argument("--output-format", choices=["jsonl", "openai-batch"], default="jsonl",
+                   help="--output records: offloadgen's (default) or the OpenAI Batch API's output lines")
     add_sampling_flags(p)
     p.add_argument("--batch-size", type=int, default=16,
                    help="sequence slots: prompts in flight at once; a finished one's slot takes the next (default 16)")
@@ -130,7 +132,7 @@ def _emit(results, out, n_items: int) -> None:
 def _run_job(llm, args, sampling) -> int:
     from .jobs import run_job
     s = run_job(llm, args.input, args.output, sampling, args.batch_size, args.ordered,
-                prefill_chunk=args.prefill_chunk)
+                prefill_chunk=args.prefill_chunk, output_format=args.output_format)
     rate = s.tokens / s.seconds if s.seconds else 0.0
     print(f"offloadgen: {s.done} prompts answered this run ({s.skipped} already done earlier), {s.errors} bad lines, "
           f"{s.tokens} tokens in {s.seconds:.1f} s ({rate:.1f} tokens/s) -> {args.output}", file=sys.stderr)
@@ -151,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     _add_plan(sub)
+    from .serve.cli import add_serve
+    add_serve(sub)
     p = sub.add_parser("report", help="table (and plot) of bench records: offloadgen's and the peers'")
     p.add_argument("paths", nargs="+", help="JSON-lines files or folders of them")
     p.add_argument("--plot", metavar="FILE.png", help="draw decode throughput against batch size")

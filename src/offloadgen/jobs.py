@@ -14,6 +14,9 @@
   bad sampling value) becomes an error record with its line number; the job goes on. Invalid
   UTF-8 is replaced and the record says so in "warning"; a UTF-8 byte-order mark is ignored.
 - --ordered rewrites the output in input order once every line is answered.
+- OpenAI Batch API request lines ({"custom_id", "method", "url", "body"}) are read as `offloadgen
+  serve` reads a request (openai_batch.py) and keyed by custom_id; --output-format openai-batch
+  writes the Batch API's output lines (with our "key" and "line" for resume).
 - SIGINT / SIGTERM: no new request starts, those in flight finish and are written, then the job
   stops, says how to resume, and exits non-zero. CUDA out of memory: the micro-batch is halved and
   the requests in flight start over (none of theirs was written).
@@ -41,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import OffloadgenError
+from .openai_batch import error_output_record, is_batch_request, output_record, parse_batch_line
 from .outputs import JobOutput, is_regular_or_new
 from .sampling import SamplingParams
 
@@ -63,6 +67,7 @@ class JobItem:
     key: str = ""
     warning: str | None = None
     sampling: SamplingParams | None = None  # the line's own (it sets max_tokens, temperature, ...); None: the command's
+    openai: object = None  # a Batch API line's request (openai_batch.BatchRequest)
 
 
 @dataclass
@@ -126,6 +131,8 @@ def _id_key(text: str) -> str | None:
     try:
         rec = json.loads(text)
         # "id": null is no id: such lines are keyed by their content, as lines without one are
+        if is_batch_request(rec) and rec.get("custom_id") is not None:  # the Batch API's own id
+            return "id:" + json.dumps(rec["custom_id"], sort_keys=True)
         has_id = isinstance(rec, dict) and rec.get("id") is not None
         return "id:" + json.dumps(rec["id"], sort_keys=True) if has_id else None
     except (ValueError, RecursionError):
@@ -172,6 +179,8 @@ def parse_input_line(text: str, n: int, tokenizer, max_context: int, max_new_tok
         return JobItem(n, n, error=f"line {n}: not valid JSON ({getattr(e, 'msg', e)})")
     if not isinstance(rec, dict):
         return JobItem(n, n, error=f"line {n}: expected a JSON object with 'prompt' or 'messages'")
+    if is_batch_request(rec):
+        return _batch_item(rec, n, tokenizer, max_context, sampling or SamplingParams(max_new_tokens=max(max_new_tokens, 1)))
     item_id = clean_id(rec.get("id", n))
     try:
         if "prompt" in rec:
@@ -208,6 +217,14 @@ def parse_input_line(text: str, n: int, tokenizer, max_context: int, max_new_tok
     return JobItem(n, item_id, prompt, n_tokens=n_tokens, sampling=own)
 
 
+def _batch_item(rec: dict, n: int, tokenizer, max_context: int, sampling: SamplingParams) -> JobItem:
+    req = parse_batch_line(rec, tokenizer, max_context, sampling)
+    if req.parsed is None:
+        return JobItem(n, req.custom_id, error=f"line {n}: {req.line_error or req.error.message}", openai=req)
+    p = req.parsed  # its sampling already has the command's values for absent keys
+    return JobItem(n, req.custom_id, p.prompt, n_tokens=len(p.prompt_ids), sampling=p.sampling, openai=req)
+
+
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -230,11 +247,21 @@ def _with_warning(rec: dict, item: JobItem) -> dict:
     return {**rec, "warning": item.warning} if item.warning else rec
 
 
-def error_record(item: JobItem) -> dict:
+def error_record(item: JobItem, output_format: str = "jsonl") -> dict:
+    if output_format == "openai-batch":
+        req = item.openai  # None: not a Batch API line; its custom_id is then its id
+        custom_id = req.custom_id if req is not None else str(item.id)
+        return _with_warning({"key": item.key, "line": item.line, **error_output_record(
+            custom_id, item.error, req.error if req is not None else None)}, item)
     return _with_warning({"key": item.key, "id": item.id, "line": item.line, "error": item.error}, item)
 
 
-def result_record(item: JobItem, completion) -> dict:
+def result_record(item: JobItem, completion, output_format: str = "jsonl", model: str = "offloadgen") -> dict:
+    if output_format == "openai-batch":
+        kind = item.openai.kind if item.openai is not None else "completion"
+        return _with_warning({"key": item.key, "line": item.line, **output_record(
+            str(item.id), kind, model, completion.text, completion.finish_reason, item.n_tokens,
+            len(completion.token_ids))}, item)
     return _with_warning({"key": item.key, "id": item.id, "line": item.line, "prompt": item.prompt,
                           "text": completion.text, "tokens": len(completion.token_ids),
                           "finish_reason": completion.finish_reason}, item)
@@ -284,7 +311,7 @@ def open_job(input_path: str, output_path: str, ordered: bool = False) -> Job:
 
 
 def answer_job(llm, job: Job, sampling: SamplingParams, batch_size: int = 16, progress: bool = True,
-               prefill_chunk: int = 512) -> JobSummary:
+               prefill_chunk: int = 512, output_format: str = "jsonl") -> JobSummary:
     """Answer the job's lines that its output has no record for; with job.ordered, rewrite the
     output in input order once all are answered."""
     if job.out.done:
@@ -293,20 +320,22 @@ def answer_job(llm, job: Job, sampling: SamplingParams, batch_size: int = 16, pr
     summary = JobSummary(total=len(job.lines), skipped=len(job.lines) - len(todo))
     limit = context_limit(llm)
     items = [job_item(src, llm.tokenizer, limit, sampling.max_new_tokens, sampling) for src in todo]
-    answer_items(llm, items, job.out, sampling, batch_size, summary, progress, prefill_chunk)
+    answer_items(llm, items, job.out, sampling, batch_size, summary, progress, prefill_chunk, output_format)
     if job.ordered and not summary.interrupted:
         job.out.rewrite_in_order({src.key: i for i, src in enumerate(job.lines)})
     return summary
 
 
 def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, batch_size: int = 16,
-            ordered: bool = False, progress: bool = True, prefill_chunk: int = 512) -> JobSummary:
+            ordered: bool = False, progress: bool = True, prefill_chunk: int = 512,
+            output_format: str = "jsonl") -> JobSummary:
     with open_job(input_path, output_path, ordered) as job:
-        return answer_job(llm, job, sampling, batch_size, progress, prefill_chunk)
+        return answer_job(llm, job, sampling, batch_size, progress, prefill_chunk, output_format)
 
 
 def answer_items(llm, items: list[JobItem], out: JobOutput, sampling: SamplingParams, batch_size: int,
-                 summary: JobSummary, progress: bool = True, prefill_chunk: int = 512) -> None:
+                 summary: JobSummary, progress: bool = True, prefill_chunk: int = 512,
+                 output_format: str = "jsonl") -> None:
     """Error records first, then each request's record as it finishes (continuous batching in
     batch_size slots). SIGINT/SIGTERM: no request starts, those in flight finish and are written
     (summary.interrupted says which signal)."""
@@ -325,12 +354,13 @@ def answer_items(llm, items: list[JobItem], out: JobOutput, sampling: SamplingPa
     bar = tqdm(total=len(items), desc="prompts", unit="prompt", file=sys.stderr, disable=None if progress else True)
     try:
         bad = [it for it in items if it.error]
-        out.append([error_record(it) for it in bad])
+        out.append([error_record(it, output_format) for it in bad])
+        model = llm.checkpoint.name if output_format == "openai-batch" else ""
         summary.errors += len(bad)
         bar.update(len(bad))
 
         def on_done(pairs):
-            out.append([result_record(it, c) for it, c in pairs])
+            out.append([result_record(it, c, output_format, model) for it, c in pairs])
             summary.done += len(pairs)
             summary.tokens += sum(len(c.token_ids) for _, c in pairs)
             bar.update(len(pairs))
