@@ -1,6 +1,7 @@
 """On a GPU: the KV cache in CPU memory (CPU attention, GPU attention, split; pinned or not;
-written back synchronously or on a side stream) against the cache on the GPU, plus the CPU
-attention bandwidth for OPT-30B's shapes. Prints one line per case."""
+written back synchronously or on a side stream) against the cache on the GPU, the same for an
+8-bit cache (and the adaptive split), plus the CPU attention bandwidth for OPT-30B's shapes.
+Prints one line per case."""
 import sys
 
 import torch
@@ -42,4 +43,18 @@ for name in ("opt-1.3b", "smollm2-135m", "bloom-560m"):
         diff = (out.last_logits - ref.last_logits).abs().max().item()
         ok &= same and diff < 0.05
         print(f"{name:14s} {case:32s}: tokens identical {same}, last logits max diff {diff:.2e}")
+    # The 8-bit cache: on the GPU (Triton dequantization) against offloaded with each attention
+    ref = Engine(cfg, weights, dev, torch.float16, 2, kv_quant=(8, 64)).generate(ids, mask, params, set(), 0)
+    for case, attention in (("8-bit, cpu attention", "cpu"), ("8-bit, gpu attention", "gpu"),
+                            ("8-bit, adaptive split", "auto")):
+        opts = KVOffload(True, True, attention, gpu_fraction=0.5 if attention == "auto" else None, quant_bits=8)
+        engine = Engine(cfg, weights, dev, torch.float16, 2, kv_offload=opts)
+        out = engine.generate(ids, mask, params, set(), 0)
+        history = engine.offloaded_cache.split.history if engine.offloaded_cache.split else None
+        engine.close()
+        same = out.tokens == ref.tokens
+        diff = (out.last_logits - ref.last_logits).abs().max().item()
+        ok &= same and diff < 0.05
+        print(f"{name:14s} {case:32s}: tokens identical {same}, last logits max diff {diff:.2e}"
+              + (f", GPU parts per step {history}" if history else ""))
 sys.exit(0 if ok else 1)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from offloadgen.checkpoint import SafetensorsFolder
@@ -160,12 +160,16 @@ def test_device_and_offloaded_quantized_caches_agree(tiny, variant, bits):
     """The same quantized keys and values, read by SDPA after the GPU path's dequantization or by
     the CPU kernel in place, give the same tokens; and they are quantized (not the float cache)."""
     _, path = tiny(variant)
-    plain, _ = run(path)
-    device, engine = run(path, kv_quant=(bits, 16))
+    plain, _ = run(path, new_tokens=4)
+    device, engine = run(path, new_tokens=4, kv_quant=(bits, 16))
     assert engine.new_cache(4, 8).k[0].dtype == torch.uint8
     for attention in ("cpu", "gpu"):
-        out, engine = run(path, kv_offload=KVOffload(attention=attention, quant_bits=bits, quant_group_size=16))
+        out, engine = run(path, new_tokens=4,
+                          kv_offload=KVOffload(attention=attention, quant_bits=bits, quant_group_size=16))
         assert engine.offloaded_cache.k[0][0].dtype == torch.uint8
         assert out.tokens == device.tokens
-        torch.testing.assert_close(out.last_logits, device.last_logits, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(device.last_logits, plain.last_logits)
+        # Measured 4e-7 apart (float32 rounding of two attentions), now and then 5e-5, when a new
+        # value lands on the other side of a rounding boundary and its code moves a whole step;
+        # quantizing itself moves these logits by 1e-3 or more.
+        torch.testing.assert_close(out.last_logits, device.last_logits, rtol=2e-4, atol=2e-4)
+    assert (device.last_logits - plain.last_logits).abs().max() > 5e-4

@@ -99,6 +99,8 @@ def _workspace(slot_splits: int, item_splits: int, end: int, b: int, h: int, r: 
 def _attend_numba(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: torch.Tensor,
                   splits: tuple[int, int] | None = None, quant=None) -> torch.Tensor:
     """splits: (slot ranges, item ranges), chosen for the thread count unless given (tests)."""
+    if not (k.is_contiguous() and v.is_contiguous()):
+        raise ValueError("the CPU kernel reads whole contiguous caches (a strided view would be copied)")
     nb = _numba()
     threads = nb.set_threads(torch.get_num_threads())  # the pool size PyTorch was given (OMP_NUM_THREADS)
     b, h, _, d = qf.shape
