@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import offloadgen
@@ -50,3 +51,12 @@ def test_eos_and_stop_strings_end_a_row():
     llm.tokenizer.eos_token_ids = {free.token_ids[1]}
     [d] = llm.generate(["abc"], SamplingParams(max_new_tokens=8))
     assert d.finish_reason == "stop" and len(d.token_ids) <= 1
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+def test_nan_and_infinite_sampling_values_are_refused(field):
+    from offloadgen.errors import OffloadgenError
+    from offloadgen.sampling import SamplingParams
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(OffloadgenError, match=f"{field} must be a finite number"):
+            SamplingParams(**{field: bad})

@@ -1,6 +1,7 @@
 """Choosing the next token from logits: greedy, temperature, top-k, top-p."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,9 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise OffloadgenError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
+        for name in ("temperature", "top_p"):
+            if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
+                raise OffloadgenError(f"{name} must be a finite number (got {getattr(self, name)})")
         if self.temperature < 0:
             raise OffloadgenError(f"temperature must be >= 0 (got {self.temperature})")
         if not 0 < self.top_p <= 1:
