@@ -6,14 +6,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .layers import StepInputs, alibi_slopes, attention_mask, layer_norm, linear
+from .layers import OneKVHeadPerHead, StepInputs, alibi_slopes, attention_mask, layer_norm, linear
 
 FAMILY = "bloom"
 MODEL_TYPES = ("bloom",)
 
 
 @dataclass
-class BloomConfig:
+class BloomConfig(OneKVHeadPerHead):
     hidden_size: int = 1024
     n_layers: int = 24
     n_heads: int = 16
@@ -28,14 +28,6 @@ class BloomConfig:
     dtype: str = "float16"
     model_type: str = "bloom"
     family: str = field(default=FAMILY, init=False)
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.n_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
 
 
 PRESETS = {

@@ -45,6 +45,19 @@ class StepInputs:
         return self.start + self.length
 
 
+class OneKVHeadPerHead:
+    """Config mixin of families without grouped-query attention (OPT, BLOOM): every query head has
+    its own key/value head, and heads split the hidden size evenly."""
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+
 def attention_mask(step: StepInputs, dtype: torch.dtype, sliding_window: int | None = None) -> torch.Tensor:
     """Additive mask [B, 1, t, S]: causal, padding keys hidden, optional sliding window.
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import OffloadgenError
-from .layers import StepInputs, attention_mask, layer_norm, linear
+from .layers import OneKVHeadPerHead, StepInputs, attention_mask, layer_norm, linear
 
 FAMILY = "opt"
 MODEL_TYPES = ("opt",)
@@ -20,7 +20,7 @@ POSITION_OFFSET = 2  # OPT's position table starts with two unused rows
 
 
 @dataclass
-class OPTConfig:
+class OPTConfig(OneKVHeadPerHead):
     hidden_size: int = 768
     ffn_dim: int = 3072
     n_layers: int = 12
@@ -46,14 +46,6 @@ class OPTConfig:
             self.word_embed_proj_dim = self.hidden_size
         if self.activation not in ("relu", "gelu"):
             raise OffloadgenError(f"OPT activation {self.activation!r} is not supported (relu, gelu)")
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.n_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
 
     @property
     def projected(self) -> bool:
