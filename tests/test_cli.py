@@ -118,3 +118,15 @@ def test_requests_beyond_the_planned_limits_are_refused():
     assert llm.generate(["a", "b"], SamplingParams(max_new_tokens=4))
     # more prompts than planned slots: continuous batching queues them
     assert len(llm.generate(["a", "b", "c"], SamplingParams(max_new_tokens=2))) == 3 and llm._batcher.slots == 2
+
+
+@pytest.mark.parametrize("argv,needle", [(["generate", "--gpu-memory", "1e400"], "not a usable size"),
+                                         (["generate", "--seed", "1e23"], "invalid int value"),
+                                         (["bench", "--quant-bits", "3"], "invalid choice"),
+                                         (["plan", "--no-such-flag"], "unrecognized arguments")])
+def test_bad_flags_are_one_line_and_exit_2(capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("offloadgen: error:") and needle in err[0], err

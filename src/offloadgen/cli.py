@@ -143,8 +143,16 @@ def _run_job(llm, args, sampling) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags are one line and exit 2, like every other refusal (`--help` shows the usage)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("offloadgen").strip()
+        self.exit(2, f"offloadgen: error: {command + ': ' if command else ''}{message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="offloadgen", description=__doc__)
+    parser = _Parser(prog="offloadgen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     try:
