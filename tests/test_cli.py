@@ -130,3 +130,28 @@ def test_bad_flags_are_one_line_and_exit_2(capsys, argv, needle):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("offloadgen: error:") and needle in err[0], err
+
+
+def test_what_a_hostile_pass_found_is_one_line(capsys, tmp_path):
+    # a seed torch cannot take, plan on the CPU, an output that cannot be sought, a folder as input
+    one_line_error(*run(capsys, "generate", "opt-125m", "--dummy", "--prompt", "hi", "--seed",
+                        "99999999999999999999999")[::2], "seed must be a whole number that fits in 64 bits")
+    one_line_error(*run(capsys, "plan", "opt-125m", "--dummy", "--device", "cpu")[::2], "plan predicts a run on a GPU")
+    one_line_error(*run(capsys, "generate", "opt-125m", "--dummy", "--prompt", "hi", "--max-new-tokens", "2",
+                        "--output", "/proc/version")[::2], "/proc/version")
+    one_line_error(*run(capsys, "generate", "opt-125m", "--dummy", "--input", str(tmp_path), "--output",
+                        str(tmp_path / "o.jsonl"))[::2], "a folder")
+    one_line_error(*run(capsys, "generate", "opt-125m", "--dummy", "--prompt", "hi", "--prefill-chunk", "0")[::2],
+                   "--prefill-chunk must be at least 1; got 0")
+    one_line_error(*run(capsys, "plan", "opt-125m", "--dummy", "--cpu-offload", "--quant-bits", "4",
+                        "--quant-group-size", "100000")[::2], "--quant-group-size 100000")
+
+
+def test_a_job_line_with_a_seed_torch_cannot_take_is_its_error(capsys, tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"prompt": "a", "seed": 99999999999999999999999}\n{"prompt": "b"}\n')
+    code, _, err = run(capsys, "generate", "opt-125m", "--dummy", "--input", str(src), "--output", str(dst),
+                       "--max_new_tokens", "2")  # the underscore spelling too
+    assert code == 0, err
+    rows = {r["line"]: r for r in map(json.loads, dst.read_text().splitlines())}
+    assert "seed must be a whole number" in rows[1]["error"] and rows[2]["tokens"] == 2

@@ -16,7 +16,7 @@ if "HF_HUB_OFFLINE" not in os.environ:
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from .errors import OffloadgenError  # noqa: E402
-from .flags import add_model_flags, add_run_flags, config_from_args, size  # noqa: E402
+from .flags import add_model_flags, add_run_flags, config_from_args, flag, size  # noqa: E402
 
 
 def _add_generate(sub):
@@ -30,13 +30,13 @@ def _add_generate(sub):
     src.add_argument("--input", help="JSONL file: one {'prompt': ...} or {'messages': [...]} per line, optional 'id'")
     p.add_argument("--output", help="JSONL file for the results, appended; rerunning resumes (default: stdout)")
     p.add_argument("--ordered", action="store_true", help="rewrite --output in input order at the end")
-    p.add_argument("--output-format", choices=["jsonl", "openai-batch"], default="jsonl",
+    flag(p, "--output-format", choices=["jsonl", "openai-batch"], default="jsonl",
                    help="--output records: offloadgen's (default) or the OpenAI Batch API's output lines")
     add_sampling_flags(p)
-    p.add_argument("--batch-size", type=int, default=16,
+    flag(p, "--batch-size", type=int, default=16,
                    help="sequence slots: prompts in flight at once; a finished one's slot takes the next (default 16)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per pass, at most (default 512)")
-    p.add_argument("--max-seq-len", type=int, default=None,
+    flag(p, "--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per pass, at most (default 512)")
+    flag(p, "--max-seq-len", type=int, default=None,
                    help="longest prompt + new tokens to plan GPU memory for (default: from --prompt, or 2048 with --input)")
     add_run_flags(p)
     p.set_defaults(func=cmd_generate)
@@ -44,12 +44,12 @@ def _add_generate(sub):
 
 def add_sampling_flags(p) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    flag(g, "--max-new-tokens", type=int, default=64)
+    flag(g, "--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    flag(g, "--top-k", type=int, default=0)
+    flag(g, "--top-p", type=float, default=1.0)
+    flag(g, "--seed", type=int, default=None)
+    flag(g, "--stop", action="append", default=[], help="stop string (repeatable)")
 
 
 def cmd_generate(args) -> int:
@@ -62,12 +62,18 @@ def cmd_generate(args) -> int:
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, stop=args.stop)
     config = config_from_args(args, max_batch_size=args.batch_size).validate()
+    for name in ("prefill_chunk", "max_seq_len"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise OffloadgenError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
     # Everything that can be wrong with the input is found before any weight is loaded.
     checkpoint = open_checkpoint(args.model, dummy=args.dummy)
     tokenizer = checkpoint.tokenizer()
     if args.input:
         if not Path(args.input).is_file():
-            raise OffloadgenError(f"--input {args.input}: no such file")
+            what = "a folder" if Path(args.input).is_dir() else "not a regular file (jobs resume by reading it again)" \
+                if Path(args.input).exists() else "no such file"
+            raise OffloadgenError(f"--input {args.input}: {what}")
         if not args.output:
             raise OffloadgenError("--input needs --output (a JSONL file; rerunning with it resumes)")
         from .jobs import open_job
@@ -193,6 +199,7 @@ def cmd_plan(args) -> int:
     from .checkpoint import open_checkpoint
     from .machine import available_host_memory, default_gpu_budget, load_calibration
     from .plan import plan_table, print_plan
+    from .runtime import check_model_settings
     from .quant import QuantConfig
 
     try:
@@ -204,10 +211,14 @@ def cmd_plan(args) -> int:
     for name in ("prompt_len", "gen_len"):
         if getattr(args, name) < 1:
             raise OffloadgenError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    if args.device is not None and not str(args.device).startswith("cuda"):
+        raise OffloadgenError("plan predicts a run on a GPU; a --device cpu run keeps every weight on the CPU, with "
+                              "nothing to place (drop --device cpu)")
     checkpoint = open_checkpoint(args.model, dummy=args.dummy)  # reads config.json and headers only
     budget = args.gpu_memory or (default_gpu_budget(torch.device("cuda")) if torch.cuda.is_available() else 16 << 30)
     config = config_from_args(args, gpu_memory=budget, max_seq_len=args.prompt_len + args.gen_len,
                               max_prompt_len=args.prompt_len).validate()
+    check_model_settings(config, checkpoint.cfg)  # once, not on every row of the table
     host = args.cpu_memory or available_host_memory()
     cal = load_calibration(args.h2d_bandwidth)
     rows = plan_table(config, checkpoint.cfg, batches, cal, host)
@@ -242,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     except OffloadgenError as e:
         if rank == "0":  # under torchrun every rank finds the same fault; one says it
             print(f"offloadgen: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine refused (a file that cannot be written or sought, a full disk)
+        if rank == "0":
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"offloadgen: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("offloadgen: interrupted", file=sys.stderr)

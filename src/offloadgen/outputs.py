@@ -170,8 +170,9 @@ class JobOutput:
         data = b"".join(encode_record(r) for r in records)
         if not data:
             return
-        start = os.lseek(self.fd, 0, os.SEEK_END) if self.regular else None
+        start = None
         try:
+            start = os.lseek(self.fd, 0, os.SEEK_END) if self.regular else None
             view = memoryview(data)
             while view:
                 view = view[os.write(self.fd, view):]

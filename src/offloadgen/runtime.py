@@ -90,16 +90,13 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
     not given. A CPU run has nothing to plan but where weights on disk are read into."""
     config.validate()
     world = world or World()
+    check_model_settings(config, model_cfg)
     quant = QuantConfig(config.quant_bits, config.quant_group_size) if config.quant_bits != 16 else None
-    if quant is not None:
-        check_group_size(quant, model_cfg)
     dtype = resolve_dtype(config.dtype, device, model_cfg)
     elem = torch.empty((), dtype=dtype).element_size()
     max_len = min(config.max_seq_len or DEFAULT_PLANNED_SEQ_LEN, model_cfg.max_position)
     prompt_len = min(config.max_prompt_len or max_len, max_len)
     kv_bits = config.kv_quant() or (None, 64)
-    if config.kv_quant():  # refuse groups that fit neither the head size nor whole heads, before loading
-        KVQuant(*kv_bits, *family_of(model_cfg).kv_heads(model_cfg))
     kv = KVOffload(pinned=config.kv_pinned(), async_write=config.kv_async(), attention=config.kv_attention,
                    quant_bits=kv_bits[0], quant_group_size=kv_bits[1]) if config.kv_offload else None
     plan = RunPlan(config, model_cfg, device, dtype, quant, None, None, max_len, prompt_len, kv, world=world)
@@ -131,6 +128,18 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
     if plan.placement.streamed or plan.placement.pooled or kv is not None:
         check_host_memory(plan.placement, host_available, quantized=quant is not None, ranks_per_node=world.local_size)
     return plan
+
+
+def check_model_settings(config: RunConfig, model_cfg) -> None:
+    """Settings that are valid on their own but not for this model: a weight quantization group
+    that does not divide its rows, a KV group that fits neither its head size nor whole heads."""
+    if config.quant_bits != 16:
+        check_group_size(QuantConfig(config.quant_bits, config.quant_group_size), model_cfg)
+    if config.kv_quant():
+        try:
+            KVQuant(*config.kv_quant(), *family_of(model_cfg).kv_heads(model_cfg))
+        except OffloadgenError as e:
+            raise OffloadgenError(f"--kv-quant-group-size {config.kv_quant_group_size}: {e}") from None
 
 
 def check_host_memory(placement: Placement, available: int | None = None, quantized: bool = False,

@@ -25,6 +25,9 @@ class SamplingParams:
         for name in ("temperature", "top_p"):
             if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
                 raise OffloadgenError(f"{name} must be a finite number (got {getattr(self, name)})")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -2**63 <= self.seed < 2**64):
+            raise OffloadgenError(f"seed must be a whole number that fits in 64 bits (got {self.seed!r})")
         if self.temperature < 0:
             raise OffloadgenError(f"temperature must be >= 0 (got {self.temperature})")
         if not 0 < self.top_p <= 1:
