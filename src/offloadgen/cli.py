@@ -211,7 +211,7 @@ def cmd_plan(args) -> int:
     for name in ("prompt_len", "gen_len"):
         if getattr(args, name) < 1:
             raise OffloadgenError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
-    if args.device is not None and not str(args.device).startswith("cuda"):
+    if args.device == "cpu":
         raise OffloadgenError("plan predicts a run on a GPU; a --device cpu run keeps every weight on the CPU, with "
                               "nothing to place (drop --device cpu)")
     checkpoint = open_checkpoint(args.model, dummy=args.dummy)  # reads config.json and headers only
