@@ -19,11 +19,8 @@ import offloadgen  # noqa: E402
 from offloadgen.engine import Engine  # noqa: E402
 from offloadgen.sampling import SamplingParams  # noqa: E402
 
-PROMPTS = ["Paris is the capital city of", "The three primary colors are", "def fibonacci(n):",
-           "Water boils at a temperature of", "The largest planet in the solar system is",
-           "Once upon a time, in a small village,", "To make a cup of tea, first", "import numpy as np\n",
-           "The French Revolution began in", "Photosynthesis is the process by which"]
-N = 32
+sys.path.insert(0, "benchmarks")
+from quant_accuracy import N, PROMPTS  # noqa: E402  (the same prompts as the weights' table)
 
 
 def engine_with(base, kv_quant):

@@ -50,16 +50,21 @@ def prompt_logits(llm):
     return logits[mask.bool()]
 
 
-with torch.inference_mode():
-    base = offloadgen.load(device="cpu", progress=False)
-    ref_tokens, ref_logits = run(base), prompt_logits(base)
-    print(f"{'bits':>4s} {'group':>5s} {'logits rel. error':>17s} {'prompts identical (32 tok)':>27s} {'mean agreeing prefix':>21s}")
-    for bits in (8, 4):
-        for group in (32, 64, 128):
-            llm = offloadgen.load(device="cpu", progress=False, quant_bits=bits, quant_group_size=group,
-                                  tokenizer=base.tokenizer)
-            tokens, logits = run(llm), prompt_logits(llm)
-            rel = ((logits - ref_logits).norm() / ref_logits.norm()).item()
-            prefix = [next((j for j, (a, b) in enumerate(zip(t, r)) if a != b), N) for t, r in zip(tokens, ref_tokens)]
-            same = sum(p == N for p in prefix)
-            print(f"{bits:4d} {group:5d} {rel:17.4f} {same:>21d}/{len(PROMPTS):<5d} {sum(prefix) / len(prefix):18.1f}/{N}")
+def main():
+    with torch.inference_mode():
+        base = offloadgen.load(device="cpu", progress=False)
+        ref_tokens, ref_logits = run(base), prompt_logits(base)
+        print(f"{'bits':>4s} {'group':>5s} {'logits rel. error':>17s} {'prompts identical (32 tok)':>27s} {'mean agreeing prefix':>21s}")
+        for bits in (8, 4):
+            for group in (32, 64, 128):
+                llm = offloadgen.load(device="cpu", progress=False, quant_bits=bits, quant_group_size=group,
+                                      tokenizer=base.tokenizer)
+                tokens, logits = run(llm), prompt_logits(llm)
+                rel = ((logits - ref_logits).norm() / ref_logits.norm()).item()
+                prefix = [next((j for j, (a, b) in enumerate(zip(t, r)) if a != b), N) for t, r in zip(tokens, ref_tokens)]
+                same = sum(p == N for p in prefix)
+                print(f"{bits:4d} {group:5d} {rel:17.4f} {same:>21d}/{len(PROMPTS):<5d} {sum(prefix) / len(prefix):18.1f}/{N}")
+
+
+if __name__ == "__main__":  # kv_quant_accuracy.py imports its prompts
+    main()
