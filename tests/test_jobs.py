@@ -132,7 +132,9 @@ def test_lines_set_their_own_sampling_and_records_come_as_requests_end(tmp_path,
     rows = [json.loads(x) for x in dst.read_text().split("\n") if x]
     by_id = {r["id"]: r for r in rows}
     assert "top_p" in by_id["bad"]["error"] and "must be a number" in by_id["bad2"]["error"] and s.errors == 2
-    assert [r["id"] for r in rows if "text" in r][-1] == "long" and [r["id"] for r in rows if "text" in r][0] == "short"
+    # A job starts the longest max_tokens first: "long" and "flags" take the two slots; "flags"
+    # ends first though asked third, "long" last though asked first.
+    assert [r["id"] for r in rows if "text" in r][-1] == "long" and [r["id"] for r in rows if "text" in r][0] == "flags"
     assert (by_id["long"]["tokens"], by_id["short"]["tokens"], by_id["flags"]["tokens"]) == (12, 2, 5)
     alone = llm.generate(["dddd"], SamplingParams(max_new_tokens=4, temperature=0.8, top_p=0.9, top_k=40, seed=3,
                                                   ignore_eos=True))[0]

@@ -267,3 +267,32 @@ def test_a_quantized_kv_cache_under_the_batcher_equals_the_prompt_alone(tiny, kv
     assert [h.output_ids for h in handles] == ref
     stored = batcher.cache.k[0] if kv is None else batcher.cache.k[0][0]
     assert stored.dtype == torch.uint8  # the cache really is quantized
+
+
+def test_longest_first_admission_ends_the_job_in_fewer_passes(tiny):
+    """Two slots, outputs 2, 2, 2, 2, 12 in arrival order. FIFO runs the 12 last, alone for most of
+    the job; longest-first starts it at once and fills the other slot with the short ones, so the
+    job takes fewer passes at higher occupancy, and every output is still its prompt's alone."""
+    _, path = tiny("llama2-mha")
+    reqs, lens = prompts(5)[:5], [2, 2, 2, 2, 12]
+    runs = {}
+    for order in ("fifo", "longest"):
+        batcher = ContinuousBatcher(engine_for(path, micro_batch=None), 2, 40, 64, admission=order)
+        handles = [batcher.submit(ids, greedy(n)) for ids, n in zip(reqs, lens)]
+        batcher.step()
+        long_started_first = handles[4].slot is not None
+        while batcher.has_work():
+            batcher.step()
+        runs[order] = (batcher.stats, [h.output_ids for h in handles], long_started_first)
+    fifo, longest = runs["fifo"][0], runs["longest"][0]
+    assert runs["longest"][2] and not runs["fifo"][2]  # the long one, last in, in the first pass
+    assert longest.passes < fifo.passes and longest.slot_occupancy > fifo.slot_occupancy
+    assert runs["fifo"][1] == runs["longest"][1]
+    engine = engine_for(path, micro_batch=None)
+    assert runs["longest"][1][4] == alone(engine, reqs[4], greedy(12))
+
+
+def test_an_unknown_admission_order_is_refused(tiny):
+    _, path = tiny("llama2-mha")
+    with pytest.raises(Exception, match="admission order 'lifo'"):
+        ContinuousBatcher(engine_for(path, micro_batch=None), 2, 40, 64, admission="lifo")

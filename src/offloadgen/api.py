@@ -99,15 +99,16 @@ class LLM:
             raise OffloadgenError(f"prompt of {longest} tokens + {new_tokens} new tokens exceeds "
                                   f"the model's context of {self.cfg.max_position} tokens")
 
-    def batcher(self, slots: int, max_len: int, prefill_chunk: int = 512):
+    def batcher(self, slots: int, max_len: int, prefill_chunk: int = 512, admission: str = "longest"):
         """The model's continuous batcher: made once and kept while it fits, so its KV cache is
-        allocated (and pinned) once, not per call."""
+        allocated (and pinned) once, not per call. Offline work (a list of prompts, a job) admits
+        the longest max_new_tokens first: see scheduler's note."""
         from .scheduler import ContinuousBatcher
         b = self._batcher
         if b is None or b.slots != slots or b.max_len < max_len or b.active_slots or b.queue_length:
             self._batcher = None  # the old cache goes before the new one is made
-            b = self._batcher = ContinuousBatcher(self, slots, max_len, prefill_chunk)
-        b.prefill_chunk = prefill_chunk
+            b = self._batcher = ContinuousBatcher(self, slots, max_len, prefill_chunk, admission=admission)
+        b.prefill_chunk, b.admission = prefill_chunk, admission
         return b
 
     def generate(self, prompts: list[str] | str, sampling: SamplingParams | None = None, *,

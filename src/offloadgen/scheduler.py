@@ -13,14 +13,21 @@ next token at slot len and attends over its own keys (StepInputs.write_slots). A
 is a whole cache part; rows of it with nothing to decode are parked on the cache's spare last slot.
 In every layer the decode micro-batches run before the prompt chunks.
 
+Admission order: "fifo" (a server: first come, first served) or "longest" (an offline job, whose
+requests are all known: the longest max_new_tokens first). Longest-first is the classic
+makespan heuristic: the short requests fill the slots the long ones leave at the end, instead of
+the end of the job running on a few long rows with the other slots empty. With uniform output
+lengths 8:256 over 256 requests and 64 slots it keeps about 98% of slots busy against 78% FIFO
+(simulated; benchmarks/RESULTS.md has the measured figures).
+
 submit() and cancel() may be called from any thread; step() from the one thread that owns the device.
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,6 +39,7 @@ from .models.layers import StepInputs
 from .sampling import SamplingParams, sample
 
 _next_id = itertools.count()
+ADMISSION_ORDERS = ("fifo", "longest")
 
 
 @dataclass(eq=False)
@@ -101,16 +109,21 @@ class BatcherStats:
 
 class ContinuousBatcher:
     def __init__(self, engine_or_llm, slots: int, max_len: int, prefill_chunk: int = 512, *,
-                 tokenizer=None, eos_token_ids=None, stop_check: Callable[[Request], bool] | None = None):
+                 tokenizer=None, eos_token_ids=None, stop_check: Callable[[Request], bool] | None = None,
+                 admission: str = "fifo"):
         """engine_or_llm: an Engine, or an LLM (its engine, tokenizer and EOS ids). max_len: the
         longest sequence (prompt + new tokens) a slot holds. Stop strings are checked with
-        stop_check(request) if given, else on the tokenizer's text; without either they are ignored."""
+        stop_check(request) if given, else on the tokenizer's text; without either they are ignored.
+        admission: "fifo" or "longest" (see the module's note)."""
         self.engine = getattr(engine_or_llm, "engine", engine_or_llm)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(engine_or_llm, "tokenizer", None)
         self._eos = None if eos_token_ids is None else set(eos_token_ids)
         self.stop_check = stop_check
         if slots < 1 or max_len < 1 or prefill_chunk < 1:
             raise OffloadgenError("slots, max_len and prefill_chunk must be at least 1")
+        if admission not in ADMISSION_ORDERS:
+            raise OffloadgenError(f"admission order {admission!r}: expected one of {', '.join(ADMISSION_ORDERS)}")
+        self.admission = admission
         if max_len > self.engine.cfg.max_position:
             raise OffloadgenError(f"max_len {max_len} exceeds the model's context of "
                                   f"{self.engine.cfg.max_position} tokens")
@@ -122,7 +135,7 @@ class ContinuousBatcher:
         self.slots, self.max_len, self.prefill_chunk = slots, max_len, prefill_chunk
         self.stats = BatcherStats(slots)
         self._lock = threading.Lock()
-        self._waiting: deque[Request] = deque()
+        self._waiting: list[Request] = []  # in admission order
         self._cancelled: set[Request] = set()
         self._admitting = True
         t0 = time.perf_counter()
@@ -158,8 +171,14 @@ class ContinuousBatcher:
         req = Request(list(prompt_ids), sampling, next(_next_id) if request_id is None else request_id,
                       submitted_at=time.perf_counter())
         with self._lock:
-            self._waiting.append(req)
+            if self.admission == "longest":  # after those of its length already waiting: stable
+                bisect.insort_right(self._waiting, req, key=self._longest_first)
+            else:
+                self._waiting.append(req)
         return req
+
+    def _longest_first(self, req: Request) -> int:
+        return -min(req.sampling.max_new_tokens, self.max_len - len(req.prompt_ids))
 
     def cancel(self, request: Request) -> None:
         with self._lock:
@@ -236,7 +255,7 @@ class ContinuousBatcher:
         for r in active:
             r.output_ids, r.slot, r.prefilled, r.first_token_at, r.refill = [], None, 0, None, None
         with self._lock:
-            self._waiting.extendleft(reversed(active))
+            self._waiting[0:0] = active
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self._build()
@@ -261,7 +280,7 @@ class ContinuousBatcher:
                 outputs.append(RequestOutput(req, [], True, "cancelled"))
             free = [s for s, r in enumerate(self.rows) if r is None]
             while self._admitting and self._waiting and free:
-                self._admit(free.pop(0), self._waiting.popleft())
+                self._admit(free.pop(0), self._waiting.pop(0))
         return outputs
 
     def _recompute_where_due(self) -> None:

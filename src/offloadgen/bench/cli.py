@@ -39,6 +39,8 @@ def add_workload_flags(p) -> None:
     flag(g, "--output-len", default="8:256", help="synthetic workload: new tokens, MIN:MAX (uniform)")
     flag(g, "--workload-seed", type=int, default=0)
     flag(g, "--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per pass, at most")
+    flag(g, "--admission", choices=("longest", "fifo"), default="longest",
+         help="order waiting requests start in: longest output first (what jobs do), or arrival (what serve does)")
     flag(g, "--compare-static", action="store_true", help="also run the workload as static batches")
     flag(g, "--static-only", action="store_true", help="run the workload as static batches only")
     flag(g, "--static-part", default="1/1", help="K/N: only the K-th of N runs of consecutive static batches "

@@ -89,11 +89,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_continuous(llm, items: list[WorkItem], slots: int, prefill_chunk: int, ignore_eos: bool) -> dict:
+def run_continuous(llm, items: list[WorkItem], slots: int, prefill_chunk: int, ignore_eos: bool,
+                   admission: str = "longest") -> dict:
     """Every request through one ContinuousBatcher; its cache is made before the clock starts."""
     from ..scheduler import ContinuousBatcher
     max_len = max(len(it.prompt_ids) + it.output_len for it in items)
-    batcher = ContinuousBatcher(llm, slots, max_len, prefill_chunk)
+    batcher = ContinuousBatcher(llm, slots, max_len, prefill_chunk, admission=admission)
     _sync(llm.device)
     t0 = time.perf_counter()
     reqs = [batcher.submit(it.prompt_ids, SamplingParams(max_new_tokens=it.output_len, ignore_eos=ignore_eos))
@@ -109,6 +110,7 @@ def run_continuous(llm, items: list[WorkItem], slots: int, prefill_chunk: int, i
             "passes": s.passes, "pass_s": s.mean_pass_s, "slot_occupancy": s.slot_occupancy,
             "decode_occupancy": s.decode_occupancy, "mean_context": s.mean_context,
             "attended_context": s.attended_context, "cache_alloc_s": batcher.cache_seconds, "prefill_chunk": prefill_chunk,
+            "admission": admission,
             "ttft_s_p50": ttft[len(ttft) // 2], "latency_s_p50": latency[len(latency) // 2],
             "latency_s_max": latency[-1]}
 
@@ -164,13 +166,14 @@ def _rates(run: dict, prompt_tokens: int, n: int) -> dict:
 
 
 def run_workload(llm, items: list[WorkItem], slots: int, prefill_chunk: int, ignore_eos: bool,
-                 modes: tuple[str, ...] = ("continuous",), static_part: tuple[int, int] = (1, 1)) -> dict:
+                 modes: tuple[str, ...] = ("continuous",), static_part: tuple[int, int] = (1, 1),
+                 admission: str = "longest") -> dict:
     """The record: the workload, then each mode's figures (static ones prefixed static_)."""
     prompt_tokens = sum(len(it.prompt_ids) for it in items)
     record = {"requests": len(items), "prompt_tokens": prompt_tokens,
               "requested_output_tokens": sum(it.output_len for it in items), "slots": slots}
     if "continuous" in modes:
-        run = run_continuous(llm, items, slots, prefill_chunk, ignore_eos)
+        run = run_continuous(llm, items, slots, prefill_chunk, ignore_eos, admission)
         record.update(run, **_rates(run, prompt_tokens, len(items)))
     if "static" in modes:
         run = run_static(llm, items, slots, ignore_eos, static_part)
@@ -215,7 +218,7 @@ def cmd_workload(args, out=None) -> dict:
     startup = time.perf_counter() - t0
     with llm:
         record = run_workload(llm, items, args.batch_size, args.prefill_chunk, ignore_eos=args.dummy, modes=modes,
-                              static_part=parse_part(args.static_part))
+                              static_part=parse_part(args.static_part), admission=args.admission)
     record = {"system": "offloadgen", "kind": "workload", "version": __version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
               "model": args.model, "dummy": args.dummy, "workload": args.workload, "input_len": args.input_len,
@@ -235,7 +238,8 @@ def summary(r: dict) -> str:
     if "elapsed_s" in r:
         lines.append(f"continuous: {r['elapsed_s']:.1f} s, {r['output_throughput']:.1f} output tokens/s, "
                      f"{r['total_throughput']:.1f} total tokens/s, {r['requests_per_s']:.2f} requests/s; "
-                     f"{r['passes']} passes of {r['pass_s']:.3f} s, slot occupancy {r['slot_occupancy']:.1%}, "
+                     f"{r['passes']} passes of {r['pass_s']:.3f} s, slot occupancy {r['slot_occupancy']:.1%} "
+                     f"({r.get('admission', 'fifo')} first), "
                      f"mean context {r['mean_context']:.0f}; cache made in {r['cache_alloc_s']:.1f} s")
     if "static_elapsed_s" in r:
         lines.append(f"static:     {r['static_elapsed_s']:.1f} s, {r['static_output_throughput']:.1f} output tokens/s, "
