@@ -71,7 +71,12 @@ def test_quantized_bench_names_its_log_w_quant(tmp_path, monkeypatch):
 
 
 def test_bench_with_the_kv_cache_in_cpu_memory(tmp_path, monkeypatch):
+    """... and the cache is made once, at start-up: the timed generation reuses it."""
+    from offloadgen.engine import Engine
     monkeypatch.chdir(tmp_path)
+    made = []
+    real_new_cache = Engine.new_cache
+    monkeypatch.setattr(Engine, "new_cache", lambda self, *a: made.append(real_new_cache(self, *a)) or made[-1])
     assert main(["bench", "--model", "opt-125m", "--dummy", "--batch-size", "4", "--prompt-len", "32", "--gen-len", "4",
                  "--kv-offload", "--micro-batch-size", "2", "--loops", "1", "--dtype", "float32", "--verbose", "0"]) == 0
     rec = json.loads((tmp_path / "ds-opt-125m-bs4-prompt32-gen4-n1x1-gpu-kv_offload.jsonl").read_text())
@@ -80,6 +85,15 @@ def test_bench_with_the_kv_cache_in_cpu_memory(tmp_path, monkeypatch):
     # every decode step reads the whole cache so far: 12 layers x 4 rows x 33-35 slots x 768 x 2 (k, v) x 4 bytes
     per_step = kv["per_decode_step"]["cpu_cache_read_bytes"]
     assert 2 * 12 * 4 * 33 * 768 * 4 <= per_step <= 2 * 12 * 4 * 35 * 768 * 4
+    assert rec["kv_cache_alloc_s"] > 0 and len(made) == 2 and made[0] is made[1]  # start-up's, then reused
+
+
+def test_a_bench_without_kv_offload_makes_no_cache_at_start_up(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--model", "opt-125m", "--dummy", "--batch-size", "2", "--prompt-len", "32", "--gen-len", "2",
+                 "--loops", "1", "--dtype", "float32", "--verbose", "0"]) == 0
+    rec = json.loads((tmp_path / "ds-opt-125m-bs2-prompt32-gen2-n1x1-gpu.jsonl").read_text())
+    assert rec["kv_cache_alloc_s"] is None
 
 
 def test_dummy_weights_take_every_prompt_len_the_reference_takes(tmp_path, monkeypatch):

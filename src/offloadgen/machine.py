@@ -93,6 +93,23 @@ def device_memory_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats
     return rate
 
 
+def dense_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float16, n: int = 8192,
+                       repeats: int = 10) -> float:
+    """FLOP/s of an n x n x n matmul on the device: what a compute-bound prefill can reach."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize(device)
+    rate = 2 * n ** 3 * repeats / (time.perf_counter() - t0)
+    del a, b
+    torch.cuda.empty_cache()
+    return rate
+
+
 def cpu_read_bandwidth(nbytes: int = 2 << 30, repeats: int = 3) -> float:
     """Bytes/s that the CPU cores together read from RAM (a sum over a buffer far larger than the
     caches): the physical limit of attention computed on the CPU."""

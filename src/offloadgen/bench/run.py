@@ -22,7 +22,7 @@ from .. import __version__, distributed
 from ..checkpoint import open_checkpoint
 from ..config import RunConfig
 from ..errors import OffloadgenError
-from ..machine import GiB, cpu_read_bandwidth, h2d_bandwidth, page_cache_bytes
+from ..machine import GiB, cpu_read_bandwidth, dense_matmul_flops, h2d_bandwidth, page_cache_bytes
 from ..metrics import RunMetrics
 from ..models import param_count
 from ..offload.pinned import zero_copy_used
@@ -105,6 +105,12 @@ def run_generation(run: RunConfig, w: Workload, out=None) -> dict | None:
     input_ids, mask = bench_inputs(tokenizer, rows.stop - rows.start, w.prompt_len)  # refused before loading
     bandwidth = h2d_bandwidth(device)
     rt = build_runtime(config, world, checkpoint, tokenizer, h2d_bytes_s=bandwidth and bandwidth["best"])
+    if rt.engine.kv_offload is not None:
+        # The CPU-RAM cache is made (and pinned) at start-up, as a job's batcher makes it: pinning
+        # 67 GB took most of a first prefill's 33-52 s, where a second loop's took 4.8 s.
+        t0 = time.perf_counter()
+        rt.engine.new_cache(rows.stop - rows.start, w.prompt_len + w.gen_len)
+        rt.timings["kv_cache_alloc_s"] = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the bandwidth probe's buffers are not ours to count
     rt.timings["startup_s"] = time.perf_counter() - t_start
@@ -240,6 +246,7 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, bandwidth, 
         **m.as_record(),
         "decode_step_over_bus_limit": m.decode_step_s / bus_limit if bus_limit else None,
         "startup_s": rt.timings["startup_s"], "weights_load_s": rt.timings["weights_load_s"],
+        "kv_cache_alloc_s": rt.timings.get("kv_cache_alloc_s"), **_prefill_rate(rt, w, m),
         "weights_timings": rt.weights.timings, "all_totals_s": timed["totals"], "all_prefills_s": timed["prefills"],
         "log_file": str(log_path), "kv": kv_record, "world_size": plan.world.size, "weight_fetch": run.weight_fetch,
         "per_rank": per_rank, "disk_offload": run.disk_offload, "disk": disk_record,
@@ -248,6 +255,19 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, bandwidth, 
     with open(json_path, "a") as f:
         f.write(json.dumps(record) + "\n")
     return record
+
+
+def _prefill_rate(rt: Runtime, w: Workload, m: RunMetrics) -> dict:
+    """The prefill's matmul FLOP/s (2 x parameters x prompt tokens, attention left out) against
+    the GPU's dense matmul rate in the model's dtype, measured now: how close a prefill, which
+    is compute-bound at large batches, comes to the chip."""
+    device = rt.plan.device
+    if device.type != "cuda" or not m.prefill_latency_s:
+        return {}
+    flops = 2 * param_count(rt.engine.cfg) * (m.batch // rt.plan.world.size) * w.prompt_len  # one GPU's rows
+    dense = dense_matmul_flops(device, rt.engine.dtype)
+    return {"prefill_flops": flops, "prefill_flops_s": flops / m.prefill_latency_s, "gpu_dense_flops_s": dense,
+            "prefill_over_dense": flops / m.prefill_latency_s / dense}
 
 
 def _link_bytes(p, ranks: int, fetch: str) -> dict:
@@ -272,6 +292,12 @@ def _print_summary(r: dict, m: RunMetrics, file) -> None:
               f"{bus / m.decode_step_s:.1%} of the bus"
               + (f"; copy-only pass {copy_only:.3f} s: step = {m.decode_step_s / copy_only:.3f}x copy-only"
                  if copy_only else ""), file=file)
+    if r.get("prefill_over_dense"):
+        print(f"prefill {m.prefill_latency_s:.2f} s: {r['prefill_flops_s'] / 1e12:.0f} TFLOP/s of matmuls, "
+              f"{r['prefill_over_dense']:.0%} of the GPU's dense rate measured now "
+              f"({r['gpu_dense_flops_s'] / 1e12:.0f} TFLOP/s)"
+              + (f"; KV cache made at start-up in {r['kv_cache_alloc_s']:.1f} s" if r.get("kv_cache_alloc_s") else ""),
+              file=file)
     d = r["disk"]
     if d:
         growth = d["page_cache_growth_bytes"]
