@@ -9,12 +9,13 @@
 # split them: PART=1/2 bash ... static, then PART=2/2 bash ... static (the table adds the parts).
 # Knobs (environment): N (requests, 256), SLOTS (64), CHUNK (prefill tokens per pass, 2048),
 # MODEL (facebook/opt-13b), BUDGET (8GiB), QUANT (16; 4 for the 4-bit figure), CTX (decode's
-# prompt length; default: the continuous run's mean context).
+# prompt length; default: the continuous run's mean context), ADMISSION (longest, what jobs do;
+# fifo: arrival order; the table shows the latest run of each).
 set -uo pipefail
 out=${OUT:-out}; mkdir -p "$out"; out=$(cd "$out" && pwd)
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 N=${N:-256}; SLOTS=${SLOTS:-64}; CHUNK=${CHUNK:-2048}; MODEL=${MODEL:-facebook/opt-13b}; BUDGET=${BUDGET:-8GiB}
-QUANT=${QUANT:-16}; PART=${PART:-1/1}
+QUANT=${QUANT:-16}; PART=${PART:-1/1}; ADMISSION=${ADMISSION:-longest}
 common="--model $MODEL --dummy --cpu-offload --gpu-memory $BUDGET --kv-offload --pin-kv-cache --async-kv-offload
         --micro-batch-size 8 --batch-size $SLOTS --quant-bits $QUANT --verbose 1"
 job="--workload synthetic --num-requests $N --input-len 32:512 --output-len 8:256 --workload-seed 0
@@ -25,7 +26,7 @@ for what in "$@"; do
   echo "== $what $(date +%T)"
   case $what in
     check) python3 benchmarks/gpu_batcher_check.py 2>&1 | tee "$out/batcher_check.txt" ;;
-    continuous) (cd "$out" && $bench $common $job) ;;
+    continuous) (cd "$out" && $bench $common $job --admission "$ADMISSION") ;;
     static) (cd "$out" && $bench $common $job --static-only --static-part "$PART") ;;
     decode)
       ctx=${CTX:-$(python3 -c "import json; r=[json.loads(l) for l in open('$out/workload.jsonl') if 'mean_context' in l]; print(round(r[-1]['mean_context']) if r else 384)")}
@@ -39,7 +40,9 @@ def last(path, key):
     recs = [json.loads(l) for l in open(path) if l.strip()] if path.exists() else []
     recs = [r for r in recs if key in r]
     return recs[-1] if recs else None
-c = last(out / "workload.jsonl", "elapsed_s")
+recs_all = [json.loads(l) for l in open(out / "workload.jsonl") if l.strip()] if (out / "workload.jsonl").exists() else []
+conts = {r.get("admission", "fifo"): r for r in recs_all if "elapsed_s" in r}  # the latest of each order
+c = conts.get("longest") or conts.get("fifo")
 s = last(out / "workload.jsonl", "static_elapsed_s")
 if s:  # a static run split over processes: the latest record of each part, added up
     n = int(s["static_part"].split("/")[1])
@@ -55,9 +58,9 @@ if s:  # a static run split over processes: the latest record of each part, adde
         print(f"static: {len(parts)} of {n} parts recorded; showing the last part alone")
 d = last(out / "decode.jsonl", "decode_step_s")
 print(f"{'mode':12s} {'out tok/s':>10s} {'total tok/s':>12s} {'elapsed s':>10s} {'passes':>7s} {'pass s':>8s} {'occupancy':>10s}")
-if c:
-    print(f"{'continuous':12s} {c['output_throughput']:10.1f} {c['total_throughput']:12.1f} {c['elapsed_s']:10.1f} "
-          f"{c['passes']:7d} {c['pass_s']:8.3f} {c['slot_occupancy']:10.1%}")
+for order, r in sorted(conts.items()):
+    print(f"{'cont. ' + order:12s} {r['output_throughput']:10.1f} {r['total_throughput']:12.1f} {r['elapsed_s']:10.1f} "
+          f"{r['passes']:7d} {r['pass_s']:8.3f} {r['slot_occupancy']:10.1%}")
 if s:
     print(f"{'static':12s} {s['static_output_throughput']:10.1f} {s['static_total_throughput']:12.1f} "
           f"{s['static_elapsed_s']:10.1f} {s['static_passes']:7d} {s['static_elapsed_s'] / s['static_passes']:8.3f}")
