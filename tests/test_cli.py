@@ -123,7 +123,10 @@ def test_requests_beyond_the_planned_limits_are_refused():
 @pytest.mark.parametrize("argv,needle", [(["generate", "--gpu-memory", "1e400"], "not a usable size"),
                                          (["generate", "--seed", "1e23"], "invalid int value"),
                                          (["bench", "--quant-bits", "3"], "invalid choice"),
-                                         (["plan", "--no-such-flag"], "unrecognized arguments")])
+                                         (["plan", "--no-such-flag"], "unrecognized arguments"),
+                                         (["generate", "--gpu-memory", "-1GiB"], "'-1GiB' is negative"),
+                                         (["generate", "--gpu_memory", "-5"], "'-5' is negative"),
+                                         (["plan", "--cpu-memory", "0"], "'0' is zero")])
 def test_bad_flags_are_one_line_and_exit_2(capsys, argv, needle):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -155,3 +158,33 @@ def test_a_job_line_with_a_seed_torch_cannot_take_is_its_error(capsys, tmp_path)
     assert code == 0, err
     rows = {r["line"]: r for r in map(json.loads, dst.read_text().splitlines())}
     assert "seed must be a whole number" in rows[1]["error"] and rows[2]["tokens"] == 2
+
+
+def never_loaded(monkeypatch):
+    def never(*a, **kw):
+        raise AssertionError("the model was loaded before the lengths were checked")
+    monkeypatch.setattr("offloadgen.api.load", never)
+
+
+def test_max_seq_len_shorter_than_the_prompt_is_refused_before_loading_on_the_cpu(capsys, monkeypatch):
+    never_loaded(monkeypatch)
+    code, _, err = run(capsys, "generate", "opt-125m", "--dummy", "--device", "cpu", "--prompt", "x" * 12,
+                       "--max-seq-len", "4", "--max-new-tokens", "3")
+    one_line_error(code, err, "the prompt has 12 tokens", "needs 15", "more than --max-seq-len 4")
+    code, _, err = run(capsys, "generate", "opt-125m", "--dummy", "--device", "cpu", "--prompt", "x" * 12,
+                       "--prompt", "y", "--max-seq-len", "13", "--max-new-tokens", "3")
+    one_line_error(code, err, "prompt 0 has 12 tokens", "--max-seq-len 13")
+
+
+def test_a_prompt_and_its_new_tokens_beyond_the_context_are_refused_before_loading(capsys, monkeypatch):
+    never_loaded(monkeypatch)
+    code, _, err = run(capsys, "generate", "opt-125m", "--dummy", "--prompt", "hi", "--max-new-tokens", "5000")
+    one_line_error(code, err, "needs 5002", "the model's context of 2048 tokens", "lower --max-new-tokens to 2046")
+
+
+def test_a_value_that_starts_with_a_dash_reaches_its_flag(capsys):
+    from offloadgen.cli import build_parser
+    from offloadgen.flags import glue_dash_values
+    args = build_parser().parse_args(glue_dash_values(["generate", "--prompt", "-3dB louder", "--seed", "-1"]))
+    assert args.prompt == ["-3dB louder"] and args.seed == -1
+    assert glue_dash_values(["generate", "--", "--prompt", "-1x"]) == ["generate", "--", "--prompt", "-1x"]

@@ -186,3 +186,47 @@ def test_a_jobs_files_are_refused_before_the_model_is_loaded(tmp_path, capsys, m
     capsys.readouterr()
     assert main(["generate", "opt-125m", "--dummy", "--input", str(src), "--output", str(dst)]) == 2
     assert "not an offloadgen record" in capsys.readouterr().err and dst.read_text() == '{"keep":1}\n'
+
+
+def test_a_damaged_middle_record_is_named_by_its_line_with_what_to_do(tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "o.jsonl"
+    write_lines(src, [{"prompt": f"p{i}"} for i in range(3)])
+    job(src, dst)
+    rows = dst.read_text().split("\n")
+    damaged = "\n".join([rows[0], rows[1][:20], rows[2]]) + "\n"  # line 2 cut short, line 3 whole after it
+    dst.write_text(damaged)
+    with pytest.raises(OffloadgenError) as e:
+        job(src, dst)
+    assert "line 2 is a damaged offloadgen record" in str(e.value) and f"sed -i '2d' {dst}" in str(e.value)
+    assert dst.read_text() == damaged  # untouched
+    # doing what it says: the dropped record's input line is answered again, the others are kept
+    dst.write_text("\n".join([rows[0], rows[2]]) + "\n")
+    assert job(src, dst).done == 1 and sorted(r["line"] for r in records(dst)) == [1, 2, 3]
+
+
+def test_an_older_offloadgens_records_are_given_their_keys_and_resumed(tmp_path, capsys):
+    # records of the version that resumed by line number: no "key"; the id is the line's or its number
+    src, dst = tmp_path / "in.jsonl", tmp_path / "o.jsonl"
+    write_lines(src, [{"prompt": "a"}, {"id": "b", "prompt": "b"}, {"prompt": "c"}])
+    old = [{"id": 1, "line": 1, "prompt": "a", "text": "x"}, {"id": "b", "line": 2, "prompt": "b", "text": "y"}]
+    write_lines(dst, old)
+    s = job(src, dst)
+    assert (s.skipped, s.done) == (2, 1)
+    rows = records(dst)
+    assert [r["line"] for r in rows] == [1, 2, 3] and all(isinstance(r["key"], str) for r in rows)
+    assert rows[1]["key"] == 'id:"b"' and rows[0]["text"] == "x"
+    assert "gave 2 records of an older offloadgen their keys" in capsys.readouterr().err
+    assert job(src, dst).done == 0  # keyed now: a rerun has nothing to do
+
+
+def test_older_records_that_no_longer_match_the_input_say_what_to_do(tmp_path):
+    from offloadgen.outputs import JobOutput
+    src, dst = tmp_path / "in.jsonl", tmp_path / "o.jsonl"
+    write_lines(src, [{"id": "new", "prompt": "a"}])
+    content = json.dumps({"id": "old", "line": 1, "prompt": "a", "text": "x"}) + "\n"
+    dst.write_text(content)
+    with pytest.raises(OffloadgenError, match='record for line 1 \\(id "old"\\), and --input .* has id "new" there'):
+        job(src, dst)
+    with pytest.raises(OffloadgenError, match="1 record of an older offloadgen .* resume it with --input"):
+        JobOutput(dst)  # a --prompt run has no input to key them by
+    assert dst.read_text() == content

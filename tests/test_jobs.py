@@ -209,3 +209,13 @@ def test_a_prompt_without_room_for_the_new_tokens_is_that_lines_error(tmp_path, 
     rows = {r["line"]: r for r in map(json.loads, dst.read_text().splitlines())}
     assert s.errors == 1 and s.done == 1 and rows[2]["tokens"] == 16
     assert "2040 tokens" in rows[1]["error"] and "leaves 2032 for a prompt with 16 new tokens" in rows[1]["error"]
+
+
+def test_max_seq_len_limits_a_cpu_jobs_lines(tmp_path, llm):
+    # a CPU run plans no GPU memory, yet the --max-seq-len given is the limit, as on a GPU
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"prompt": "y" * 20}) + "\n" + json.dumps({"prompt": "short"}) + "\n")
+    s = run_job(llm, src, dst, SamplingParams(max_new_tokens=4), batch_size=2, progress=False, max_seq_len=16)
+    rows = {r["line"]: r for r in map(json.loads, dst.read_text().splitlines())}
+    assert s.errors == 1 and rows[2]["tokens"] == 4
+    assert "prompt has 20 tokens; sequences may have 16" in rows[1]["error"]

@@ -20,7 +20,7 @@ class Planned(Exception):
 
 
 @pytest.fixture
-def spy(monkeypatch):
+def spy(monkeypatch, tmp_path):
     """Every plan made, on a pretend GPU: the links and the CPU-attention probe read fixed figures
     (a probe that reads differently per call would make the three commands disagree, which is the
     point of measuring it once), and the host has room for OPT-30B."""
@@ -42,6 +42,7 @@ def spy(monkeypatch):
     monkeypatch.setattr(bench_run, "h2d_bandwidth", lambda device: {"best": 50e9, "median": 50e9})
     monkeypatch.setattr(runtime, "available_host_memory", lambda: 400 * GiB)
     monkeypatch.setattr(kv_cache, "probe_cpu_attention_bandwidth", lambda *a, **k: 30e9)
+    monkeypatch.setenv("OFFLOADGEN_CACHE", str(tmp_path))  # plan keeps the CPU's figure: not the user's cache
     recording.plans = plans
     return recording
 
@@ -144,6 +145,13 @@ def test_sizes_that_are_not_sizes_are_refused(text):
     with pytest.raises(ValueError):
         parse_bytes(text)
     assert parse_bytes("16GiB") == 16 * GiB and parse_bytes("8e9") == 8_000_000_000
+
+
+@pytest.mark.parametrize("text,needle", [("-1GiB", "is negative"), ("-0.5", "is negative"), ("0", "is zero"),
+                                         ("0GiB", "is zero")])
+def test_negative_and_zero_sizes_say_so(text, needle):
+    with pytest.raises(ValueError, match=needle):
+        parse_bytes(text)
 
 
 def test_shared_flags_are_spelled_and_mean_the_same_in_every_command():

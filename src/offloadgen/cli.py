@@ -16,7 +16,8 @@ if "HF_HUB_OFFLINE" not in os.environ:
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from .errors import OffloadgenError  # noqa: E402
-from .flags import add_model_flags, add_run_flags, config_from_args, flag, size  # noqa: E402
+from .flags import (add_model_flags, add_planned_flags, add_run_flags, config_from_args, flag,  # noqa: E402
+                    glue_dash_values, size)
 
 
 def _add_generate(sub):
@@ -33,11 +34,8 @@ def _add_generate(sub):
     flag(p, "--output-format", choices=["jsonl", "openai-batch"], default="jsonl",
                    help="--output records: offloadgen's (default) or the OpenAI Batch API's output lines")
     add_sampling_flags(p)
-    flag(p, "--batch-size", type=int, default=16,
-                   help="sequence slots: prompts in flight at once; a finished one's slot takes the next (default 16)")
+    add_planned_flags(p)
     flag(p, "--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per pass, at most (default 512)")
-    flag(p, "--max-seq-len", type=int, default=None,
-                   help="longest prompt + new tokens to plan GPU memory for (default: from --prompt, or 2048 with --input)")
     add_run_flags(p)
     p.set_defaults(func=cmd_generate)
 
@@ -81,7 +79,8 @@ def cmd_generate(args) -> int:
         items = []
     else:
         items = list(enumerate(args.prompt or ["Paris is the capital city of"]))
-        encode_prompts(tokenizer, checkpoint.cfg, [p for _, p in items], [i for i, _ in items])
+        encoded = encode_prompts(tokenizer, checkpoint.cfg, [p for _, p in items], [i for i, _ in items])
+        check_lengths(encoded, args.max_new_tokens, checkpoint.cfg.max_position, args.max_seq_len)
     # Under torchrun each rank answers its share of the prompts; rank 0 gathers them in order and
     # alone writes.
     world = distributed.init(resolve_device(config).type)
@@ -89,12 +88,27 @@ def cmd_generate(args) -> int:
         raise OffloadgenError("--input jobs run in one process (they resume by line); under torchrun give --prompt")
     max_seq_len = args.max_seq_len
     if max_seq_len is None and items:
-        max_seq_len = max(len(tokenizer.encode(p)) for _, p in items) + args.max_new_tokens
+        max_seq_len = max(len(ids) for ids in encoded) + args.max_new_tokens
     llm = load(config=config.replace(max_seq_len=max_seq_len), checkpoint=checkpoint, tokenizer=tokenizer, world=world)
     with llm:  # stops the weight source's threads and unpins memory however the run ends
         if args.input:
             return _run_job(llm, args, sampling)
         return _answer_prompts(llm, args, sampling, items, world)
+
+
+def check_lengths(encoded: list[list[int]], max_new_tokens: int, context: int, max_seq_len: int | None) -> None:
+    """Refuse, before any weight is loaded, a prompt whose tokens and --max-new-tokens do not fit
+    the model's context or --max-seq-len (which is enforced on every device, never truncated)."""
+    longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
+    n = len(encoded[longest])
+    name = f"prompt {longest}" if len(encoded) > 1 else "the prompt"
+    if max_seq_len is not None and n + max_new_tokens > max_seq_len:
+        raise OffloadgenError(f"{name} has {n} tokens, and with --max-new-tokens {max_new_tokens} needs {n + max_new_tokens}"
+                              f": more than --max-seq-len {max_seq_len} (raise it, or lower --max-new-tokens)")
+    if n + max_new_tokens > context:
+        raise OffloadgenError(f"{name} has {n} tokens, and with --max-new-tokens {max_new_tokens} needs {n + max_new_tokens}"
+                              f": more than the model's context of {context} tokens (lower --max-new-tokens to "
+                              f"{max(context - n, 0)} or less)")
 
 
 def _answer_prompts(llm, args, sampling, items, world) -> int:
@@ -138,7 +152,7 @@ def _emit(results, out, n_items: int) -> None:
 def _run_job(llm, args, sampling) -> int:
     from .jobs import run_job
     s = run_job(llm, args.input, args.output, sampling, args.batch_size, args.ordered,
-                prefill_chunk=args.prefill_chunk, output_format=args.output_format)
+                prefill_chunk=args.prefill_chunk, output_format=args.output_format, max_seq_len=args.max_seq_len)
     rate = s.tokens / s.seconds if s.seconds else 0.0
     print(f"offloadgen: {s.done} prompts answered this run ({s.skipped} already done earlier), {s.errors} bad lines, "
           f"{s.tokens} tokens in {s.seconds:.1f} s ({rate:.1f} tokens/s) -> {args.output}", file=sys.stderr)
@@ -182,15 +196,53 @@ def _add_plan(sub):
     p = sub.add_parser("plan", help="where weights and KV cache would go, and the predicted speed",
                        description="Plan a run before loading anything: placement under the GPU budget, bytes per "
                                    "step over each link, predicted decode step and tokens/s per batch size. It takes "
-                                   "the flags a run takes and plans exactly what that run would get.")
+                                   "the flags a run takes (generate's --batch-size and --max-seq-len too) and plans "
+                                   "exactly what that run would get.")
     add_model_flags(p)
     p.add_argument("--cpu-memory", type=size, default=None, help="CPU RAM to plan for (default: available now)")
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--gen-len", type=int, default=32)
-    p.add_argument("--batch-sizes", default="1,2,4,8,16,32,64", help="comma-separated")
+    add_planned_flags(p, batch_default=None, batch_help="plan this batch size alone, as generate --batch-size runs it")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 512; or give --max-seq-len)")
+    p.add_argument("--gen-len", type=int, default=None, help="new tokens (default 32; or give --max-seq-len)")
+    p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,2,4,8,16,32,64)")
     p.add_argument("--h2d-bandwidth", type=size, default=None, help="bytes/s, e.g. 50GB (default: measured)")
     add_run_flags(p)
     p.set_defaults(func=cmd_plan)
+
+
+def _plan_batches(args) -> list[int]:
+    """generate's --batch-size (one row), or the --batch-sizes list."""
+    if args.batch_size is not None and args.batch_sizes is not None:
+        raise OffloadgenError("give --batch-size (one batch, as generate runs it) or --batch-sizes (a table), not both")
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise OffloadgenError(f"--batch-size must be at least 1; got {args.batch_size}")
+        return [args.batch_size]
+    text = args.batch_sizes or "1,2,4,8,16,32,64"
+    try:
+        batches = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise OffloadgenError(f"--batch-sizes {text!r}: expected whole numbers like 1,8,16") from None
+    if not batches or min(batches) < 1:
+        raise OffloadgenError(f"--batch-sizes {text!r}: every batch size must be at least 1")
+    return batches
+
+
+def _plan_lengths(args) -> dict:
+    """What the run's memory is planned for: generate's --max-seq-len (prompt and new tokens
+    together, as a generate run plans it), or bench's --prompt-len and --gen-len."""
+    given = [f"--{n.replace('_', '-')}" for n in ("prompt_len", "gen_len") if getattr(args, n) is not None]
+    if args.max_seq_len is not None:
+        if given:
+            raise OffloadgenError(f"give --max-seq-len (as generate takes it) or {' and '.join(given)} (as bench "
+                                  "does), not both")
+        if args.max_seq_len < 1:
+            raise OffloadgenError(f"--max-seq-len must be at least 1; got {args.max_seq_len}")
+        return {"max_seq_len": args.max_seq_len}
+    prompt_len, gen_len = args.prompt_len or 512, args.gen_len or 32
+    for name, value in (("--prompt-len", args.prompt_len), ("--gen-len", args.gen_len)):
+        if value is not None and value < 1:
+            raise OffloadgenError(f"{name} must be at least 1; got {value}")
+    return {"max_seq_len": prompt_len + gen_len, "max_prompt_len": prompt_len}
 
 
 def cmd_plan(args) -> int:
@@ -198,32 +250,27 @@ def cmd_plan(args) -> int:
 
     from .checkpoint import open_checkpoint
     from .machine import available_host_memory, default_gpu_budget, load_calibration
-    from .plan import plan_table, print_plan
-    from .runtime import check_model_settings
+    from .plan import cpu_attention_figure, plan_table, print_plan
+    from .runtime import check_model_settings, resolve_dtype
     from .quant import QuantConfig
 
-    try:
-        batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    except ValueError:
-        raise OffloadgenError(f"--batch-sizes {args.batch_sizes!r}: expected whole numbers like 1,8,16") from None
-    if not batches or min(batches) < 1:
-        raise OffloadgenError(f"--batch-sizes {args.batch_sizes!r}: every batch size must be at least 1")
-    for name in ("prompt_len", "gen_len"):
-        if getattr(args, name) < 1:
-            raise OffloadgenError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    batches, lengths = _plan_batches(args), _plan_lengths(args)
     if args.device == "cpu":
         raise OffloadgenError("plan predicts a run on a GPU; a --device cpu run keeps every weight on the CPU, with "
                               "nothing to place (drop --device cpu)")
     checkpoint = open_checkpoint(args.model, dummy=args.dummy)  # reads config.json and headers only
     budget = args.gpu_memory or (default_gpu_budget(torch.device("cuda")) if torch.cuda.is_available() else 16 << 30)
-    config = config_from_args(args, gpu_memory=budget, max_seq_len=args.prompt_len + args.gen_len,
-                              max_prompt_len=args.prompt_len).validate()
+    config = config_from_args(args, gpu_memory=budget, **lengths).validate()
     check_model_settings(config, checkpoint.cfg)  # once, not on every row of the table
     host = args.cpu_memory or available_host_memory()
     cal = load_calibration(args.h2d_bandwidth)
+    dtype = resolve_dtype(config.dtype, torch.device(config.device or "cuda"), checkpoint.cfg)
+    cpu_attention = cpu_attention_figure(cal, config, checkpoint.cfg, dtype,
+                                         config.micro_batch_size or min(max(batches), 16))
     rows = plan_table(config, checkpoint.cfg, batches, cal, host)
     quant = QuantConfig(config.quant_bits, config.quant_group_size) if config.quant_bits != 16 else None
-    print_plan(checkpoint.cfg, args.model or "embedded default", rows, cal, budget, host, quant, sys.stdout)
+    print_plan(checkpoint.cfg, args.model or "embedded default", rows, cal, budget, host, quant, dtype, sys.stdout,
+               cpu_attention)
     return 0 if any("error" not in r for r in rows) else 2
 
 
@@ -245,7 +292,7 @@ def cmd_presets(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(glue_dash_values(list(sys.argv[1:] if argv is None else argv)))
     args.argv = list(sys.argv[1:] if argv is None else argv)
     rank = os.environ.get("RANK", "0")
     try:

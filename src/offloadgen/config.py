@@ -129,9 +129,13 @@ _UNITS = {"B": 1, "K": 1e3, "KB": 1e3, "KIB": 2**10, "KI": 2**10, "M": 1e6, "MB"
 def parse_bytes(text: str) -> int:
     """'16GiB', '12GB', '8e9' -> bytes. Refuses what is not a finite, positive size."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([KMGT]i?B?|B)?\s*", str(text), re.I)
+    if not m and str(text).strip().startswith("-"):
+        raise ValueError(f"{text!r} is negative: a size must be positive, e.g. 16GiB")
     if not m:
         raise ValueError(f"{text!r} is not a size like 16GiB, 12GB or 8e9")
     value = float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()]
+    if value == 0:
+        raise ValueError(f"{text!r} is zero: a size must be positive, e.g. 16GiB")
     if not math.isfinite(value) or value < 1 or value > MAX_GPU_MEMORY * 1024:
         raise ValueError(f"{text!r} is not a usable size (give e.g. 16GiB)")
     return int(value)

@@ -7,6 +7,7 @@ into the one settings object (config.RunConfig), which validates them.
 from __future__ import annotations
 
 import argparse
+import re
 
 from .config import KV_ATTENTION, WEIGHT_FETCH, RunConfig, parse_bytes
 
@@ -23,6 +24,28 @@ def size(text: str) -> int:
         return parse_bytes(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_planned_flags(p, batch_default: int | None = 16, batch_help: str = "") -> None:
+    """What a run's GPU memory is planned for: `generate` runs it, `plan` predicts it, with the same flags."""
+    flag(p, "--batch-size", type=int, default=batch_default,
+         help=batch_help or "sequence slots: prompts in flight at once; a finished one's slot takes the next (default 16)")
+    flag(p, "--max-seq-len", type=int, default=None,
+         help="longest prompt + new tokens, planned for and enforced (default: from --prompt, or 2048 with --input)")
+
+
+def glue_dash_values(argv: list[str]) -> list[str]:
+    """`--gpu-memory -1GiB` as `--gpu-memory=-1GiB`: argparse takes a value that starts with "-"
+    and is not a plain number for a flag ("expected one argument"); glued, the value reaches the
+    flag's own check, which says what is wrong with it."""
+    out = []
+    for i, arg in enumerate(argv):
+        dash_value = re.fullmatch(r"-\.?\d.*", arg) and not re.fullmatch(r"-\d+|-\d*\.\d+", arg)  # plain: argparse's
+        if dash_value and out and re.fullmatch(r"--[\w-]+", out[-1]) and "--" not in argv[:i]:
+            out[-1] = f"{out[-1]}={arg}"
+            continue
+        out.append(arg)
+    return out
 
 
 def add_model_flags(p, positional: bool = True, default: str | None = None) -> None:

@@ -211,7 +211,8 @@ def parse_input_line(text: str, n: int, tokenizer, max_context: int, max_new_tok
         return JobItem(n, item_id, error=error)
     max_new_tokens = own.max_new_tokens if own else max_new_tokens
     if n_tokens + max(max_new_tokens, 1) > max_context:
-        return JobItem(n, item_id, error=f"line {n}: prompt has {n_tokens} tokens; the model's context is {max_context}, "
+        return JobItem(n, item_id, error=f"line {n}: prompt has {n_tokens} tokens; sequences may have {max_context} "
+                                         "(the model's context, or the --max-seq-len planned for), "
                                          f"which leaves {max_context - max_new_tokens} for a prompt with "
                                          f"{max_new_tokens} new tokens")
     return JobItem(n, item_id, prompt, n_tokens=n_tokens, sampling=own)
@@ -307,18 +308,48 @@ def open_job(input_path: str, output_path: str, ordered: bool = False) -> Job:
     if ordered and not is_regular_or_new(output_path):
         raise OffloadgenError(f"--ordered rewrites --output at the end, and {output_path} is not a regular file "
                               "(a pipe or a terminal): drop --ordered, or write to a file")
-    return Job(lines, JobOutput(output_path), ordered)
+    return Job(lines, JobOutput(output_path, legacy_keys(lines, input_path, output_path)), ordered)
+
+
+def legacy_keys(lines: list[InputLine], input_path: str, output_path: str):
+    """How a record of an older offloadgen (no "key": it resumed by input line number) gets the
+    key resume matches by now: the key of the input line with its number, which must still carry
+    the record's id (the line's "id", or its number where it had none, as that version wrote)."""
+    by_number = {src.line: src for src in lines}
+
+    def key_of(rec: dict) -> str:
+        src = by_number.get(rec["line"])
+        if src is None or _legacy_id(src) != rec.get("id"):
+            now = "no line" if src is None else f"id {json.dumps(_legacy_id(src))}"
+            raise OffloadgenError(f"--output {output_path} holds an older offloadgen's record for line {rec['line']} (id "
+                                  f"{json.dumps(rec.get('id'))}), and --input {input_path} has {now} there now: "
+                                  "resume with the input it was made from, or choose another --output")
+        return src.key
+    return key_of
+
+
+def _legacy_id(src: InputLine):
+    """The id an older offloadgen wrote for an input line: its "id" (containers as JSON text), else
+    its line number."""
+    try:
+        rec = json.loads(src.text)
+    except (ValueError, RecursionError):
+        return src.line
+    value = rec.get("id", src.line) if isinstance(rec, dict) else src.line
+    return value if value is None or isinstance(value, (str, int, float, bool)) else json.dumps(value)
 
 
 def answer_job(llm, job: Job, sampling: SamplingParams, batch_size: int = 16, progress: bool = True,
-               prefill_chunk: int = 512, output_format: str = "jsonl") -> JobSummary:
+               prefill_chunk: int = 512, output_format: str = "jsonl", max_seq_len: int | None = None) -> JobSummary:
     """Answer the job's lines that its output has no record for; with job.ordered, rewrite the
-    output in input order once all are answered."""
+    output in input order once all are answered. A line longer than max_seq_len (prompt + its max
+    tokens; the command's --max-seq-len, on any device) is that line's error, as one beyond the
+    model's context is."""
     if job.out.done:
         print(f"offloadgen: {job.out.name}: {describe_resume(job.lines, job.out.done)}", file=sys.stderr)
     todo = [src for src in job.lines if src.key not in job.out.done]
     summary = JobSummary(total=len(job.lines), skipped=len(job.lines) - len(todo))
-    limit = context_limit(llm)
+    limit = min(context_limit(llm), max_seq_len or math.inf)
     items = [job_item(src, llm.tokenizer, limit, sampling.max_new_tokens, sampling) for src in todo]
     answer_items(llm, items, job.out, sampling, batch_size, summary, progress, prefill_chunk, output_format)
     if job.ordered and not summary.interrupted:
@@ -328,9 +359,9 @@ def answer_job(llm, job: Job, sampling: SamplingParams, batch_size: int = 16, pr
 
 def run_job(llm, input_path: str, output_path: str, sampling: SamplingParams, batch_size: int = 16,
             ordered: bool = False, progress: bool = True, prefill_chunk: int = 512,
-            output_format: str = "jsonl") -> JobSummary:
+            output_format: str = "jsonl", max_seq_len: int | None = None) -> JobSummary:
     with open_job(input_path, output_path, ordered) as job:
-        return answer_job(llm, job, sampling, batch_size, progress, prefill_chunk, output_format)
+        return answer_job(llm, job, sampling, batch_size, progress, prefill_chunk, output_format, max_seq_len)
 
 
 def answer_items(llm, items: list[JobItem], out: JobOutput, sampling: SamplingParams, batch_size: int,

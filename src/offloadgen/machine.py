@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -125,14 +125,43 @@ def cpu_read_bandwidth(nbytes: int = 2 << 30, repeats: int = 3) -> float:
 
 @dataclass
 class Calibration:
-    """The two bandwidths the step model needs, and where they came from."""
+    """The bandwidths the step model needs, and where they came from. cpu_attention_bytes_s: what
+    decode attention on this machine's CPU reads per second from an offloaded KV cache, by the
+    cache's bits ("16", "8", "4"): probed once per machine (plan.cpu_attention_figure) and kept in
+    cpu_attention_file(), apart from the GPU figures, which may come from another machine."""
     h2d_bytes_s: float
     device_bytes_s: float
     source: str
+    cpu_attention_bytes_s: dict = field(default_factory=dict)
 
 
 def calibration_file() -> Path:
     return cache_root() / "calibration.json"
+
+
+def cpu_attention_file() -> Path:
+    return cache_root() / "cpu_attention.json"
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, value) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+    except OSError:
+        pass  # an unwritable cache costs a measurement next time, nothing else
+
+
+def save_cpu_attention(bits: int, bytes_s: float) -> None:
+    figures = _read_json(cpu_attention_file())
+    figures = figures if isinstance(figures, dict) else {}
+    _write_json(cpu_attention_file(), {**figures, str(bits): bytes_s})
 
 
 def measure_calibration(device: torch.device) -> Calibration:
@@ -140,30 +169,28 @@ def measure_calibration(device: torch.device) -> Calibration:
     the last GPU machine's figures."""
     cal = Calibration(h2d_bandwidth(device)["best"], device_memory_bandwidth(device),
                       f"measured on {torch.cuda.get_device_name(device)} at {time.strftime('%Y-%m-%d %H:%M')}")
-    try:
-        calibration_file().parent.mkdir(parents=True, exist_ok=True)
-        calibration_file().write_text(json.dumps(asdict(cal)))
-    except OSError:
-        pass  # an unwritable cache costs a measurement next time, nothing else
+    _write_json(calibration_file(), {k: v for k, v in asdict(cal).items() if k != "cpu_attention_bytes_s"})
     return cal
 
 
 def load_calibration(h2d_override: float | None = None) -> Calibration:
     """Measured on this GPU; else the saved figures of the last GPU run; else an assumption that
-    says it is one (PCIe Gen4 x16, 2 TB/s)."""
+    says it is one (PCIe Gen4 x16, 2 TB/s). With this machine's saved CPU attention figures."""
+    cal = None
     if torch.cuda.is_available():
         cal = measure_calibration(torch.device("cuda"))
     elif calibration_file().is_file():
         try:
-            cal = Calibration(**json.loads(calibration_file().read_text()))
+            cal = Calibration(**_read_json(calibration_file()))
             cal.source = f"{calibration_file()} ({cal.source})"
-        except (ValueError, TypeError):
+        except TypeError:
             cal = None
-    else:
-        cal = None
     if cal is None:
         cal = Calibration(25e9, 2e12, "assumed: PCIe Gen4 x16 and 2 TB/s device memory (no GPU here, no calibration "
                                       "file; run `offloadgen plan` once on the GPU machine to measure)")
     if h2d_override:
         cal = Calibration(h2d_override, cal.device_bytes_s, "given with --h2d-bandwidth")
+    figures = _read_json(cpu_attention_file())
+    cal.cpu_attention_bytes_s = {k: float(v) for k, v in figures.items() if isinstance(v, (int, float)) and v > 0} \
+        if isinstance(figures, dict) else {}
     return cal

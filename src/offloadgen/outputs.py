@@ -6,6 +6,9 @@
   records (a JSON object starting with `{"key": `, with an int "line" and a "text" or "error"),
   else the file is someone else's and is refused, untouched. The one exception is a last line
   without its newline that is a prefix of a record: a write of ours cut short, dropped and redone.
+  A damaged record elsewhere is refused with its line number and how to drop it (its input line
+  is then answered again). Records of an older offloadgen (no "key": it resumed by input line
+  number) are given their keys by the job that reads them (jobs.legacy_keys) and rewritten once.
 - A pipe, a terminal or another non-regular file is written only: no resume scan (reading a
   pipe would hang), no lock, no rewrite.
 - Appends are all-or-nothing: a batch's bytes are written, then fsynced; a failed write (a full
@@ -36,15 +39,29 @@ def encode_record(rec: dict) -> bytes:
 
 
 def parse_record(raw: bytes) -> dict | None:
-    """The record on a line we wrote, or None when the line is not one."""
+    """The record on a line we wrote (an older offloadgen's has no "key"), or None when the line
+    is not one."""
     try:
         rec = json.loads(raw)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
-    if not (isinstance(rec, dict) and isinstance(rec.get("key"), str) and type(rec.get("line")) is int
+    if not (isinstance(rec, dict) and isinstance(rec.get("key", ""), str) and type(rec.get("line")) is int
             and ("text" in rec or "error" in rec)):
         return None
     return rec
+
+
+def looks_like_ours(raw: bytes) -> bool:
+    """A line that begins as our records do but is no JSON (cut short, or bytes changed), or is
+    cut short before saying: a damaged record of ours, not another program's line."""
+    raw = raw.strip()
+    if RECORD_START.startswith(raw):
+        return True
+    try:
+        json.loads(raw)
+        return False  # whole JSON, but not a record's shape: someone else's
+    except (ValueError, RecursionError):
+        return raw.startswith(RECORD_START)
 
 
 def scan_records(data: bytes, name: str) -> tuple[list[dict], int, bool]:
@@ -63,6 +80,10 @@ def scan_records(data: bytes, name: str) -> tuple[list[dict], int, bool]:
                 print(f"offloadgen: {name}: dropping a torn last line (a write cut short); it will be redone",
                       file=sys.stderr)
             return records, pos, False
+        elif raw.strip() and looks_like_ours(raw):
+            raise OffloadgenError(f"{name}: line {line_no} is a damaged offloadgen record (cut short or edited): "
+                                  f"delete that line (sed -i '{line_no}d' {name}) and run again; its input line is "
+                                  "then answered again")
         elif raw.strip():
             raise OffloadgenError(f"{name}: line {line_no} is not an offloadgen record: refusing to write into a "
                                   "file that another program wrote (choose another --output)")
@@ -132,8 +153,11 @@ class JobOutput:
     """An output file opened for a run: locked, its earlier records read, appended to whole
     batches at a time. Use as a context manager; closing releases the lock."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, legacy_keys=None):
+        """legacy_keys(record) -> key: the key of an older offloadgen's record (which has none);
+        None: such records are refused, with what to do."""
         self.name = str(path)
+        self.legacy_keys = legacy_keys
         check_output_path(path)
         try:
             self.regular = is_regular_or_new(path)
@@ -159,11 +183,49 @@ class JobOutput:
 
     def _read_back(self) -> None:
         data, records, keep, needs_newline = self._read_all()
-        self.done = {r["key"]: r["line"] for r in records}
-        if keep < len(data):
+        if any("key" not in r for r in records):
+            records = self._key_legacy(records)  # the file rewritten: a torn last line goes with it
+        elif keep < len(data):
             os.ftruncate(self.fd, keep)
-        if needs_newline:
+        elif needs_newline:
             os.write(self.fd, b"\n")
+        self.done = {r["key"]: r["line"] for r in records}
+
+    def _key_legacy(self, records: list[dict]) -> list[dict]:
+        """An older offloadgen's records (no "key") with the keys resume matches by now, written
+        back once (atomically), so that later runs need not derive them again."""
+        old = sum(1 for r in records if "key" not in r)
+        if self.legacy_keys is None:
+            raise OffloadgenError(f"--output {self.name} holds {old} record{'s' * (old != 1)} of an older offloadgen (without \"key\"): "
+                                  "resume it with --input and the input file it was made from, which gives them keys, "
+                                  "or choose another --output")
+        records = [r if "key" in r else {"key": self.legacy_keys(r), **r} for r in records]
+        self._replace_with(records, "give the older records their keys")
+        print(f"offloadgen: {self.name}: gave {old} record{'s' * (old != 1)} of an older offloadgen their keys (by input line number, "
+              "as it resumed); the file is rewritten with them", file=sys.stderr)
+        return records
+
+    def _replace_with(self, records: list[dict], why: str) -> None:
+        """The file's content replaced by records, atomically (a temporary file renamed over it),
+        and kept open and locked: the new file is locked before it takes the name."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = None
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            data = memoryview(b"".join(encode_record(r) for r in records))
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            if fd is not None:
+                os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise OffloadgenError(f"cannot rewrite --output {self.name} to {why} ({e.strerror}); it is kept as it "
+                                  "was") from None
+        os.close(self.fd)
+        self.fd = fd
 
     def append(self, records: list[dict]) -> None:
         """Write the records and fsync; on failure nothing of them stays, and one line says why."""

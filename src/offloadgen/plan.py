@@ -17,7 +17,7 @@ import torch
 
 from .config import RunConfig
 from .errors import OffloadgenError
-from .machine import Calibration, GiB
+from .machine import Calibration, GiB, cpu_attention_file, save_cpu_attention
 from .models import block_nbytes, blocks, param_count
 from .runtime import plan_run
 
@@ -42,15 +42,42 @@ def predict(cfg, placement, batch: int, micro_batch: int | None, prompt_len: int
     return {"step_s": step, "bus_s": bus, "gpu_s": gpu, "cpu_s": cpu, "bound": bound, "tokens_s": batch / step}
 
 
+def cpu_attention_figure(cal: Calibration, config: RunConfig, model_cfg, dtype: torch.dtype, rows: int) -> str | None:
+    """With an offloaded KV cache split by the step model: the CPU's attention bandwidth for the
+    whole table, from this machine's saved figure, else probed once now (a second or two, on this
+    model's shapes) and saved for the next plan; a run probes its own. Sets it in cal; returns
+    the line that says it and where it came from (None where the plan needs none)."""
+    if not config.kv_offload or config.kv_attention != "auto":
+        return None
+    bits = str(config.kv_quant_bits)
+    source = f"saved in {cpu_attention_file()}"
+    if bits not in cal.cpu_attention_bytes_s:
+        cal.cpu_attention_bytes_s[bits] = _probe_cpu_attention(config, model_cfg, dtype, rows)
+        save_cpu_attention(config.kv_quant_bits, cal.cpu_attention_bytes_s[bits])
+        source = "probed now; " + source
+    return f"CPU attention over the offloaded KV cache: {cal.cpu_attention_bytes_s[bits] / 1e9:.1f} GB/s ({source})"
+
+
+def _probe_cpu_attention(config: RunConfig, model_cfg, dtype: torch.dtype, rows: int) -> float:
+    from .models import family_of
+    from .offload.kv_cache import probe_cpu_attention_bandwidth
+    kv_heads, head_dim = family_of(model_cfg).kv_heads(model_cfg)
+    quant = config.kv_quant() or (None, 64)
+    seq = min(config.max_seq_len or 2048, model_cfg.max_position)
+    return probe_cpu_attention_bandwidth(rows, kv_heads, model_cfg.n_heads, head_dim, seq, dtype, repeats=2,
+                                         quant_bits=quant[0], quant_group_size=quant[1])
+
+
 def plan_table(config: RunConfig, model_cfg, batches: list[int], cal: Calibration, host_available: int) -> list[dict]:
     """One row per batch size: the run's plan (or why it cannot run) and its predicted step."""
     device = torch.device(config.device or "cuda")  # planned for a GPU even where there is none
+    cpu_attention = cal.cpu_attention_bytes_s.get(str(config.kv_quant_bits))
     rows = []
     for batch in batches:
         row = {"batch": batch}
         try:
             plan = plan_run(config.replace(max_batch_size=batch), model_cfg, device, h2d_bytes_s=cal.h2d_bytes_s,
-                            host_available=host_available)
+                            host_available=host_available, cpu_attention_bytes_s=cpu_attention)
         except OffloadgenError as e:
             row["error"] = str(e)
             rows.append(row)
@@ -63,12 +90,16 @@ def plan_table(config: RunConfig, model_cfg, batches: list[int], cal: Calibratio
     return rows
 
 
-def print_plan(cfg, name: str, rows: list[dict], cal: Calibration, budget: int, host_available: int, quant, out) -> None:
-    bits = f"{quant.bits}-bit, group {quant.group_size}" if quant else "16-bit"
-    print(f"{name}: {param_count(cfg) / 1e9:.1f}B parameters, {bits}; GPU budget {budget / GiB:.1f} GiB, "
+def print_plan(cfg, name: str, rows: list[dict], cal: Calibration, budget: int, host_available: int, quant,
+               dtype: torch.dtype, out, cpu_attention: str | None = None) -> None:
+    kind = f"{str(dtype).removeprefix('torch.')} ({torch.empty((), dtype=dtype).element_size()} bytes a value)"
+    weights = f"{quant.bits}-bit weights in groups of {quant.group_size}, computing in {kind}" if quant else kind
+    print(f"{name}: {param_count(cfg) / 1e9:.1f}B parameters, {weights}; GPU budget {budget / GiB:.1f} GiB, "
           f"CPU RAM available {host_available / GiB:.1f} GiB", file=out)
     print(f"bandwidths: host-to-device {cal.h2d_bytes_s / 1e9:.1f} GB/s, device memory {cal.device_bytes_s / 1e12:.2f} TB/s "
           f"({cal.source})", file=out)
+    if cpu_attention:
+        print(cpu_attention, file=out)
     print(f"{'batch':>5s} {'resident':>8s} {'streamed':>8s} {'GB/step':>8s} {'KV GiB':>7s} {'step s':>7s} {'bound':>10s} "
           f"{'tokens/s':>9s}", file=out)
     for r in rows:

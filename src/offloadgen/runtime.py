@@ -81,13 +81,15 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, model_cfg) -> 
 
 
 def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | None = None,
-             h2d_bytes_s: float | None = None, host_available: int | None = None) -> RunPlan:
+             h2d_bytes_s: float | None = None, host_available: int | None = None,
+             cpu_attention_bytes_s: float | None = None) -> RunPlan:
     """Where everything goes, refused up front (with what would fit) when it cannot.
 
     On a GPU every run is planned under the budget: resident blocks, the ring streamed blocks
     arrive in, activations and the KV cache (or, offloaded, its device buffers). h2d_bytes_s
     weighs CPU against GPU attention for an offloaded cache; it is measured here when needed and
-    not given. A CPU run has nothing to plan but where weights on disk are read into."""
+    not given, as the CPU's attention bandwidth is (cpu_attention_bytes_s). A CPU run has nothing
+    to plan but where weights on disk are read into."""
     config.validate()
     world = world or World()
     check_model_settings(config, model_cfg)
@@ -118,7 +120,8 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
             h2d_bytes_s = h2d_bandwidth(device)["best"]
         plan.placement, plan.kv, plan.kv_model = plan_kv_offload(
             model_cfg, elem, plan.budget, batch, prompt_len, gen_len, config.micro_batch_size, config.prefetch_depth,
-            quant, kv, h2d_bytes_s, dtype, offload=config.offloaded, pool_ranks=pool_ranks)
+            quant, kv, h2d_bytes_s, dtype, offload=config.offloaded, cpu_attention_bytes_s=cpu_attention_bytes_s,
+            pool_ranks=pool_ranks)
     else:
         plan.placement = plan_placement(model_cfg, elem, plan.budget, batch, prompt_len, gen_len,
                                         config.micro_batch_size, config.prefetch_depth, offload=config.offloaded,
