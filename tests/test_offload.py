@@ -159,3 +159,33 @@ def test_a_finished_generation_leaves_no_kv_cache_behind(tiny):
     ref = weakref.ref(made.pop())
     gc.collect()
     assert ref() is None
+
+
+def test_plan_streams_routed_experts_at_small_batches_and_whole_layers_at_large():
+    from offloadgen.offload.placement import plan_placement as plan
+    cfg = preset("mixtral-8x7b")
+    layer = block_nbytes(cfg, 0, 2)
+    one = plan(cfg, 2, 16 * GiB, 1, 512, 32, expert_streaming="auto")
+    off = plan(cfg, 2, 16 * GiB, 1, 512, 32, expert_streaming="off")
+    big = plan(cfg, 2, 16 * GiB, 16, 512, 32, expert_streaming="auto")
+    assert one.expert_streaming and not off.expert_streaming and not big.expert_streaming
+    # batch 1: a trunk and 2 of 8 experts per layer, less what the expert cache holds: >= 3x fewer bytes
+    assert 3 * one.bus_bytes_per_step < off.bus_bytes_per_step == off.streamed_bytes
+    assert one.expert_slots > 0 and one.bytes["whole_per_step"] == off.streamed_bytes
+    used = sum(v for k, v in one.bytes.items() if k in ("resident", "ring", "kv_cache", "activations", "expert_cache"))
+    assert used <= 16 * GiB < used + one.bytes["expert_cache"] // one.expert_slots + 1  # the cache fills the budget
+    assert one.streamed_bytes == sum(block_nbytes(cfg, b, 2) for b in one.streamed)  # host RAM holds every layer
+    assert layer * len(big.streamed) == big.bus_bytes_per_step  # batch 16 hits every expert: whole layers
+    qwen = preset("qwen3-30b-a3b")
+    q1 = plan(qwen, 2, 16 * GiB, 1, 512, 32, expert_streaming="on")
+    assert 8 * q1.bus_bytes_per_step < sum(block_nbytes(qwen, i, 2) for i in range(qwen.n_layers))
+
+
+def test_plan_command_shows_both_ways_for_moe(capsys):
+    from offloadgen.cli import main
+    assert main(["plan", "mixtral-8x7b", "--dummy", "--cpu-offload", "--gpu-memory", "16GiB", "--batch-sizes", "1,16",
+                 "--h2d-bandwidth", "50GB", "--cpu-memory", "200GiB"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (["1"], ["16"])]
+    (whole1, _, routed1), (whole16, _, routed16) = rows[0][-3:], rows[1][-3:]
+    assert routed1.endswith("*") and whole16.endswith("*")  # batch 1 on demand, batch 16 whole layers
+    assert 3 * float(routed1[:-1]) < float(whole1)

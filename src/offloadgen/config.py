@@ -15,6 +15,7 @@ from .errors import OffloadgenError
 
 KV_ATTENTION = ("auto", "cpu", "gpu")
 WEIGHT_FETCH = ("whole", "allgather", "pool")
+EXPERT_STREAMING = ("auto", "on", "off")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 MAX_GPU_MEMORY = 1 << 50  # 1 PiB: anything larger is a typo, not a GPU
 
@@ -33,6 +34,10 @@ class RunConfig:
     gpu_memory: int | None = None  # bytes the run may use on the GPU; None: the card's free memory less a margin
     pin_memory: bool = True  # streamed weights in page-locked memory (else staged through pinned buffers)
     prefetch_depth: int = 1  # streamed blocks in flight ahead of the one computing
+    # MoE models streamed from CPU RAM: each layer's trunk ahead, then only its routed experts, with
+    # an expert cache in what the budget leaves (docs/moe-streaming.md). auto: where the plan
+    # expects fewer bytes per decode step than streaming whole layers; off: whole layers
+    expert_streaming: str = "auto"
     # -- weight quantization --------------------------------------------------------------------------
     quant_bits: int = 16  # 4 or 8: the decoder layers' linear weights, group-wise; 16: none
     quant_group_size: int = 64
@@ -94,6 +99,10 @@ class RunConfig:
                 raise OffloadgenError(f"gpu_memory of {self.gpu_memory:.3g} bytes is not a GPU's; give e.g. 16GiB")
         _choice("kv_attention", self.kv_attention, KV_ATTENTION)
         _choice("weight_fetch", self.weight_fetch, WEIGHT_FETCH)
+        _choice("expert_streaming", self.expert_streaming, EXPERT_STREAMING)
+        if self.expert_streaming == "on" and (self.disk_offload or not self.pin_memory or self.weight_fetch != "whole"):
+            raise OffloadgenError("--expert-streaming on copies experts from pinned CPU memory: it cannot be combined "
+                                  "with --disk-offload, --pin-memory 0 or --weight-fetch allgather/pool")
         _choice("dtype", str(self.dtype).replace("torch.", ""), DTYPES)
         if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
             raise OffloadgenError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")

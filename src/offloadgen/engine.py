@@ -113,14 +113,31 @@ class Engine:
         w.done("embed")
         for i in range(cfg.n_layers):
             block = w.get(i)
-            # In list order: a continuous batch puts its decode micro-batches before prompt chunks.
-            for j, mb in enumerate(batches):
-                hidden[j] = fam.layer(cfg, block, hidden[j], mb.step, cache.layer(i, mb.part, mb.rows))
+            if hasattr(fam, "pre_experts") and "router" in block:
+                hidden = self._moe_layer(i, block, batches, hidden, cache)
+            else:
+                # In list order: a continuous batch puts its decode micro-batches before prompt chunks.
+                for j, mb in enumerate(batches):
+                    hidden[j] = fam.layer(cfg, block, hidden[j], mb.step, cache.layer(i, mb.part, mb.rows))
             w.done(i)
         block = w.get("head")
         logits = [fam.head(cfg, block, h[:, -1:]) if mb.logits else None for h, mb in zip(hidden, batches)]
         w.done("head")
         return logits
+
+    def _moe_layer(self, i: int, block: dict, batches: list[MicroBatch], hidden: list, cache) -> list:
+        """An MoE layer in two halves: attention and routing for every micro-batch, then the experts
+        they routed to, asked of the weight source at once (it copies only those it lacks), then
+        the experts for every micro-batch."""
+        fam, cfg = self.family, self.cfg
+        routed = [fam.pre_experts(cfg, block, hidden[j], mb.step, cache.layer(i, mb.part, mb.rows))
+                  for j, mb in enumerate(batches)]
+        ids = torch.unique(torch.cat([r.experts.flatten() for r in routed])).tolist()  # one host sync
+        experts = self.weights.get_experts(i, ids)
+        if experts:
+            experts.update({k: v for k, v in block.items() if k not in experts})
+            block = experts  # keeps its arrival events: each expert waits for its own copy
+        return [fam.post_experts(cfg, block, r) for r in routed]
 
     def prepare(self, step: StepInputs) -> StepInputs:
         """Build a step's per-pass tensors (mask, rope, alibi) as the model family wants them."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from .config import KV_ATTENTION, WEIGHT_FETCH, RunConfig, parse_bytes
+from .config import EXPERT_STREAMING, KV_ATTENTION, WEIGHT_FETCH, RunConfig, parse_bytes
 
 
 def flag(p, name: str, **kw):
@@ -76,6 +76,9 @@ def add_placement_flags(p) -> None:
          help="1: streamed weights in pinned CPU memory (default); 0: pageable, staged through pinned buffers")
     flag(g, "--prefetch-depth", type=int, default=1, help="layers copied ahead of the one computing (default 1)")
     flag(g, "--micro-batch-size", type=int, default=None, help="rows per layer pass; shrinks activations")
+    flag(g, "--expert-streaming", default="auto", choices=list(EXPERT_STREAMING),
+         help="MoE models: copy only the routed experts of each layer, with an expert cache in the budget left "
+              "(auto: where the plan expects fewer bytes per step than whole layers; default)")
 
 
 def add_quant_flags(p) -> None:
@@ -128,5 +131,6 @@ def config_from_args(args, **planned) -> RunConfig:
         micro_batch_size=args.micro_batch_size, quant_bits=args.quant_bits, quant_group_size=args.quant_group_size,
         kv_offload=args.kv_offload, pin_kv_cache=args.pin_kv_cache, async_kv_offload=args.async_kv_offload,
         kv_attention=args.kv_attention, kv_quant_bits=args.kv_quant_bits,
-        kv_quant_group_size=args.kv_quant_group_size, weight_fetch=args.weight_fetch)
+        kv_quant_group_size=args.kv_quant_group_size, weight_fetch=args.weight_fetch,
+        expert_streaming=args.expert_streaming)
     return RunConfig(**{**settings, **planned})

@@ -19,6 +19,7 @@ from .config import RunConfig
 from .errors import OffloadgenError
 from .machine import Calibration, GiB, cpu_attention_file, save_cpu_attention
 from .models import block_nbytes, blocks, param_count
+from .models.moe import is_expert_streamable
 from .runtime import plan_run
 
 LAUNCH_OVERHEAD_S = 40e-6  # per layer and micro-batch: a dozen kernel launches from Python
@@ -32,7 +33,7 @@ def predict(cfg, placement, batch: int, micro_batch: int | None, prompt_len: int
     n_micro = math.ceil(batch / (micro_batch or batch))
     dense = sum(block_nbytes(cfg, b, elem) for b in blocks(cfg) if isinstance(b, int))
     traffic = dense * n_micro + (2 * dense if quant is not None else 0) + placement.bytes["kv_cache"]
-    bus = placement.streamed_bytes / cal.h2d_bytes_s
+    bus = placement.bus_bytes_per_step / cal.h2d_bytes_s
     cpu = 0.0
     if kv_model and kv_model.get("predicted_bus_s") is not None:
         bus, cpu = kv_model["predicted_bus_s"], kv_model["predicted_cpu_attention_s"]
@@ -83,11 +84,25 @@ def plan_table(config: RunConfig, model_cfg, batches: list[int], cal: Calibratio
             rows.append(row)
             continue
         elem = torch.empty((), dtype=plan.dtype).element_size()
-        row.update(placement=plan.placement, kv=plan.kv_model,
+        row.update(placement=plan.placement, kv=plan.kv_model, moe=moe_columns(config, model_cfg, plan, batch),
                    **predict(model_cfg, plan.placement, batch, config.micro_batch_size, plan.max_prompt_len,
                              plan.max_seq_len - plan.max_prompt_len, elem, plan.quant, cal, plan.kv_model))
         rows.append(row)
     return rows
+
+
+def moe_columns(config: RunConfig, model_cfg, plan, batch: int) -> tuple[int, int] | None:
+    """An MoE model's bytes per decode step both ways, whichever the plan chose: whole layers, and
+    trunks plus the routed experts the expert cache misses (None for other models, or where
+    nothing streams)."""
+    p = plan.placement
+    if not is_expert_streamable(model_cfg) or p is None or not p.streamed:
+        return None
+    if p.expert_streaming:
+        return p.bytes["whole_per_step"], p.bytes["routed_per_step"]
+    other = plan_run(config.replace(max_batch_size=batch, expert_streaming="on"), model_cfg, plan.device,
+                     h2d_bytes_s=(plan.kv_model or {}).get("h2d_bytes_s"), host_available=1 << 60).placement
+    return p.streamed_bytes, other.bus_bytes_per_step if other.expert_streaming else None
 
 
 def print_plan(cfg, name: str, rows: list[dict], cal: Calibration, budget: int, host_available: int, quant,
@@ -100,16 +115,17 @@ def print_plan(cfg, name: str, rows: list[dict], cal: Calibration, budget: int, 
           f"({cal.source})", file=out)
     if cpu_attention:
         print(cpu_attention, file=out)
+    moe = any(r.get("moe") for r in rows)
     print(f"{'batch':>5s} {'resident':>8s} {'streamed':>8s} {'GB/step':>8s} {'KV GiB':>7s} {'step s':>7s} {'bound':>10s} "
-          f"{'tokens/s':>9s}", file=out)
+          f"{'tokens/s':>9s}" + ("  whole layers / routed experts GB per step (*: chosen)" if moe else ""), file=out)
     for r in rows:
         if "error" in r:
             print(f"{r['batch']:5d}  does not fit: {r['error']}", file=out)
             continue
         p = r["placement"]
         kv = f"{p.bytes['kv_host'] / GiB:5.1f}C" if "kv_host" in p.bytes else f"{p.bytes['kv_cache'] / GiB:6.2f}"
-        print(f"{r['batch']:5d} {len(p.resident):8d} {len(p.streamed):8d} {p.streamed_bytes / 1e9:8.2f} "
-              f"{kv:>7s} {r['step_s']:7.3f} {r['bound']:>10s} {r['tokens_s']:9.2f}", file=out)
+        print(f"{r['batch']:5d} {len(p.resident):8d} {len(p.streamed):8d} {p.bus_bytes_per_step / 1e9:8.2f} "
+              f"{kv:>7s} {r['step_s']:7.3f} {r['bound']:>10s} {r['tokens_s']:9.2f}" + _moe_cell(r), file=out)
     fits = [r["batch"] for r in rows if "error" not in r]
     if fits:
         best = max((r for r in rows if "error" not in r), key=lambda r: r["tokens_s"])
@@ -119,3 +135,12 @@ def print_plan(cfg, name: str, rows: list[dict], cal: Calibration, budget: int, 
         print("nothing fits: lower the batch size or prompt length, quantize, or raise --gpu-memory", file=out)
     if any("kv_host" in r["placement"].bytes for r in rows if "error" not in r):
         print("KV GiB ending in C: the cache in CPU RAM (--kv-offload)", file=out)
+
+
+def _moe_cell(r: dict) -> str:
+    if not r.get("moe"):
+        return ""
+    whole, routed = r["moe"]
+    chosen = r["placement"].expert_streaming
+    return (f"  {whole / 1e9:8.2f}{'' if chosen else '*'} / " +
+            ("-" if routed is None else f"{routed / 1e9:.2f}{'*' if chosen else ''}"))

@@ -166,6 +166,7 @@ def _timed_generations(rt: Runtime, input_ids, mask, w: Workload, world) -> dict
                 marks["disk_read"] = disk.stats["read_bytes"]
             if engine.offloaded_cache is not None:
                 marks["kv_stats"] = dict(engine.offloaded_cache.stats)
+            marks["weights"] = dict(rt.weights.timings)  # bus_bytes, expert hits and misses so far
 
         sync()
         distributed.barrier(world)
@@ -223,7 +224,7 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, bandwidth, 
     with open(log_path, "a") as f:
         f.write(lines)
     p = plan.placement
-    streamed = p.streamed_bytes if p is not None else 0
+    streamed = p.bus_bytes_per_step if p is not None else 0  # predicted; with experts on demand, expected
     bus_limit = streamed / bandwidth["best"] if bandwidth and streamed else None  # at the probe's best
     device = plan.device
     record = {
@@ -250,6 +251,7 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, bandwidth, 
         "weights_timings": rt.weights.timings, "all_totals_s": timed["totals"], "all_prefills_s": timed["prefills"],
         "log_file": str(log_path), "kv": kv_record, "world_size": plan.world.size, "weight_fetch": run.weight_fetch,
         "per_rank": per_rank, "disk_offload": run.disk_offload, "disk": disk_record,
+        "experts": _expert_record(rt, timed, w.gen_len, m),
     }
     json_path = Path(w.json_file) if w.json_file else log_path.with_suffix(".jsonl")
     with open(json_path, "a") as f:
@@ -268,6 +270,23 @@ def _prefill_rate(rt: Runtime, w: Workload, m: RunMetrics) -> dict:
     dense = dense_matmul_flops(device, rt.engine.dtype)
     return {"prefill_flops": flops, "prefill_flops_s": flops / m.prefill_latency_s, "gpu_dense_flops_s": dense,
             "prefill_over_dense": flops / m.prefill_latency_s / dense}
+
+
+def _expert_record(rt: Runtime, timed: dict, gen_len: int, m: RunMetrics) -> dict | None:
+    """An MoE run's weight bytes per decode step as measured (the weight source's counters over the
+    decode steps of the last loop), against the bytes of every streamed layer whole."""
+    p, before, now = rt.plan.placement, timed["marks"].get("weights", {}), rt.weights.timings
+    if p is None or "bus_bytes" not in now or not getattr(rt.plan.model_cfg, "n_experts", 0):
+        return None
+    steps = max(gen_len - 1, 1)
+    per = {k: (now[k] - before.get(k, 0)) / steps for k in ("bus_bytes", "expert_bytes", "expert_hits", "expert_misses")}
+    whole = p.streamed_bytes
+    return {"expert_streaming": p.expert_streaming, "expert_slots": p.expert_slots, "bus_bytes_per_step": per["bus_bytes"],
+            "expert_bytes_per_step": per["expert_bytes"], "hits_per_step": per["expert_hits"],
+            "misses_per_step": per["expert_misses"], "whole_layers_bytes_per_step": whole,
+            "predicted_bytes_per_step": p.bus_bytes_per_step,
+            "fewer_bytes_than_whole": whole / per["bus_bytes"] if per["bus_bytes"] else None,
+            "bus_gb_s": per["bus_bytes"] / m.decode_step_s / 1e9 if m.decode_step_s else None}
 
 
 def _link_bytes(p, ranks: int, fetch: str) -> dict:
@@ -298,6 +317,15 @@ def _print_summary(r: dict, m: RunMetrics, file) -> None:
               f"({r['gpu_dense_flops_s'] / 1e12:.0f} TFLOP/s)"
               + (f"; KV cache made at start-up in {r['kv_cache_alloc_s']:.1f} s" if r.get("kv_cache_alloc_s") else ""),
               file=file)
+
+
+    x = r.get("experts")
+    if x and x["bus_bytes_per_step"]:
+        print(f"MoE ({'experts on demand, cache of ' + str(x['expert_slots']) if x['expert_streaming'] else 'whole layers'}): "
+              f"{x['bus_bytes_per_step'] / 1e9:.2f} GB over the bus per decode step ({x['expert_bytes_per_step'] / 1e9:.2f} "
+              f"GB of experts, {x['hits_per_step']:.0f} hits, {x['misses_per_step']:.0f} misses), "
+              f"{x['fewer_bytes_than_whole']:.2f}x fewer than every streamed layer whole "
+              f"({x['whole_layers_bytes_per_step'] / 1e9:.2f} GB); {x['bus_gb_s']:.1f} GB/s", file=file)
     d = r["disk"]
     if d:
         growth = d["page_cache_growth_bytes"]

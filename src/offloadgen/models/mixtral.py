@@ -14,7 +14,7 @@ from .llama import (  # noqa: F401
     LlamaConfig, attention, block_tensors as llama_tensors,
     config_from_hf as llama_config, embed, head, kv_heads, prepare)
 from .layers import StepInputs, rms_norm
-from .moe import expert_tensors, route, run_experts
+from .moe import Routed, expert_tensors, route, run_experts
 
 FAMILY = "mixtral"
 MODEL_TYPES = ("mixtral",)
@@ -54,10 +54,18 @@ def block_tensors(cfg: MixtralConfig, block) -> dict[str, tuple[str, tuple[int, 
                               cfg.intermediate_size)
 
 
-
-
-def layer(cfg: MixtralConfig, w: dict, x: torch.Tensor, step: StepInputs, kv) -> torch.Tensor:
+def pre_experts(cfg: MixtralConfig, w: dict, x: torch.Tensor, step: StepInputs, kv) -> Routed:
+    """Attention, the MLP norm and the router: everything of the layer but its experts."""
     x = x + attention(cfg, w, rms_norm(x, w["attn_norm"], cfg.norm_eps), step, kv)
     h = rms_norm(x, w["mlp_norm"], cfg.norm_eps).view(-1, cfg.hidden_size)
     weights, experts = route(h, w["router"], cfg.top_k, normalize=True)
-    return x + run_experts(w, h, weights, experts).view_as(x)
+    return Routed(x, h, weights, experts)
+
+
+def post_experts(cfg: MixtralConfig, w: dict, r: Routed) -> torch.Tensor:
+    """The routed experts (w holds at least those) and the residual."""
+    return r.x + run_experts(w, r.h, r.weights, r.experts).view_as(r.x)
+
+
+def layer(cfg: MixtralConfig, w: dict, x: torch.Tensor, step: StepInputs, kv) -> torch.Tensor:
+    return post_experts(cfg, w, pre_experts(cfg, w, x, step, kv))

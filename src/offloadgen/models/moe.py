@@ -8,6 +8,8 @@ few tokens in a pass (decoding at small batches) most experts receive none.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +27,28 @@ def experts_of(local_name: str) -> int | None:
     if not local_name.startswith("experts."):
         return None
     return int(local_name.split(".", 2)[1])
+
+
+def is_expert_streamable(cfg) -> bool:
+    """Whether a model's layers hold experts a weight source can fetch one by one."""
+    return getattr(cfg, "n_experts", 0) > 0 and hasattr(cfg, "top_k")
+
+
+def expected_routed(n_experts: int, top_k: int, tokens: int) -> float:
+    """Experts a pass of `tokens` tokens routes to, on average, under uniform routing: each expert
+    is missed by a token with probability 1 - k/E."""
+    return n_experts * (1 - (1 - top_k / n_experts) ** tokens)
+
+
+@dataclass
+class Routed:
+    """An MoE layer between its two halves: the residual stream after attention, the normed MLP
+    input [N, H], and each token's experts and their weights. The weight source fetches the
+    experts in between (engine.py), so only the routed ones need be on the device."""
+    x: torch.Tensor
+    h: torch.Tensor
+    weights: torch.Tensor
+    experts: torch.Tensor
 
 
 def expert_tensors(hf_prefix: str, hf_parts: tuple[str, str, str], n_experts: int, hidden: int,

@@ -18,7 +18,7 @@ from .llama import (  # noqa: F401
     LlamaConfig, attention, block_tensors as llama_tensors,
     config_from_hf as llama_config, embed, head, kv_heads, prepare)
 from .layers import StepInputs, rms_norm
-from .moe import expert_tensors, route, run_experts, swiglu
+from .moe import Routed, expert_tensors, route, run_experts, swiglu
 
 FAMILY = "qwen_moe"
 MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
@@ -86,32 +86,38 @@ def block_tensors(cfg: QwenMoeConfig, block) -> dict[str, tuple[str, tuple[int, 
     for dense in ("gate", "up", "down"):
         del t[dense]
     t["router"] = (p + "mlp.gate.weight", (cfg.n_experts, h))
-    t |= expert_tensors(p + "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj"), cfg.n_experts, h,
-                        cfg.moe_intermediate_size)
-    if cfg.shared_intermediate_size:
+    if cfg.shared_intermediate_size:  # before the experts: a layer's trunk is the front of its packed block
         s = cfg.shared_intermediate_size
         t |= {"shared.gate": (p + "mlp.shared_expert.gate_proj.weight", (s, h)),
               "shared.up": (p + "mlp.shared_expert.up_proj.weight", (s, h)),
               "shared.down": (p + "mlp.shared_expert.down_proj.weight", (h, s)),
               "shared_gate": (p + "mlp.shared_expert_gate.weight", (1, h))}
+    t |= expert_tensors(p + "mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj"), cfg.n_experts, h,
+                        cfg.moe_intermediate_size)
     return t
 
 
-
-
-def sparse_mlp(cfg: QwenMoeConfig, w: dict, h: torch.Tensor) -> torch.Tensor:
-    """h [N, H] through the routed experts, plus the gated shared expert where there is one."""
+def pre_experts(cfg: QwenMoeConfig, w: dict, x: torch.Tensor, step: StepInputs, kv) -> Routed:
+    """Attention, the MLP norm and the router of a sparse layer: everything but its experts."""
+    x = x + attention(cfg, w, rms_norm(x, w["attn_norm"], cfg.norm_eps), step, kv)
+    h = rms_norm(x, w["mlp_norm"], cfg.norm_eps).view(-1, cfg.hidden_size)
     weights, experts = route(h, w["router"], cfg.top_k, cfg.norm_topk_prob)
-    out = run_experts(w, h, weights.to(h.dtype), experts)  # Qwen casts the routing weights first
+    return Routed(x, h, weights, experts)
+
+
+def post_experts(cfg: QwenMoeConfig, w: dict, r: Routed) -> torch.Tensor:
+    """The routed experts (w holds at least those), the gated shared expert where there is one,
+    and the residual."""
+    out = run_experts(w, r.h, r.weights.to(r.h.dtype), r.experts)  # Qwen casts the routing weights first
     if "shared_gate" in w:
-        shared = swiglu(h, w["shared.gate"], w["shared.up"], w["shared.down"])
-        out = out + torch.sigmoid(h @ w["shared_gate"].t()) * shared
-    return out
+        shared = swiglu(r.h, w["shared.gate"], w["shared.up"], w["shared.down"])
+        out = out + torch.sigmoid(r.h @ w["shared_gate"].t()) * shared
+    return r.x + out.view_as(r.x)
 
 
 def layer(cfg: QwenMoeConfig, w: dict, x: torch.Tensor, step: StepInputs, kv) -> torch.Tensor:
+    if "router" in w:
+        return post_experts(cfg, w, pre_experts(cfg, w, x, step, kv))
     x = x + attention(cfg, w, rms_norm(x, w["attn_norm"], cfg.norm_eps), step, kv)
     h = rms_norm(x, w["mlp_norm"], cfg.norm_eps).view(-1, cfg.hidden_size)
-    if "router" in w:
-        return x + sparse_mlp(cfg, w, h).view_as(x)
     return x + swiglu(h, w["gate"], w["up"], w["down"]).view_as(x)

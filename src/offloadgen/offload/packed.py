@@ -41,11 +41,29 @@ class PackedBlock:
             else:
                 add(local, dtype, shape)
         self.nbytes = pos
-        self.dense_numel = sum(math.prod(s) for s in self.quantized.values())
+        # each quantized tensor has its own place in the dense workspace, so a layer's parts
+        # dequantized at different times (its trunk, then its experts) do not overwrite each other
+        self.dense_offset, n = {}, 0
+        for local, shape in self.quantized.items():
+            self.dense_offset[local] = n
+            n += math.prod(shape)
+        self.dense_numel = n
 
-    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {key: flat[off:off + math.prod(shape) * _elem(dt)].view(dt).view(shape)
-                for key, (off, dt, shape) in self.entries.items()}
+    def span(self, locals_: set[str]) -> tuple[int, int]:
+        """The byte range [lo, hi) that these tensors' entries take in the flat buffer; they must
+        be contiguous (an expert's three matrices are: see models/moe.py)."""
+        keys = [k for k in self.entries if k in locals_ or k.rsplit(".", 1)[0] in locals_]
+        lo = min(self.entries[k][0] for k in keys)
+        hi = max(self.entries[k][0] + _padded(self.entries[k]) for k in keys)
+        assert hi - lo == sum(_padded(self.entries[k]) for k in keys), "entries are not contiguous"
+        return lo, hi
+
+    def views(self, flat: torch.Tensor, locals_: set[str] | None = None, base: int = 0) -> dict[str, torch.Tensor]:
+        """Tensors over a flat buffer holding the block (or, with `base`, its bytes from `base` on);
+        with `locals_`, only those tensors' entries."""
+        return {key: flat[off - base:off - base + math.prod(shape) * _elem(dt)].view(dt).view(shape)
+                for key, (off, dt, shape) in self.entries.items()
+                if locals_ is None or key in locals_ or key.rsplit(".", 1)[0] in locals_}
 
     def encode(self, tensors: dict[str, torch.Tensor], quant_device: torch.device) -> dict[str, torch.Tensor]:
         """A block's 16-bit tensors as this layout's entries, quantizing where the layout says so."""
@@ -64,20 +82,27 @@ class PackedBlock:
         for key, t in parts.items():
             views[key].copy_(t)
 
-    def dense(self, flat: torch.Tensor, workspace: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        views = self.views(flat)
-        out, pos = {}, 0
+    def dense(self, flat: torch.Tensor, workspace: torch.Tensor | None, locals_: set[str] | None = None,
+              base: int = 0) -> dict[str, torch.Tensor]:
+        """The block's tensors (or those named in `locals_`) as dense weights: views into `flat`,
+        quantized ones dequantized into their place in the workspace."""
+        views = self.views(flat, locals_, base)
+        out = {}
         for key, t in views.items():
             local = key.rsplit(".", 1)[0]
             if local in self.quantized and key.endswith(".packed"):
                 shape = self.quantized[local]
-                n = math.prod(shape)
+                pos = self.dense_offset[local]
                 qt = QuantizedTensor(t, views[local + ".scale"], views[local + ".min"], shape, self.quant)
-                out[local] = dequantize(qt, self.dtype, out=workspace[pos:pos + n].view(shape))
-                pos += n
+                out[local] = dequantize(qt, self.dtype, out=workspace[pos:pos + math.prod(shape)].view(shape))
             elif local not in self.quantized:
                 out[key] = t
         return out
+
+
+def _padded(entry) -> int:
+    _, dt, shape = entry
+    return -(-math.prod(shape) * _elem(dt) // ALIGN) * ALIGN
 
 
 def _elem(dtype: torch.dtype) -> int:

@@ -13,6 +13,8 @@ import torch
 
 from ..errors import OffloadgenError
 from ..models import block_nbytes, blocks, family_of, shared_nbytes
+from ..models.moe import expected_routed, is_expert_streamable
+from .experts import WHOLE_SPAN_SHARE, expert_layouts
 from .packed import PackedBlock
 
 GiB = 1 << 30
@@ -32,10 +34,20 @@ class Placement:
     # Several ranks pooling their GPU memory (--weight-fetch pool): each rank keeps 1/N of these
     # blocks and all-gathers the rest from its peers every pass; they never cross PCIe.
     pooled: list = field(default_factory=list)
+    # MoE layers streamed by their trunk, then only their routed experts (offload/experts.py), with
+    # an expert cache of this many GPU slots of one expert each
+    expert_streaming: bool = False
+    expert_slots: int = 0
 
     @property
     def streamed_bytes(self) -> int:
         return self.bytes["streamed_per_pass"]
+
+    @property
+    def bus_bytes_per_step(self) -> int:
+        """Weight bytes a decode step moves to the GPU: with expert streaming, the trunks and the
+        routed experts the expert cache is expected to miss."""
+        return self.bytes["routed_per_step"] if self.expert_streaming else self.streamed_bytes
 
     @property
     def fetched(self) -> list:
@@ -49,7 +61,9 @@ class Placement:
         return (f"{len(self.resident)} blocks resident ({b['resident'] / GiB:.2f} GiB), {pooled}{len(self.streamed)} streamed "
                 f"({b['streamed_per_pass'] / GiB:.2f} GiB per pass through {self.ring_slots} buffers of "
                 f"{b['ring'] / self.ring_slots / GiB if self.ring_slots else 0:.2f} GiB), KV cache {b['kv_cache'] / GiB:.2f} GiB, "
-                f"activations {b['activations'] / GiB:.2f} GiB")
+                f"activations {b['activations'] / GiB:.2f} GiB"
+                + (f"; experts on demand, {b['routed_per_step'] / GiB:.2f} GiB per decode step expected, an expert "
+                   f"cache of {self.expert_slots} ({b['expert_cache'] / GiB:.2f} GiB)" if self.expert_streaming else ""))
 
 
 def activation_bytes(cfg, micro_batch: int, prompt_len: int, max_len: int, elem: int) -> int:
@@ -99,12 +113,15 @@ def block_sizes(cfg, elem_bytes: int, quant=None) -> tuple[dict, int]:
 def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: int, gen_len: int,
                    micro_batch: int | None = None, prefetch_depth: int = 1, offload: bool = True,
                    kv_on_gpu: bool = True, max_resident_layers: int | None = None, quant=None,
-                   kv_scratch: int = 0, pool_ranks: int = 1, kv_bits: tuple = (None, 64)) -> Placement:
+                   kv_scratch: int = 0, pool_ranks: int = 1, kv_bits: tuple = (None, 64),
+                   expert_streaming: str = "off") -> Placement:
     """Place blocks under `budget` bytes of GPU memory; refuse, saying what would fit, if impossible.
 
     With the KV cache offloaded (kv_on_gpu=False) the GPU holds only `kv_scratch` bytes of it: the
     device buffers of the micro-batches that attend on the GPU. With pool_ranks N > 1 the budget is
-    each of N ranks' and the layers are pooled across them (_pool_layers)."""
+    each of N ranks' and the layers are pooled across them (_pool_layers). For an MoE model,
+    expert_streaming "on" streams trunks and routed experts (_expert_placement), "auto" does so
+    where that moves fewer bytes per decode step than whole layers, "off" never."""
     max_len = prompt_len + gen_len
     kv = kv_cache_bytes(cfg, batch, max_len, elem_bytes, *kv_bits) if kv_on_gpu else kv_scratch
     act = activation_bytes(cfg, micro_batch or batch, prompt_len, max_len, elem_bytes)
@@ -157,8 +174,62 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
     streamed = [b for b in blocks(cfg) if b not in resident]
     streamed_bytes = sum(sizes[b] for b in streamed)
     resident_bytes = sum(sizes[b] for b in resident) - (shared if "embed" in resident else 0)
-    return Placement(resident, streamed, slots, dict(resident=resident_bytes, kv_cache=kv, activations=act, ring=ring,
-                                                     streamed_per_pass=streamed_bytes))
+    whole = Placement(resident, streamed, slots, dict(resident=resident_bytes, kv_cache=kv, activations=act, ring=ring,
+                                                      streamed_per_pass=streamed_bytes))
+    if expert_streaming == "off" or not is_expert_streamable(cfg):
+        return whole
+    routed = _expert_placement(cfg, elem_bytes, quant, sizes, ends, free, batch, whole)
+    return routed if expert_streaming == "on" or routed.bus_bytes_per_step < whole.bus_bytes_per_step else whole
+
+
+def moe_layer_bytes(cfg, elem_bytes: int, quant=None) -> dict:
+    """Per sparse layer: (trunk bytes, bytes of one expert, number of experts) as packed."""
+    dtype = {2: torch.float16, 4: torch.float32}[elem_bytes]
+    fam = family_of(cfg)
+    out, seen = {}, {}  # sparse layers are alike: lay out one of each shape
+    for i in range(cfg.n_layers):
+        shapes = {k: s for k, (_, s) in fam.block_tensors(cfg, i).items()}
+        key = tuple(shapes.items())
+        if key not in seen:
+            lay = expert_layouts({i: PackedBlock(i, shapes, dtype, quant)}).get(i)
+            seen[key] = lay and (lay.trunk_nbytes, lay.expert_nbytes, len(lay.spans))
+        if seen[key]:
+            out[i] = seen[key]
+    return out
+
+
+def routed_bytes_per_step(cfg, moe: dict, sizes: dict, streamed: list, batch: int, cache_share: float) -> int:
+    """Expected bytes per decode step of `streamed` blocks with experts on demand: each sparse
+    layer's trunk, and the experts a step of `batch` tokens routes to (uniform routing) that the
+    expert cache, holding cache_share of all experts, misses; a layer missing most of its
+    experts copies them all as one span."""
+    total = 0
+    for b in streamed:
+        if b not in moe:
+            total += sizes[b]
+            continue
+        trunk, expert, n = moe[b]
+        missed = expected_routed(n, cfg.top_k, batch) * (1 - cache_share)
+        total += trunk + (n if missed >= WHOLE_SPAN_SHARE * n else missed) * expert
+    return int(total)
+
+
+def _expert_placement(cfg, elem_bytes: int, quant, sizes: dict, ends: list, free: int, batch: int,
+                      whole: Placement) -> Placement:
+    """Every layer streams (its trunk ahead, its routed experts on demand); what the budget leaves
+    after the ends holds experts in the expert cache, the most used ones across all layers (a
+    resident layer is a cache of its own experts that never adapts to the routing)."""
+    moe = moe_layer_bytes(cfg, elem_bytes, quant)
+    expert = max(e for _, e, _ in moe.values())
+    n_experts = sum(n for _, _, n in moe.values())
+    slots = min(n_experts, max(0, int(free // expert)))
+    streamed = [b for b in blocks(cfg) if b not in ends]
+    resident = [b for b in blocks(cfg) if b in ends]
+    b = dict(whole.bytes, resident=whole.bytes["resident"] - sum(sizes[i] for i in whole.resident if isinstance(i, int)),
+             expert_cache=slots * expert, streamed_per_pass=sum(sizes[i] for i in streamed),
+             routed_per_step=routed_bytes_per_step(cfg, moe, sizes, streamed, batch, slots / n_experts),
+             whole_per_step=whole.streamed_bytes)
+    return Placement(resident, streamed, whole.ring_slots, b, expert_streaming=True, expert_slots=slots)
 
 
 def _pool_layers(cfg, sizes: dict, ends: list, free: int, ranks: int, slots: int, shared: int, parts: dict) -> Placement:
@@ -198,7 +269,7 @@ def kv_cache_bytes(cfg, batch: int, seq: int, elem_bytes: int, bits: int | None 
 def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: int, gen_len: int,
                     micro_batch: int | None, prefetch_depth: int, quant, opts, h2d_bytes_s: float | None,
                     dtype: torch.dtype, offload: bool = True, cpu_attention_bytes_s: float | None = None,
-                    pool_ranks: int = 1):
+                    pool_ranks: int = 1, expert_streaming: str = "off"):
     """Placement with the KV cache in CPU memory, and the share of micro-batches that attend on the
     GPU. With attention "auto" the share comes from the step model (kv_cache.gpu_fraction): the
     cache read in a decode step at the average context length, against the bus time the streamed
@@ -217,14 +288,15 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
             quant_group_size=opts.quant_group_size)
     n_parts = -(-batch // rows)
     first = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
-                           offload=offload, kv_on_gpu=False, quant=quant, pool_ranks=pool_ranks)
+                           offload=offload, kv_on_gpu=False, quant=quant, pool_ranks=pool_ranks,
+                           expert_streaming=expert_streaming)
     kv_bits = (opts.quant_bits, opts.quant_group_size)
     cache_step = kv_cache_bytes(cfg, batch, prompt_len + gen_len // 2, elem_bytes, *kv_bits)  # read per decode step
     fraction = opts.gpu_fraction
     model = {"cache_bytes_per_step": cache_step, "h2d_bytes_s": h2d_bytes_s, "cpu_attention_bytes_s": cpu_attention_bytes_s}
     if fraction is None and opts.attention == "auto":
         if h2d_bytes_s and cpu_attention_bytes_s:
-            fraction = gpu_fraction(first.streamed_bytes / h2d_bytes_s, cache_step, h2d_bytes_s, cpu_attention_bytes_s)
+            fraction = gpu_fraction(first.bus_bytes_per_step / h2d_bytes_s, cache_step, h2d_bytes_s, cpu_attention_bytes_s)
         else:
             fraction = 0.0  # nothing measured (no GPU): the cache is read where it is
     opts = dataclasses.replace(opts, gpu_fraction=fraction)
@@ -238,11 +310,11 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
         scratch += kv_cache_bytes(cfg, rows, prompt_len + gen_len, elem_bytes) // cfg.n_layers
     placement = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
                                offload=offload, kv_on_gpu=False, quant=quant, kv_scratch=scratch,
-                               pool_ranks=pool_ranks) if scratch else first
+                               pool_ranks=pool_ranks, expert_streaming=expert_streaming) if scratch else first
     placement.bytes["kv_host"] = kv_cache_bytes(cfg, batch, prompt_len + gen_len, elem_bytes, *kv_bits)
     if h2d_bytes_s:
         x = n_gpu / n_parts
-        bus = (placement.streamed_bytes + x * cache_step) / h2d_bytes_s
+        bus = (placement.bus_bytes_per_step + x * cache_step) / h2d_bytes_s
         cpu = (1 - x) * cache_step / cpu_attention_bytes_s if cpu_attention_bytes_s else 0.0
         model.update(predicted_bus_s=bus, predicted_cpu_attention_s=cpu, predicted_step_s=max(bus, cpu))
     model.update(gpu_parts=n_gpu, max_gpu_parts=most, parts=n_parts, gpu_fraction=fraction)

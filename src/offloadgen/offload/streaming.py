@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ..errors import OffloadgenError
 from ..models import family_of
 from ..quant import QuantConfig
+from .experts import WHOLE_SPAN_SHARE, ArrivingExperts, ExpertCache, expert_layouts
 from .packed import ALIGN, PackedBlock
 from .pinned import copy_in_chunks, pin_tensors, unpin_tensors
 from .weights import load_resident_block
@@ -38,7 +39,7 @@ class StreamingWeights:
 
     def __init__(self, checkpoint, device: torch.device, dtype: torch.dtype, placement, pinned: bool = True,
                  progress: bool = True, quant: QuantConfig | None = None, offload_dir: str | None = None,
-                 world=None, fetch: str = "whole"):
+                 world=None, fetch: str = "whole", whole_span_share: float = WHOLE_SPAN_SHARE):
         self.cfg = checkpoint.cfg
         self.device = torch.device(device)
         self.dtype = dtype
@@ -67,7 +68,13 @@ class StreamingWeights:
         if quant is not None and checkpoint.path is not None:
             from ..quant.cache import QuantCache
             self.quant_cache = QuantCache(checkpoint.path, quant, dtype)
-        self.timings = {"quantized_blocks": 0, "cached_blocks": 0}
+        # bus_bytes: every byte copied to the device (blocks and experts); expert_*: the routed
+        # experts' copies, cache hits and misses (experts.py)
+        self.timings = {"quantized_blocks": 0, "cached_blocks": 0, "bus_bytes": 0, "expert_bytes": 0,
+                        "expert_hits": 0, "expert_misses": 0}
+        # Streamed MoE layers whose experts are fetched one by one, as routed (placement.expert_streaming)
+        self.whole_span_share = whole_span_share
+        self.moe = expert_layouts({b: self.layouts[b] for b in self.order}) if placement.expert_streaming else {}
         self._count_lock = threading.Lock()  # blocks are filled from several threads
         self.disk = None
         t0 = time.perf_counter()
@@ -214,6 +221,23 @@ class StreamingWeights:
             self.worker_error = None
             self.worker = threading.Thread(target=self._stage_worker, daemon=True)
             self.worker.start()
+        self._make_expert_pool()
+
+    def _make_expert_pool(self) -> None:
+        """GPU slots of one expert each for the expert cache, sized by the planner."""
+        if self.moe and (self.staged or self.disk is not None or self.shards > 1):
+            raise OffloadgenError("expert streaming copies experts from pinned CPU memory on one GPU: it cannot be "
+                                  "combined with --disk-offload, --pin-memory 0 or --weight-fetch allgather/pool")
+        slots = self.placement.expert_slots if self.moe else 0
+        size = max((lay.expert_nbytes for lay in self.moe.values()), default=0)
+        self.expert_cache = ExpertCache(slots)
+        self.pool = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(slots)]
+        self.pool_ready: dict[int, object] = {}  # slot -> event of its last copy
+        self.pool_free: dict[int, object] = {}  # slot -> event of its last use
+        self.pool_used: dict = {}  # block -> slots its pass reads
+        # (block, "ring" or "cache", expert) per expert copied over the bus, (block, "span", ids)
+        # per layer copied as one span: for tests of what crossed the bus
+        self.expert_log: collections.deque = collections.deque(maxlen=4096)
 
     def _start(self) -> None:
         """Begin a pass: the first depth + 1 streamed blocks start copying."""
@@ -231,6 +255,7 @@ class StreamingWeights:
                 event.wait()
         if self.cuda:
             torch.cuda.synchronize(self.device)
+        self.pool_used.clear()
         self._start()
 
     # -- the schedule ------------------------------------------------------------------------------
@@ -241,6 +266,8 @@ class StreamingWeights:
         self.next_issue += 1
         self.slot_of[block] = slot
         self.issued_log.append((i, block, slot))
+        n = self.moe[block].trunk_nbytes if block in self.moe else self.layouts[block].nbytes
+        self.timings["bus_bytes"] += n
         if self.shards > 1:
             self._issue_shard(block, slot)
             return
@@ -248,7 +275,7 @@ class StreamingWeights:
             if self.disk is not None:
                 self.disk.read_into(block, self.ring[slot])
             else:
-                self.ring[slot][:self.host[block].numel()].copy_(self.host[block])
+                self.ring[slot][:n].copy_(self.host[block][:n])
             return
         if self.staged:
             event = threading.Event()
@@ -258,7 +285,7 @@ class StreamingWeights:
         with torch.cuda.stream(self.copy_stream):
             if self.free[slot] is not None:
                 self.copy_stream.wait_event(self.free[slot])
-            copy_in_chunks(self.ring[slot][:self.host[block].numel()], self.host[block])
+            copy_in_chunks(self.ring[slot][:n], self.host[block][:n])
             self.ready[block] = torch.cuda.Event()
             self.ready[block].record(self.copy_stream)
 
@@ -333,7 +360,85 @@ class StreamingWeights:
             return self.layouts[block].dense(self.resident_packed[block], self.workspace)
         self.wait_copy(block)
         slot = self.slot_of[block]
+        if block in self.moe:  # its trunk: the experts come with get_experts, once routed
+            return self.layouts[block].dense(self.ring[slot], self.workspace, self.moe[block].trunk_names)
         return self.layouts[block].dense(self.ring[slot], self.workspace)
+
+    def get_experts(self, block, ids: list[int]) -> dict[str, torch.Tensor]:
+        """The tensors of experts `ids` of a streamed MoE layer, after get(block) and before
+        done(block); {} for any other block (its get() held every expert). Cached experts cost no
+        copy; the others are copied now, each one span, into the expert cache when it admits them
+        or else into their place in the layer's ring slot. When most of the layer's experts are
+        missed, they are all copied as one span (the cache then takes its share from the ring)."""
+        if block not in self.moe:
+            return {}
+        lay, ring = self.moe[block], self.ring[self.slot_of[block]]
+        keys = [(block, e) for e in ids]
+        self.expert_cache.request(keys)
+        missed = [e for e in ids if (block, e) not in self.expert_cache.where]
+        self.timings["expert_hits"] += len(ids) - len(missed)
+        self.timings["expert_misses"] += len(missed)
+        if len(missed) >= self.whole_span_share * len(lay.spans):
+            event = self._copy_expert_bytes(ring[lay.first:lay.last], self.host[block][lay.first:lay.last])
+            self.expert_log.append((block, "span", tuple(ids)))
+            for e in missed:  # on the device, behind the span's copy: no bus
+                self._admit(block, e, keys, ring[slice(*lay.spans[e])], bus=False)
+            return self._arrived(block, {e: (ring, 0, event) for e in ids})
+        where, used = {}, []
+        for e in ids:  # ascending: the order run_experts uses them
+            lo, hi = lay.spans[e]
+            if e in missed:
+                slot = self._admit(block, e, keys, self.host[block][lo:hi], bus=True)
+                if slot is None:
+                    where[e] = (ring, 0, self._copy_expert_bytes(ring[lo:hi], self.host[block][lo:hi]))
+                    self.expert_log.append((block, "ring", e))
+                    continue
+            slot = self.expert_cache.where[(block, e)]
+            where[e] = (self.pool[slot], lo, self.pool_ready.get(slot))
+            used.append(slot)
+        self.pool_used[block] = used
+        return self._arrived(block, where)
+
+    def _admit(self, block, e: int, keep: list, src: torch.Tensor, bus: bool) -> int | None:
+        """Copy expert e into a slot of the expert cache if the cache takes it; its slot or None."""
+        slot = self.expert_cache.admit((block, e), keep=set(keep)) if self.pool else None
+        if slot is not None:
+            self.pool_ready[slot] = self._copy_expert_bytes(self.pool[slot][:src.numel()], src,
+                                                            self.pool_free.get(slot), bus)
+            if bus:
+                self.expert_log.append((block, "cache", e))
+        return slot
+
+    def _copy_expert_bytes(self, dst: torch.Tensor, src: torch.Tensor, wait=None, bus: bool = True):
+        """One copy on the copy stream (behind the trunks already issued); its event, or None on
+        the CPU. bus=False: a copy within the device, from the ring into the expert cache."""
+        if bus:
+            self.timings["bus_bytes"] += src.numel()
+            self.timings["expert_bytes"] += src.numel()
+        if not self.cuda:
+            dst.copy_(src)
+            return None
+        with torch.cuda.stream(self.copy_stream):
+            if wait is not None:
+                self.copy_stream.wait_event(wait)
+            copy_in_chunks(dst, src)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return event
+
+    def _arrived(self, block, where: dict) -> dict[str, torch.Tensor]:
+        """Expert tensors from (buffer, base offset, copy event) per expert. Quantized experts are
+        dequantized as each arrives; 16-bit ones are views the compute waits on at first use."""
+        packed, lay = self.layouts[block], self.moe[block]
+        stream = torch.cuda.current_stream(self.device) if self.cuda else None
+        tensors, events = {}, {}
+        for e, (buf, base, event) in where.items():
+            if event is not None and packed.quantized:
+                stream.wait_event(event)
+            elif event is not None:
+                events[e] = event
+            tensors.update(packed.dense(buf, self.workspace, lay.names[e], base))
+        return ArrivingExperts(tensors, events, stream)
 
     def wait_copy(self, block) -> None:
         """Make the compute stream wait until a streamed block has arrived in its ring slot."""
@@ -357,6 +462,8 @@ class StreamingWeights:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
             self.free[slot] = event
+            for s in self.pool_used.pop(block, ()):  # the expert cache slots it read
+                self.pool_free[s] = event
         self.next_use += 1
         self._issue()
 
@@ -364,8 +471,8 @@ class StreamingWeights:
         """Seconds to move one pass's streamed blocks through the ring with no compute (best of
         `passes`): the floor a decode step can reach with this placement, measured on the same
         buffers and memory as the real steps. Call between generations (at a pass boundary)."""
-        if not self.cuda or not self.order or self.disk is not None:  # from disk: the probe says it, cheaper
-            return None
+        if not self.cuda or not self.order or self.disk is not None or self.moe:  # from disk: the probe says it, cheaper
+            return None  # with expert streaming a pass's bytes depend on its routing
         times = []
         for _ in range(passes):
             torch.cuda.synchronize(self.device)

@@ -25,6 +25,10 @@ class WeightSource(Protocol):
 
     def done(self, block) -> None: ...
 
+    def get_experts(self, block, ids: list[int]) -> dict[str, torch.Tensor]:
+        """Between get(block) and done(block) of an MoE layer: the tensors of its experts `ids`
+        that get() did not hold (a source streaming experts on demand fetches them now)."""
+
     def reset(self) -> None:
         """Forget a pass that stopped midway (an out-of-memory retry starts from the first block)."""
 
@@ -68,6 +72,9 @@ class ResidentWeights:
 
     def done(self, block) -> None:
         pass
+
+    def get_experts(self, block, ids: list[int]) -> dict[str, torch.Tensor]:
+        return {}  # get() holds every expert
 
     def reset(self) -> None:
         pass
