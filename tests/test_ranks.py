@@ -134,3 +134,20 @@ def test_static_batches_and_serve_refuse_several_ranks(tmp_path, monkeypatch, ca
     assert main(["serve", "opt-125m", "--dummy", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "serve runs in one process" in err
+
+
+def test_generate_job_with_num_gpus_per_node_writes_what_one_process_writes(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "Hello there"}\n{"id": "b", "prompt": "One two three", "max_tokens": 3}\n'
+                   'oops\n{"id": "c", "prompt": "Red green"}\n{"prompt": "no id here"}\n')
+    cmd = [sys.executable, "-m", "offloadgen.cli", "generate", "opt-125m", "--dummy", "--device", "cpu", "--dtype",
+           "float32", "--input", str(src), "--max-new-tokens", "5", "--batch-size", "2"]
+    one = subprocess.run(cmd + ["--output", str(tmp_path / "1.jsonl")], env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(cmd + ["--output", str(tmp_path / "2.jsonl"), "--num-gpus-per-node", "2"], env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stderr.count("4 prompts answered this run (0 already done earlier), 1 bad lines") == 1  # rank 0 says it
+    lines = [sorted((tmp_path / f"{n}.jsonl").read_text().splitlines()) for n in (1, 2)]
+    assert lines[0] == lines[1] and len(lines[0]) == 5
