@@ -36,6 +36,9 @@ def _add_generate(sub):
     add_sampling_flags(p)
     add_planned_flags(p)
     flag(p, "--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per pass, at most (default 512)")
+    flag(p, "--num-gpus-per-node", type=int, default=1,
+         help="ranks on this node, each with --batch-size slots of its own; more than 1 starts torchrun "
+              "(or run under torchrun yourself). See docs/distributed.md")
     add_run_flags(p)
     p.set_defaults(func=cmd_generate)
 
@@ -64,35 +67,30 @@ def cmd_generate(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise OffloadgenError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
+    if args.num_gpus_per_node < 1:
+        raise OffloadgenError(f"--num-gpus-per-node must be at least 1; got {args.num_gpus_per_node}")
     # Everything that can be wrong with the input is found before any weight is loaded.
     checkpoint = open_checkpoint(args.model, dummy=args.dummy)
     tokenizer = checkpoint.tokenizer()
     if args.input:
-        if not Path(args.input).is_file():
-            what = "a folder" if Path(args.input).is_dir() else "not a regular file (jobs resume by reading it again)" \
-                if Path(args.input).exists() else "no such file"
-            raise OffloadgenError(f"--input {args.input}: {what}")
-        if not args.output:
-            raise OffloadgenError("--input needs --output (a JSONL file; rerunning with it resumes)")
-        from .jobs import open_job
-        open_job(args.input, args.output, args.ordered).close()  # its files' faults, before any weight is loaded
+        _check_job_files(args)
         items = []
     else:
         items = list(enumerate(args.prompt or ["Paris is the capital city of"]))
         encoded = encode_prompts(tokenizer, checkpoint.cfg, [p for _, p in items], [i for i, _ in items])
         check_lengths(encoded, args.max_new_tokens, checkpoint.cfg.max_position, args.max_seq_len)
-    # Under torchrun each rank answers its share of the prompts; rank 0 gathers them in order and
-    # alone writes.
+    if args.num_gpus_per_node > 1 and not distributed.launched():
+        return distributed.relaunch(args.argv, args.num_gpus_per_node)
+    # Under torchrun each rank answers its share of the prompts (of a job: dealt by expected work,
+    # jobs.answer_job_on_ranks); rank 0 gathers them and alone writes.
     world = distributed.init(resolve_device(config).type)
-    if world.active and args.input:
-        raise OffloadgenError("--input jobs run in one process (they resume by line); under torchrun give --prompt")
     max_seq_len = args.max_seq_len
     if max_seq_len is None and items:
         max_seq_len = max(len(ids) for ids in encoded) + args.max_new_tokens
     llm = load(config=config.replace(max_seq_len=max_seq_len), checkpoint=checkpoint, tokenizer=tokenizer, world=world)
     with llm:  # stops the weight source's threads and unpins memory however the run ends
         if args.input:
-            return _run_job(llm, args, sampling)
+            return _run_job_on_ranks(llm, args, sampling, world) if world.active else _run_job(llm, args, sampling)
         return _answer_prompts(llm, args, sampling, items, world)
 
 
@@ -109,6 +107,25 @@ def check_lengths(encoded: list[list[int]], max_new_tokens: int, context: int, m
         raise OffloadgenError(f"{name} has {n} tokens, and with --max-new-tokens {max_new_tokens} needs {n + max_new_tokens}"
                               f": more than the model's context of {context} tokens (lower --max-new-tokens to "
                               f"{max(context - n, 0)} or less)")
+
+
+def _check_job_files(args) -> None:
+    """The job's files, checked before any weight is loaded. Under torchrun only rank 0 opens the
+    output (and takes its lock, briefly here, then for the job); the others check what they can
+    without the lock, so that most faults are refused alike by every rank and said once."""
+    from .jobs import open_job, read_input
+    from .outputs import check_output_path
+    if not Path(args.input).is_file():
+        what = "a folder" if Path(args.input).is_dir() else "not a regular file (jobs resume by reading it again)" \
+            if Path(args.input).exists() else "no such file"
+        raise OffloadgenError(f"--input {args.input}: {what}")
+    if not args.output:
+        raise OffloadgenError("--input needs --output (a JSONL file; rerunning with it resumes)")
+    if os.environ.get("RANK", "0") == "0":
+        open_job(args.input, args.output, args.ordered).close()
+    else:
+        read_input(args.input)
+        check_output_path(args.output)
 
 
 def _answer_prompts(llm, args, sampling, items, world) -> int:
@@ -153,6 +170,25 @@ def _run_job(llm, args, sampling) -> int:
     from .jobs import run_job
     s = run_job(llm, args.input, args.output, sampling, args.batch_size, args.ordered,
                 prefill_chunk=args.prefill_chunk, output_format=args.output_format, max_seq_len=args.max_seq_len)
+    return _job_summary(s, args)
+
+
+def _run_job_on_ranks(llm, args, sampling, world) -> int:
+    """A job across ranks: rank 0 holds the output (locked) and writes; see jobs.answer_job_on_ranks."""
+    from contextlib import nullcontext
+
+    from . import distributed
+    from .jobs import answer_job_on_ranks, open_job
+    with open_job(args.input, args.output, args.ordered) if world.is_main else nullcontext() as job:
+        s = answer_job_on_ranks(llm, job, sampling, world, args.batch_size, prefill_chunk=args.prefill_chunk,
+                                output_format=args.output_format)
+    distributed.finish(world)
+    if not world.is_main:
+        return 0 if not s.interrupted else 130 if s.interrupted == "SIGINT" else 143
+    return _job_summary(s, args)
+
+
+def _job_summary(s, args) -> int:
     rate = s.tokens / s.seconds if s.seconds else 0.0
     print(f"offloadgen: {s.done} prompts answered this run ({s.skipped} already done earlier), {s.errors} bad lines, "
           f"{s.tokens} tokens in {s.seconds:.1f} s ({rate:.1f} tokens/s) -> {args.output}", file=sys.stderr)

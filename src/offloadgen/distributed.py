@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -102,13 +103,39 @@ def uneven_batch_message(batch: int, ranks: int) -> str:
             f"use a multiple of {ranks} (e.g. {batch + ranks - batch % ranks})")
 
 
-def gather(obj, world: World) -> list:
-    """Every rank's obj, in rank order (on every rank)."""
+def gather(obj, world: World, group=None) -> list:
+    """Every rank's obj, in rank order (on every rank); over `group` if given (control_group)."""
     if not world.active:
         return [obj]
     out = [None] * world.size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def scatter(objs: list | None, world: World, group=None):
+    """objs[r] (given on rank 0) to rank r; returns this rank's."""
+    if not world.active:
+        return objs[0]
+    out = [None]
+    dist.scatter_object_list(out, objs if world.is_main else None, src=0, group=group)
+    return out[0]
+
+
+_control: dict = {}
+
+
+def control_group(world: World):
+    """A gloo group of all ranks for small Python objects passed every pass (who still has work,
+    finished records): on the CPU, so that passing them neither waits for the GPU's queued
+    all-gathers nor takes NCCL's stream. The world's own group where that is gloo already. Every
+    rank must make it at the same point (it is a collective the first time)."""
+    if not world.active:
+        return None
+    if dist.get_backend(world.group) == "gloo":
+        return world.group
+    if "group" not in _control:
+        _control["group"] = dist.new_group(backend="gloo")
+    return _control["group"]
 
 
 def barrier(world: World) -> None:
@@ -125,7 +152,18 @@ def relaunch(argv: list[str], nproc: int) -> int:
     # each on the 4-GPU H100 machine). Each rank gets its share of the cores instead.
     threads = str(max(1, (os.cpu_count() or nproc) // nproc))
     env = {"OMP_NUM_THREADS": threads, **os.environ, **NCCL_ENV, "OFFLOADGEN_RELAUNCHED": "1"}
-    return subprocess.call(cmd, env=env)
+    # torchrun runs in a session of its own, so that a Ctrl-C reaches it once, from here: it then
+    # sends its ranks SIGTERM and waits for them (a job's ranks finish the requests in flight).
+    # Without this the terminal's SIGINT would also end this process's wait, and kill torchrun.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+    in_main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def shared_host_buffers(sizes: dict, world: World, tag: str, fill) -> dict:

@@ -37,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from tqdm import tqdm
 from .errors import OffloadgenError
 from .openai_batch import error_output_record, is_batch_request, output_record, parse_batch_line
 from .outputs import JobOutput, is_regular_or_new
+from .ranks import deal, request_cost, run_in_lockstep, sharded
 from .sampling import SamplingParams
 
 
@@ -370,42 +372,58 @@ def answer_items(llm, items: list[JobItem], out: JobOutput, sampling: SamplingPa
     """Error records first, then each request's record as it finishes (continuous batching in
     batch_size slots). SIGINT/SIGTERM: no request starts, those in flight finish and are written
     (summary.interrupted says which signal)."""
+    start = time.perf_counter()
+    bar = tqdm(total=len(items), desc="prompts", unit="prompt", file=sys.stderr, disable=None if progress else True)
+    with stop_on_signals() as stop:
+        try:
+            bad = [it for it in items if it.error]
+            out.append([error_record(it, output_format) for it in bad])
+            model = llm.checkpoint.name if output_format == "openai-batch" else ""
+            summary.errors += len(bad)
+            bar.update(len(bad))
+
+            def on_done(pairs):
+                _write_results(out, [(result_record(it, c, output_format, model), len(c.token_ids))
+                                     for it, c in pairs], summary, bar, start)
+
+            answer_continuously(llm, [it for it in items if not it.error], sampling, batch_size, on_done, summary,
+                                lambda: bool(stop), prefill_chunk)
+        finally:
+            bar.close()
+    summary.seconds = time.perf_counter() - start
+    if stop:
+        summary.interrupted = signal.Signals(stop["signal"]).name
+
+
+def _write_results(out: JobOutput, records: list[tuple[dict, int]], summary: JobSummary, bar, start: float) -> None:
+    """Append (record, tokens) pairs of finished requests, and count them."""
+    out.append([rec for rec, _ in records])
+    summary.done += len(records)
+    summary.tokens += sum(n for _, n in records)
+    bar.update(len(records))
+    bar.set_postfix(tok_s=f"{summary.tokens / max(time.perf_counter() - start, 1e-9):.1f}")
+
+
+@contextmanager
+def stop_on_signals():
+    """While open, SIGINT and SIGTERM set the yielded dict's "signal" (no request starts, those in
+    flight finish) instead of ending the process; a second signal ends it at once."""
     stop = {}
 
     def request_stop(signum, frame):
         stop["signal"] = signum
-        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+        signal.signal(signum, signal.SIG_DFL)
         print(f"\noffloadgen: {signal.Signals(signum).name}: finishing the requests in flight, then stopping",
               file=sys.stderr)
 
     # Python lets only the main thread set handlers; a job driven from another thread keeps the defaults.
     in_main = threading.current_thread() is threading.main_thread()
     old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
-    start = time.perf_counter()
-    bar = tqdm(total=len(items), desc="prompts", unit="prompt", file=sys.stderr, disable=None if progress else True)
     try:
-        bad = [it for it in items if it.error]
-        out.append([error_record(it, output_format) for it in bad])
-        model = llm.checkpoint.name if output_format == "openai-batch" else ""
-        summary.errors += len(bad)
-        bar.update(len(bad))
-
-        def on_done(pairs):
-            out.append([result_record(it, c, output_format, model) for it, c in pairs])
-            summary.done += len(pairs)
-            summary.tokens += sum(len(c.token_ids) for _, c in pairs)
-            bar.update(len(pairs))
-            bar.set_postfix(tok_s=f"{summary.tokens / (time.perf_counter() - start):.1f}")
-
-        answer_continuously(llm, [it for it in items if not it.error], sampling, batch_size, on_done, summary,
-                            lambda: bool(stop), prefill_chunk)
+        yield stop
     finally:
-        bar.close()
         for s, h in old.items():
             signal.signal(s, h)
-    summary.seconds = time.perf_counter() - start
-    if stop:
-        summary.interrupted = signal.Signals(stop["signal"]).name
 
 
 def prompt_records(results) -> list[dict]:
@@ -422,31 +440,49 @@ def answer_continuously(llm, items: list[JobItem], sampling: SamplingParams, slo
     """Every item through the model's continuous batcher in `slots` slots; on_done([(item,
     Completion)]) after each pass in which requests ended. Once stopping() is true no request
     starts and those in flight finish."""
-    from .api import Completion
     if not items:
         return
-    params = {it.line: it.sampling or sampling for it in items}
-    max_len = min(context_limit(llm), max(it.n_tokens + params[it.line].max_new_tokens for it in items))
-    batcher = llm.batcher(min(slots, len(items)), max_len, prefill_chunk)
-    by_line = {it.line: it for it in items}
-    for it in items:
-        batcher.submit(llm.tokenizer.encode(it.prompt), params[it.line], request_id=it.line)
+    batcher, by_line = _submit(llm, items, sampling, slots, prefill_chunk)
     while batcher.has_work():
         if stopping():
             batcher.stop_admitting()
-        ended = [o.request for o in _step_with_retry(llm, batcher, summary) if o.finished]
+        ended = _ended(_step_with_retry(llm, batcher, summary), by_line)
         if ended:
-            on_done([(by_line[r.id], Completion(by_line[r.id].prompt, r.text, r.output_ids, r.finish_reason))
-                     for r in ended])
+            on_done(ended)
 
 
-def _step_with_retry(llm, batcher, summary):
+def _submit(llm, items: list[JobItem], sampling: SamplingParams, slots: int, prefill_chunk: int):
+    """The model's batcher with every item submitted (request id: its line), and the items by
+    line. No items (a rank dealt none): a batcher of one short slot, to take part in passes."""
+    params = {it.line: it.sampling or sampling for it in items}
+    max_len = min(context_limit(llm), max((it.n_tokens + params[it.line].max_new_tokens for it in items), default=1))
+    batcher = llm.batcher(max(1, min(slots, len(items))), max_len, prefill_chunk)
+    for it in items:
+        batcher.submit(llm.tokenizer.encode(it.prompt), params[it.line], request_id=it.line)
+    return batcher, {it.line: it for it in items}
+
+
+def _ended(outputs, by_line: dict) -> list:
+    """(item, Completion) of every request that ended in a pass's outputs."""
+    from .api import Completion
+    return [(by_line[o.request.id], Completion(by_line[o.request.id].prompt, o.request.text, o.request.output_ids,
+                                               o.request.finish_reason)) for o in outputs if o.finished]
+
+
+def _step_with_retry(llm, batcher, summary, world=None):
     while True:
         try:
             return batcher.step()
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             if not _is_oom(e):
                 raise
+            if world is not None and world.active and sharded(llm.engine):
+                # a retry starts this rank's pass over while the others are in the middle of theirs:
+                # the per-layer all-gathers would no longer pair up
+                raise OffloadgenError(f"out of GPU memory on rank {world.rank}; with --weight-fetch "
+                                      f"{llm.plan.config.weight_fetch} the ranks cannot start a pass over apart: "
+                                      "lower --batch-size or --max-new-tokens and run the same command again "
+                                      "(finished results are kept)") from None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             llm.shrink_micro_batch(batcher.slots)
@@ -454,3 +490,61 @@ def _step_with_retry(llm, batcher, summary):
             print(f"offloadgen: out of GPU memory; the requests in flight start over with micro-batches of "
                   f"{llm.engine.micro_batch_size}", file=sys.stderr)
             batcher.restart()
+
+
+def answer_job_on_ranks(llm, job: Job | None, sampling: SamplingParams, world, batch_size: int = 16,
+                        progress: bool = True, prefill_chunk: int = 512, output_format: str = "jsonl") -> JobSummary:
+    """A job across data-parallel ranks (ranks.py): rank 0 holds the job (its lock; job is None
+    elsewhere), parses its lines, writes the bad lines' error records, deals the good ones by
+    expected work and alone writes: every pass, what ended on any rank is gathered to it and
+    appended (fsynced) before the next pass starts, so a failure anywhere loses at most the
+    requests in flight. Each rank answers its share in its own batch_size slots, in lockstep.
+    The summary is rank 0's (others count only their own requests)."""
+    from . import distributed
+    start = time.perf_counter()
+    summary, shares = JobSummary(total=0), None
+    if world.is_main:
+        summary, shares = _prepare_on_rank_0(llm, job, sampling, world.size, prefill_chunk, output_format)
+    items = distributed.scatter(shares, world, distributed.control_group(world))
+    bar = tqdm(total=summary.total - summary.skipped, initial=summary.errors, desc="prompts", unit="prompt",
+               file=sys.stderr, disable=True if not (progress and world.is_main) else None)
+    model = llm.checkpoint.name if output_format == "openai-batch" else ""
+    batcher, by_line = _submit(llm, items, sampling, batch_size, prefill_chunk)
+
+    def report(outputs):  # records of what ended this pass, built on the rank that ran them
+        return [(result_record(it, c, output_format, model), len(c.token_ids)) for it, c in _ended(outputs, by_line)]
+
+    def on_gathered(reports):
+        _write_results(job.out, [pair for part in reports for pair in part], summary, bar, start)
+
+    with stop_on_signals() as stop:
+        try:
+            result = run_in_lockstep(batcher, world, lambda: _step_with_retry(llm, batcher, summary, world),
+                                     report, on_gathered, lambda: stop.get("signal"))
+        finally:
+            bar.close()
+    summary.seconds = time.perf_counter() - start
+    if result["stopped_by"] is not None:
+        summary.interrupted = signal.Signals(result["stopped_by"]).name
+    elif world.is_main and job.ordered:
+        job.out.rewrite_in_order({src.key: i for i, src in enumerate(job.lines)})
+    return summary
+
+
+def _prepare_on_rank_0(llm, job: Job, sampling: SamplingParams, ranks: int, prefill_chunk: int,
+                       output_format: str) -> tuple[JobSummary, list[list[JobItem]]]:
+    """Rank 0's part before the passes: what is left to answer, the bad lines' records written,
+    and the good lines dealt to the ranks by expected work."""
+    if job.out.done:
+        print(f"offloadgen: {job.out.name}: {describe_resume(job.lines, job.out.done)}", file=sys.stderr)
+    todo = [src for src in job.lines if src.key not in job.out.done]
+    summary = JobSummary(total=len(job.lines), skipped=len(job.lines) - len(todo))
+    limit = context_limit(llm)
+    items = [job_item(src, llm.tokenizer, limit, sampling.max_new_tokens, sampling) for src in todo]
+    bad = [it for it in items if it.error]
+    job.out.append([error_record(it, output_format) for it in bad])
+    summary.errors = len(bad)
+    good = [it for it in items if not it.error]
+    costs = [request_cost(it.n_tokens, min((it.sampling or sampling).max_new_tokens, limit - it.n_tokens),
+                          prefill_chunk) for it in good]
+    return summary, [[good[i] for i in share] for share in deal(costs, ranks)]

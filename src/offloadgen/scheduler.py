@@ -84,6 +84,7 @@ class BatcherStats:
     attended_tokens: int = 0  # the same, but the longest row's length in the row's part: what attention reads
     prompt_tokens: int = 0  # prefilled
     output_tokens: int = 0
+    empty_passes: int = 0  # passes with nothing to compute, run to join the other ranks' collectives
 
     @property
     def mean_pass_s(self) -> float:
@@ -138,6 +139,9 @@ class ContinuousBatcher:
         self._waiting: list[Request] = []  # in admission order
         self._cancelled: set[Request] = set()
         self._admitting = True
+        # Set by ranks.run_in_lockstep where every pass joins collectives (all-gathered weights):
+        # a step with nothing to compute still runs the pass, with no rows.
+        self.empty_passes = False
         t0 = time.perf_counter()
         self._build()
         self.cache_seconds = time.perf_counter() - t0  # allocating (and pinning) the cache: start-up
@@ -221,6 +225,9 @@ class ContinuousBatcher:
         decode = [s for s, r in enumerate(self.rows) if r is not None and s not in self.prefilling]
         chunks = self._prompt_chunks()
         if not decode and not chunks:
+            if self.empty_passes:
+                self.engine.run_pass([], self.cache)
+                self.stats.empty_passes += 1
             return outputs
         busy = self.active_slots
         batches, logit_of = self._decode_batches(decode)

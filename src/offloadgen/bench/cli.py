@@ -12,7 +12,8 @@ def add_bench(sub) -> None:
                                    "where it has one (--model facebook/opt-1.3b, --batch-size 1, --prompt-len 512, "
                                    "--gen-len 32, --pin-kv-cache and --async-kv-offload off).")
     add_model_flags(p, positional=False, default="facebook/opt-1.3b")
-    flag(p, "--batch-size", type=int, default=1, help="rows over all ranks (default 1)")
+    flag(p, "--batch-size", type=int, default=1,
+         help="rows over all ranks (default 1); with --workload, slots over all ranks")
     flag(p, "--prompt-len", type=int, default=512)
     flag(p, "--gen-len", type=int, default=32)
     flag(p, "--loops", type=int, default=2, help="timed generations; metrics come from the last")
@@ -48,10 +49,6 @@ def add_workload_flags(p) -> None:
 
 
 def cmd_bench(args) -> int:
-    if args.workload:
-        from .workload import cmd_workload
-        cmd_workload(args)
-        return 0
     from .. import distributed
     from .run import Workload, run_generation
     workload = Workload(args.batch_size, args.prompt_len, args.gen_len, args.loops, args.num_nodes,
@@ -59,6 +56,14 @@ def cmd_bench(args) -> int:
     workload.check()  # refused here, before torchrun starts ranks that would each refuse it
     config = config_from_args(args).validate()
     if args.num_nodes * args.num_gpus_per_node > 1 and args.num_nodes == 1 and not distributed.launched():
+        if args.workload and (args.compare_static or args.static_only):
+            from ..errors import OffloadgenError
+            raise OffloadgenError("static batches run in one process: drop --compare-static / --static-only with "
+                                  "--num-gpus-per-node, or run them with --static-part K/N in separate processes")
         return distributed.relaunch(args.argv, args.num_gpus_per_node)
+    if args.workload:
+        from .workload import cmd_workload
+        cmd_workload(args)
+        return 0
     run_generation(config, workload)
     return 0

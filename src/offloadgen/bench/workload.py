@@ -90,29 +90,68 @@ def _sync(device: torch.device) -> None:
 
 
 def run_continuous(llm, items: list[WorkItem], slots: int, prefill_chunk: int, ignore_eos: bool,
-                   admission: str = "longest") -> dict:
-    """Every request through one ContinuousBatcher; its cache is made before the clock starts."""
+                   admission: str = "longest", world=None) -> dict:
+    """Every request through one ContinuousBatcher; its cache is made before the clock starts.
+    Under torchrun (world active) these are this rank's requests, run in lockstep with the other
+    ranks' (ranks.run_in_lockstep); the record then counts occupancy over the lockstep passes and
+    keeps each request's times for combine_ranks."""
+    from .. import distributed
+    from ..ranks import run_in_lockstep
     from ..scheduler import ContinuousBatcher
-    max_len = max(len(it.prompt_ids) + it.output_len for it in items)
+    max_len = max((len(it.prompt_ids) + it.output_len for it in items), default=1)
     batcher = ContinuousBatcher(llm, slots, max_len, prefill_chunk, admission=admission)
     _sync(llm.device)
+    distributed.barrier(world or distributed.World())  # every rank starts its clock together
     t0 = time.perf_counter()
     reqs = [batcher.submit(it.prompt_ids, SamplingParams(max_new_tokens=it.output_len, ignore_eos=ignore_eos))
             for it in items]
-    while batcher.has_work():
-        batcher.step()
+    if world is not None and world.active:
+        passes = run_in_lockstep(batcher, world)["passes"]
+    else:
+        while batcher.has_work():
+            batcher.step()
+        passes = batcher.stats.passes
     _sync(llm.device)
     elapsed = time.perf_counter() - t0
     ttft = sorted(r.first_token_at - r.submitted_at for r in reqs)
     latency = sorted(r.finished_at - r.submitted_at for r in reqs)
     s = batcher.stats
-    return {"elapsed_s": elapsed, "output_tokens": sum(len(r.output_ids) for r in reqs),
-            "passes": s.passes, "pass_s": s.mean_pass_s, "slot_occupancy": s.slot_occupancy,
-            "decode_occupancy": s.decode_occupancy, "mean_context": s.mean_context,
-            "attended_context": s.attended_context, "cache_alloc_s": batcher.cache_seconds, "prefill_chunk": prefill_chunk,
-            "admission": admission,
-            "ttft_s_p50": ttft[len(ttft) // 2], "latency_s_p50": latency[len(latency) // 2],
-            "latency_s_max": latency[-1]}
+    record = {"elapsed_s": elapsed, "output_tokens": sum(len(r.output_ids) for r in reqs), "requests": len(reqs),
+              "passes": passes, "pass_s": s.mean_pass_s, "empty_passes": s.empty_passes,
+              "slot_occupancy": s.busy_slots / (passes * slots) if passes else 0.0,
+              "decode_occupancy": s.decode_rows / (passes * slots) if passes else 0.0,
+              "mean_context": s.mean_context, "attended_context": s.attended_context, "decode_rows": s.decode_rows,
+              "cache_alloc_s": batcher.cache_seconds, "prefill_chunk": prefill_chunk, "admission": admission}
+    if ttft:
+        record.update(ttft_s_p50=ttft[len(ttft) // 2], latency_s_p50=latency[len(latency) // 2],
+                      latency_s_max=latency[-1])
+    if world is not None and world.active:
+        record.update(ttft_s=ttft, latency_s=latency)
+    return record
+
+
+def combine_ranks(per_rank: list[dict]) -> dict:
+    """One record of the ranks' continuous runs: requests and tokens add up, the run took as long
+    as the slowest rank, occupancy is the ranks' mean (their slots over the same lockstep passes),
+    the context is weighted by decoded rows, percentiles are over every rank's requests."""
+    ttft = sorted(t for r in per_rank for t in r["ttft_s"])
+    latency = sorted(t for r in per_rank for t in r["latency_s"])
+    rows = sum(r["decode_rows"] for r in per_rank)
+    slowest = max(per_rank, key=lambda r: r["elapsed_s"])
+    out = {**{k: v for k, v in slowest.items() if k not in ("ttft_s", "latency_s")},
+           "requests": sum(r["requests"] for r in per_rank),
+           "output_tokens": sum(r["output_tokens"] for r in per_rank), "decode_rows": rows,
+           "empty_passes": sum(r["empty_passes"] for r in per_rank),
+           "passes": max(r["passes"] for r in per_rank), "pass_s": slowest["elapsed_s"] / max(slowest["passes"], 1),
+           "cache_alloc_s": max(r["cache_alloc_s"] for r in per_rank)}
+    for key in ("slot_occupancy", "decode_occupancy"):
+        out[key] = sum(r[key] for r in per_rank) / len(per_rank)
+    for key in ("mean_context", "attended_context"):
+        out[key] = sum(r[key] * r["decode_rows"] for r in per_rank) / rows if rows else 0.0
+    out.update(ttft_s_p50=ttft[len(ttft) // 2], latency_s_p50=latency[len(latency) // 2], latency_s_max=latency[-1])
+    out["per_rank"] = [{k: r[k] for k in ("requests", "output_tokens", "elapsed_s", "passes", "empty_passes",
+                                          "slot_occupancy", "decode_occupancy")} for r in per_rank]
+    return out
 
 
 def run_static(llm, items: list[WorkItem], slots: int, ignore_eos: bool, part: tuple[int, int] = (1, 1)) -> dict:
@@ -167,11 +206,26 @@ def _rates(run: dict, prompt_tokens: int, n: int) -> dict:
 
 def run_workload(llm, items: list[WorkItem], slots: int, prefill_chunk: int, ignore_eos: bool,
                  modes: tuple[str, ...] = ("continuous",), static_part: tuple[int, int] = (1, 1),
-                 admission: str = "longest") -> dict:
-    """The record: the workload, then each mode's figures (static ones prefixed static_)."""
+                 admission: str = "longest", world=None) -> dict | None:
+    """The record: the workload, then each mode's figures (static ones prefixed static_). Under
+    torchrun every rank runs its share of items (dealt as jobs deal them, ranks.deal) in `slots`
+    slots of its own, and rank 0 alone gets the combined record (None elsewhere)."""
+    from .. import distributed
+    from ..ranks import deal, request_cost
     prompt_tokens = sum(len(it.prompt_ids) for it in items)
     record = {"requests": len(items), "prompt_tokens": prompt_tokens,
               "requested_output_tokens": sum(it.output_len for it in items), "slots": slots}
+    if world is not None and world.active:
+        costs = [request_cost(len(it.prompt_ids), it.output_len, prefill_chunk) for it in items]
+        mine = [items[i] for i in deal(costs, world.size)[world.rank]]
+        run = run_continuous(llm, mine, slots, prefill_chunk, ignore_eos, admission, world)
+        per_rank = distributed.gather(run, world, distributed.control_group(world))
+        if not world.is_main:
+            return None
+        run = combine_ranks(per_rank)
+        record.update(run, slots=slots * world.size, slots_per_rank=slots, world_size=world.size,
+                      **_rates(run, prompt_tokens, len(items)))
+        return record
     if "continuous" in modes:
         run = run_continuous(llm, items, slots, prefill_chunk, ignore_eos, admission)
         record.update(run, **_rates(run, prompt_tokens, len(items)))
@@ -184,7 +238,7 @@ def run_workload(llm, items: list[WorkItem], slots: int, prefill_chunk: int, ign
     return record
 
 
-def build_llm(args, slots: int, max_seq_len: int, max_prompt_len: int, checkpoint, tokenizer):
+def build_llm(args, slots: int, max_seq_len: int, max_prompt_len: int, checkpoint, tokenizer, world=None):
     """The model, placed for `slots` sequences of `max_seq_len` tokens, from the bench flags (the
     reference's defaults: the KV cache pinned and written back asynchronously only if asked)."""
     from ..api import load
@@ -192,13 +246,16 @@ def build_llm(args, slots: int, max_seq_len: int, max_prompt_len: int, checkpoin
     config = config_from_args(args, max_batch_size=slots, max_seq_len=max_seq_len, max_prompt_len=max_prompt_len,
                               pin_kv_cache=bool(args.pin_kv_cache), async_kv_offload=bool(args.async_kv_offload),
                               progress=args.verbose > 0)
-    return load(config=config.validate(), checkpoint=checkpoint, tokenizer=tokenizer)
+    return load(config=config.validate(), checkpoint=checkpoint, tokenizer=tokenizer, world=world)
 
 
-def cmd_workload(args, out=None) -> dict:
-    """`offloadgen bench --workload ...`: build, run the modes asked for, print and record."""
-    from .. import __version__
+def cmd_workload(args, out=None) -> dict | None:
+    """`offloadgen bench --workload ...`: build, run the modes asked for, print and record (rank 0).
+    Under torchrun --batch-size is the slots of all ranks together, an equal share each."""
+    from .. import __version__, distributed
     from ..checkpoint import open_checkpoint
+    from ..flags import config_from_args
+    from ..runtime import resolve_device
     checkpoint = open_checkpoint(args.model, dummy=args.dummy)
     cfg, tokenizer = checkpoint.cfg, checkpoint.tokenizer()
     if args.workload == "synthetic":
@@ -210,31 +267,46 @@ def cmd_workload(args, out=None) -> dict:
     if max_seq_len > cfg.max_position:
         raise OffloadgenError(f"a request needs {max_seq_len} tokens; the model's context is {cfg.max_position}")
     modes = ("static",) if args.static_only else ("continuous", "static") if args.compare_static else ("continuous",)
+    world = distributed.init(resolve_device(config_from_args(args)).type)
+    if world.active and "static" in modes:
+        raise OffloadgenError("static batches run in one process (their ranks would not take the same number of "
+                              "passes): drop --compare-static / --static-only with several ranks, or run them with "
+                              "--static-part K/N in separate processes")
+    slots = distributed.local_rows(args.batch_size, world)
+    slots = slots.stop - slots.start
     # Continuous batching prefills one row's chunk at a time; static batches whole prompts.
     longest = max(len(it.prompt_ids) for it in items)
     max_prompt_len = longest if "static" in modes else min(longest, args.prefill_chunk)
     t0 = time.perf_counter()
-    llm = build_llm(args, args.batch_size, max_seq_len, max_prompt_len, checkpoint, tokenizer)
+    llm = build_llm(args, slots, max_seq_len, max_prompt_len, checkpoint, tokenizer, world)
     startup = time.perf_counter() - t0
     with llm:
-        record = run_workload(llm, items, args.batch_size, args.prefill_chunk, ignore_eos=args.dummy, modes=modes,
-                              static_part=parse_part(args.static_part), admission=args.admission)
+        record = run_workload(llm, items, slots, args.prefill_chunk, ignore_eos=args.dummy, modes=modes,
+                              static_part=parse_part(args.static_part), admission=args.admission, world=world)
+    if record is None:  # another rank: rank 0 reports for all
+        distributed.finish(world)
+        return None
     record = {"system": "offloadgen", "kind": "workload", "version": __version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
               "model": args.model, "dummy": args.dummy, "workload": args.workload, "input_len": args.input_len,
               "output_len": args.output_len, "workload_seed": args.workload_seed, "kv_offload": args.kv_offload,
               "quant_bits": args.quant_bits, "gpu_budget_bytes": args.gpu_memory, "startup_s": startup,
+              "weight_fetch": args.weight_fetch, "world_size": world.size,
               "device": torch.cuda.get_device_name() if llm.device.type == "cuda" else "cpu", **record}
     print(summary(record), file=out or sys.stdout)
     path = Path(args.json_file or f"workload-{Path(args.model).name}-slots{args.batch_size}.jsonl")
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+    distributed.finish(world)
     return record
 
 
 def summary(r: dict) -> str:
+    ranks = r.get("world_size", 1)
     lines = [f"workload: {r['requests']} requests, {r['prompt_tokens']} prompt tokens, "
-             f"{r['requested_output_tokens']} output tokens asked for, {r['slots']} slots"]
+             f"{r['requested_output_tokens']} output tokens asked for, {r['slots']} slots"
+             + (f" ({ranks} ranks of {r['slots_per_rank']}, {r.get('weight_fetch', 'whole')} weights)"
+                if ranks > 1 else "")]
     if "elapsed_s" in r:
         lines.append(f"continuous: {r['elapsed_s']:.1f} s, {r['output_throughput']:.1f} output tokens/s, "
                      f"{r['total_throughput']:.1f} total tokens/s, {r['requests_per_s']:.2f} requests/s; "

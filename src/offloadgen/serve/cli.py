@@ -139,6 +139,13 @@ def run_server(app, ctx, sock: socket.socket, log_level: str = "info") -> int:
 
 
 def cmd_serve(args) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Several ranks would need rank 0's requests and cancels sent to the others every pass
+        # (ranks.py has the lockstep, not that); each would bind the same port.
+        raise OffloadgenError(f"serve runs in one process, not under torchrun with {os.environ['WORLD_SIZE']} ranks: "
+                              "start one server per GPU (CUDA_VISIBLE_DEVICES=i offloadgen serve --port 800i) behind "
+                              "a load balancer, or run offline work as a job across GPUs (generate --input ... "
+                              "--num-gpus-per-node N)")
     _check_extras()
     sock = _listen(args.host, args.port)
     ctx, llm = build_context(args)

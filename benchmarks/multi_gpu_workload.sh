@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# A job's worth of requests through the continuous batcher on one GPU, then on N GPUs as ranks
+# (issue 20: "continuous batching runs its slots across ranks"), in one call on the same machine:
+# OPT-30B dummy, weights in CPU RAM, 16 GiB per GPU, KV cache on the GPU, 8 slots per GPU,
+# prompts 32:256 tokens, outputs 8:32 tokens (EOS ignored: dummy weights). N GPUs get N times the
+# requests (one GPU's share each), so both runs take about as many passes. Records and console go
+# to $OUT (or ./out); a table last.
+#   bash benchmarks/multi_gpu_workload.sh [one] [allgather] [whole] [pool]
+# About 4-5 minutes on 4 H100s for "one allgather" (start-up 40-100 s for one GPU, 25-80 s for four).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=$(realpath -m "${OUT:-out}"); mkdir -p "$out"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+n=${GPUS:-$(nvidia-smi -L | wc -l)}
+per=${REQUESTS_PER_GPU:-24}
+bench="python3 -m offloadgen.cli bench --model facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --verbose 1
+       --workload synthetic --input-len 32:256 --output-len 8:32 --json-file $out/workload.jsonl"
+for what in "$@"; do
+  echo "== $what $(date -u +%H:%M:%S)"
+  case $what in
+    one) (cd "$out" && timeout 400 $bench --batch-size 8 --num-requests $per) ;;
+    allgather|whole|pool) (cd "$out" && timeout 400 $bench --batch-size $((8 * n)) --num-requests $((per * n)) \
+                             --num-gpus-per-node $n --weight-fetch $what) ;;
+  esac
+done
+python3 - "$out/workload.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+one = next((r["output_throughput"] for r in rows if r.get("world_size", 1) == 1), None)
+print(f"{'gpus':>4} {'fetch':>9} {'requests':>8} {'slots':>5} {'elapsed s':>9} {'passes':>6} {'pass s':>7} "
+      f"{'occupancy':>9} {'empty':>5} {'out tok/s':>9} {'vs 1':>5} {'start s':>7}")
+for r in rows:
+    ratio = r["output_throughput"] / one if one else float("nan")
+    print(f"{r.get('world_size', 1):4d} {r.get('weight_fetch', 'whole'):>9} {r['requests']:8d} {r['slots']:5d} "
+          f"{r['elapsed_s']:9.1f} {r['passes']:6d} {r['pass_s']:7.3f} {r['slot_occupancy']:9.1%} "
+          f"{r.get('empty_passes', 0):5d} {r['output_throughput']:9.2f} {ratio:5.2f} {r['startup_s']:7.1f}")
+PY
