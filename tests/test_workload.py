@@ -54,3 +54,14 @@ def test_bench_command_runs_a_workload_file(tmp_path, capsys):
     assert "continuous:" in out and "static:" not in out
     r = json.loads(rec.read_text())
     assert r["requests"] == 5 and r["output_tokens"] == sum(1 + i % 4 for i in range(5)) and r["kind"] == "workload"
+
+
+def test_a_workload_with_the_kv_cache_in_cpu_memory_records_where_passes_went():
+    import offloadgen
+    llm = offloadgen.load("opt-125m", dummy=True, device="cpu", progress=False, kv_offload=True, micro_batch_size=2)
+    items = [WorkItem([5 + i] * (3 + i), 2 + i) for i in range(4)]
+    r = run_workload(llm, items, 2, 8, ignore_eos=True)
+    # every decoding row read its own keys and values in every layer: at least 2 (k, v) x 12 layers x
+    # 768 x 4 bytes per token of context
+    read = r["kv_cpu_cache_read_bytes_per_pass"] * r["passes"]
+    assert r["kv_cpu_attention_s_per_pass"] > 0 and read >= 2 * 12 * 768 * 4 * sum(len(it.prompt_ids) for it in items)

@@ -100,6 +100,8 @@ def run_continuous(llm, items: list[WorkItem], slots: int, prefill_chunk: int, i
     from ..scheduler import ContinuousBatcher
     max_len = max((len(it.prompt_ids) + it.output_len for it in items), default=1)
     batcher = ContinuousBatcher(llm, slots, max_len, prefill_chunk, admission=admission)
+    kv = llm.engine.offloaded_cache
+    kv_before = dict(kv.stats) if kv is not None else {}
     _sync(llm.device)
     distributed.barrier(world or distributed.World())  # every rank starts its clock together
     t0 = time.perf_counter()
@@ -122,6 +124,10 @@ def run_continuous(llm, items: list[WorkItem], slots: int, prefill_chunk: int, i
               "decode_occupancy": s.decode_rows / (passes * slots) if passes else 0.0,
               "mean_context": s.mean_context, "attended_context": s.attended_context, "decode_rows": s.decode_rows,
               "cache_alloc_s": batcher.cache_seconds, "prefill_chunk": prefill_chunk, "admission": admission}
+    # Where a pass's time went with the KV cache in CPU RAM: per pass, CPU attention, the CPU
+    # waiting for the GPU, and cache bytes over the bus (the fixed-batch bench records the same).
+    if kv is not None:
+        record.update({f"kv_{k}_per_pass": (v - kv_before.get(k, 0)) / max(passes, 1) for k, v in kv.stats.items()})
     if ttft:
         record.update(ttft_s_p50=ttft[len(ttft) // 2], latency_s_p50=latency[len(latency) // 2],
                       latency_s_max=latency[-1])
