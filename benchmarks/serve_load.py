@@ -100,7 +100,7 @@ async def one_request(client, model: str, req: Req, timeout: float) -> Result:
             model=model, prompt=req.prompt, max_tokens=req.output_len, temperature=0, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         async for chunk in stream:
-            if chunk.choices and chunk.choices[0].text and res.first is None:
+            if chunk.choices and res.first is None:  # the server sends a chunk per token, text or not
                 res.first = time.perf_counter()
             if chunk.usage is not None:
                 res.tokens = chunk.usage.completion_tokens
@@ -142,6 +142,9 @@ def summarize(mode: str, results: list[Result], elapsed: float) -> Row:
     row.ttft = [r.first - r.start for r in ok]
     row.tpot = [(r.end - r.first) / (r.tokens - 1) for r in ok if r.tokens > 1]
     for r in results:
+        if r.ok and r.first is None:
+            print("serve_load: a request ended without a single chunk", file=sys.stderr)
+            break
         if not r.ok:
             print(f"serve_load: a request failed: {r.error}", file=sys.stderr)
             break

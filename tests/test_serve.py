@@ -316,3 +316,29 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_a_stream_has_a_chunk_for_every_token_even_one_without_text():
+    """Tokens whose text is held back or empty still reach the client as (empty) chunks, so a
+    client can time each token; a stream of four silent tokens is four chunks, the last with its reason."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from offloadgen.openai_protocol import TextAssembler
+    from offloadgen.serve.app import _pieces
+    from offloadgen.serve.worker import Event
+
+    class Silent:  # every token decodes to nothing (what random weights' tokens often do)
+        eos_token_ids = set()
+
+        def decode(self, ids):
+            return ""
+
+    async def run():
+        handle = SimpleNamespace(queue=asyncio.Queue(), submitted=0.0)
+        for n in range(4):
+            handle.queue.put_nowait(Event([7], finished=n == 3, finish_reason="length" if n == 3 else None))
+        ctx = SimpleNamespace(metrics=SimpleNamespace(ttft=SimpleNamespace(observe=lambda s: None)),
+                              worker=SimpleNamespace(cancel=lambda h: None))
+        return [piece async for piece in _pieces(ctx, handle, TextAssembler(Silent(), []))]
+    assert asyncio.run(run()) == [("", None), ("", None), ("", None), ("", "length")]

@@ -190,7 +190,10 @@ async def _pieces(ctx: ServeContext, handle: Handle, asm: TextAssembler):
                 ctx.worker.cancel(handle)  # a stop string ends the answer whatever the batcher saw
             yield delta + asm.finish(), "stop" if asm.stopped else event.finish_reason
             return
-        if delta:
+        if delta or event.new_ids:
+            # A chunk for every pass that made a token, even one whose text is held back (an
+            # unfinished character, a possible stop string) or empty: clients time tokens by
+            # chunks, as they do with vLLM, which sends these too.
             yield delta, None
 
 
