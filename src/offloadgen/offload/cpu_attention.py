@@ -23,6 +23,7 @@ import torch
 
 _workspaces: dict[tuple, list] = {}
 _NO_LAYOUT = np.zeros(4, np.int64)  # the kernel's quantization layout argument, unused for dense caches
+_NO_SUMS = np.zeros(0, np.float32)  # nor are the sums of q's pieces of a group
 
 
 @functools.cache
@@ -108,13 +109,44 @@ def _attend_numba(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, 
     slot_splits, item_splits = splits or nb.splits(threads, end, b * h, item_bytes)
     work = _workspace(slot_splits, item_splits, end, *qf.shape)
     shape = np.array([*qf.shape, bias.shape[2]], np.int64)
-    layout = _NO_LAYOUT if quant is None else np.array(quant.layout(), np.int64)
+    layout, qsum, order = _NO_LAYOUT, _NO_SUMS, None
+    if quant is not None:
+        layout, order = kernel_layout(quant), _kernel_order(quant)
+        seg = min(quant.group_size, d)
+        qsum = qf.unflatten(-1, (d // seg, seg)).sum(-1).contiguous().numpy()
+        if order is not None:
+            qf = qf[..., order].contiguous()
     flat = lambda x: x.reshape(-1)  # noqa: E731  (views: the caller's tensors are contiguous)
-    nb.attend(flat(qf.numpy()), flat(_as_numpy(k)), flat(_as_numpy(v)), layout, shape, end,
+    nb.attend(flat(qf.numpy()), flat(qsum), flat(_as_numpy(k)), flat(_as_numpy(v)), layout, shape, end,
               flat(bias.float().contiguous().numpy()), item_splits, *work)
     out = torch.empty(qf.shape)
     nb.merge(*work[:3], out.view(-1).numpy(), d)
+    if order is not None:  # back from kernel order
+        out = torch.empty_like(out).index_copy_(-1, order, out)
     return out
+
+
+@functools.cache
+def kernel_layout(quant) -> np.ndarray:
+    """What the kernel needs to read a quantized row (cpu_attention_numba): bits, piece size
+    (a group, or one head's share of a group larger than a head), pieces per head, row bytes,
+    bytes from a scale to its minimum, then the byte of each (kv head, piece)'s scale in the row."""
+    d, seg = quant.head_dim, min(quant.group_size, quant.head_dim)
+    scale_at = [quant.codes_bytes + 2 * ((h * d + j * seg) // quant.group_size)
+                for h in range(quant.kv_heads) for j in range(d // seg)]
+    return np.array([quant.bits, seg, d // seg, quant.row_bytes, 2 * quant.groups, *scale_at], np.int64)
+
+
+@functools.cache
+def _kernel_order(quant) -> torch.Tensor | None:
+    """For a 4-bit cache, the element of a head that each position of the kernel's order holds
+    (cpu_attention_numba: per piece of a group, the low nibbles' elements 0, 2, 4, ..., then the
+    high nibbles' 1, 3, 5, ...); None for 8 bits, whose order is the head's."""
+    if quant.bits != 4:
+        return None
+    seg = min(quant.group_size, quant.head_dim)
+    piece = torch.cat([torch.arange(0, seg, 2), torch.arange(1, seg, 2)])
+    return torch.cat([piece + start for start in range(0, quant.head_dim, seg)])
 
 
 def _attend_torch(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: torch.Tensor,
