@@ -24,16 +24,17 @@ import torch
 _workspaces: dict[tuple, list] = {}
 _NO_LAYOUT = np.zeros(4, np.int64)  # the kernel's quantization layout argument, unused for dense caches
 _NO_SUMS = np.zeros(0, np.float32)  # nor are the sums of q's pieces of a group
+_NO_ORDER = np.zeros(0, np.int64)  # q and the output in the head's own order
 
 
 @functools.cache
 def _numba():
     """The kernels, imported (and Numba with them) on first use; None where Numba is missing."""
     try:
-        from .cpu_attention_numba import attend, merge, set_threads, splits
+        from .cpu_attention_numba import attend, merge, quant_query, set_threads, splits
     except ImportError:
         return None
-    return SimpleNamespace(attend=attend, merge=merge, set_threads=set_threads, splits=splits)
+    return SimpleNamespace(attend=attend, merge=merge, quant_query=quant_query, set_threads=set_threads, splits=splits)
 
 
 def available_impls() -> list[str]:
@@ -109,20 +110,17 @@ def _attend_numba(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, 
     slot_splits, item_splits = splits or nb.splits(threads, end, b * h, item_bytes)
     work = _workspace(slot_splits, item_splits, end, *qf.shape)
     shape = np.array([*qf.shape, bias.shape[2]], np.int64)
-    layout, qsum, order = _NO_LAYOUT, _NO_SUMS, None
+    layout, qk, qsum, order = _NO_LAYOUT, qf.numpy().reshape(-1), _NO_SUMS, _NO_ORDER
     if quant is not None:
         layout, order = kernel_layout(quant), _kernel_order(quant)
-        seg = min(quant.group_size, d)
-        qsum = qf.unflatten(-1, (d // seg, seg)).sum(-1).contiguous().numpy()
-        if order is not None:
-            qf = qf[..., order].contiguous()
+        seg = int(layout[1])
+        qk, qsum = np.empty_like(qk), np.empty(qk.shape[0] // seg, np.float32)
+        nb.quant_query(qf.numpy().reshape(-1), d, seg, order, qk, qsum)
     flat = lambda x: x.reshape(-1)  # noqa: E731  (views: the caller's tensors are contiguous)
-    nb.attend(flat(qf.numpy()), flat(qsum), flat(_as_numpy(k)), flat(_as_numpy(v)), layout, shape, end,
+    nb.attend(qk, qsum, flat(_as_numpy(k)), flat(_as_numpy(v)), layout, shape, end,
               flat(bias.float().contiguous().numpy()), item_splits, *work)
     out = torch.empty(qf.shape)
-    nb.merge(*work[:3], out.view(-1).numpy(), d)
-    if order is not None:  # back from kernel order
-        out = torch.empty_like(out).index_copy_(-1, order, out)
+    nb.merge(*work[:3], out.view(-1).numpy(), d, order)
     return out
 
 
@@ -138,15 +136,15 @@ def kernel_layout(quant) -> np.ndarray:
 
 
 @functools.cache
-def _kernel_order(quant) -> torch.Tensor | None:
-    """For a 4-bit cache, the element of a head that each position of the kernel's order holds
-    (cpu_attention_numba: per piece of a group, the low nibbles' elements 0, 2, 4, ..., then the
-    high nibbles' 1, 3, 5, ...); None for 8 bits, whose order is the head's."""
+def _kernel_order(quant) -> np.ndarray:
+    """For a 4-bit cache, the position in the kernel's order of each element of a head
+    (cpu_attention_numba: per piece of a group, the even elements, read from the low nibbles,
+    then the odd ones); empty for 8 bits, whose order is the head's."""
     if quant.bits != 4:
-        return None
-    seg = min(quant.group_size, quant.head_dim)
-    piece = torch.cat([torch.arange(0, seg, 2), torch.arange(1, seg, 2)])
-    return torch.cat([piece + start for start in range(0, quant.head_dim, seg)])
+        return _NO_ORDER
+    d, seg = quant.head_dim, min(quant.group_size, quant.head_dim)
+    e = np.arange(d)
+    return (e - e % seg + (e % seg) // 2 + (e % 2) * (seg // 2)).astype(np.int64)
 
 
 def _attend_torch(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: torch.Tensor,

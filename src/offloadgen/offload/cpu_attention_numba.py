@@ -371,9 +371,10 @@ def attend(q, qsum, k, v, layout, shape, end, bias, item_splits, part_m, part_l,
 
 
 @njit(parallel=True, fastmath=FAST, cache=True)
-def merge(part_m, part_l, part_acc, out, dim):
+def merge(part_m, part_l, part_acc, out, dim, order):
     """Combine the slot ranges' partial results ([slot ranges, pairs] and [..., D], flat) into out
-    [pairs * D] float32, where a pair is one (row, kv head, query)."""
+    [pairs * D] float32, where a pair is one (row, kv head, query). order: empty, or for a 4-bit
+    cache the position in kernel order of each element of a head (the results are in that order)."""
     pairs = out.shape[0] // dim
     n_chunks = part_m.shape[0] // pairs
     for j in prange(pairs):
@@ -390,10 +391,35 @@ def merge(part_m, part_l, part_acc, out, dim):
             w = _exp(part_m[c * pairs + j] - top)
             total += w * part_l[c * pairs + j]
             at = U((c * pairs + j) * dim)
-            for d in range(U(dim)):
-                out[o + d] += w * part_acc[at + d]
+            if order.shape[0]:
+                for d in range(U(dim)):
+                    out[o + d] += w * part_acc[at + U(order[d])]
+            else:
+                for d in range(U(dim)):
+                    out[o + d] += w * part_acc[at + d]
         for d in range(U(dim)):
             out[o + d] /= total
+
+
+@njit(fastmath=FAST, cache=True)
+def quant_query(q, dim, seg, order, q_out, sums):
+    """For a quantized cache, q [pairs * D] as the kernel reads it: in kernel order (order: empty,
+    or the position in kernel order of each element of a head) into q_out, and the sums of its
+    pieces of `seg` elements into sums [pairs * D / seg]."""
+    pieces = dim // seg
+    for p in range(q.shape[0] // dim):
+        o = p * dim
+        for j in range(pieces):
+            total = np.float32(0)
+            for i in range(seg):
+                total += q[o + j * seg + i]
+            sums[p * pieces + j] = total
+        if order.shape[0]:
+            for d in range(dim):
+                q_out[o + order[d]] = q[o + d]
+        else:
+            for d in range(dim):
+                q_out[o + d] = q[o + d]
 
 
 def set_threads(n: int) -> int:
