@@ -20,11 +20,12 @@ bytes, so its kernel is bound by arithmetic (widening codes, scales) rather than
 is an fp16-eq at least the float16 kernel's. Variants are timed in turn, round after round (best
 of --rounds), so that a machine busy for a while slows all of them alike. On a GPU machine it also checks the Triton KV
 dequantizer (GPU attention's path) against PyTorch's and times it.
-The table is printed last.
+The table is printed last; with $OUT set, the same rows go to $OUT/kv_cpu_attention.json.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -153,6 +154,12 @@ def main():
     print(f"{'shape':24s} {'variant':24s} {'MB/layer':>8s} {'ms/layer':>8s} {'GB/s':>7s} {'of read':>7s} {'fp16-eq':>7s}")
     for shape, name, mb, ms, gbs, ratio, eq in rows:
         print(f"{shape:24s} {name:24s} {mb:8.1f} {ms:8.2f} {gbs:7.1f} {ratio:7.0%} {eq:7.1f}")
+    if os.environ.get("OUT"):  # the records, for benchmarks/RESULTS.md
+        keys = ("shape", "variant", "mb_per_layer", "ms_per_layer", "gb_s", "of_read", "fp16_eq_gb_s")
+        record = {"threads": threads, "read_gb_s": read / 1e9, "rows": ROWS, "context": CONTEXT,
+                  "results": [dict(zip(keys, row)) for row in rows]}
+        with open(os.path.join(os.environ["OUT"], "kv_cpu_attention.json"), "w") as f:
+            json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":
