@@ -2,6 +2,7 @@
 
     python benchmarks/kv_cpu_attention.py            # on the GPU machine (16 cores): under 4 minutes
     python benchmarks/kv_cpu_attention.py --gb 0.5   # a smaller cache, for a small machine
+    python benchmarks/kv_cpu_attention.py --gb 0.5 --rounds 10   # a small machine others are using
 
 For each shape, one decode step's attention for one micro-batch of 8 rows at context 512 + 32,
 over the cache as the offloaded KV cache lays it out (slot-major [slots, rows, kv_heads,
@@ -9,16 +10,22 @@ head_dim]), cycling over enough layers (about --gb GB) that every read comes fro
   - the cores' plain read bandwidth: a PyTorch sum over a 2 GB buffer (the physical limit);
   - "sdpa": what the offloaded cache ran before, PyTorch SDPA over the permuted cache;
   - "kernel": offload/cpu_attention's Numba kernel (float16, bfloat16, 8-bit and 4-bit caches);
-  - "fallback": the same computation in PyTorch, used where Numba does not import.
+  - "fallback": the same computation in PyTorch, used where Numba does not import;
+  - "start-up probe": offload/kv_cache's probe_cpu_attention_bandwidth on the same shape, what the
+    run's CPU/GPU attention split starts from (it should agree with the kernel's row).
 GB/s counts the cache bytes read (packed codes, scales and minimums for the quantized caches);
 "fp16-eq" is the float16 cache's bytes for the same context over the same time, so variants
-compare by how fast they get through a context. On a GPU machine it also checks the Triton KV
+compare by how fast they get through a context. A quantized cache is a half or a quarter of the
+bytes, so its kernel is bound by arithmetic (widening codes, scales) rather than by memory: its goal
+is an fp16-eq at least the float16 kernel's. Variants are timed in turn, round after round (best
+of --rounds), so that a machine busy for a while slows all of them alike. On a GPU machine it also checks the Triton KV
 dequantizer (GPU attention's path) against PyTorch's and times it.
-The table is printed last.
+The table is printed last; with $OUT set, the same rows go to $OUT/kv_cpu_attention.json.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -30,6 +37,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from offloadgen.machine import cpu_read_bandwidth  # noqa: E402
 from offloadgen.models.layers import sdpa  # noqa: E402
 from offloadgen.offload import cpu_attention  # noqa: E402
+from offloadgen.offload.kv_cache import probe_cpu_attention_bandwidth  # noqa: E402
+from offloadgen.quant.kv import KVQuant  # noqa: E402
 
 SHAPES = {  # name: (q heads, kv heads, head_dim)
     "OPT-30B (56 heads)": (56, 56, 128),
@@ -50,21 +59,24 @@ def caches(kv_heads, head_dim, dtype, quant, gb):
     return [first] + [(first[0].clone(), first[1].clone()) for _ in range(layers - 1)], per_layer
 
 
-def measure(run, layers, repeats=3):
-    for k, v in layers[:2]:  # compile (or load from Numba's cache) and warm up
-        run(k, v)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for k, v in layers:
+def measure(runs, rounds):
+    """Best seconds per sweep over each run's layers, the runs taken in turn in every round (not one
+    after the other), so that a machine busy for a while slows every variant alike."""
+    for run, layers in runs:  # compile (or load from Numba's cache) and warm up
+        for k, v in layers[:2]:
             run(k, v)
-        best = min(best, time.perf_counter() - t0)
+    best = [float("inf")] * len(runs)
+    for _ in range(rounds):
+        for i, (run, layers) in enumerate(runs):
+            t0 = time.perf_counter()
+            for k, v in layers:
+                run(k, v)
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
 def variants(q_heads, kv_heads):
     """(name, cache dtype, quantization or None, function of (q, bias, mask) -> run(k, v))."""
-    from offloadgen.quant.kv import KVQuant
     kernel = lambda quant: lambda q, bias, mask: lambda k, v: cpu_attention.attend(  # noqa: E731
         q, k, v, CONTEXT, bias, quant=quant)
     out = [("sdpa (before)", torch.float16, None,
@@ -82,7 +94,6 @@ def variants(q_heads, kv_heads):
 def gpu_decode_check():
     """GPU attention over a 4/8-bit cache dequantizes one layer and micro-batch at a time with
     quant/triton_kv.py: compare it with the PyTorch decoder and time it (OPT-30B, 8 rows)."""
-    from offloadgen.quant.kv import KVQuant
     for bits in (8, 4):
         codec = KVQuant(bits, 64, 56, 128)
         rows = codec.encode(torch.randn(CONTEXT, ROWS, codec.features, device="cuda", dtype=torch.float16))
@@ -103,6 +114,7 @@ def gpu_decode_check():
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--gb", type=float, default=2.0, help="cache bytes cycled per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="sweeps per variant, taken in turn; the best counts")
     args = p.parse_args()
     threads = torch.get_num_threads()
     if torch.cuda.is_available():
@@ -113,14 +125,27 @@ def main():
         q = torch.randn(ROWS, q_heads, 1, head_dim).half()
         mask = torch.zeros(ROWS, 1, q_heads // kv_heads, CONTEXT, dtype=torch.float16)
         bias = cpu_attention.bias_from_mask(mask, CONTEXT)
-        for name, dtype, quant, make_run in variants(q_heads, kv_heads):
-            layers, per_layer = caches(kv_heads, head_dim, dtype, quant, args.gb)
-            seconds = measure(make_run(q.to(dtype), bias, mask.to(dtype)), layers)
+        chosen = variants(q_heads, kv_heads)
+        stores = {}  # one set of layers per stored form, shared by the variants that read it
+        for _, dtype, quant, _ in chosen:
+            if (dtype, quant) not in stores:
+                stores[dtype, quant] = caches(kv_heads, head_dim, dtype, quant, args.gb)
+        runs = [(make_run(q.to(dtype), bias, mask.to(dtype)), stores[dtype, quant][0])
+                for _, dtype, quant, make_run in chosen]
+        for (name, dtype, quant, _), seconds in zip(chosen, measure(runs, args.rounds)):
+            layers, per_layer = stores[dtype, quant]
             bw = len(layers) * per_layer / seconds
             fp16_eq = 2 * CONTEXT * ROWS * kv_heads * head_dim * 2 * len(layers) / seconds
             rows.append((shape, name, per_layer / 1e6, seconds / len(layers) * 1e3, bw / 1e9, bw / read, fp16_eq / 1e9))
             print(f"{shape:24s} {name:24s} {bw / 1e9:6.1f} GB/s", flush=True)
-            del layers
+        del stores, runs
+        for bits in (None, 8, 4):  # what the run's CPU/GPU split is decided from, on the same shape
+            bw = probe_cpu_attention_bandwidth(ROWS, kv_heads, q_heads, head_dim, CONTEXT, torch.float16,
+                                               quant_bits=bits)
+            per_byte = 1.0 if bits is None else KVQuant(bits, 64, kv_heads, head_dim).row_bytes / (kv_heads * head_dim * 2)
+            name = f"start-up probe {bits or 16}-bit"
+            rows.append((shape, name, float("nan"), float("nan"), bw / 1e9, bw / read, bw / per_byte / 1e9))
+            print(f"{shape:24s} {name:24s} {bw / 1e9:6.1f} GB/s", flush=True)
     import numba
     print(f"\nCPU decode attention, micro-batch {ROWS} rows x context {CONTEXT}, {threads} threads "
           f"({platform.processor() or platform.machine()}, numba {numba.__version__} "
@@ -129,6 +154,12 @@ def main():
     print(f"{'shape':24s} {'variant':24s} {'MB/layer':>8s} {'ms/layer':>8s} {'GB/s':>7s} {'of read':>7s} {'fp16-eq':>7s}")
     for shape, name, mb, ms, gbs, ratio, eq in rows:
         print(f"{shape:24s} {name:24s} {mb:8.1f} {ms:8.2f} {gbs:7.1f} {ratio:7.0%} {eq:7.1f}")
+    if os.environ.get("OUT"):  # the records, for benchmarks/RESULTS.md
+        keys = ("shape", "variant", "mb_per_layer", "ms_per_layer", "gb_s", "of_read", "fp16_eq_gb_s")
+        record = {"threads": threads, "read_gb_s": read / 1e9, "rows": ROWS, "context": CONTEXT,
+                  "results": [dict(zip(keys, row)) for row in rows]}
+        with open(os.path.join(os.environ["OUT"], "kv_cpu_attention.json"), "w") as f:
+            json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,23 @@ def test_quantized_attention_within_the_error_bound(c):
     assert ((out - exact).abs() <= bound * (1 + 1e-4) + 1e-5).all()
 
 
+@settings(max_examples=40, deadline=None)
+@given(c=attention_cases(), slot_splits=st.integers(1, 50), item_splits=st.integers(1, 13))
+def test_every_split_of_the_work_reads_the_quantized_cache_alike(c, slot_splits, item_splits):
+    """As for the dense cache (test_cpu_attention): a thread's range of (row, head) items may start
+    mid-row, where the quantized reader finds its head's scales by table; force every split."""
+    codec = c["codec"]
+    q, k, v, mask = make(c)
+    b, h, _, d = q.shape
+    qf = (q * d ** -0.5).reshape(b, codec.kv_heads, h // codec.kv_heads, d).contiguous()
+    kq, vq, bias = codec.encode(k), codec.encode(v), cpu_attention.bias_from_mask(mask, c["end"])
+    one = cpu_attention._attend_numba(qf, kq, vq, c["end"], bias, splits=(1, 1), quant=codec)
+    split = cpu_attention._attend_numba(qf, kq, vq, c["end"], bias, splits=(slot_splits, item_splits), quant=codec)
+    torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-6)
+    ref, _ = attention64(q, codec.decode(kq, torch.float64), codec.decode(vq, torch.float64), c["end"], mask, codec)
+    torch.testing.assert_close(split.double().reshape(ref.shape), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 def test_triton_decoder_matches_pytorch():
     """The GPU's decoder, run by Triton's interpreter on the CPU (where Triton is installed)."""
     pytest.importorskip("triton")

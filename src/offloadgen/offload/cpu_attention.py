@@ -23,16 +23,18 @@ import torch
 
 _workspaces: dict[tuple, list] = {}
 _NO_LAYOUT = np.zeros(4, np.int64)  # the kernel's quantization layout argument, unused for dense caches
+_NO_SUMS = np.zeros(0, np.float32)  # nor are the sums of q's pieces of a group
+_NO_ORDER = np.zeros(0, np.int64)  # q and the output in the head's own order
 
 
 @functools.cache
 def _numba():
     """The kernels, imported (and Numba with them) on first use; None where Numba is missing."""
     try:
-        from .cpu_attention_numba import attend, merge, set_threads, splits
+        from .cpu_attention_numba import attend, merge, quant_query, set_threads, splits
     except ImportError:
         return None
-    return SimpleNamespace(attend=attend, merge=merge, set_threads=set_threads, splits=splits)
+    return SimpleNamespace(attend=attend, merge=merge, quant_query=quant_query, set_threads=set_threads, splits=splits)
 
 
 def available_impls() -> list[str]:
@@ -108,13 +110,41 @@ def _attend_numba(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, 
     slot_splits, item_splits = splits or nb.splits(threads, end, b * h, item_bytes)
     work = _workspace(slot_splits, item_splits, end, *qf.shape)
     shape = np.array([*qf.shape, bias.shape[2]], np.int64)
-    layout = _NO_LAYOUT if quant is None else np.array(quant.layout(), np.int64)
+    layout, qk, qsum, order = _NO_LAYOUT, qf.numpy().reshape(-1), _NO_SUMS, _NO_ORDER
+    if quant is not None:
+        layout, order = kernel_layout(quant), _kernel_order(quant)
+        seg = int(layout[1])
+        qk, qsum = np.empty_like(qk), np.empty(qk.shape[0] // seg, np.float32)
+        nb.quant_query(qf.numpy().reshape(-1), d, seg, order, qk, qsum)
     flat = lambda x: x.reshape(-1)  # noqa: E731  (views: the caller's tensors are contiguous)
-    nb.attend(flat(qf.numpy()), flat(_as_numpy(k)), flat(_as_numpy(v)), layout, shape, end,
+    nb.attend(qk, qsum, flat(_as_numpy(k)), flat(_as_numpy(v)), layout, shape, end,
               flat(bias.float().contiguous().numpy()), item_splits, *work)
     out = torch.empty(qf.shape)
-    nb.merge(*work[:3], out.view(-1).numpy(), d)
+    nb.merge(*work[:3], out.view(-1).numpy(), d, order)
     return out
+
+
+@functools.cache
+def kernel_layout(quant) -> np.ndarray:
+    """What the kernel needs to read a quantized row (cpu_attention_numba): bits, piece size
+    (a group, or one head's share of a group larger than a head), pieces per head, row bytes,
+    bytes from a scale to its minimum, then the byte of each (kv head, piece)'s scale in the row."""
+    d, seg = quant.head_dim, min(quant.group_size, quant.head_dim)
+    scale_at = [quant.codes_bytes + 2 * ((h * d + j * seg) // quant.group_size)
+                for h in range(quant.kv_heads) for j in range(d // seg)]
+    return np.array([quant.bits, seg, d // seg, quant.row_bytes, 2 * quant.groups, *scale_at], np.int64)
+
+
+@functools.cache
+def _kernel_order(quant) -> np.ndarray:
+    """For a 4-bit cache, the position in the kernel's order of each element of a head
+    (cpu_attention_numba: per piece of a group, the even elements, read from the low nibbles,
+    then the odd ones); empty for 8 bits, whose order is the head's."""
+    if quant.bits != 4:
+        return _NO_ORDER
+    d, seg = quant.head_dim, min(quant.group_size, quant.head_dim)
+    e = np.arange(d)
+    return (e - e % seg + (e % seg) // 2 + (e % 2) * (seg // 2)).astype(np.int64)
 
 
 def _attend_torch(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: torch.Tensor,

@@ -111,76 +111,142 @@ def _widen(cache, row, h, heads, out, layout):
 
 
 # -- 4- and 8-bit caches (quant/kv.py): one uint8 row of codes, scales and minimums per token --------
-# layout = (bits, group size, row bytes, codes bytes); groups span whole heads when larger.
+# The quantized paths are compute-bound where the dense ones are bound by memory (a 4-bit row is a
+# quarter of the bytes), so they are written for the vectorizer: each loop runs along contiguous
+# bytes, with no per-element branch, scale, shuffle or division. A group is read in pieces of
+# `seg` = min(group, head_dim) elements, one head's share of it. A 4-bit byte holds elements 2i
+# (low nibble) and 2i + 1 (high nibble) of its piece; rather than interleave, the kernel works in
+# "kernel order", where each piece lists its even elements first and then its odd ones
+# (cpu_attention permutes q in and the output back, once a call): the low nibbles of a run of
+# bytes then meet one contiguous run of q, the high ones the next.
+#
+# layout (int64, from cpu_attention.kernel_layout): [bits, seg, pieces per head, row bytes,
+# bytes from a scale to its minimum, then per (kv head, piece) the byte of its scale in the row],
+# so that no group index is divided out per key.
+_BITS, _SEG, _PIECES, _ROW, _TO_MIN, _SCALE_AT = 0, 1, 2, 3, 4, 5
+
+
+@intrinsic
+def _load_f16(typingctx, cache, at):
+    """float32 of the float16 stored at byte `at` of the uint8 array (one unaligned load)."""
+    if not (isinstance(cache, types.Array) and cache.dtype == types.uint8 and at == types.uint64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        half = builder.load(builder.gep(data, [args[1]]), align=1, typ=ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+    return types.float32(cache, types.uint64), codegen
+
+
+@intrinsic
+def _nibble(typingctx, byte, high):
+    """float32 of the low or high (high=True) 4 bits of a uint8. Numba's own `&` and `>>` widen a
+    uint8 to int64 first, and the vectorizer then converts 8 lanes at a time instead of 16."""
+    if byte != types.uint8 or not isinstance(high, types.BooleanLiteral):
+        return None
+
+    def codegen(context, builder, sig, args):
+        four_bits = (builder.lshr(args[0], ir.Constant(ir.IntType(8), 4)) if high.literal_value
+                     else builder.and_(args[0], ir.Constant(ir.IntType(8), 15)))
+        return builder.uitofp(four_bits, ir.FloatType())
+    return types.float32(byte, high), codegen
+
 
 @njit(inline="always")
-def _group_params(cache, base, layout, g):
-    """float32 (scale, minimum) of group g in the row starting at byte `base`."""
-    groups = (layout[2] - layout[3]) // 4
-    p = base + U(layout[3] + 2 * g)
-    q = p + U(2 * groups)
-    scale = _f16_bits_to_f32(np.uint16(np.int64(cache[p]) | (np.int64(cache[p + U(1)]) << 8)))  # little-endian
-    low = _f16_bits_to_f32(np.uint16(np.int64(cache[q]) | (np.int64(cache[q + U(1)]) << 8)))
-    return scale, low
+def _piece(cache, row, h, j, dim, layout):
+    """(first code byte, scale, minimum) of piece j of head h in cache row `row`."""
+    base, seg = U(row) * U(layout[_ROW]), U(layout[_SEG])
+    first = (U(h) * U(dim) + U(j) * seg) * U(layout[_BITS]) >> U(3)  # its first element's byte
+    at = base + U(layout[U(_SCALE_AT) + U(h) * U(layout[_PIECES]) + U(j)])
+    return base + first, _load_f16(cache, at), _load_f16(cache, at + U(layout[_TO_MIN]))
+
+
+# Pieces of 64 (the default group size) are written by loops whose trip count the compiler knows:
+# no remainder loop, no trip-count checks (measured 1.3x on the value pass). The loops run once or
+# twice per head and key, so their set-up costs as much as their body. Not for the dot products:
+# a known trip count has a reduction fully unrolled before the vectorizer sees it, 3x slower.
+_COMMON_SEG = 64
 
 
 @njit(fastmath=FAST, inline="always")
-def _quant_dot(x, at, cache, row, h, dim, layout):
-    """x[at:at + D] . the dequantized vector of head h: per group, scale * (x . codes) +
-    minimum * sum(x), so codes are only widened, never dequantized one by one."""
-    base, seg = U(row) * U(layout[2]), min(layout[1], dim)
+def _codes_dot(x, xs, cache, c, seg, bits):
+    """x[xs:xs + seg] . the codes of a piece from byte c (unscaled)."""
+    dot = np.float32(0)
+    if bits == 8:
+        for d in range(seg):
+            dot += x[xs + d] * np.float32(cache[c + d])
+    else:
+        half = seg >> U(1)
+        for i in range(half):
+            byte = cache[c + i]
+            dot += x[xs + i] * _nibble(byte, False) + x[xs + half + i] * _nibble(byte, True)
+    return dot
+
+
+@njit(fastmath=FAST, inline="always")
+def _codes_axpy(acc, a, scale, low, cache, c, seg, bits, add):
+    """acc[a:a + seg] (+= if add, else =) scale * codes + low."""
+    if bits == 8:
+        for d in range(seg):
+            y = scale * np.float32(cache[c + d]) + low
+            acc[a + d] = acc[a + d] + y if add else y
+    else:
+        half = seg >> U(1)
+        for i in range(half):
+            byte = cache[c + i]
+            y0, y1 = scale * _nibble(byte, False) + low, scale * _nibble(byte, True) + low
+            acc[a + i] = acc[a + i] + y0 if add else y0
+            acc[a + half + i] = acc[a + half + i] + y1 if add else y1
+
+
+@njit(fastmath=FAST, inline="always")
+def _quant_dot(x, at, xsum, pair, cache, row, h, dim, layout):
+    """x[at:at + D] (kernel order) . the dequantized vector of head h: per piece, scale *
+    (x . codes) + minimum * sum(x), the sums of x given in xsum [pairs, pieces] (hoisted out of
+    the loop over keys), so codes are only widened, never dequantized one by one."""
+    seg, pieces, bits = U(layout[_SEG]), U(layout[_PIECES]), layout[_BITS]
     total = np.float32(0)
-    for j in range(dim // seg):
-        e = h * dim + j * seg  # first element of this piece of a group
-        scale, low = _group_params(cache, base, layout, e // layout[1])
-        xs, dot, xsum = U(at + j * seg), np.float32(0), np.float32(0)
-        if layout[0] == 8:
-            for d in range(U(seg)):
-                dot += x[xs + d] * np.float32(cache[base + U(e) + d])
-        else:  # two codes a byte: walk the bytes, so that each is loaded once
-            for i in range(U(seg // 2)):
-                byte = cache[base + U(e // 2) + i]
-                dot += x[xs + U(2) * i] * np.float32(byte & np.uint8(15))
-                dot += x[xs + U(2) * i + U(1)] * np.float32(byte >> np.uint8(4))
-        for d in range(U(seg)):
-            xsum += x[xs + d]
-        total += scale * dot + low * xsum
+    for j in range(pieces):
+        c, scale, low = _piece(cache, row, h, j, dim, layout)
+        dot = _codes_dot(x, U(at) + j * seg, cache, c, seg, bits)  # not _COMMON_SEG: see there
+        total += scale * dot + low * xsum[U(pair) * pieces + j]
     return total
 
 
 @njit(fastmath=FAST, inline="always")
 def _quant_add(acc, at, p, cache, row, h, dim, layout):
-    """acc[at:at + D] += p * the dequantized vector of head h."""
-    base, seg = U(row) * U(layout[2]), min(layout[1], dim)
-    for j in range(dim // seg):
-        e = h * dim + j * seg
-        scale, low = _group_params(cache, base, layout, e // layout[1])
-        ps, pl, a = p * scale, p * low, U(at + j * seg)
-        if layout[0] == 8:
-            for d in range(U(seg)):
-                acc[a + d] += ps * np.float32(cache[base + U(e) + d]) + pl
+    """acc[at:at + D] (kernel order) += p * the dequantized vector of head h."""
+    seg, bits = U(layout[_SEG]), layout[_BITS]
+    for j in range(U(layout[_PIECES])):
+        c, scale, low = _piece(cache, row, h, j, dim, layout)
+        if seg == U(_COMMON_SEG):
+            _codes_axpy(acc, U(at) + j * seg, p * scale, p * low, cache, c, U(_COMMON_SEG), bits, True)
         else:
-            for i in range(U(seg // 2)):
-                byte = cache[base + U(e // 2) + i]
-                acc[a + U(2) * i] += ps * np.float32(byte & np.uint8(15)) + pl
-                acc[a + U(2) * i + U(1)] += ps * np.float32(byte >> np.uint8(4)) + pl
+            _codes_axpy(acc, U(at) + j * seg, p * scale, p * low, cache, c, seg, bits, True)
 
 
-@njit(fastmath=FAST)
+@njit(fastmath=FAST, inline="always")
 def _quant_widen(cache, row, h, out, layout):
-    for d in range(U(out.shape[0])):
-        out[d] = 0
-    _quant_add(out, 0, np.float32(1.0), cache, row, h, out.shape[0], layout)
+    """out [D] = the dequantized vector of head h, in kernel order."""
+    dim, seg, bits = out.shape[0], U(layout[_SEG]), layout[_BITS]
+    for j in range(U(layout[_PIECES])):
+        c, scale, low = _piece(cache, row, h, j, dim, layout)
+        if seg == U(_COMMON_SEG):
+            _codes_axpy(out, j * seg, scale, low, cache, c, U(_COMMON_SEG), bits, False)
+        else:
+            _codes_axpy(out, j * seg, scale, low, cache, c, seg, bits, False)
 
 
-def dot_row(x, at, cache, row, h, heads, dim, layout):
-    """x[at:at + D] . (key of kv head h in cache row `row`), reading the cache directly."""
+def dot_row(x, at, xsum, pair, cache, row, h, heads, dim, layout):
+    """x[at:at + D] . (key of kv head h in cache row `row`), reading the cache directly; xsum
+    and pair: the sums of x's pieces that a quantized cache needs (see _quant_dot)."""
 
 
 @overload(dot_row, inline="always")
-def _dot_row(x, at, cache, row, h, heads, dim, layout):
+def _dot_row(x, at, xsum, pair, cache, row, h, heads, dim, layout):
     if cache.dtype in (types.float32, types.uint16, types.int16):
-        def dense(x, at, cache, row, h, heads, dim, layout):
+        def dense(x, at, xsum, pair, cache, row, h, heads, dim, layout):
             total = np.float32(0)
             at, c = U(at), U(row * heads + h) * U(dim)
             for d in range(U(dim)):
@@ -188,7 +254,8 @@ def _dot_row(x, at, cache, row, h, heads, dim, layout):
             return total
         return dense
     if cache.dtype == types.uint8:
-        return lambda x, at, cache, row, h, heads, dim, layout: _quant_dot(x, at, cache, row, h, dim, layout)
+        return lambda x, at, xsum, pair, cache, row, h, heads, dim, layout: _quant_dot(
+            x, at, xsum, pair, cache, row, h, dim, layout)
     return None
 
 
@@ -219,7 +286,7 @@ def _dot(x, at, y):
 
 
 @njit(fastmath=FAST, inline="always")
-def _scores(q, k, layout, bias, shape, s0, s1, i0, i1, row32, sc):
+def _scores(q, qsum, k, layout, bias, shape, s0, s1, i0, i1, row32, sc):
     """Pass 1, streaming the keys once: sc[slot, item, r] = q . k + bias (-inf where hidden), in
     the order the keys arrive, so that the scores too are written sequentially. Arrays are flat and
     indexed by hand: slicing out rows in a loop this hot costs reference counting, atomic and
@@ -227,19 +294,23 @@ def _scores(q, k, layout, bias, shape, s0, s1, i0, i1, row32, sc):
     batch, heads, queries, dim, mask_heads = shape
     at = U(0)
     for s in range(s0, s1):
+        b, h = i0 // heads, i0 % heads  # of item it, counted along rather than divided out per key
         for it in range(i0, i1):  # one contiguous run of the slot's keys
-            b, h = it // heads, it % heads
+            row = s * batch + b
             if queries == 1:  # no query heads share the row: read it straight into the product
-                add = bias[(s * batch + b) * mask_heads + (h if mask_heads > 1 else 0)]
-                sc[at] = add if add == -np.inf else dot_row(q, it * dim, k, s * batch + b, h, heads, dim, layout) + add
+                add = bias[row * mask_heads + (h if mask_heads > 1 else 0)]
+                sc[at] = add if add == -np.inf else dot_row(q, it * dim, qsum, it, k, row, h, heads, dim, layout) + add
                 at += U(1)
-                continue
-            widen(k, s * batch + b, h, heads, row32, layout)  # once for every query head that shares it
-            at_bias = ((s * batch + b) * mask_heads + (h if mask_heads > 1 else 0)) * queries
-            for r in range(queries):
-                add = bias[at_bias + r]
-                sc[at] = add if add == -np.inf else _dot(q, (it * queries + r) * dim, row32) + add
-                at += U(1)
+            else:
+                widen(k, row, h, heads, row32, layout)  # once for every query head that shares it
+                at_bias = (row * mask_heads + (h if mask_heads > 1 else 0)) * queries
+                for r in range(queries):
+                    add = bias[at_bias + r]
+                    sc[at] = add if add == -np.inf else _dot(q, (it * queries + r) * dim, row32) + add
+                    at += U(1)
+            h += 1
+            if h == heads:
+                b, h = b + 1, 0
 
 
 @njit(fastmath=FAST, inline="always")
@@ -268,27 +339,32 @@ def _values(v, layout, shape, s0, s1, i0, i1, row32, sc, acc, acc_at):
     batch, heads, queries, dim, _ = shape
     at = U(0)
     for s in range(s0, s1):
+        b, h = i0 // heads, i0 % heads
         for it in range(i0, i1):
             if queries == 1:
                 p = sc[at]
                 at += U(1)
                 if p != 0:
-                    add_row(acc, acc_at + it * dim, p, v, s * batch + it // heads, it % heads, heads, dim, layout)
-                continue
-            widen(v, s * batch + it // heads, it % heads, heads, row32, layout)
-            for r in range(queries):
-                p = sc[at]
-                at += U(1)
-                if p != 0:
-                    o = U(acc_at + (it * queries + r) * dim)
-                    for d in range(U(dim)):
-                        acc[o + d] += p * row32[d]
+                    add_row(acc, acc_at + it * dim, p, v, s * batch + b, h, heads, dim, layout)
+            else:
+                widen(v, s * batch + b, h, heads, row32, layout)
+                for r in range(queries):
+                    p = sc[at]
+                    at += U(1)
+                    if p != 0:
+                        o = U(acc_at + (it * queries + r) * dim)
+                        for d in range(U(dim)):
+                            acc[o + d] += p * row32[d]
+            h += 1
+            if h == heads:
+                b, h = b + 1, 0
 
 
 @njit(parallel=True, fastmath=FAST, cache=True)
-def attend(q, k, v, layout, shape, end, bias, item_splits, part_m, part_l, part_acc, scores, rows32):
-    """q [B, Hkv, R, D] float32, already scaled; k, v: the cache (see widen), of which the first
-    `end` slots are read; bias [end, B, 1 or Hkv, R] float32 (the additive mask, -inf for a hidden
+def attend(q, qsum, k, v, layout, shape, end, bias, item_splits, part_m, part_l, part_acc, scores, rows32):
+    """q [B, Hkv, R, D] float32, already scaled (in kernel order for a 4-bit cache); qsum
+    [B, Hkv, R, D / piece] the sums of q's pieces of a quantization group (empty for a dense
+    cache); k, v: the cache (see widen), of which the first `end` slots are read; bias [end, B, 1 or Hkv, R] float32 (the additive mask, -inf for a hidden
     key); shape (B, Hkv, R, D, mask heads); all flat. Work units are slot ranges x ranges of
     (row, kv head) items; part_m, part_l [slot ranges, B, Hkv, R] and part_acc [..., D] get each
     slot range's partial result; scores [units, slots per unit * items per unit * R] and
@@ -305,7 +381,7 @@ def attend(q, k, v, layout, shape, end, bias, item_splits, part_m, part_l, part_
         c, i0 = w // item_splits, (w % item_splits) * per_i
         s0, s1, i1 = min(end, c * per_s), min(end, (c + 1) * per_s), min(batch * heads, i0 + per_i)
         at = c * pairs + i0 * queries  # this unit's first (row, kv head, query) in part_*
-        _scores(q, k, layout, bias, shape, s0, s1, i0, i1, rows32[w], scores[w])
+        _scores(q, qsum, k, layout, bias, shape, s0, s1, i0, i1, rows32[w], scores[w])
         _softmax(scores[w], s1 - s0, (i1 - i0) * queries, part_m, part_l, at)
         for d in range(U(at * dim), U((at + (i1 - i0) * queries) * dim)):
             part_acc[d] = 0
@@ -313,9 +389,10 @@ def attend(q, k, v, layout, shape, end, bias, item_splits, part_m, part_l, part_
 
 
 @njit(parallel=True, fastmath=FAST, cache=True)
-def merge(part_m, part_l, part_acc, out, dim):
+def merge(part_m, part_l, part_acc, out, dim, order):
     """Combine the slot ranges' partial results ([slot ranges, pairs] and [..., D], flat) into out
-    [pairs * D] float32, where a pair is one (row, kv head, query)."""
+    [pairs * D] float32, where a pair is one (row, kv head, query). order: empty, or for a 4-bit
+    cache the position in kernel order of each element of a head (the results are in that order)."""
     pairs = out.shape[0] // dim
     n_chunks = part_m.shape[0] // pairs
     for j in prange(pairs):
@@ -332,10 +409,35 @@ def merge(part_m, part_l, part_acc, out, dim):
             w = _exp(part_m[c * pairs + j] - top)
             total += w * part_l[c * pairs + j]
             at = U((c * pairs + j) * dim)
-            for d in range(U(dim)):
-                out[o + d] += w * part_acc[at + d]
+            if order.shape[0]:
+                for d in range(U(dim)):
+                    out[o + d] += w * part_acc[at + U(order[d])]
+            else:
+                for d in range(U(dim)):
+                    out[o + d] += w * part_acc[at + d]
         for d in range(U(dim)):
             out[o + d] /= total
+
+
+@njit(fastmath=FAST, cache=True)
+def quant_query(q, dim, seg, order, q_out, sums):
+    """For a quantized cache, q [pairs * D] as the kernel reads it: in kernel order (order: empty,
+    or the position in kernel order of each element of a head) into q_out, and the sums of its
+    pieces of `seg` elements into sums [pairs * D / seg]."""
+    pieces = dim // seg
+    for p in range(q.shape[0] // dim):
+        o = p * dim
+        for j in range(pieces):
+            total = np.float32(0)
+            for i in range(seg):
+                total += q[o + j * seg + i]
+            sums[p * pieces + j] = total
+        if order.shape[0]:
+            for d in range(dim):
+                q_out[o + order[d]] = q[o + d]
+        else:
+            for d in range(dim):
+                q_out[o + d] = q[o + d]
 
 
 def set_threads(n: int) -> int:

@@ -81,10 +81,6 @@ class KVQuant:
             return dense
         return out.copy_(dense)
 
-    def layout(self):
-        """What the CPU kernel needs to read a row: (bits, group size, row bytes, codes bytes)."""
-        return (self.bits, self.group_size, self.row_bytes, self.codes_bytes)
-
 
 def kv_quant(bits: int | None, group_size: int, kv_heads: int, head_dim: int) -> KVQuant | None:
     """The codec for --kv-quant-bits (None or 16: the cache stays in the model's dtype)."""
