@@ -26,7 +26,9 @@ class Checkpoint(Protocol):
     cfg: object  # the family's config dataclass
     path: Path | None  # the folder the weights are read from (None: made up)
 
-    def read_block(self, block, dtype: torch.dtype) -> dict[str, torch.Tensor]: ...
+    def read_block(self, block, dtype: torch.dtype, out: dict[str, torch.Tensor] | None = None,
+                   skip=()) -> dict[str, torch.Tensor]:
+        """The block's tensors (into out's, where given; none named in skip)."""
 
     def tokenizer(self): ...
 

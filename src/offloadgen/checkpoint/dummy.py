@@ -45,10 +45,11 @@ class DummyCheckpoint:
         self.family = family_of(cfg)
         self.name = f"dummy-{cfg.model_type}"
 
-    def read_block(self, block, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def read_block(self, block, dtype: torch.dtype, out: dict[str, torch.Tensor] | None = None,
+                   skip=()) -> dict[str, torch.Tensor]:
         # Keyed by checkpoint name, so tied embeddings stay tied.
-        return {local: fill_dummy(torch.empty(shape, dtype=dtype), hf_name)
-                for local, (hf_name, shape) in self.family.block_tensors(self.cfg, block).items()}
+        return {local: fill_dummy(out[local] if out is not None else torch.empty(shape, dtype=dtype), hf_name)
+                for local, (hf_name, shape) in self.family.block_tensors(self.cfg, block).items() if local not in skip}
 
     def tokenizer(self):
         from ..tokenizer import ByteTokenizer

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..errors import OffloadgenError
 from ..models import blocks, config_from_hf, family_of
+from ..safetensors_io import DTYPES, SafetensorsFile, is_all_finite, read_many
 
 # Checkpoints saved by older code name tensors without the model-class prefix (facebook's OPT:
 # "decoder.layers.0..."; bigscience's BLOOM: "h.0..."), so each name is also tried without it.
@@ -40,13 +39,13 @@ class SafetensorsFolder:
                 raise OffloadgenError(f"{self.path}: only pickled weights (*.bin/*.pt); offloadgen reads "
                                       "safetensors only, since unpickling can run arbitrary code")
             raise OffloadgenError(f"{self.path}: no *.safetensors files")
-        self._handles = {}
+        self._handles: dict[Path, SafetensorsFile] = {}
         self._where: dict[str, Path] = {}
         for f in files:
             try:
-                handle = safe_open(str(f), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise OffloadgenError(f"{f}: not a readable safetensors file, truncated or corrupt ({e})") from None
+                handle = SafetensorsFile(f)
+            except OSError as e:
+                raise OffloadgenError(f"{f}: cannot open it ({e.strerror})") from None
             self._handles[f] = handle
             for key in handle.keys():
                 self._where[key] = f
@@ -67,32 +66,48 @@ class SafetensorsFolder:
                 key = self._resolve(hf_name)
                 if key is None:
                     raise OffloadgenError(f"{self.path}: tensor {hf_name!r} is missing from the safetensors files")
-                tensor = self._handles[self._where[key]].get_slice(key)
-                found = tuple(tensor.get_shape())
+                handle = self._handles[self._where[key]]
+                found = handle.shape(key)
                 if found != tuple(shape):
                     raise OffloadgenError(f"{self.path}: tensor {hf_name!r} has shape {found}, "
                                           f"config.json implies {tuple(shape)}")
-                if tensor.get_dtype() not in FLOAT_DTYPES:  # integers are quantized or not weights at all
-                    raise OffloadgenError(f"{self.path}: tensor {hf_name!r} is stored as {tensor.get_dtype()}; "
+                if handle.dtype_name(key) not in FLOAT_DTYPES:  # integers are quantized or not weights at all
+                    raise OffloadgenError(f"{self.path}: tensor {hf_name!r} is stored as {handle.dtype_name(key)}; "
                                           f"weights must be floating point ({', '.join(FLOAT_DTYPES)})")
 
-    def read_block(self, block, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        out = {}
-        for local, (hf_name, _) in self.family.block_tensors(self.cfg, block).items():
+    def read_block(self, block, dtype: torch.dtype, out: dict[str, torch.Tensor] | None = None,
+                   skip=()) -> dict[str, torch.Tensor]:
+        """A block's tensors as `dtype`, read straight from the files into out's tensors (e.g. the
+        views of a packed host buffer) where given, else into new ones; names in skip are not read
+        (a tied tensor already loaded with an earlier block). Every tensor is checked finite."""
+        result, reads, conversions = {}, [], []
+        for local, (hf_name, shape) in self.family.block_tensors(self.cfg, block).items():
+            if local in skip:
+                continue
             key = self._resolve(hf_name)
-            try:
-                t = self._handles[self._where[key]].get_tensor(key).to(dtype)
-                # safetensors' buffers may be only 8-byte aligned; BLAS then takes other kernels, which
-                # round differently (1 ulp between resident and streamed weights on the CPU) and run slower
-                out[local] = t.clone() if t.data_ptr() % 64 else t
-            except SafetensorError as e:
-                raise OffloadgenError(f"{self._where[key]}: cannot read {key!r} ({e})") from None
-            # One float64 sum per tensor (no copy): NaN or inf anywhere makes it non-finite.
-            if not math.isfinite(out[local].sum(dtype=torch.float64)):
+            handle = self._handles[self._where[key]]
+            dst = out[local] if out is not None else torch.empty(shape, dtype=dtype)
+            stored = DTYPES[handle.dtype_name(key)]
+            if stored == dtype and dst.is_contiguous() and dst.device.type == "cpu":
+                reads.append((handle, key, dst))
+            else:  # another dtype on disk, or a destination elsewhere: through a temporary
+                tmp = torch.empty(shape, dtype=stored)
+                reads.append((handle, key, tmp))
+                conversions.append((dst, tmp))
+            result[local] = (key, dst)
+        read_many(reads)  # the whole block's reads queued at once
+        for dst, tmp in conversions:
+            dst.copy_(tmp)
+        for local, (key, dst) in result.items():
+            if not is_all_finite(dst):
                 raise OffloadgenError(f"{self._where[key]}: tensor {key!r} holds NaN or infinite values as "
                                       f"{str(dtype).replace('torch.', '')}: the checkpoint is damaged, or its values "
                                       "do not fit that dtype (try --dtype float32)")
-        return out
+        return {local: dst for local, (_, dst) in result.items()}
+
+    def nbytes(self) -> int:
+        """Bytes of tensor data the folder's files hold."""
+        return sum(h.nbytes(k) for h in self._handles.values() for k in h.keys())
 
     def tokenizer(self):
         from ..tokenizer import load_hf_tokenizer

@@ -29,7 +29,9 @@ from ..quant import QuantConfig
 from .experts import WHOLE_SPAN_SHARE, ArrivingExperts, ExpertCache, expert_layouts
 from .packed import ALIGN, PackedBlock
 from .pinned import copy_in_chunks, pin_tensors, unpin_tensors
-from .weights import load_resident_block
+from .weights import load_resident_blocks
+
+RESIDENT_FILL_THREADS = 4  # packed resident blocks filled at once (read or quantized, then copied over)
 
 
 class StreamingWeights:
@@ -80,9 +82,11 @@ class StreamingWeights:
         t0 = time.perf_counter()
         bar = tqdm(total=len(placement.resident) + len(self.order), desc="placing weights", unit="block",
                    file=sys.stderr, leave=False, disable=None if progress else True)
+        self._registered: list[torch.Tensor] = []  # host buffers registered as pinned, to unregister
         self._place_resident(checkpoint, bar)
         self._place_pooled(checkpoint, bar)
-        self._place_streamed(checkpoint, offload_dir, bar, progress)
+        self._place_streamed(checkpoint, offload_dir, bar, progress,
+                             pin_now=pinned and self.cuda and offload_dir is None and self.world is None)
         self.timings["fill_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self._pin_host(pinned)
@@ -91,36 +95,46 @@ class StreamingWeights:
         self._start()
 
     def _block_parts(self, checkpoint, b) -> dict[str, torch.Tensor]:
-        """A block's entries as its layout stores them: read, and quantized where the layout says so
-        (on the device the weights go to: 60 GB quantize fast on a GPU and slowly on a CPU)."""
+        """A block's entries as its layout stores them (for the disk store's writer): the packed
+        buffer's views, filled as _fill_block fills it."""
+        flat = torch.empty(self.layouts[b].nbytes, dtype=torch.uint8)
+        self._fill_block(checkpoint, b, flat)
+        return self.layouts[b].views(flat)
+
+    def _fill_block(self, checkpoint, b, flat: torch.Tensor) -> None:
+        """Fill a block's packed buffer (host memory or the device). A 16-bit block in host memory is
+        read straight from the files into its place; a quantized one comes from the quantized-block
+        cache, read straight in too, or is read, quantized (on the device the weights go to: 60 GB
+        quantize fast on a GPU and slowly on a CPU), written in, and cached."""
         layout = self.layouts[b]
-        if layout.quantized and self.quant_cache is not None:
-            cached = self.quant_cache.load(b)
-            if cached is not None and set(cached) == set(layout.entries):
-                with self._count_lock:
-                    self.timings["cached_blocks"] += 1
-                return cached
-        parts = layout.encode(checkpoint.read_block(b, self.dtype), self.device)
+        if not layout.quantized and flat.device.type == "cpu":
+            checkpoint.read_block(b, self.dtype, out=layout.views(flat))
+            return
+        if layout.quantized and self.quant_cache is not None and self.quant_cache.load_into(b, layout, flat):
+            with self._count_lock:
+                self.timings["cached_blocks"] += 1
+            return
+        layout.write(flat, layout.encode(checkpoint.read_block(b, self.dtype), self.device))
         if layout.quantized:
             with self._count_lock:
                 self.timings["quantized_blocks"] += 1
             if self.quant_cache is not None:
-                self.quant_cache.save(b, parts)
-        return parts
+                self.quant_cache.save(b, layout, flat)
 
     def _place_resident(self, checkpoint, bar) -> None:
         """Resident blocks go straight to the device; tied tensors (same checkpoint name) are shared.
         Quantized ones stay packed there and are dequantized per use."""
-        shared: dict[str, torch.Tensor] = {}
-        self.resident, self.resident_packed = {}, {}
-        for b in self.placement.resident:
-            if self.layouts[b].quantized:
-                flat = torch.empty(self.layouts[b].nbytes, dtype=torch.uint8, device=self.device)
-                self.layouts[b].write(flat, self._block_parts(checkpoint, b))
-                self.resident_packed[b] = flat
-            else:
-                self.resident[b] = load_resident_block(checkpoint, b, self.dtype, self.device, shared)
+        from ..distributed import fill_in_parallel
+        packed = [b for b in self.placement.resident if self.layouts[b].quantized]
+        dense = [b for b in self.placement.resident if not self.layouts[b].quantized]
+        self.resident = load_resident_blocks(checkpoint, dense, self.dtype, self.device, on_done=bar.update)
+        self.resident_packed = {b: torch.empty(self.layouts[b].nbytes, dtype=torch.uint8, device=self.device)
+                                for b in packed}
+
+        def fill(b, flat):
+            self._fill_block(checkpoint, b, flat)
             bar.update()
+        fill_in_parallel(self.resident_packed, fill, threads=RESIDENT_FILL_THREADS)
 
     def _place_pooled(self, checkpoint, bar) -> None:
         """This rank's 1/N of every pooled block, kept on its GPU: the part it contributes to the
@@ -131,7 +145,7 @@ class StreamingWeights:
 
         def make(b, _):
             flat = torch.zeros(self.layouts[b].nbytes, dtype=torch.uint8)
-            self.layouts[b].write(flat, self._block_parts(checkpoint, b))
+            self._fill_block(checkpoint, b, flat)
             part = self._part_bytes(flat.numel())
             mine = flat[self.world.rank * part:(self.world.rank + 1) * part]
             shard = torch.zeros(part, dtype=torch.uint8, device=self.device)
@@ -140,10 +154,10 @@ class StreamingWeights:
             bar.update()
         fill_in_parallel(dict(self.pool_shard), make)
 
-    def _place_streamed(self, checkpoint, offload_dir, bar, progress) -> None:
+    def _place_streamed(self, checkpoint, offload_dir, bar, progress, pin_now: bool) -> None:
         """Streamed blocks: packed host buffers filled straight from the checkpoint (once per node
-        in shared memory under torchrun), or packed files on disk, written once and reused by a
-        later run with the same model."""
+        in shared memory under torchrun), each pinned as soon as it is filled where pin_now, or
+        packed files on disk, written once and reused by a later run with the same model."""
         self.host = {}
         if not self.placement.streamed:
             bar.close()
@@ -161,7 +175,9 @@ class StreamingWeights:
             return
 
         def fill(b, flat):
-            self.layouts[b].write(flat, self._block_parts(checkpoint, b))
+            self._fill_block(checkpoint, b, flat)
+            if pin_now and pin_tensors([flat], threads=1)[0]:  # pinned while other blocks are still read
+                self._registered.append(flat)
             bar.update()
         sizes = {b: self.layouts[b].nbytes for b in self.placement.streamed}
         if self.world is not None:
@@ -174,15 +190,16 @@ class StreamingWeights:
         bar.close()
 
     def _pin_host(self, pinned: bool) -> None:
+        """Pin the host buffers that were not pinned as they were filled."""
         self.pinned = pinned and self.cuda and self.disk is None
-        self._registered = []
         if self.pinned:
-            ok = pin_tensors(list(self.host.values()))
-            self._registered = [t for t, good in zip(self.host.values(), ok) if good]
-            if not all(ok):  # registration refused (e.g. no permission): fall back to the allocator
-                for b, good in zip(list(self.host), ok):
-                    if not good:
-                        self.host[b] = self.host[b].pin_memory()
+            done = {t.data_ptr() for t in self._registered}
+            todo = [b for b, t in self.host.items() if t.data_ptr() not in done]
+            ok = pin_tensors([self.host[b] for b in todo])
+            self._registered += [self.host[b] for b, good in zip(todo, ok) if good]
+            for b, good in zip(todo, ok):  # registration refused (e.g. no permission): fall back to the allocator
+                if not good:
+                    self.host[b] = self.host[b].pin_memory()
 
     def _make_ring(self) -> None:
         """The GPU buffers streamed blocks arrive in (page-aligned host buffers for a CPU run from

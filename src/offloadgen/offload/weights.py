@@ -39,18 +39,36 @@ class WeightSource(Protocol):
         """Stop threads and release page-locked memory."""
 
 
-def load_resident_block(checkpoint, block, dtype: torch.dtype, device: torch.device,
-                        shared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A block's tensors on the device; a tensor already loaded under the same checkpoint name (tied
-    embeddings: the embedding matrix is also the LM head) is reused, so it takes memory once."""
-    names = family_of(checkpoint.cfg).block_tensors(checkpoint.cfg, block)
-    out = {}
-    for local, t in checkpoint.read_block(block, dtype).items():
-        key = names[local][0]
-        if key not in shared:
-            shared[key] = t.to(device)
-        out[local] = shared[key]
-    return out
+RESIDENT_READ_THREADS = 4  # blocks read at once; each read is itself split over the reader pool
+
+
+def load_resident_blocks(checkpoint, block_list: list, dtype: torch.dtype, device: torch.device,
+                         on_done=None) -> dict:
+    """{block: {name: tensor on the device}}, several blocks read at once, so that the disk stays busy
+    while earlier blocks are checked and copied. A tensor an earlier block holds under the same
+    checkpoint name (tied embeddings: the embedding matrix is also the LM head) is not read again:
+    it is shared, and takes memory once. On the CPU the files are read into the final tensors."""
+    from concurrent.futures import ThreadPoolExecutor
+    family = family_of(checkpoint.cfg)
+    names = {b: family.block_tensors(checkpoint.cfg, b) for b in block_list}
+    first: dict[str, tuple] = {}
+    for b in block_list:
+        for local, (hf_name, _) in names[b].items():
+            first.setdefault(hf_name, (b, local))
+    tied = {b: {local: first[hf] for local, (hf, _) in names[b].items() if first[hf] != (b, local)} for b in block_list}
+    out: dict = {}
+
+    def load(b) -> None:
+        tensors = checkpoint.read_block(b, dtype, skip=set(tied[b]))
+        out[b] = {local: t.to(device) for local, t in tensors.items()}
+        if on_done is not None:
+            on_done()
+    with ThreadPoolExecutor(max_workers=RESIDENT_READ_THREADS, thread_name_prefix="offloadgen-load") as pool:
+        list(pool.map(load, block_list))
+    for b in block_list:
+        for local, (src_block, src_local) in tied[b].items():
+            out[b][local] = out[src_block][src_local]
+    return {b: {local: out[b][local] for local in names[b]} for b in block_list}  # in the family's order
 
 
 class ResidentWeights:
@@ -62,10 +80,10 @@ class ResidentWeights:
         self.cfg = checkpoint.cfg
         self.device = device
         self.timings: dict = {}
-        self._blocks, shared = {}, {}
-        for block in tqdm(blocks(self.cfg), desc="loading weights", unit="block", file=sys.stderr,
-                          leave=False, disable=None if progress else True):  # None: only on a terminal
-            self._blocks[block] = load_resident_block(checkpoint, block, dtype, device, shared)
+        bar = tqdm(total=len(blocks(self.cfg)), desc="loading weights", unit="block", file=sys.stderr,
+                   leave=False, disable=None if progress else True)  # None: only on a terminal
+        self._blocks = load_resident_blocks(checkpoint, blocks(self.cfg), dtype, device, on_done=bar.update)
+        bar.close()
 
     def get(self, block) -> dict[str, torch.Tensor]:
         return self._blocks[block]
