@@ -219,3 +219,19 @@ def test_max_seq_len_limits_a_cpu_jobs_lines(tmp_path, llm):
     rows = {r["line"]: r for r in map(json.loads, dst.read_text().splitlines())}
     assert s.errors == 1 and rows[2]["tokens"] == 4
     assert "prompt has 20 tokens; sequences may have 16" in rows[1]["error"]
+
+
+@pytest.mark.parametrize("limit", [None, 16])
+def test_max_seq_len_limits_a_job_across_ranks_as_in_one_process(tmp_path, llm, limit):
+    """Rank 0's preparation of a job across ranks refuses the same lines one process does."""
+    from offloadgen.jobs import _prepare_on_rank_0, open_job
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"prompt": "y" * 20}) + "\n" + json.dumps({"prompt": "short"}) + "\n")
+    with open_job(str(src), str(dst)) as job:
+        summary, shares = _prepare_on_rank_0(llm, job, SamplingParams(max_new_tokens=4), 2, 512, "jsonl", limit)
+    dealt = sorted(it.line for share in shares for it in share)
+    if limit is None:
+        assert summary.errors == 0 and dealt == [1, 2]
+    else:
+        assert summary.errors == 1 and dealt == [2]
+        assert "prompt has 20 tokens; sequences may have 16" in json.loads(dst.read_text())["error"]

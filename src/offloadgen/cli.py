@@ -181,7 +181,7 @@ def _run_job_on_ranks(llm, args, sampling, world) -> int:
     from .jobs import answer_job_on_ranks, open_job
     with open_job(args.input, args.output, args.ordered) if world.is_main else nullcontext() as job:
         s = answer_job_on_ranks(llm, job, sampling, world, args.batch_size, prefill_chunk=args.prefill_chunk,
-                                output_format=args.output_format)
+                                output_format=args.output_format, max_seq_len=args.max_seq_len)
     distributed.finish(world)
     if not world.is_main:
         return 0 if not s.interrupted else 130 if s.interrupted == "SIGINT" else 143

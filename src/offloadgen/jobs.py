@@ -493,7 +493,8 @@ def _step_with_retry(llm, batcher, summary, world=None):
 
 
 def answer_job_on_ranks(llm, job: Job | None, sampling: SamplingParams, world, batch_size: int = 16,
-                        progress: bool = True, prefill_chunk: int = 512, output_format: str = "jsonl") -> JobSummary:
+                        progress: bool = True, prefill_chunk: int = 512, output_format: str = "jsonl",
+                        max_seq_len: int | None = None) -> JobSummary:
     """A job across data-parallel ranks (ranks.py): rank 0 holds the job (its lock; job is None
     elsewhere), parses its lines, writes the bad lines' error records, deals the good ones by
     expected work and alone writes: every pass, what ended on any rank is gathered to it and
@@ -504,7 +505,7 @@ def answer_job_on_ranks(llm, job: Job | None, sampling: SamplingParams, world, b
     start = time.perf_counter()
     summary, shares = JobSummary(total=0), None
     if world.is_main:
-        summary, shares = _prepare_on_rank_0(llm, job, sampling, world.size, prefill_chunk, output_format)
+        summary, shares = _prepare_on_rank_0(llm, job, sampling, world.size, prefill_chunk, output_format, max_seq_len)
     items = distributed.scatter(shares, world, distributed.control_group(world))
     bar = tqdm(total=summary.total - summary.skipped, initial=summary.errors, desc="prompts", unit="prompt",
                file=sys.stderr, disable=True if not (progress and world.is_main) else None)
@@ -532,14 +533,15 @@ def answer_job_on_ranks(llm, job: Job | None, sampling: SamplingParams, world, b
 
 
 def _prepare_on_rank_0(llm, job: Job, sampling: SamplingParams, ranks: int, prefill_chunk: int,
-                       output_format: str) -> tuple[JobSummary, list[list[JobItem]]]:
-    """Rank 0's part before the passes: what is left to answer, the bad lines' records written,
-    and the good lines dealt to the ranks by expected work."""
+                       output_format: str, max_seq_len: int | None = None) -> tuple[JobSummary, list[list[JobItem]]]:
+    """Rank 0's part before the passes: what is left to answer, the bad lines' records written
+    (a line longer than max_seq_len among them, as in one process), and the good lines dealt to
+    the ranks by expected work."""
     if job.out.done:
         print(f"offloadgen: {job.out.name}: {describe_resume(job.lines, job.out.done)}", file=sys.stderr)
     todo = [src for src in job.lines if src.key not in job.out.done]
     summary = JobSummary(total=len(job.lines), skipped=len(job.lines) - len(todo))
-    limit = context_limit(llm)
+    limit = min(context_limit(llm), max_seq_len or math.inf)
     items = [job_item(src, llm.tokenizer, limit, sampling.max_new_tokens, sampling) for src in todo]
     bad = [it for it in items if it.error]
     job.out.append([error_record(it, output_format) for it in bad])
