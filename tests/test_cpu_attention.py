@@ -1,6 +1,7 @@
 """Decode attention on the CPU (offload/cpu_attention): the Numba kernel and the PyTorch fallback
 against a float64 reference, with the masks the families build (ragged rows, GQA, ALiBi, sliding
 windows), on the slot-major cache layout."""
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -103,3 +104,21 @@ def test_a_mask_with_heads_other_than_the_kv_heads_is_refused():
     q, k, v = torch.randn(1, 4, 1, 8), torch.randn(5, 1, 2, 8), torch.randn(5, 1, 2, 8)
     with pytest.raises(ValueError, match="mask heads"):
         cpu_attention.attend(q, k, v, 5, torch.zeros(5, 1, 4, 2))
+
+
+def test_rows_of_different_lengths_get_ranges_of_equal_work():
+    """Continuous batching leaves rows of a micro-batch at different lengths: the work ranges
+    follow the slots each row reads, not the count of items, and read no slot past their rows."""
+    from offloadgen.offload.cpu_attention import item_ranges, row_ends
+    bounds, ends = item_ranges(np.array([100, 10, 10, 10]), heads=2, n=2)
+    assert bounds.tolist() == [0, 1, 8] and ends.tolist() == [100, 100]  # 100 | 160, not 200 | 60
+    bounds, ends = item_ranges(np.array([40, 40, 40, 40]), heads=2, n=2)  # one length: equal counts
+    assert bounds.tolist() == [0, 4, 8] and ends.tolist() == [40, 40]
+    work = np.repeat(np.array([512, 32, 300, 64, 200, 128, 90, 600]), 4)
+    bounds, _ = item_ranges(np.array([512, 32, 300, 64, 200, 128, 90, 600]), heads=4, n=8)
+    balanced = max(work[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:]))
+    even = max(work[i:i + 4].sum() for i in range(0, 32, 4))
+    assert balanced < 0.7 * even
+    bias = np.zeros((6, 3, 1, 1), np.float32)
+    bias[4:, 0], bias[2:, 1], bias[:, 2] = -np.inf, -np.inf, -np.inf  # row 0 sees 4 slots, row 1 2, row 2 none
+    assert row_ends(bias).tolist() == [4, 2, 0]

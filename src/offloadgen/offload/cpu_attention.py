@@ -84,11 +84,14 @@ def _as_numpy(x: torch.Tensor):
     raise TypeError(f"CPU attention reads float16, bfloat16 or float32 caches, not {x.dtype}")
 
 
-def _workspace(slot_splits: int, item_splits: int, end: int, b: int, h: int, r: int, d: int) -> list:
+def _workspace(slot_splits: int, item_splits: int, end: int, b: int, h: int, r: int, d: int,
+               per_i: int | None = None) -> list:
     """Partial results per slot range and the work units' scratch, as numpy arrays, kept between
-    calls: fresh buffers of a few MB per layer would cost page faults on every call."""
-    units, per_s, per_i = slot_splits * item_splits, -(-end // slot_splits), -(-(b * h) // item_splits)
-    key = (slot_splits, item_splits, per_s, b, h, r, d)
+    calls: fresh buffers of a few MB per layer would cost page faults on every call. per_i: the
+    most items a range holds (default: an even split)."""
+    units, per_s = slot_splits * item_splits, -(-end // slot_splits)
+    per_i = per_i or -(-(b * h) // item_splits)
+    key = (slot_splits, item_splits, per_s, per_i, b, h, r, d)
     if key not in _workspaces:
         if len(_workspaces) > 16:
             _workspaces.clear()
@@ -108,7 +111,9 @@ def _attend_numba(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, 
     b, h, _, d = qf.shape
     item_bytes = 2 * d * k.element_size() if quant is None else 2 * quant.row_bytes // quant.kv_heads
     slot_splits, item_splits = splits or nb.splits(threads, end, b * h, item_bytes)
-    work = _workspace(slot_splits, item_splits, end, *qf.shape)
+    bias_np = bias.float().contiguous().numpy()
+    bounds, ends = item_ranges(row_ends(bias_np), h, item_splits)
+    work = _workspace(slot_splits, item_splits, end, *qf.shape, per_i=int(np.diff(bounds).max()))
     shape = np.array([*qf.shape, bias.shape[2]], np.int64)
     layout, qk, qsum, order = _NO_LAYOUT, qf.numpy().reshape(-1), _NO_SUMS, _NO_ORDER
     if quant is not None:
@@ -118,10 +123,39 @@ def _attend_numba(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, 
         nb.quant_query(qf.numpy().reshape(-1), d, seg, order, qk, qsum)
     flat = lambda x: x.reshape(-1)  # noqa: E731  (views: the caller's tensors are contiguous)
     nb.attend(qk, qsum, flat(_as_numpy(k)), flat(_as_numpy(v)), layout, shape, end,
-              flat(bias.float().contiguous().numpy()), item_splits, *work)
+              flat(bias_np), bounds, ends, *work)
     out = torch.empty(qf.shape)
     nb.merge(*work[:3], out.view(-1).numpy(), d, order)
     return out
+
+
+def row_ends(bias: np.ndarray) -> np.ndarray:
+    """Per row of bias [end, B, mask heads, R]: one past its last slot that some query sees (0 if
+    none): how far the kernel must read that row."""
+    seen = (bias > -np.inf).any(axis=(2, 3))  # [end, B]
+    last = seen.shape[0] - np.argmax(seen[::-1], axis=0)
+    return np.where(seen.any(axis=0), last, 0).astype(np.int64)
+
+
+def item_ranges(ends: np.ndarray, heads: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n ranges of (row, head) items, as bounds [n + 1], and the slots each range reads [n]. Rows
+    of one length (a static batch) are split into equal counts, as before; rows of different
+    lengths into ranges of about equal work (slots to read), so that threads end together."""
+    items = ends.shape[0] * heads
+    work = np.repeat(ends, heads)
+    if ends.min() == ends.max():
+        per = -(-items // n)
+        bounds = np.minimum(np.arange(n + 1) * per, items)
+    else:
+        cum = np.cumsum(work)
+        targets = cum[-1] * np.arange(1, n) / n
+        at = np.searchsorted(cum, targets, side="left")  # the item that crosses each target
+        before = np.where(at > 0, cum[np.maximum(at - 1, 0)], 0)  # work up to it, without it
+        with_it = cum[np.minimum(at, items - 1)]
+        cut = np.where(targets - before <= with_it - targets, at, at + 1)  # the nearer side of it
+        bounds = np.maximum.accumulate(np.minimum(np.concatenate([[0], cut, [items]]), items))
+    top = np.array([work[a:b].max() if b > a else 0 for a, b in zip(bounds[:-1], bounds[1:])], np.int64)
+    return bounds.astype(np.int64), top
 
 
 @functools.cache

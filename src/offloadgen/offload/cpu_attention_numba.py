@@ -361,7 +361,7 @@ def _values(v, layout, shape, s0, s1, i0, i1, row32, sc, acc, acc_at):
 
 
 @njit(parallel=True, fastmath=FAST, cache=True)
-def attend(q, qsum, k, v, layout, shape, end, bias, item_splits, part_m, part_l, part_acc, scores, rows32):
+def attend(q, qsum, k, v, layout, shape, end, bias, item_bounds, item_ends, part_m, part_l, part_acc, scores, rows32):
     """q [B, Hkv, R, D] float32, already scaled (in kernel order for a 4-bit cache); qsum
     [B, Hkv, R, D / piece] the sums of q's pieces of a quantization group (empty for a dense
     cache); k, v: the cache (see widen), of which the first `end` slots are read; bias [end, B, 1 or Hkv, R] float32 (the additive mask, -inf for a hidden
@@ -372,14 +372,22 @@ def attend(q, qsum, k, v, layout, shape, end, bias, item_splits, part_m, part_l,
 
     Two passes per unit, keys then values, rather than an online softmax: the exact maximum is
     known before any exp, so there is no rescaling and no branch per key, and each pass is a
-    simple loop the compiler vectorizes."""
+    simple loop the compiler vectorizes.
+
+    item_bounds [item ranges + 1]: where each range of (row, kv head) items starts; item_ends
+    [item ranges]: the slots a range reads at most (its longest row). Rows of different lengths
+    (continuous batching) get ranges of equal work rather than equal items, and no unit walks the
+    slots past its own rows' ends: otherwise the thread holding the longest row sets the time."""
     batch, heads, queries, dim, _ = shape
     pairs = batch * heads * queries
     slot_splits = part_m.shape[0] // pairs
-    per_s, per_i = (end + slot_splits - 1) // slot_splits, (batch * heads + item_splits - 1) // item_splits
+    item_splits = item_bounds.shape[0] - 1
+    per_s = (end + slot_splits - 1) // slot_splits
     for w in prange(slot_splits * item_splits):
-        c, i0 = w // item_splits, (w % item_splits) * per_i
-        s0, s1, i1 = min(end, c * per_s), min(end, (c + 1) * per_s), min(batch * heads, i0 + per_i)
+        c, r = w // item_splits, w % item_splits
+        i0, i1 = item_bounds[r], item_bounds[r + 1]
+        s0 = min(end, c * per_s)
+        s1 = max(s0, min(end, (c + 1) * per_s, item_ends[r]))
         at = c * pairs + i0 * queries  # this unit's first (row, kv head, query) in part_*
         _scores(q, qsum, k, layout, bias, shape, s0, s1, i0, i1, rows32[w], scores[w])
         _softmax(scores[w], s1 - s0, (i1 - i0) * queries, part_m, part_l, at)
