@@ -10,6 +10,8 @@ head_dim]), cycling over enough layers (about --gb GB) that every read comes fro
   - the cores' plain read bandwidth: a PyTorch sum over a 2 GB buffer (the physical limit);
   - "sdpa": what the offloaded cache ran before, PyTorch SDPA over the permuted cache;
   - "kernel": offload/cpu_attention's Numba kernel (float16, bfloat16, 8-bit and 4-bit caches);
+  - "chosen": what the run calls for a dense cache (impl None): whichever of the kernel and SDPA
+    its first calls of the shape timed faster (the trial runs in the warm-up);
   - "fallback": the same computation in PyTorch, used where Numba does not import;
   - "start-up probe": offload/kv_cache's probe_cpu_attention_bandwidth on the same shape, what the
     run's CPU/GPU attention split starts from (it should agree with the kernel's row).
@@ -45,6 +47,7 @@ SHAPES = {  # name: (q heads, kv heads, head_dim)
     "GQA 64/8 (Llama-2-70B)": (64, 8, 128),
 }
 ROWS, CONTEXT = 8, 512 + 32
+WARMUP_CALLS = 8  # covers cpu_attention._Trial: one untimed and three timed calls of each of two candidates
 
 
 def caches(kv_heads, head_dim, dtype, quant, gb):
@@ -62,9 +65,9 @@ def caches(kv_heads, head_dim, dtype, quant, gb):
 def measure(runs, rounds):
     """Best seconds per sweep over each run's layers, the runs taken in turn in every round (not one
     after the other), so that a machine busy for a while slows every variant alike."""
-    for run, layers in runs:  # compile (or load from Numba's cache) and warm up
-        for k, v in layers[:2]:
-            run(k, v)
+    for run, layers in runs:  # compile (or load from Numba's cache), warm up, and let impl None's trial finish
+        for i in range(WARMUP_CALLS):
+            run(*layers[i % len(layers)])
     best = [float("inf")] * len(runs)
     for _ in range(rounds):
         for i, (run, layers) in enumerate(runs):
@@ -77,11 +80,12 @@ def measure(runs, rounds):
 
 def variants(q_heads, kv_heads):
     """(name, cache dtype, quantization or None, function of (q, bias, mask) -> run(k, v))."""
-    kernel = lambda quant: lambda q, bias, mask: lambda k, v: cpu_attention.attend(  # noqa: E731
-        q, k, v, CONTEXT, bias, quant=quant)
+    kernel = lambda quant, impl="numba": lambda q, bias, mask: lambda k, v: cpu_attention.attend(  # noqa: E731
+        q, k, v, CONTEXT, bias, quant=quant, impl=impl)
     out = [("sdpa (before)", torch.float16, None,
             lambda q, bias, mask: lambda k, v: sdpa(q, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), mask)),
            ("kernel fp16", torch.float16, None, kernel(None)),
+           ("chosen fp16 (impl None)", torch.float16, None, kernel(None, None)),
            ("kernel bf16", torch.bfloat16, None, kernel(None))]
     for bits in (8, 4):
         codec = KVQuant(bits, 64, kv_heads, 128)
@@ -89,6 +93,11 @@ def variants(q_heads, kv_heads):
     out.append(("fallback fp16 (PyTorch)", torch.float16, None, lambda q, bias, mask: lambda k, v: cpu_attention.attend(
         q, k, v, CONTEXT, bias, impl="torch")))
     return out
+
+
+def choice(group, head_dim):
+    found = {c for (b, h_kv, r, d, *_), c in cpu_attention.choices().items() if (b, r, d) == (ROWS, group, head_dim)}
+    return "/".join(sorted(str(c) for c in found))
 
 
 def gpu_decode_check():
@@ -136,6 +145,8 @@ def main():
             layers, per_layer = stores[dtype, quant]
             bw = len(layers) * per_layer / seconds
             fp16_eq = 2 * CONTEXT * ROWS * kv_heads * head_dim * 2 * len(layers) / seconds
+            if name.startswith("chosen"):  # what its trial (the first calls of the first round) chose
+                name = f"chosen fp16 ({choice(q_heads // kv_heads, head_dim)})"
             rows.append((shape, name, per_layer / 1e6, seconds / len(layers) * 1e3, bw / 1e9, bw / read, fp16_eq / 1e9))
             print(f"{shape:24s} {name:24s} {bw / 1e9:6.1f} GB/s", flush=True)
         del stores, runs

@@ -72,7 +72,7 @@ def tolerance(dtype):
     return {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
 
 
-@pytest.mark.parametrize("impl", cpu_attention.available_impls())
+@pytest.mark.parametrize("impl", cpu_attention.available_impls() + ["sdpa"])
 @settings(max_examples=80, deadline=None)
 @given(c=cases())
 def test_matches_float64_reference(impl, c):
@@ -122,3 +122,44 @@ def test_rows_of_different_lengths_get_ranges_of_equal_work():
     bias = np.zeros((6, 3, 1, 1), np.float32)
     bias[4:, 0], bias[2:, 1], bias[:, 2] = -np.inf, -np.inf, -np.inf  # row 0 sees 4 slots, row 1 2, row 2 none
     assert row_ends(bias).tolist() == [4, 2, 0]
+
+
+@pytest.mark.parametrize("faster", ["sdpa", cpu_attention.available_impls()[0]])
+def test_impl_none_keeps_what_its_first_calls_timed_faster(monkeypatch, faster):
+    """attend(impl=None) on a dense cache times the kernel and SDPA on a shape's first calls and
+    then runs only the faster: with a fake clock that charges the slower one 10x, every call after
+    the trial must go to `faster`, and every call (trial ones too) must give the right answer."""
+    kernel = cpu_attention.available_impls()[0]
+    now, ran = [0.0], []
+
+    def charged(name, real):
+        def run(*args, **kwargs):
+            ran.append(name)
+            now[0] += 1.0 if name == faster else 10.0
+            return real(*args, **kwargs)
+        return run
+    for name, attr in ((kernel, f"_attend_{kernel}"), ("sdpa", "_attend_sdpa")):
+        monkeypatch.setattr(cpu_attention, attr, charged(name, getattr(cpu_attention, attr)))
+    monkeypatch.setattr(cpu_attention, "clock", lambda: now[0])
+    monkeypatch.setattr(cpu_attention, "_trials", {})
+    c = dict(kind="gqa", batch=3, kv_heads=2, group=4, end=40, slots=44, pads=[0, 5, 17], head_dim=64,
+             window=8, dtype="float16", seed=7)
+    q, k, v, mask = make(c)
+    scale, bias = c["head_dim"] ** -0.5, cpu_attention.bias_from_mask(mask, c["end"])
+    ref, tol = reference(q, k, v, c["end"], mask, scale), tolerance(q.dtype)
+    for _ in range(12):
+        out = cpu_attention.attend(q, k, v, c["end"], bias, scale)
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * v.double().abs().max().item())
+    trial_calls = 2 * (1 + 3)
+    assert sorted(set(ran[:trial_calls])) == sorted({kernel, "sdpa"})
+    assert ran[trial_calls:] == [faster] * (12 - trial_calls)
+
+
+def test_quantized_caches_never_go_to_sdpa():
+    """SDPA needs a dense cache: asked by name for a 4/8-bit one, it is refused."""
+    from offloadgen.quant.kv import KVQuant
+    codec = KVQuant(8, 64, 2, 64)
+    k = codec.encode(torch.randn(6, 1, 128).half())
+    q = torch.randn(1, 2, 1, 64).half()
+    with pytest.raises(ValueError, match="dense caches"):
+        cpu_attention.attend(q, k, k, 6, torch.zeros(6, 1, 1, 1), impl="sdpa", quant=codec)

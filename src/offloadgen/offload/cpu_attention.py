@@ -12,19 +12,30 @@ PyTorch below, an online softmax over blocks of slots, so that only one block at
 converted to float32.
 Both take every family's additive mask, so ragged rows, sliding windows and ALiBi need nothing
 special; tests/test_cpu_attention.py checks both against a float64 reference.
+
+The kernel is not the fastest everywhere: with grouped-query heads each key meets several query
+heads, the kernel becomes bound by arithmetic, and on the 16-core H100 machine PyTorch's SDPA over
+the permuted cache read a Llama-2-70B-shaped cache 3x faster (30.3 against 10.2 GB/s), while for
+OPT-30B's 56 plain heads the kernel was the faster (57.5 against 45.8). Which wins depends on the
+CPU, its thread count and the shape, so for dense caches `attend` (impl None) times both on the
+run's own first calls of each shape and keeps the faster (_Trial).
 """
 from __future__ import annotations
 
 import functools
+import math
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 _workspaces: dict[tuple, list] = {}
 _NO_LAYOUT = np.zeros(4, np.int64)  # the kernel's quantization layout argument, unused for dense caches
 _NO_SUMS = np.zeros(0, np.float32)  # nor are the sums of q's pieces of a group
 _NO_ORDER = np.zeros(0, np.int64)  # q and the output in the head's own order
+clock = time.perf_counter  # what the trials time with (tests give a fake one)
 
 
 @functools.cache
@@ -38,7 +49,71 @@ def _numba():
 
 
 def available_impls() -> list[str]:
+    """The kernel's implementations, for any cache; `attend` also takes "sdpa" for dense ones."""
     return (["numba"] if _numba() is not None else []) + ["torch"]
+
+
+class _Trial:
+    """Which implementation one shape of call runs. Its first calls try the candidates one after
+    the other, `rounds` + 1 calls each: the first untimed (Numba compiles or loads the kernel,
+    buffers are made, and the other candidate's thread pool, still spinning, is waited out), then
+    `rounds` timed, per slot read since the context grows between decode steps. Afterwards the
+    fastest stays. The calls are the run's own (each returns its real output), so the trial costs
+    a few calls at the slower speed and measures the data as the run reads it: consecutive calls
+    are different layers, from RAM."""
+
+    def __init__(self, candidates: list[str], rounds: int = 3):
+        self.candidates, self.rounds, self.calls = candidates, rounds, 0
+        self.best = dict.fromkeys(candidates, math.inf)
+        self.chosen: str | None = None
+
+    def next(self) -> str:
+        return self.chosen or self.candidates[self.calls // (1 + self.rounds)]
+
+    def record(self, impl: str, seconds_per_slot: float) -> None:
+        if self.calls % (1 + self.rounds):
+            self.best[impl] = min(self.best[impl], seconds_per_slot)
+        self.calls += 1
+        if self.calls == len(self.candidates) * (1 + self.rounds):
+            self.chosen = min(self.candidates, key=self.best.get)
+
+
+_trials: dict[tuple, _Trial] = {}
+
+
+def choices() -> dict[tuple, str | None]:
+    """Per shape of call so far ((B, Hkv, R, D, mask heads, cache dtype, q dtype, threads)), the
+    implementation its trial chose (None while it runs): for logs and benchmarks."""
+    return {key: trial.chosen for key, trial in _trials.items()}
+
+
+def _run(impl, q, qf, k, v, end, bias, scale, quant):
+    if impl == "numba":
+        return _attend_numba(qf, k, v, end, bias, quant=quant)
+    if impl == "torch":
+        return _attend_torch(qf, k, v, end, bias, quant=quant)
+    if impl == "sdpa":
+        if quant is not None:
+            raise ValueError("the sdpa implementation reads dense caches, not a 4/8-bit one")
+        return _attend_sdpa(q, k, v, end, bias, scale)
+    raise ValueError(f"unknown CPU attention implementation {impl!r}")
+
+
+def _chosen_run(q, qf, k, v, end, bias, scale, quant):
+    """impl None: the Numba kernel (or its PyTorch fallback), and for dense caches SDPA as the
+    other candidate, whichever this shape's trial found faster."""
+    kernel = available_impls()[0]
+    if quant is not None:
+        return _run(kernel, q, qf, k, v, end, bias, scale, quant)
+    key = (*qf.shape, bias.shape[2], k.dtype, q.dtype, torch.get_num_threads())
+    trial = _trials.setdefault(key, _Trial([kernel, "sdpa"]))
+    if trial.chosen is not None:
+        return _run(trial.chosen, q, qf, k, v, end, bias, scale, quant)
+    impl = trial.next()
+    t0 = clock()
+    out = _run(impl, q, qf, k, v, end, bias, scale, quant)
+    trial.record(impl, (clock() - t0) / max(end, 1))
+    return out
 
 
 def bias_from_mask(mask: torch.Tensor | None, end: int, batch: int = 1, queries: int = 1) -> torch.Tensor:
@@ -54,22 +129,34 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: to
            scale: float | None = None, impl: str | None = None, quant=None) -> torch.Tensor:
     """Attention of q [B, H, t, D] over slots [:end] of k, v [slots, B, Hkv, D] (CPU tensors), or
     with quant (a quant.kv.KVQuant) of the 4/8-bit cache k, v uint8 [slots, B, row bytes], with
-    bias from bias_from_mask. Returns [B, H, t, D] in q's dtype. impl: "numba" or "torch"; None
-    takes Numba where it imports."""
+    bias from bias_from_mask. Returns [B, H, t, D] in q's dtype. impl: "numba", "torch" or "sdpa"
+    (dense caches); None takes Numba where it imports (else "torch"), or for a dense cache
+    whichever of it and SDPA was the faster on this shape's first calls (_Trial)."""
     b, h, t, d = q.shape
     h_kv = k.shape[2] if quant is None else quant.kv_heads
     if bias.shape[2] not in (1, h_kv):
         raise ValueError(f"mask heads must be 1 or the {h_kv} KV heads, not {bias.shape[2]}")
     scale = d ** -0.5 if scale is None else scale
     qf = (q.float() * scale).reshape(b, h_kv, (h // h_kv) * t, d).contiguous()
-    impl = impl or available_impls()[0]
-    if impl == "numba":
-        out = _attend_numba(qf, k, v, end, bias, quant=quant)
-    elif impl == "torch":
-        out = _attend_torch(qf, k, v, end, bias, quant=quant)
+    if impl is None:
+        out = _chosen_run(q, qf, k, v, end, bias, scale, quant)
     else:
-        raise ValueError(f"unknown CPU attention implementation {impl!r}")
+        out = _run(impl, q, qf, k, v, end, bias, scale, quant)
     return out.reshape(b, h, t, d).to(q.dtype)
+
+
+def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """PyTorch's SDPA over the permuted dense cache, in the cache's dtype (what the offloaded cache
+    ran before the kernel). Query heads that share a KV head are folded into the query axis, as
+    layers.sdpa does, so the cache is not repeated. Unlike the kernel, a query whose keys are all
+    hidden gets NaN (the engine never asks for one)."""
+    b, h, t, d = q.shape
+    h_kv = k.shape[2]
+    keys, values = k[:end].permute(1, 2, 0, 3), v[:end].permute(1, 2, 0, 3)
+    mask = bias[:end].permute(1, 2, 3, 0).to(k.dtype)
+    qg = q.to(k.dtype).reshape(b, h_kv, (h // h_kv) * t, d)
+    return F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
 
 
 def _as_numpy(x: torch.Tensor):
