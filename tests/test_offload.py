@@ -189,3 +189,19 @@ def test_plan_command_shows_both_ways_for_moe(capsys):
     (whole1, _, routed1), (whole16, _, routed16) = rows[0][-3:], rows[1][-3:]
     assert routed1.endswith("*") and whole16.endswith("*")  # batch 1 on demand, batch 16 whole layers
     assert 3 * float(routed1[:-1]) < float(whole1)
+
+
+def test_auto_expert_streaming_falls_back_to_whole_layers_when_cpu_ram_cannot_hold_every_layer(capsys):
+    # 4-bit Mixtral is ~25 GiB: experts on demand stream (and keep in CPU RAM) every layer, which
+    # 24 GiB cannot hold; whole layers keep 16 GiB of them on the GPU and fit. "off" runs, so must "auto".
+    from offloadgen.cli import main
+    common = ["plan", "mixtral-8x7b", "--dummy", "--cpu-offload", "--gpu-memory", "16GiB", "--quant-bits", "4",
+              "--batch-sizes", "1", "--h2d-bandwidth", "50GB", "--cpu-memory", "24GiB", "--expert-streaming"]
+    assert main(common + ["off"]) == 0
+    off = capsys.readouterr().out
+    assert main(common + ["auto"]) == 0
+    auto = capsys.readouterr().out
+    row = [line.split() for line in auto.splitlines() if line.split()[:1] == ["1"]][0]
+    assert "does not fit" not in auto and row[-3].endswith("*")  # whole layers chosen
+    assert [line for line in off.splitlines() if line.startswith("    1")] == \
+        [line for line in auto.splitlines() if line.startswith("    1")]

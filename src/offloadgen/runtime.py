@@ -132,7 +132,16 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
     if config.disk_offload:
         plan.placement.bytes["weights_on_disk"] = True
     if plan.placement.streamed or plan.placement.pooled or kv is not None:
-        check_host_memory(plan.placement, host_available, quantized=quant is not None, ranks_per_node=world.local_size)
+        try:
+            check_host_memory(plan.placement, host_available, quantized=quant is not None,
+                              ranks_per_node=world.local_size)
+        except OffloadgenError:
+            # Experts on demand stream every layer, so CPU RAM holds them all; whole layers keep
+            # some on the GPU and may fit where they do not. "auto" takes whichever runs.
+            if experts != "auto" or not plan.placement.expert_streaming:
+                raise
+            return plan_run(config.replace(expert_streaming="off"), model_cfg, device, world, h2d_bytes_s,
+                            host_available, cpu_attention_bytes_s)
     return plan
 
 
