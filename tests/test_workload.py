@@ -29,6 +29,12 @@ def test_workload_file(tmp_path):
     f.write_text('{"prompt": "abc"}\n')
     with pytest.raises(OffloadgenError, match="line 1"):
         from_file(str(f), Tok(), 0, 300)
+    # wrong types are refused, not cut (3.7 -> 3, true -> 1) or left to crash the tokenizer
+    for bad in ('{"input_len": 5, "output_len": 3.7}', '{"input_len": 5, "output_len": true}',
+                '{"input_len": 2.5, "output_len": 3}', '{"prompt": 5, "output_len": 3}'):
+        f.write_text(bad + "\n")
+        with pytest.raises(OffloadgenError, match="line 1"):
+            from_file(str(f), Tok(), 0, 300)
 
 
 def test_continuous_needs_fewer_passes_than_static_batches():

@@ -59,6 +59,13 @@ def synthetic(n: int, input_len: tuple[int, int], output_len: tuple[int, int], s
     return items
 
 
+def _whole(value, name: str) -> int:
+    """A token count as JSON writes it: a whole number (not 3.7, which int() would cut to 3, nor true)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"'{name}' must be a whole number, got {value!r}")
+    return value
+
+
 def from_file(path: str, tokenizer, seed: int, vocab_size: int) -> list[WorkItem]:
     """JSON lines with 'prompt' (text) or 'input_len' (random tokens), and 'output_len'."""
     rng, items = random.Random(seed), []
@@ -71,8 +78,11 @@ def from_file(path: str, tokenizer, seed: int, vocab_size: int) -> list[WorkItem
             continue
         try:
             rec = json.loads(line)
-            out = int(rec["output_len"])
-            ids = tokenizer.encode(rec["prompt"]) if "prompt" in rec else _random_ids(rng, int(rec["input_len"]), vocab_size)
+            out = _whole(rec["output_len"], "output_len")
+            if "prompt" in rec and not isinstance(rec["prompt"], str):
+                raise TypeError(f"'prompt' must be text, got {type(rec['prompt']).__name__}")
+            ids = tokenizer.encode(rec["prompt"]) if "prompt" in rec else \
+                _random_ids(rng, _whole(rec["input_len"], "input_len"), vocab_size)
         except (ValueError, KeyError, TypeError) as e:
             raise OffloadgenError(f"--workload {path}, line {n}: expected 'prompt' or 'input_len', and 'output_len' "
                                   f"({type(e).__name__}: {e})") from None
