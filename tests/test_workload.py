@@ -71,3 +71,15 @@ def test_a_workload_with_the_kv_cache_in_cpu_memory_records_where_passes_went():
     # 768 x 4 bytes per token of context
     read = r["kv_cpu_cache_read_bytes_per_pass"] * r["passes"]
     assert r["kv_cpu_attention_s_per_pass"] > 0 and read >= 2 * 12 * 768 * 4 * sum(len(it.prompt_ids) for it in items)
+
+
+@pytest.mark.parametrize("flags, needed", [(["--num-requests", "0"], "--num-requests must be at least 1; got 0"),
+                                           (["--prefill-chunk", "-1"], "--prefill-chunk must be at least 1; got -1"),
+                                           (["--compare-static", "--static-only"], "pick one")])
+def test_bench_workload_refuses_bad_flags_by_name(flags, needed, capsys):
+    from offloadgen.cli import main
+    # --num-requests 1 --output-len 1 keeps a run that is wrongly let through short
+    args = ["--num-requests", "1", "--input-len", "2", "--output-len", "1", *flags]
+    assert main(["bench", "--model", "opt-125m", "--dummy", "--device", "cpu", "--workload", "synthetic", *args,
+                 "--json-file", "/dev/null"]) == 2
+    assert needed in capsys.readouterr().err

@@ -54,6 +54,8 @@ def cmd_bench(args) -> int:
     workload = Workload(args.batch_size, args.prompt_len, args.gen_len, args.loops, args.num_nodes,
                         args.num_gpus_per_node, args.output_file, args.json_file, args.verbose)
     workload.check()  # refused here, before torchrun starts ranks that would each refuse it
+    if args.workload:
+        check_workload_flags(args)
     config = config_from_args(args).validate()
     if args.num_nodes * args.num_gpus_per_node > 1 and args.num_nodes == 1 and not distributed.launched():
         if args.workload and (args.compare_static or args.static_only):
@@ -67,3 +69,14 @@ def cmd_bench(args) -> int:
         return 0
     run_generation(config, workload)
     return 0
+
+
+def check_workload_flags(args) -> None:
+    """Refused before loading, naming the flag (the batcher's own check names max_prompt_len, and no
+    requests at all ended in a traceback)."""
+    from ..errors import OffloadgenError
+    for name in ("num_requests", "prefill_chunk"):
+        if getattr(args, name) < 1:
+            raise OffloadgenError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    if args.compare_static and args.static_only:
+        raise OffloadgenError("--compare-static runs both ways and --static-only static batches alone: pick one")
