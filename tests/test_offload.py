@@ -205,3 +205,12 @@ def test_auto_expert_streaming_falls_back_to_whole_layers_when_cpu_ram_cannot_ho
     assert "does not fit" not in auto and row[-3].endswith("*")  # whole layers chosen
     assert [line for line in off.splitlines() if line.startswith("    1")] == \
         [line for line in auto.splitlines() if line.startswith("    1")]
+
+
+def test_a_batch_of_one_that_does_not_fit_is_not_told_to_shrink_the_batch():
+    cfg = preset("opt-125m")
+    with pytest.raises(OffloadgenError, match="shorter --max-seq-len") as e:
+        plan_placement(cfg, 2, GiB // 8, 1, 1024, 1024)
+    assert "--batch-size" not in str(e.value)
+    with pytest.raises(OffloadgenError, match=r"smaller --batch-size \(e.g. 8\)"):
+        plan_placement(cfg, 2, GiB // 8, 16, 1024, 1024)

@@ -152,11 +152,12 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
         ring = slots * max(sizes.values())
         ends, ends_bytes = [], 0
     if fixed + ring > budget:
-        largest = max(1, batch // 2)
+        # batch 1 cannot be smaller: the sequence must be shorter instead
+        smaller = f"a smaller --batch-size (e.g. {batch // 2})" if batch > 1 else "a shorter --max-seq-len"
         raise OffloadgenError(
             f"batch {batch} does not fit a {budget / GiB:.1f} GiB GPU budget: KV cache {kv / GiB:.1f} GiB + "
             f"activations {act / GiB:.1f} GiB + {slots} layer buffers {ring / GiB:.1f} GiB = "
-            f"{(fixed + ring) / GiB:.1f} GiB. Try a smaller --batch-size (e.g. {largest}), a larger --gpu-memory, "
+            f"{(fixed + ring) / GiB:.1f} GiB. Try {smaller}, a larger --gpu-memory, "
             f"or --micro-batch-size to shrink activations" + ("" if not kv_on_gpu else ", or --kv-offload"))
     free = budget - fixed - ring - ends_bytes
     if pool_ranks > 1:
