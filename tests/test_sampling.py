@@ -60,3 +60,16 @@ def test_nan_and_infinite_sampling_values_are_refused(field):
     for bad in (float("nan"), float("inf")):
         with pytest.raises(OffloadgenError, match=f"{field} must be a finite number"):
             SamplingParams(**{field: bad})
+
+
+def test_bad_api_inputs_are_one_clear_error_not_a_crash_or_a_default():
+    from offloadgen.errors import OffloadgenError
+    for bad in (2.5, True, "3"):  # 2.5 ran as 3 tokens, True as 1
+        with pytest.raises(OffloadgenError, match="max_new_tokens must be a whole number"):
+            SamplingParams(max_new_tokens=bad)
+    llm = offloadgen.load("opt-125m", dummy=True, device="cpu", progress=False)
+    for bad in (None, 5, ["hi"]):  # the tokenizer raised AttributeError
+        with pytest.raises(OffloadgenError, match="prompt 0 must be a string"):
+            llm.generate([bad])
+    with pytest.raises(OffloadgenError, match="batch_size must be at least 1; got 0"):  # 0 ran with the default
+        llm.generate(["hi"], SamplingParams(max_new_tokens=1), batch_size=0)

@@ -27,6 +27,9 @@ class Completion:
 
 def encode_prompts(tokenizer, cfg, prompts: list[str], names: list | None = None) -> list[list[int]]:
     """Token ids of each prompt, refusing empty ones and ones that fill the whole context."""
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):  # the tokenizer would fail on it with an AttributeError
+            raise OffloadgenError(f"prompt {names[i] if names else i} must be a string; got {type(p).__name__}")
     encoded = [tokenizer.encode(p) for p in prompts]
     for i, ids in enumerate(encoded):
         name = names[i] if names else i
@@ -123,6 +126,8 @@ class LLM:
             return []
         if static:
             return self._generate_static(prompts, sampling)
+        if batch_size is not None and batch_size < 1:  # 0 would otherwise mean "the default"
+            raise OffloadgenError(f"batch_size must be at least 1; got {batch_size}")
         encoded = encode_prompts(self.tokenizer, self.cfg, prompts)
         slots = min(len(prompts), batch_size or (self.limits[0] if self.limits else len(prompts)))
         longest = max(len(ids) for ids in encoded)

@@ -20,6 +20,8 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks generate exactly max_new_tokens
 
     def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise OffloadgenError(f"max_new_tokens must be a whole number (got {self.max_new_tokens!r})")
         if self.max_new_tokens < 1:
             raise OffloadgenError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
         for name in ("temperature", "top_p"):
