@@ -235,3 +235,13 @@ def test_max_seq_len_limits_a_job_across_ranks_as_in_one_process(tmp_path, llm, 
     else:
         assert summary.errors == 1 and dealt == [2]
         assert "prompt has 20 tokens; sequences may have 16" in json.loads(dst.read_text())["error"]
+
+
+def test_a_line_whose_max_tokens_alone_exceeds_the_limit_is_told_so(tmp_path, llm):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"prompt": "x", "max_tokens": 100000}) + "\n" + json.dumps({"prompt": "ok"}) + "\n")
+    s = run_job(llm, src, dst, SamplingParams(max_new_tokens=2), batch_size=2, progress=False, max_seq_len=16)
+    rows = {r["line"]: r for r in map(json.loads, dst.read_text().splitlines())}
+    assert s.errors == 1 and rows[2]["tokens"] == 2
+    assert rows[1]["error"] == ("line 1: max_tokens 100000 leaves no room for a prompt: sequences may have 16 tokens "
+                                "(the model's context, or the --max-seq-len planned for)")

@@ -175,3 +175,11 @@ def test_kv_cache_defaults_differ_only_where_the_reference_says(capsys):
     assert (bench.kv_pinned(), bench.kv_async()) == (False, False)  # bench: the reference's defaults
     assert "off, as in the reference benchmark" in " ".join(parser._subparsers._group_actions[0].choices["bench"]
                                                             .format_help().split())
+
+
+def test_a_max_seq_len_beyond_the_context_is_refused_not_cut():
+    import offloadgen
+    with pytest.raises(OffloadgenError, match="--max-seq-len 99999 is beyond the model's context of 2048 tokens"):
+        offloadgen.load("opt-125m", dummy=True, device="cpu", progress=False, max_seq_len=99999)
+    llm = offloadgen.load("opt-125m", dummy=True, device="cpu", progress=False, max_seq_len=2048)
+    llm.close()

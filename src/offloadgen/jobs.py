@@ -212,6 +212,11 @@ def parse_input_line(text: str, n: int, tokenizer, max_context: int, max_new_tok
     if error:
         return JobItem(n, item_id, error=error)
     max_new_tokens = own.max_new_tokens if own else max_new_tokens
+    if max_new_tokens >= max_context:  # no prompt fits: the count of new tokens is what is wrong
+        what = "max_tokens" if isinstance(rec, dict) and "max_tokens" in rec else "--max-new-tokens"
+        return JobItem(n, item_id, error=f"line {n}: {what} {max_new_tokens} leaves no room for a prompt: sequences may "
+                                         f"have {max_context} tokens (the model's context, or the --max-seq-len "
+                                         "planned for)")
     if n_tokens + max(max_new_tokens, 1) > max_context:
         return JobItem(n, item_id, error=f"line {n}: prompt has {n_tokens} tokens; sequences may have {max_context} "
                                          "(the model's context, or the --max-seq-len planned for), "

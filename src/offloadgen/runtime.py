@@ -147,7 +147,11 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
 
 def check_model_settings(config: RunConfig, model_cfg) -> None:
     """Settings that are valid on their own but not for this model: a weight quantization group
-    that does not divide its rows, a KV group that fits neither its head size nor whole heads."""
+    that does not divide its rows, a KV group that fits neither its head size nor whole heads, a
+    --max-seq-len beyond the model's context (it was quietly cut to the context)."""
+    if config.max_seq_len and config.max_seq_len > model_cfg.max_position:
+        raise OffloadgenError(f"--max-seq-len {config.max_seq_len} is beyond the model's context of "
+                              f"{model_cfg.max_position} tokens")
     if config.quant_bits != 16:
         check_group_size(QuantConfig(config.quant_bits, config.quant_group_size), model_cfg)
     if config.kv_quant():
