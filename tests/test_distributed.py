@@ -117,3 +117,28 @@ def test_generate_under_torchrun_scatters_prompts_and_gathers_them_in_order(tmp_
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "2.jsonl").read_text() == (tmp_path / "1.jsonl").read_text()
     assert [json.loads(line)["id"] for line in (tmp_path / "2.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 4]
+
+
+def test_relaunch_exits_as_one_process_does_when_stopped_by_a_signal(monkeypatch):
+    """Ctrl-C reaches torchrun through the launcher, the ranks stop, torchrun exits 1: the launcher
+    says 130, as `generate` in one process does; a run that ends on its own keeps its code."""
+    import os
+    import signal
+
+    from offloadgen import distributed
+
+    class FakeTorchrun:
+        def __init__(self, *a, **k):
+            self.sent = []
+
+        def send_signal(self, signum):
+            self.sent.append(signum)
+
+        def wait(self):
+            if interrupt:
+                os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, in the main thread
+            return code
+
+    for interrupt, code, expected in ((True, 1, 130), (False, 1, 1), (False, 0, 0)):
+        monkeypatch.setattr(distributed.subprocess, "Popen", FakeTorchrun)
+        assert distributed.relaunch(["generate"], 2) == expected

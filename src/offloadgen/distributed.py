@@ -156,11 +156,18 @@ def relaunch(argv: list[str], nproc: int) -> int:
     # sends its ranks SIGTERM and waits for them (a job's ranks finish the requests in flight).
     # Without this the terminal's SIGINT would also end this process's wait, and kill torchrun.
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        proc.send_signal(signum)
     in_main = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
-        return proc.wait()
+        code = proc.wait()
+        # Stopped by a signal, the ranks exit 130/143 and torchrun calls that a failure (1): say
+        # what one process says, 128 + the signal, so that scripts see the same either way.
+        return 128 + received[0] if received and code != 0 else code
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
