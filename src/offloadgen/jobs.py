@@ -346,18 +346,24 @@ def _legacy_id(src: InputLine):
     return value if value is None or isinstance(value, (str, int, float, bool)) else json.dumps(value)
 
 
+def _pending_items(llm, job: Job, sampling: SamplingParams, max_seq_len: int | None):
+    """What a (resumed) job has left to answer, parsed against the length limit: the summary so
+    far, the items (bad lines carry their error), and that limit."""
+    if job.out.done:
+        print(f"offloadgen: {job.out.name}: {describe_resume(job.lines, job.out.done)}", file=sys.stderr)
+    todo = [src for src in job.lines if src.key not in job.out.done]
+    summary = JobSummary(total=len(job.lines), skipped=len(job.lines) - len(todo))
+    limit = min(context_limit(llm), max_seq_len or math.inf)
+    return summary, [job_item(src, llm.tokenizer, limit, sampling.max_new_tokens, sampling) for src in todo], limit
+
+
 def answer_job(llm, job: Job, sampling: SamplingParams, batch_size: int = 16, progress: bool = True,
                prefill_chunk: int = 512, output_format: str = "jsonl", max_seq_len: int | None = None) -> JobSummary:
     """Answer the job's lines that its output has no record for; with job.ordered, rewrite the
     output in input order once all are answered. A line longer than max_seq_len (prompt + its max
     tokens; the command's --max-seq-len, on any device) is that line's error, as one beyond the
     model's context is."""
-    if job.out.done:
-        print(f"offloadgen: {job.out.name}: {describe_resume(job.lines, job.out.done)}", file=sys.stderr)
-    todo = [src for src in job.lines if src.key not in job.out.done]
-    summary = JobSummary(total=len(job.lines), skipped=len(job.lines) - len(todo))
-    limit = min(context_limit(llm), max_seq_len or math.inf)
-    items = [job_item(src, llm.tokenizer, limit, sampling.max_new_tokens, sampling) for src in todo]
+    summary, items, limit = _pending_items(llm, job, sampling, max_seq_len)
     answer_items(llm, items, job.out, sampling, batch_size, summary, progress, prefill_chunk, output_format)
     if job.ordered and not summary.interrupted:
         job.out.rewrite_in_order({src.key: i for i, src in enumerate(job.lines)})
@@ -542,12 +548,7 @@ def _prepare_on_rank_0(llm, job: Job, sampling: SamplingParams, ranks: int, pref
     """Rank 0's part before the passes: what is left to answer, the bad lines' records written
     (a line longer than max_seq_len among them, as in one process), and the good lines dealt to
     the ranks by expected work."""
-    if job.out.done:
-        print(f"offloadgen: {job.out.name}: {describe_resume(job.lines, job.out.done)}", file=sys.stderr)
-    todo = [src for src in job.lines if src.key not in job.out.done]
-    summary = JobSummary(total=len(job.lines), skipped=len(job.lines) - len(todo))
-    limit = min(context_limit(llm), max_seq_len or math.inf)
-    items = [job_item(src, llm.tokenizer, limit, sampling.max_new_tokens, sampling) for src in todo]
+    summary, items, limit = _pending_items(llm, job, sampling, max_seq_len)
     bad = [it for it in items if it.error]
     job.out.append([error_record(it, output_format) for it in bad])
     summary.errors = len(bad)
