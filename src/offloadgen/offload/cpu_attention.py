@@ -241,7 +241,11 @@ def item_ranges(ends: np.ndarray, heads: int, n: int) -> tuple[np.ndarray, np.nd
         with_it = cum[np.minimum(at, items - 1)]
         cut = np.where(targets - before <= with_it - targets, at, at + 1)  # the nearer side of it
         bounds = np.maximum.accumulate(np.minimum(np.concatenate([[0], cut, [items]]), items))
-    top = np.array([work[a:b].max() if b > a else 0 for a, b in zip(bounds[:-1], bounds[1:])], np.int64)
+    # Runs on every layer of a pass: no Python loop. Non-empty ranges are contiguous, so each
+    # reduces up to the next one's start (the last one up to the end).
+    filled = bounds[1:] > bounds[:-1]
+    top = np.zeros(n, np.int64)
+    top[filled] = np.maximum.reduceat(work, bounds[:-1][filled])
     return bounds.astype(np.int64), top
 
 
