@@ -67,6 +67,9 @@ def main() -> int:
         kv = llm.engine.offloaded_cache
         stats = dict(kv.stats) if kv is not None else {}
         gpu_parts = sorted(kv.gpu_parts) if kv is not None else []
+        if kv is not None:
+            print(f"KV cache: {kv.nbytes / 1e9:.1f} GB in CPU RAM, {kv.pinned_bytes / 1e9:.1f} GB of it pinned; "
+                  f"split history {kv.split.history if kv.split else None}")
     if args.trace:
         prof.export_chrome_trace(args.trace)
     print(f"{args.steps} decode steps in {elapsed:.3f} s ({elapsed / args.steps:.3f} s a step); KV stats since start "

@@ -183,3 +183,40 @@ def test_a_max_seq_len_beyond_the_context_is_refused_not_cut():
         offloadgen.load("opt-125m", dummy=True, device="cpu", progress=False, max_seq_len=99999)
     llm = offloadgen.load("opt-125m", dummy=True, device="cpu", progress=False, max_seq_len=2048)
     llm.close()
+
+
+class _HandshakeCheckpoint(offloadgen.checkpoint.DummyCheckpoint):
+    """A tokenizer that finishes only once a weight has been read, and weights that refuse to be
+    read before the tokenizer has started: a builder that loads the two one after the other fails."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        import threading
+        self.tokenizer_started, self.weight_read = threading.Event(), threading.Event()
+
+    def tokenizer(self):
+        self.tokenizer_started.set()
+        assert self.weight_read.wait(timeout=30), "no weight was read while the tokenizer loaded"
+        return super().tokenizer()
+
+    def read_block(self, *args, **kwargs):
+        assert self.tokenizer_started.wait(timeout=30), "weights were read before the tokenizer started"
+        self.weight_read.set()
+        return super().read_block(*args, **kwargs)
+
+
+def test_the_tokenizer_loads_while_the_weights_do():
+    from offloadgen.models import preset
+    ckpt = _HandshakeCheckpoint(preset("opt-125m"))
+    rt = runtime.build_runtime(RunConfig(model="opt-125m", dummy=True, device="cpu", max_batch_size=1,
+                                         max_seq_len=16), checkpoint=ckpt)
+    try:
+        assert rt.tokenizer.encode("a") and ckpt.weight_read.is_set()
+    finally:
+        rt.close()
+
+
+def test_a_folder_without_tokenizer_files_is_refused_in_one_line(tiny):
+    folder = tiny("llama2-mha")[1]  # save_pretrained of a model writes no tokenizer
+    with pytest.raises(OffloadgenError, match="no tokenizer files"):
+        runtime.build_runtime(RunConfig(model=str(folder), device="cpu", max_batch_size=1, max_seq_len=16))

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -216,13 +217,23 @@ def build_runtime(config: RunConfig, world: World | None = None, checkpoint=None
     t_start = time.perf_counter()
     world = world or World()
     checkpoint = checkpoint or open_checkpoint(config.model, dummy=config.dummy)
-    tokenizer = tokenizer or checkpoint.tokenizer()
-    device = resolve_device(config, world)
-    plan = plan_run(config, checkpoint.cfg, device, world, h2d_bytes_s)
-    t_load = time.perf_counter()
-    weights = make_weights(plan, checkpoint)
-    engine = Engine(checkpoint.cfg, weights, device, plan.dtype, config.micro_batch_size, kv_offload=plan.kv,
-                    kv_quant=config.kv_quant())
+    # A tokenizer through transformers takes 4-10 s (mostly importing it), as long as a 13B model's
+    # weights take to come off the disk (issue 18): it loads in a thread while they do (their reads
+    # release the GIL). One without its files fails at once and is told before any weight is read.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
+    try:
+        pending = None if tokenizer is not None else pool.submit(checkpoint.tokenizer)
+        device = resolve_device(config, world)
+        plan = plan_run(config, checkpoint.cfg, device, world, h2d_bytes_s)
+        if pending is not None and pending.done():
+            pending.result()  # its error, now
+        t_load = time.perf_counter()
+        weights = make_weights(plan, checkpoint)
+        engine = Engine(checkpoint.cfg, weights, device, plan.dtype, config.micro_batch_size, kv_offload=plan.kv,
+                        kv_quant=config.kv_quant())
+        tokenizer = tokenizer if pending is None else pending.result()
+    finally:
+        pool.shutdown(wait=False)  # a refused plan is told without waiting for the tokenizer
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     now = time.perf_counter()

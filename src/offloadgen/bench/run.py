@@ -191,6 +191,7 @@ def _kv_record(rt: Runtime, timed: dict, gen_len: int) -> dict | None:
         model["cpu_read_bytes_s"] = cpu_read_bandwidth()
     return {**model, "attention": kv.attention, "pinned": kv.pinned, "async_write": kv.async_write,
             "gpu_parts": len(cache.gpu_parts), "parts": len(cache.parts), "host_bytes": cache.nbytes,
+            "pinned_bytes": cache.pinned_bytes, "split_history": cache.split.history if cache.split else None,
             "per_decode_step": decode, "zero_copy_output": zero_copy_used()}
 
 

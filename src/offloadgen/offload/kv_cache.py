@@ -204,6 +204,12 @@ class OffloadedKVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.k + self.v for t in layer)
 
+    @property
+    def pinned_bytes(self) -> int:
+        """What cudaHostRegister really locked: a copy from a buffer it refused is pageable, and
+        such a copy holds the host thread for its whole length, at a fraction of the bus."""
+        return sum(t.numel() * t.element_size() for t in self._registered)
+
     def layer(self, i: int, part: int, rows: slice) -> "OffloadedLayerKV":
         return OffloadedLayerKV(self, i, part, rows)
 
