@@ -3,18 +3,21 @@
 # (16 GiB, prompt 512, gen 32, weights in CPU RAM) at large batches with the KV cache in CPU RAM:
 # fp16 cache at batch 96, a 4-bit cache at the larger batch it allows, 4-bit weights with it.
 # Records and console go to $OUT (or ./out); the report comes last.
-#   bash benchmarks/large_batch.sh [kernel] [kv96] [kv96q8] [kvq4] [wq4kvq4] ...
+#   bash benchmarks/large_batch.sh [check] [kernel] [kv96] [kv96q8] [kvq4] [wq4kvq4] ...
+# BIG (default 256) is the batch of the 4-bit cache runs, MB (default 8) the micro-batch size.
+# "check": the Triton KV encoder and decoder, compiled, against PyTorch on this GPU (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${OUT:-out}"); mkdir -p "$out"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 bench="python3 -m offloadgen.cli bench --model facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --prompt-len 512 --gen-len 32 --loops ${LOOPS:-1} --verbose 1 --json-file $out/offloadgen.jsonl"
-kv="--kv-offload --pin-kv-cache --async-kv-offload --micro-batch-size 8"
+kv="--kv-offload --pin-kv-cache --async-kv-offload --micro-batch-size ${MB:-8}"
 big=${BIG:-256}
 free -g | head -2
 for what in "$@"; do
   echo "== $what $(date -u +%H:%M:%S)"
   case $what in
+    check) timeout 300 python3 tests/kv_quant_triton_check.py ;;
     kernel) timeout 300 python3 benchmarks/kv_cpu_attention.py 2>&1 | tee "$out/kv_cpu_attention.txt" ;;
     kv96) (cd "$out" && timeout 400 $bench $kv --batch-size 96) ;;
     kv96q8) (cd "$out" && timeout 400 $bench $kv --batch-size 96 --kv-quant-bits 8) ;;

@@ -265,11 +265,10 @@ class OffloadedKVCache:
         """A device buffer's slots [:end] as keys or values [rows, heads, end, dim] for SDPA."""
         return buf[:end].permute(1, 2, 0, 3) if self.quant is None else self.quant.dense(buf[:end], name)
 
-    def _write_back(self, i: int, j: int, k: torch.Tensor, v: torch.Tensor, start: int, end: int) -> None:
-        """New keys/values [rows, heads, t, dim] on the device -> host slots [start:end]."""
+    def _write_back(self, i: int, j: int, kt: torch.Tensor, vt: torch.Tensor, start: int, end: int) -> None:
+        """New keys/values in the host layout (_stored) on the device -> host slots [start:end]."""
         self._apply_deferred(i, j)  # older row writes first: they must not land over these
         hk, hv = self.k[i][j], self.v[i][j]
-        kt, vt = self._stored(k), self._stored(v)
         self.stats["d2h_cache_bytes"] += 2 * kt.numel() * kt.element_size()
         if not self.cuda:
             hk[start:end].copy_(kt)
@@ -468,17 +467,18 @@ class OffloadedKVCache:
         if step.write_slots is not None:
             return self._decode_rows_on_device(i, j, q, k, v, step, mask, scale)
         start, end = step.start, step.end
+        kt, vt = self._stored(k), self._stored(v)  # once: the device buffer and the host both take them
         if start == 0:
             self.prefetched.pop(j, None)  # a new sequence: whatever was fetched ahead is stale
             keys, values = k, v
         else:
             index = self._past_on_device(i, j, start)
             kb, vb = self._buffers(j)[index]
-            kb[start:end].copy_(self._stored(k))
-            vb[start:end].copy_(self._stored(v))
+            kb[start:end].copy_(kt)
+            vb[start:end].copy_(vt)
             keys, values = self._dense(kb, end, "k"), self._dense(vb, end, "v")
         out = sdpa(q, keys, values, mask, scale)
-        self._write_back(i, j, k, v, start, end)
+        self._write_back(i, j, kt, vt, start, end)
         if start > 0 and j in self.gpu_parts:
             # The next layer's cache (or, after the last layer, the next pass's first) comes in
             # while this one computes.

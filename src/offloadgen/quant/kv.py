@@ -57,7 +57,11 @@ class KVQuant:
         return self.codes_bytes + 4 * self.groups
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., kv_heads * head_dim] (any float dtype, any device) -> uint8 [..., row_bytes]."""
+        """x [..., kv_heads * head_dim] (any float dtype, any device) -> uint8 [..., row_bytes]. On
+        CUDA one Triton kernel (the same bytes); else PyTorch."""
+        if x.is_cuda:
+            from .triton_kv import encode_cuda
+            return encode_cuda(self, x)
         lead = x.shape[:-1]
         qt = quantize(x.reshape(-1, self.features), QuantConfig(self.bits, self.group_size))
         row = torch.cat([qt.packed, qt.scale.view(torch.uint8), qt.min.view(torch.uint8)], dim=-1)
