@@ -14,6 +14,7 @@ import torch
 from .errors import OffloadgenError
 from .models import blocks, family_of
 from .models.layers import StepInputs
+from .offload.cpu_side import CpuSide, cpu_side_batches
 from .offload.kv_cache import KVCache, KVOffload, OffloadedKVCache
 from .offload.weights import WeightSource
 from .sampling import SamplingParams, sample
@@ -46,6 +47,7 @@ class Engine:
         self.kv_offload = kv_offload
         self.kv_quant = kv_quant  # (bits, group size) of the cache on the device; KVOffload has its own
         self.offloaded_cache: OffloadedKVCache | None = None  # kept between generations: pinning is slow
+        self.cpu_side: CpuSide | None = None  # made on the first pass that has CPU-attended micro-batches
         self.family = family_of(cfg)
         self.weights = weights
         self.device = torch.device(device)
@@ -77,6 +79,9 @@ class Engine:
         return self.offloaded_cache
 
     def close(self) -> None:
+        if self.cpu_side is not None:
+            self.cpu_side.close()
+            self.cpu_side = None
         if self.offloaded_cache is not None:
             self.offloaded_cache.close()
             self.offloaded_cache = None
@@ -111,19 +116,40 @@ class Engine:
         block = w.get("embed")
         hidden = [fam.embed(cfg, block, mb.ids, mb.step) for mb in batches]
         w.done("embed")
+        first = next((mb for mb in batches if mb.part == 0), None)
+        if first is not None and isinstance(cache, OffloadedKVCache):
+            cache.begin_pass(first.step)  # the CPU/GPU attention split for this pass
+        on_cpu = cpu_side_batches(batches, cache) if self._cpu_side_for(cache) else []
+        on_gpu = [j for j in range(len(batches)) if j not in on_cpu]
         for i in range(cfg.n_layers):
             block = w.get(i)
             if hasattr(fam, "pre_experts") and "router" in block:
                 hidden = self._moe_layer(i, block, batches, hidden, cache)
+                w.done(i)
+                continue
+
+            def run(j, i=i, block=block):
+                mb = batches[j]
+                return fam.layer(cfg, block, hidden[j], mb.step, cache.layer(i, mb.part, mb.rows))
+            if on_cpu:
+                self.cpu_side.run_layer(on_cpu, on_gpu, hidden, run)
             else:
                 # In list order: a continuous batch puts its decode micro-batches before prompt chunks.
-                for j, mb in enumerate(batches):
-                    hidden[j] = fam.layer(cfg, block, hidden[j], mb.step, cache.layer(i, mb.part, mb.rows))
+                for j in range(len(batches)):
+                    hidden[j] = run(j)
             w.done(i)
         block = w.get("head")
         logits = [fam.head(cfg, block, h[:, -1:]) if mb.logits else None for h, mb in zip(hidden, batches)]
         w.done("head")
         return logits
+
+    def _cpu_side_for(self, cache) -> bool:
+        """Whether CPU-attended micro-batches get a thread of their own (offload/cpu_side.py)."""
+        if not (isinstance(cache, OffloadedKVCache) and cache.cuda and cache.opts.overlap):
+            return False
+        if self.cpu_side is None:
+            self.cpu_side = CpuSide(self.device)
+        return True
 
     def _moe_layer(self, i: int, block: dict, batches: list[MicroBatch], hidden: list, cache) -> list:
         """An MoE layer in two halves: attention and routing for every micro-batch, then the experts

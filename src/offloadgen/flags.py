@@ -100,6 +100,9 @@ def add_kv_flags(p, reference_defaults: bool = False) -> None:
          help=f"with --kv-offload: write the cache back on a side stream ({default})")
     flag(g, "--kv-attention", default="auto", choices=list(KV_ATTENTION),
          help="with --kv-offload: where decode attention runs (auto: split by the step model, corrected as it runs)")
+    flag(g, "--kv-overlap", action=argparse.BooleanOptionalAction, default=True,
+         help="with --kv-offload: attend on the CPU in a thread of its own while the GPU's micro-batches are "
+              "issued (default on; --no-kv-overlap runs both on one thread, one after the other)")
     flag(g, "--kv-quant-bits", type=int, default=16, choices=[4, 8, 16],
          help="keep keys and values group-wise quantized, on the GPU or in CPU RAM (16 = none): a 3-4x larger batch")
     flag(g, "--kv-quant-group-size", type=int, default=64, help="values per quantization group of the KV cache")
@@ -130,7 +133,7 @@ def config_from_args(args, **planned) -> RunConfig:
         gpu_memory=args.gpu_memory, pin_memory=bool(args.pin_memory), prefetch_depth=args.prefetch_depth,
         micro_batch_size=args.micro_batch_size, quant_bits=args.quant_bits, quant_group_size=args.quant_group_size,
         kv_offload=args.kv_offload, pin_kv_cache=args.pin_kv_cache, async_kv_offload=args.async_kv_offload,
-        kv_attention=args.kv_attention, kv_quant_bits=args.kv_quant_bits,
+        kv_attention=args.kv_attention, kv_overlap=args.kv_overlap, kv_quant_bits=args.kv_quant_bits,
         kv_quant_group_size=args.kv_quant_group_size, weight_fetch=args.weight_fetch,
         expert_streaming=args.expert_streaming)
     return RunConfig(**{**settings, **planned})

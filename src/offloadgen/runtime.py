@@ -101,7 +101,7 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
     prompt_len = min(config.max_prompt_len or max_len, max_len)
     kv_bits = config.kv_quant() or (None, 64)
     kv = KVOffload(pinned=config.kv_pinned(), async_write=config.kv_async(), attention=config.kv_attention,
-                   quant_bits=kv_bits[0], quant_group_size=kv_bits[1]) if config.kv_offload else None
+                   overlap=config.kv_overlap, quant_bits=kv_bits[0], quant_group_size=kv_bits[1]) if config.kv_offload else None
     plan = RunPlan(config, model_cfg, device, dtype, quant, None, None, max_len, prompt_len, kv, world=world)
     if device.type != "cuda":
         if config.cpu_offload and not config.disk_offload:

@@ -171,8 +171,13 @@ def _timed_generations(rt: Runtime, input_ids, mask, w: Workload, world) -> dict
         sync()
         distributed.barrier(world)
         t0 = time.perf_counter()
+        token_times = marks["token_times"] = []  # when each token's pass ended, as the host saw it
+
+        def on_token(i):
+            token_times.append(time.perf_counter())
+            bar.update()
         result = engine.generate(input_ids, mask, params, set(), min(rt.tokenizer.eos_token_ids),
-                                 on_prefill=on_prefill, on_token=lambda i: bar.update())
+                                 on_prefill=on_prefill, on_token=on_token)
         sync()
         totals.append(time.perf_counter() - t0)
         bar.close()
@@ -192,6 +197,7 @@ def _kv_record(rt: Runtime, timed: dict, gen_len: int) -> dict | None:
     return {**model, "attention": kv.attention, "pinned": kv.pinned, "async_write": kv.async_write,
             "gpu_parts": len(cache.gpu_parts), "parts": len(cache.parts), "host_bytes": cache.nbytes,
             "pinned_bytes": cache.pinned_bytes, "split_history": cache.split.history if cache.split else None,
+            "overlap": kv.overlap, "cpu_side_layers": rt.engine.cpu_side.layers if rt.engine.cpu_side else 0,
             "per_decode_step": decode, "zero_copy_output": zero_copy_used()}
 
 
@@ -250,6 +256,7 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, bandwidth, 
         "startup_s": rt.timings["startup_s"], "weights_load_s": rt.timings["weights_load_s"],
         "kv_cache_alloc_s": rt.timings.get("kv_cache_alloc_s"), **_prefill_rate(rt, w, m),
         "weights_timings": rt.weights.timings, "all_totals_s": timed["totals"], "all_prefills_s": timed["prefills"],
+        "decode_steps_s": [round(b - a, 4) for a, b in zip(timed["marks"]["token_times"], timed["marks"]["token_times"][1:])],
         "log_file": str(log_path), "kv": kv_record, "world_size": plan.world.size, "weight_fetch": run.weight_fetch,
         "per_rank": per_rank, "disk_offload": run.disk_offload, "disk": disk_record,
         "experts": _expert_record(rt, timed, w.gen_len, m),

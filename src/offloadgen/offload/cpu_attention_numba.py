@@ -360,7 +360,7 @@ def _values(v, layout, shape, s0, s1, i0, i1, row32, sc, acc, acc_at):
                 b, h = b + 1, 0
 
 
-@njit(parallel=True, fastmath=FAST, cache=True)
+@njit(parallel=True, fastmath=FAST, cache=True, nogil=True)
 def attend(q, qsum, k, v, layout, shape, end, bias, item_bounds, item_ends, part_m, part_l, part_acc, scores, rows32):
     """q [B, Hkv, R, D] float32, already scaled (in kernel order for a 4-bit cache); qsum
     [B, Hkv, R, D / piece] the sums of q's pieces of a quantization group (empty for a dense
@@ -396,7 +396,7 @@ def attend(q, qsum, k, v, layout, shape, end, bias, item_bounds, item_ends, part
         _values(v, layout, shape, s0, s1, i0, i1, rows32[w], scores[w], part_acc, c * pairs * dim)
 
 
-@njit(parallel=True, fastmath=FAST, cache=True)
+@njit(parallel=True, fastmath=FAST, cache=True, nogil=True)
 def merge(part_m, part_l, part_acc, out, dim, order):
     """Combine the slot ranges' partial results ([slot ranges, pairs] and [..., D], flat) into out
     [pairs * D] float32, where a pair is one (row, kv head, query). order: empty, or for a 4-bit
@@ -427,7 +427,7 @@ def merge(part_m, part_l, part_acc, out, dim, order):
             out[o + d] /= total
 
 
-@njit(fastmath=FAST, cache=True)
+@njit(fastmath=FAST, cache=True, nogil=True)
 def quant_query(q, dim, seg, order, q_out, sums):
     """For a quantized cache, q [pairs * D] as the kernel reads it: in kernel order (order: empty,
     or the position in kernel order of each element of a head) into q_out, and the sums of its

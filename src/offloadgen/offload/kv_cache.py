@@ -26,6 +26,7 @@ next reads or rewrites that layer and part (_apply_deferred), by when the copy h
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass
 
@@ -129,6 +130,7 @@ class KVOffload:
     max_gpu_parts: int | None = None  # the most the split may move to the GPU; None: SPLIT_HEADROOM more
     quant_bits: int | None = None  # 4 or 8: keys and values stored quantized (quant/kv.py); None: dtype
     quant_group_size: int = 64
+    overlap: bool = True  # CPU-attended micro-batches in a thread and stream of their own (offload/cpu_side.py)
 
     def __post_init__(self):
         if self.attention not in ("auto", "cpu", "gpu"):
@@ -196,6 +198,7 @@ class OffloadedKVCache:
         self.row_stage: dict[tuple[int, int], tuple] = {}  # pinned buffers for rows' past slots, and their last use
         self._row_reads = (-1, 0)  # (layer, reads so far in it): picks a staging buffer
         self.stats = dict(cpu_attention_s=0.0, wait_for_gpu_s=0.0, cpu_cache_read_bytes=0, h2d_cache_bytes=0, d2h_cache_bytes=0)
+        self._stats_lock = threading.Lock()  # CPU-attended micro-batches count from their own thread (cpu_side)
         adaptive = self.cuda and opts.attention == "auto" and opts.adaptive
         self.split = SplitController(len(parts), n_gpu, opts.most_gpu_parts(len(parts))) if adaptive else None
         self._mark = None  # (time, stats) at the start of the last decode pass
@@ -203,6 +206,15 @@ class OffloadedKVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.k + self.v for t in layer)
+
+    def _count(self, name: str, amount) -> None:
+        with self._stats_lock:
+            self.stats[name] += amount
+
+    def attends_on_cpu(self, part: int, rows: slice | None, step) -> bool:
+        """Whether this micro-batch's attention runs on the CPU in this pass (after begin_pass)."""
+        whole = self.parts[part]
+        return step.length == 1 and (rows is None or rows == whole) and part not in self.gpu_parts
 
     @property
     def pinned_bytes(self) -> int:
@@ -233,8 +245,9 @@ class OffloadedKVCache:
         return self.parts == parts and self.max_len >= max_len and self.opts == opts
 
     def begin_pass(self, step) -> None:
-        """At the start of every pass: between two decode steps, the last one's times go to the
-        split controller and its answer applies to this one. Prefills say nothing about decode."""
+        """At the start of every pass (the engine calls it, with the step of part 0 when the pass
+        has it): between two decode steps, the last one's times go to the split controller and its
+        answer applies to this one. Prefills say nothing about decode."""
         if self.split is None:
             return
         now = time.perf_counter()
@@ -269,7 +282,7 @@ class OffloadedKVCache:
         """New keys/values in the host layout (_stored) on the device -> host slots [start:end]."""
         self._apply_deferred(i, j)  # older row writes first: they must not land over these
         hk, hv = self.k[i][j], self.v[i][j]
-        self.stats["d2h_cache_bytes"] += 2 * kt.numel() * kt.element_size()
+        self._count("d2h_cache_bytes", 2 * kt.numel() * kt.element_size())
         if not self.cuda:
             hk[start:end].copy_(kt)
             hv[start:end].copy_(vt)
@@ -314,7 +327,7 @@ class OffloadedKVCache:
         with torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext():
             copy_in_chunks(kb[:upto], self.k[i][j][:upto])
             copy_in_chunks(vb[:upto], self.v[i][j][:upto])
-        self.stats["h2d_cache_bytes"] += 2 * kb[:upto].numel() * kb.element_size()
+        self._count("h2d_cache_bytes", 2 * kb[:upto].numel() * kb.element_size())
 
     def _past_on_device(self, i: int, j: int, upto: int) -> int:
         """Index of the device buffer that holds layer i's slots [:upto] for part j."""
@@ -344,7 +357,7 @@ class OffloadedKVCache:
     def _defer(self, i: int, j: int, k_new: torch.Tensor, v_new: torch.Tensor, put, rows: set) -> None:
         """Write new keys/values (device tensors) into host slots of `rows` of part j: put(k, v)
         does it with host tensors; on the CPU now, from the GPU later, from pinned staging."""
-        self.stats["d2h_cache_bytes"] += 2 * k_new.numel() * k_new.element_size()
+        self._count("d2h_cache_bytes", 2 * k_new.numel() * k_new.element_size())
         if not self.cuda:
             put(k_new, v_new)
             return
@@ -397,7 +410,7 @@ class OffloadedKVCache:
             event.synchronize()
         self._apply_deferred(i, j, set(range(local.start, local.stop)))
         src = (self.k[i][j][:upto, local], self.v[i][j][:upto, local])
-        self.stats["h2d_cache_bytes"] += 2 * src[0].numel() * src[0].element_size()
+        self._count("h2d_cache_bytes", 2 * src[0].numel() * src[0].element_size())
         if not self.cuda:
             return tuple(self._dense(t, upto, name).clone() for t, name in zip(src, "kv"))
         # Buffers by turns, reused two layers on, once the kernel that read them is done.
@@ -509,7 +522,7 @@ class OffloadedKVCache:
             arrived.record(torch.cuda.current_stream(self.device))
             t0 = time.perf_counter()
             arrived.synchronize()
-            self.stats["wait_for_gpu_s"] += time.perf_counter() - t0
+            self._count("wait_for_gpu_s", time.perf_counter() - t0)
         else:
             q_host = q
             if not own_slots:
@@ -519,7 +532,7 @@ class OffloadedKVCache:
             rows = torch.arange(k.shape[0])
             hk[write_slots_host(step), rows] = k_new
             hv[write_slots_host(step), rows] = v_new
-        self.stats["d2h_cache_bytes"] += 2 * kt.numel() * kt.element_size()
+        self._count("d2h_cache_bytes", 2 * kt.numel() * kt.element_size())
         # One bias per mask and pass: layers may use different masks (Gemma 3's sliding and global)
         biases = step.extras.setdefault("cpu_biases", {})
         bias = biases.get(id(mask))
@@ -527,8 +540,8 @@ class OffloadedKVCache:
             bias = biases[id(mask)] = bias_from_mask(mask, end)
         t0 = time.perf_counter()
         out = cpu_attend(q_host, hk, hv, end, bias, scale, quant=self.codec)
-        self.stats["cpu_attention_s"] += time.perf_counter() - t0
-        self.stats["cpu_cache_read_bytes"] += 2 * hk[:end].numel() * hk.element_size()
+        self._count("cpu_attention_s", time.perf_counter() - t0)
+        self._count("cpu_cache_read_bytes", 2 * hk[:end].numel() * hk.element_size())
         if not self.cuda:
             return out
         out_host = self._pinned_like(j, "out", out)
@@ -550,13 +563,11 @@ class OffloadedLayerKV:
 
     def attend(self, q, k, v, step, mask, scale=None) -> torch.Tensor:
         c = self.cache
-        if self.i == 0 and self.part == 0:
-            c.begin_pass(step)
         whole = c.parts[self.part]
         if self.rows is not None and self.rows != whole:  # some rows of the part: a prompt chunk
             local = slice(self.rows.start - whole.start, self.rows.stop - whole.start)
             return c.attend_rows(self.i, self.part, local, q, k, v, step, mask, scale)
-        if step.length == 1 and self.part not in c.gpu_parts:
+        if c.attends_on_cpu(self.part, self.rows, step):
             return c.attend_on_cpu(self.i, self.part, q, k, v, step, mask, scale)
         return c.attend_on_device(self.i, self.part, q, k, v, step, mask, scale)
 
