@@ -14,11 +14,15 @@ from offloadgen.errors import OffloadgenError
 PEERS = Path(__file__).resolve().parent.parent / "benchmarks" / "peers"
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"peers_{name}", PEERS / f"{name}.py")
+def _load(name, folder=PEERS):
+    spec = importlib.util.spec_from_file_location(f"peers_{name}", folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_benchmark(name):
+    return _load(name, PEERS.parent)
 
 
 common = _load("common")
@@ -110,3 +114,51 @@ def test_peers_refuse_text_prompts_by_line(tmp_path):
     path.write_text('{"input_len": 4, "output_len": 2}\n{"prompt": "hello", "output_len": 2}\n')
     with pytest.raises(OffloadgenError, match="line 2.*input_len' lines only"):
         common.load_job(str(path), "opt-125m", seed=0)
+
+
+def test_a_transformers_peer_runs_every_batch_to_its_longest_output(tmp_path):
+    """DeepSpeed's and Accelerate's path (common.hf_job), on a tiny random OPT on the CPU made to
+    prefer EOS: only min_new_tokens holds each batch to its longest request."""
+    import argparse
+    import transformers
+    cfg = transformers.OPTConfig(hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                                 vocab_size=50272, max_position_embeddings=64, word_embed_proj_dim=16)
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(cfg).eval()
+
+    def eos_first(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., 2] += 1e4
+        return logits
+    model.lm_head.register_forward_hook(eos_first)
+    job = tmp_path / "job.jsonl"
+    job.write_text("".join(json.dumps({"input_len": p, "output_len": o}) + "\n" for p, o in [(9, 3), (2, 7), (5, 1)]))
+    args = argparse.Namespace(model="opt-125m", workload=str(job), workload_seed=0, json_file=str(tmp_path / "r.jsonl"))
+    items = common.load_job(str(job), args.model, args.workload_seed)
+    rec = common.hf_job("tiny", args, model, items, 2, device="cpu")
+    assert rec["kind"] == "workload" and rec["system"] == "tiny" and rec["batches"] == 2
+    assert rec["output_tokens"] == 11 and rec["prompt_tokens"] == 16 and rec["generated_tokens"] == 2 * 7 + 3
+    assert json.loads((tmp_path / "r.jsonl").read_text()) == rec
+
+
+def test_job_table_compares_the_latest_run_of_each_system(tmp_path):
+    table = _load_benchmark("job_table")
+    job = {"requests": 3, "prompt_tokens": 18, "output_tokens": 12, "requested_output_tokens": 12}
+    ours = {"system": "offloadgen", "kind": "workload", "workload": "w.jsonl", "slots": 32, **job,
+            "elapsed_s": 2.0, "output_throughput": 6.0, "total_throughput": 15.0, "passes": 9,
+            "peak_gpu_mem_bytes": 7 << 30}
+    old_ds = {"system": "DeepSpeed", "kind": "workload", "workload": "w.jsonl", "batch_size": 14, **job,
+              "elapsed_s": 1.0, "output_throughput": 12.0, "total_throughput": 30.0, "passes": 9}
+    ds = {**old_ds, "elapsed_s": 4.0, "output_throughput": 3.0, "total_throughput": 7.5, "peak_gpu_mem_bytes": 9 << 30}
+    other_job = {**ds, "workload": "other.jsonl", "output_throughput": 1.0}
+    fg = {"system": "FlexGen", "kind": "workload", "workload": "w.jsonl", "batch_size": 14, "error": "OOM"}
+    fixed = {"system": "FlexGen", "batch_size": 8, "decode_throughput": 5.0}  # a fixed-batch record: not a job
+    (tmp_path / "a.jsonl").write_text(json.dumps(ours) + "\n")
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (old_ds, ds, other_job, fg, fixed)))
+    recs = table.read([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], "w.jsonl")
+    text = table.table(recs, budget_gib=8)
+    rows = {line.split()[0]: line for line in text.splitlines()[1:]}
+    assert "2.00x" in rows["DeepSpeed"] and "9.00!" in rows["DeepSpeed"]  # the later run, over the budget
+    assert "7.00!" not in rows["offloadgen"] and "failed: OOM" in rows["FlexGen"]
+    assert "NOT THE SAME JOB" not in text
+    assert "NOT THE SAME JOB" in table.table(recs + [{**ds, "system": "X", "output_tokens": 99}], budget_gib=8)

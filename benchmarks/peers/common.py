@@ -229,3 +229,23 @@ def job_failure(system, args, batch_size, exc: BaseException, json_file="peers.j
     with open(json_file, "a") as f:
         f.write(json.dumps(rec) + "\n")
     return rec
+
+
+def hf_job(system, args, model, items, batch_size, extra=None, device="cuda", **generate_kw) -> dict:
+    """A job through a transformers model's generate (DeepSpeed's engine.module, Accelerate's
+    dispatched model): a warm-up batch of one token, then the static batches on one clock, each
+    left-padded with OPT's pad id 1 and held to the batch's longest output (min_new_tokens)."""
+    def generate_batch(batch):
+        ids, mask, gen_len = padded_batch(batch, pad_id=1)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=gen_len,
+                                 min_new_tokens=gen_len, do_sample=False, pad_token_id=1, **generate_kw)
+        return out.shape[1] - ids.shape[1]
+
+    on_gpu = torch.device(device).type == "cuda"
+    generate_batch(warmup_batch(batch_size))
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    batches, elapsed = time_job(items, batch_size, generate_batch)
+    peak = torch.cuda.max_memory_allocated() if on_gpu else None
+    return job_record(system, args, batch_size, batches, elapsed, peak, extra, args.json_file)

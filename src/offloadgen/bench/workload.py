@@ -315,7 +315,10 @@ def cmd_workload(args, out=None) -> dict | None:
               "output_len": args.output_len, "workload_seed": args.workload_seed, "kv_offload": args.kv_offload,
               "quant_bits": args.quant_bits, "gpu_budget_bytes": args.gpu_memory, "startup_s": startup,
               "weight_fetch": args.weight_fetch, "world_size": world.size,
-              "device": torch.cuda.get_device_name() if llm.device.type == "cuda" else "cpu", **record}
+              "device": torch.cuda.get_device_name() if llm.device.type == "cuda" else "cpu",
+              # the process's peak (start-up included), as the peers record theirs against the same budget
+              "peak_gpu_mem_bytes": torch.cuda.max_memory_allocated(llm.device) if llm.device.type == "cuda" else None,
+              **record}
     print(summary(record), file=out or sys.stdout)
     path = Path(args.json_file or f"workload-{Path(args.model).name}-slots{args.batch_size}.jsonl")
     with open(path, "a") as f:
