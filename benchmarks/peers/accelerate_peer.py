@@ -6,6 +6,10 @@ as the others, the GPU's max_memory is the budget less the KV cache of the whole
 1 GiB of activations, unless --weights-memory says otherwise.
 
     python benchmarks/peers/accelerate_peer.py --model opt-30b --batch-size 8 --gpu-memory 16GiB
+    python benchmarks/peers/accelerate_peer.py --model opt-13b --batch-size 8 --gpu-memory 8GiB --workload job.jsonl
+
+With --workload FILE the whole job runs as static batches (common.hf_job); the KV cache left out
+of max_memory is then the one of the job's longest request, in every row.
 """
 import sys
 import time
@@ -13,9 +17,10 @@ import time
 import torch
 
 sys.path.insert(0, "benchmarks/peers")
-from common import hf_opt_config, inputs, parser, record, require, record_failure, time_generate  # noqa: E402
+from common import (hf_job, hf_opt_config, inputs, job_failure, load_job, parser, record, require,  # noqa: E402
+                    record_failure, time_generate)
 
-from offloadgen.bench.cli import parse_bytes  # noqa: E402
+from offloadgen.config import parse_bytes  # noqa: E402
 from offloadgen.checkpoint.dummy import fill_dummy  # noqa: E402
 from offloadgen.models import preset  # noqa: E402
 from offloadgen.offload.placement import kv_cache_bytes  # noqa: E402
@@ -24,7 +29,9 @@ p = parser(loops=1)
 p.add_argument("--weights-memory", type=parse_bytes, default=None,
                help="max_memory for the GPU (default: the budget less the KV cache and 1 GiB)")
 a = p.parse_args()
-kv = kv_cache_bytes(preset(a.model), a.batch_size, a.prompt_len + a.gen_len, 2)
+items = load_job(a.workload, a.model, a.workload_seed) if a.workload else None
+seq_len = max(len(it.prompt_ids) + it.output_len for it in items) if items else a.prompt_len + a.gen_len
+kv = kv_cache_bytes(preset(a.model), a.batch_size, seq_len, 2)
 weights_memory = a.weights_memory if a.weights_memory is not None else a.gpu_memory - kv - (1 << 30)
 if weights_memory <= 0:
     sys.exit(f"accelerate peer: batch {a.batch_size}'s KV cache ({kv / 2**30:.1f} GiB) leaves nothing of the "
@@ -46,14 +53,20 @@ try:
                                        no_split_module_classes=["OPTDecoderLayer"])
     model = dispatch_model(model, device_map=device_map).eval()
     ready = time.perf_counter() - t0
+    placed = {"startup_s": ready, "max_memory_gpu_bytes": weights_memory,
+              "modules_on_gpu": sum(1 for v in device_map.values() if v == 0)}
+    if items:
+        hf_job(system, a, model, items, a.batch_size, placed)
+        sys.exit(0)
     ids, mask = inputs(a.batch_size, a.prompt_len)
     with torch.no_grad():
         out, totals, prefills = time_generate(model, lambda: model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=a.gen_len, min_new_tokens=a.gen_len,
             do_sample=False, pad_token_id=1), a.loops)
     assert out.shape[1] == a.prompt_len + a.gen_len
-    record(system, a, prefills[-1], totals[-1], torch.cuda.max_memory_allocated(),
-           {"startup_s": ready, "max_memory_gpu_bytes": weights_memory,
-            "modules_on_gpu": sum(1 for v in device_map.values() if v == 0)}, a.json_file)
+    record(system, a, prefills[-1], totals[-1], torch.cuda.max_memory_allocated(), placed, a.json_file)
 except Exception as e:
-    record_failure(system, a, e, a.json_file)
+    if items:
+        job_failure(system, a, a.batch_size, e, a.json_file)
+    else:
+        record_failure(system, a, e, a.json_file)

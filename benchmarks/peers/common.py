@@ -1,4 +1,6 @@
-"""What every peer script shares: the workload, the reference's timing, and the JSON record."""
+"""What every peer script shares: the workload, the reference's timing, and the JSON record; and
+a whole job (a workload file) run as static batches, formed and counted as offloadgen's own
+static mode (bench/workload.run_static) does."""
 import json
 import sys
 import time
@@ -40,7 +42,15 @@ def parser(loops: int = 1, several_batches: bool = False):
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--loops", type=int, default=loops)
     p.add_argument("--json-file", default="peers.jsonl")
+    add_job_flags(p)
     return p
+
+
+def add_job_flags(p) -> None:
+    p.add_argument("--workload", default=None, metavar="FILE",
+                   help="a job: JSON lines with 'input_len' and 'output_len' (make_workload.py writes one), run as "
+                        "static batches of --batch-size; --prompt-len, --gen-len and --loops are then unused")
+    p.add_argument("--workload-seed", type=int, default=0, help="draws the prompts' tokens, as offloadgen's flag does")
 
 
 def with_batch(args, batch: int):
@@ -115,3 +125,127 @@ def record_failure(system, args, exc: BaseException, json_file="peers.jsonl"):
     print(json.dumps(rec))
     with open(json_file, "a") as f:
         f.write(json.dumps(rec) + "\n")
+
+
+# --- A job as static batches -------------------------------------------------------------------
+# offloadgen runs a job file continuously, or as static batches with --compare-static; a peer can
+# only run static batches. These form the same batches (workload.static_batches: sorted by prompt
+# length, batch_size at a time), pad each as a peer needs (left, to the batch's longest prompt;
+# every row generates the batch's longest output, EOS ignored on dummy weights) and count only what
+# each request asked for: its prompt and its own output_len, as run_static counts them.
+
+
+class _NoTokenizer:
+    def encode(self, text):
+        raise TypeError("the peers take 'input_len' lines only (a 'prompt' as text needs the model's tokenizer)")
+
+
+def load_job(path: str, model: str, seed: int) -> list:
+    """The requests of a workload file, with the prompt tokens offloadgen draws for it (same seed)."""
+    from offloadgen.bench.workload import from_file
+    return from_file(path, _NoTokenizer(), seed, preset(model).vocab_size)
+
+
+def job_batches(items: list, batch_size: int) -> list:
+    from offloadgen.bench.workload import static_batches
+    return static_batches(items, batch_size)
+
+
+def padded_batch(batch: list, pad_id: int, rows: int = 0):
+    """One static batch as a peer takes it: prompts left-padded with pad_id to the longest (mask 0
+    on the padding), and the number of tokens every row generates (the longest output asked for).
+    rows > len(batch) adds filler rows (copies of the last request) for a peer whose batch size is
+    fixed when it is built (FlexGen); they are generated and never counted."""
+    width = max(len(it.prompt_ids) for it in batch)
+    n = max(rows, len(batch))
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for r in range(n):
+        prompt = batch[min(r, len(batch) - 1)].prompt_ids
+        ids[r, width - len(prompt):] = torch.tensor(prompt)
+        mask[r, width - len(prompt):] = 1
+    return ids, mask, max(it.output_len for it in batch)
+
+
+def warmup_batch(batch_size: int, prompt_len: int = 32) -> list:
+    """A tiny batch (one new token) to run before the clock starts, as FlexGen's own benchmark warms up."""
+    from offloadgen.bench.workload import WorkItem
+    return [WorkItem([4 + r] * prompt_len, 1) for r in range(batch_size)]
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def time_job(items: list, batch_size: int, generate_batch, clock=time.perf_counter) -> tuple:
+    """Every static batch through generate_batch(batch) -> new tokens each row got, on one clock
+    (started after a device sync, stopped after the last batch's), as run_static times its own.
+    A batch that stopped before its longest output (EOS honoured on real weights, say) is an error:
+    the accounting below assumes every request got what it asked for."""
+    batches = job_batches(items, batch_size)
+    _sync()
+    t0 = clock()
+    for batch in batches:
+        got, wanted = generate_batch(batch), max(it.output_len for it in batch)
+        if got < wanted:
+            raise RuntimeError(f"a batch generated {got} new tokens where its longest request asked for {wanted}")
+    _sync()
+    return batches, clock() - t0
+
+
+def job_figures(batches: list, elapsed: float, batch_size: int) -> dict:
+    """The job's figures under the names offloadgen's workload record uses. output_tokens is what
+    the requests asked for (each its own output_len), not the padded rows' tokens, which are kept
+    apart as generated_tokens (rows x the batch's longest output, filler rows left out)."""
+    reqs = [it for b in batches for it in b]
+    prompt = sum(len(it.prompt_ids) for it in reqs)
+    output = sum(it.output_len for it in reqs)
+    return {"requests": len(reqs), "prompt_tokens": prompt, "requested_output_tokens": output,
+            "output_tokens": output, "elapsed_s": elapsed, "requests_per_s": len(reqs) / elapsed,
+            "output_throughput": output / elapsed, "total_throughput": (prompt + output) / elapsed,
+            "batch_size": batch_size, "batches": len(batches),
+            "passes": sum(max(it.output_len for it in b) for b in batches),
+            "padded_prompt_tokens": sum(len(b) * max(len(it.prompt_ids) for it in b) for b in batches),
+            "generated_tokens": sum(len(b) * max(it.output_len for it in b) for b in batches)}
+
+
+def job_record(system, args, batch_size, batches, elapsed, peak, extra=None, json_file="peers.jsonl") -> dict:
+    rec = {"system": system, "kind": "workload", "model": args.model, "workload": args.workload,
+           "workload_seed": args.workload_seed, "gpu_budget_bytes": getattr(args, "gpu_memory", None),
+           "quant_bits": getattr(args, "quant_bits", 16), **job_figures(batches, elapsed, batch_size),
+           "peak_gpu_mem_bytes": peak, **(extra or {})}
+    print(json.dumps(rec))
+    with open(json_file, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    return rec
+
+
+def job_failure(system, args, batch_size, exc: BaseException, json_file="peers.jsonl") -> dict:
+    rec = {"system": system, "kind": "workload", "model": args.model, "workload": args.workload,
+           "batch_size": batch_size, "error": f"{type(exc).__name__}: {exc}"[:2000],
+           "traceback_tail": traceback.format_exc()[-1500:]}
+    print(json.dumps(rec))
+    with open(json_file, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    return rec
+
+
+def hf_job(system, args, model, items, batch_size, extra=None, device="cuda", **generate_kw) -> dict:
+    """A job through a transformers model's generate (DeepSpeed's engine.module, Accelerate's
+    dispatched model): a warm-up batch of one token, then the static batches on one clock, each
+    left-padded with OPT's pad id 1 and held to the batch's longest output (min_new_tokens)."""
+    def generate_batch(batch):
+        ids, mask, gen_len = padded_batch(batch, pad_id=1)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=gen_len,
+                                 min_new_tokens=gen_len, do_sample=False, pad_token_id=1, **generate_kw)
+        return out.shape[1] - ids.shape[1]
+
+    on_gpu = torch.device(device).type == "cuda"
+    generate_batch(warmup_batch(batch_size))
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    batches, elapsed = time_job(items, batch_size, generate_batch)
+    peak = torch.cuda.max_memory_allocated() if on_gpu else None
+    return job_record(system, args, batch_size, batches, elapsed, peak, extra, args.json_file)

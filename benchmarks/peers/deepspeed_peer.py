@@ -2,8 +2,10 @@
 memory, configured as its run_model.py does (HfDeepSpeedConfig, from_config, deepspeed.initialize),
 with its 4-bit weights (`weight_quantization.quantized_initialization`) when --quant-bits 4.
 Several batch sizes run on one engine, one record each (the engine takes 40 s to build).
+With --workload FILE each batch size runs the whole job as static batches (common.hf_job).
 
     python benchmarks/peers/deepspeed_peer.py --model opt-30b --batch-size 8 20 [--quant-bits 4]
+    python benchmarks/peers/deepspeed_peer.py --model opt-13b --batch-size 16 --workload job.jsonl
 """
 import contextlib
 import os
@@ -13,7 +15,8 @@ import time
 import torch
 
 sys.path.insert(0, "benchmarks/peers")
-from common import hf_opt_config, inputs, parser, record, require, record_failure, time_generate, with_batch  # noqa: E402
+from common import (hf_job, hf_opt_config, inputs, job_failure, load_job, parser, record, require,  # noqa: E402
+                    record_failure, time_generate, with_batch)
 
 p = parser(loops=2, several_batches=True)
 p.add_argument("--quant-bits", type=int, default=16, choices=[4, 8, 16])
@@ -59,6 +62,7 @@ def skip_weight_init():
 
 
 try:
+    items = load_job(a.workload, a.model, a.workload_seed) if a.workload else None  # a bad file fails before the engine
     if a.kv_offload and not hasattr(transformers.OPTForCausalLM, "set_kv_cache_offload"):
         # run_model.py calls model.set_kv_cache_offload(...), which exists only in the transformers
         # fork ZeRO-Inference pins; say so before spending a minute building the engine.
@@ -85,10 +89,21 @@ try:
         print(f"{len(quantized)} weights quantized to {a.quant_bits} bits", flush=True)
 except Exception as e:
     for batch in a.batch_size:
-        record_failure(system, with_batch(a, batch), e, a.json_file)
+        if a.workload:
+            job_failure(system, a, batch, e, a.json_file)
+        else:
+            record_failure(system, with_batch(a, batch), e, a.json_file)
     sys.exit(0)
 
-for batch in a.batch_size:
+for batch in a.batch_size if a.workload else []:
+    try:
+        hf_job(system, a, model, items, batch, {"startup_s": ready}, synced_gpus=False)
+    except Exception as e:
+        job_failure(system, a, batch, e, a.json_file)
+    finally:
+        torch.cuda.empty_cache()
+
+for batch in [] if a.workload else a.batch_size:
     run = with_batch(a, batch)
     try:
         torch.cuda.reset_peak_memory_stats()

@@ -1,7 +1,14 @@
 """FlexGen on the bench workload: `python -m flexgen.flex_opt --path _DUMMY_` with a placement
 policy, its own timers (the same formulas as the reference), parsed from its log lines.
 
+With --workload FILE, a whole job as static batches (common.time_job): FlexGen's OptLM is built
+once, as flex_opt's run_flexgen builds it (same Policy, dummy weights, one warm-up generate of one
+token), and its generate runs each batch with that batch's prompt length and longest output.
+FlexGen's batch size is fixed when the model is built, so a last batch with fewer requests gets
+filler rows (copies of its last request); they are generated and never counted.
+
     python benchmarks/peers/flexgen_peer.py --model opt-30b --batch-size 8 --percent 0 100 100 0 100 0
+    python benchmarks/peers/flexgen_peer.py --model opt-13b --batch-size 12 --workload job.jsonl
 """
 import argparse
 import importlib.util
@@ -11,7 +18,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_job_flags  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", default="opt-30b")
@@ -25,6 +36,7 @@ p.add_argument("--compress-weight", action="store_true", help="FlexGen's 4-bit g
 p.add_argument("--gpu-memory", type=float, default=16,
                help="GiB: the budget the comparison holds it to (FlexGen takes none; its policy decides)")
 p.add_argument("--json-file", default="peers.jsonl")
+add_job_flags(p)
 a = p.parse_args()
 if importlib.util.find_spec("flexgen") is None:
     print("flexgen peer: flexgen is not installed; skipped", file=sys.stderr)
@@ -33,6 +45,53 @@ if importlib.util.find_spec("flexgen") is None:
 here = Path(__file__).resolve().parent
 work = Path(tempfile.mkdtemp(prefix="flexgen-"))
 name = f"facebook/{a.model.split('/')[-1]}"
+system = f"FlexGen percent {'/'.join(map(str, a.percent))}" + (" cpu-attn" if a.cpu_cache_compute else "")
+
+
+def flexgen_job():
+    """The job through one OptLM, built with run_flexgen's Policy (its flag defaults: overlap,
+    sep_layer, pin_weight on; attention sparsity 1; 4-bit groups of 64 along dim 0 if compressed)."""
+    import torch
+    from common import job_record, load_job, padded_batch, time_job, warmup_batch
+    from flexgen.flex_opt import OptLM, Policy, get_opt_config  # importing flex_opt fixes FlexGen's import cycle
+    from flexgen.compression import CompressionConfig
+    from flexgen.pytorch_backend import TorchDevice, TorchDisk, TorchMixedDevice
+    from flexgen.utils import ExecutionEnv
+    items = load_job(a.workload, a.model, a.workload_seed)
+    gpu, cpu, disk = TorchDevice("cuda:0"), TorchDevice("cpu"), TorchDisk(str(work / "offload"))
+    env = ExecutionEnv(gpu=gpu, cpu=cpu, disk=disk, mixed=TorchMixedDevice([gpu, cpu, disk]))
+    policy = Policy(a.batch_size, 1, *a.percent, True, True, True, a.cpu_cache_compute, 1.0,
+                    a.compress_weight, CompressionConfig(num_bits=4, group_size=64, group_dim=0, symmetric=False),
+                    False, CompressionConfig(num_bits=4, group_size=64, group_dim=2, symmetric=False))
+    try:
+        t0 = time.perf_counter()
+        model = OptLM(get_opt_config(name), env, "_DUMMY_", policy)
+        ready = time.perf_counter() - t0
+
+        def generate_batch(batch):
+            ids, _, gen_len = padded_batch(batch, pad_id=1, rows=a.batch_size)  # FlexGen masks its pad id, 1
+            out = model.generate(ids.numpy(), max_new_tokens=gen_len)
+            return out.shape[1] - ids.shape[1]
+
+        generate_batch(warmup_batch(a.batch_size))
+        torch.cuda.reset_peak_memory_stats()
+        batches, elapsed = time_job(items, a.batch_size, generate_batch)
+        job_record(system, a, a.batch_size, batches, elapsed, torch.cuda.max_memory_allocated(),
+                   {"percent": a.percent, "quant_bits": 4 if a.compress_weight else 16, "startup_s": ready,
+                    "gpu_budget_bytes": int(a.gpu_memory * 2**30),
+                    "filler_rows": sum(a.batch_size - len(b) for b in batches)}, a.json_file)
+    finally:
+        env.close_copy_threads()
+
+
+if a.workload:
+    from common import job_failure
+    try:
+        flexgen_job()
+    except Exception as e:
+        job_failure(system, a, a.batch_size, e, a.json_file)
+    sys.exit(0)
+
 shutil.copytree(here / "opt-tokenizer-standin", work / name)  # FlexGen loads this name from its cwd
 cmd = [sys.executable, "-m", "flexgen.flex_opt", "--model", name, "--path", "_DUMMY_", "--percent",
        *map(str, a.percent), "--gpu-batch-size", str(a.batch_size), "--num-gpu-batches", "1",
@@ -43,7 +102,6 @@ if a.compress_weight:
     cmd.append("--compress-weight")
 proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
 text = proc.stdout + proc.stderr
-system = f"FlexGen percent {'/'.join(map(str, a.percent))}" + (" cpu-attn" if a.cpu_cache_compute else "")
 
 
 def grab(key):

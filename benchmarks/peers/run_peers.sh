@@ -6,8 +6,13 @@
 # quantizer kernel on first use (nvcc and ninja, a minute or two).
 #   bash benchmarks/peers/run_peers.sh [flexgen8] [flexgen18] [flexgen12] [flexgen8q4] [flexgen18q4]
 #                                      [ds] [dsq4] [dskv] [accelerate8] [accelerate16]
+#   JOB=job.jsonl bash benchmarks/peers/run_peers.sh [dsjob] [flexgenjob] [acceleratejob]
 # Batch 18 (FlexGen) and 20 (DeepSpeed) are the largest their measured peaks allow in 16 GiB:
 # FlexGen 7.5 GiB at 8 plus 0.70 GiB a sequence; DeepSpeed 6.3 GiB at 8 plus 0.74 GiB a sequence.
+# A whole job (issue 16) as static batches: dsjob, flexgenjob, acceleratejob run the workload file
+# $JOB (make_workload.py writes one) on $JOB_MODEL (facebook/opt-13b) at batch $DS_BATCH /
+# $FG_BATCH / $ACC_BATCH (14 / 14 / 8), budget $BUDGET_GIB (8), records in $out/job.jsonl;
+# benchmarks/job_vs_peers.sh runs them against offloadgen's continuous batcher.
 set -uo pipefail
 out=${OUT:-out}; mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -24,7 +29,9 @@ j=$out/peers.jsonl
 fg="python3 benchmarks/peers/flexgen_peer.py --json-file $j"
 ds="python3 benchmarks/peers/deepspeed_peer.py --json-file $j"
 acc="python3 benchmarks/peers/accelerate_peer.py --gpu-memory 16GiB --json-file $j"
-for what in "${@:-flexgen8 flexgen18 ds}"; do
+job="--model ${JOB_MODEL:-facebook/opt-13b} --workload ${JOB:-job.jsonl} --workload-seed ${JOB_SEED:-0} --json-file $out/job.jsonl"
+budget=${BUDGET_GIB:-8}
+for what in ${@:-flexgen8 flexgen18 ds}; do
   echo "== $what $(date -u +%H:%M:%S)"
   case $what in
     flexgen8) $fg --batch-size 8 --percent 0 100 100 0 100 0 ;;
@@ -37,7 +44,11 @@ for what in "${@:-flexgen8 flexgen18 ds}"; do
     dskv) $ds --batch-size 8 --kv-offload ;;
     accelerate8) $acc --batch-size 8 ;;
     accelerate16) $acc --batch-size 16 ;;
+    dsjob) python3 benchmarks/peers/deepspeed_peer.py $job --gpu-memory "${budget}GiB" --batch-size ${DS_BATCH:-14} ;;
+    flexgenjob) python3 benchmarks/peers/flexgen_peer.py $job --gpu-memory "$budget" --batch-size ${FG_BATCH:-14} \
+                  --percent 0 100 100 0 100 0 ;;
+    acceleratejob) python3 benchmarks/peers/accelerate_peer.py $job --gpu-memory "${budget}GiB" --batch-size ${ACC_BATCH:-8} ;;
     *) echo "run_peers.sh: no step named $what" >&2 ;;
   esac
 done
-[ -n "${PEERS_NO_REPORT:-}" ] || python3 -m offloadgen.cli report $j
+[ -n "${PEERS_NO_REPORT:-}" ] || [ ! -f "$j" ] || python3 -m offloadgen.cli report $j

@@ -170,14 +170,21 @@ def combine_ranks(per_rank: list[dict]) -> dict:
     return out
 
 
+def static_batches(items: list[WorkItem], slots: int) -> list[list[WorkItem]]:
+    """The static batches of a job: requests sorted by prompt length (a stable sort: equal lengths
+    keep their order), `slots` at a time, the last batch holding what is left. The peers'
+    job runs (benchmarks/peers/common.py) form theirs with this too, so both run the same batches."""
+    order = sorted(items, key=lambda it: len(it.prompt_ids))
+    return [order[i:i + slots] for i in range(0, len(order), slots)]
+
+
 def run_static(llm, items: list[WorkItem], slots: int, ignore_eos: bool, part: tuple[int, int] = (1, 1)) -> dict:
     """Today's static batches: sorted by prompt length, `slots` at a time, left-padded; a batch
     runs until its longest row ends (rows that are done idle). The cache is made once, before the
     clock starts, as large as the largest batch needs, so only the batching differs. part (k, n):
     only the k-th of n runs of consecutive batches (a long job in several processes; sum them)."""
     engine, tok = llm.engine, llm.tokenizer
-    order = sorted(items, key=lambda it: len(it.prompt_ids))
-    batches = [order[i:i + slots] for i in range(0, len(order), slots)]
+    batches = static_batches(items, slots)
     k, n = part
     batches = batches[(k - 1) * len(batches) // n:k * len(batches) // n]
     if engine.kv_offload is not None:  # the offloaded cache is kept and reused by later batches
@@ -308,7 +315,10 @@ def cmd_workload(args, out=None) -> dict | None:
               "output_len": args.output_len, "workload_seed": args.workload_seed, "kv_offload": args.kv_offload,
               "quant_bits": args.quant_bits, "gpu_budget_bytes": args.gpu_memory, "startup_s": startup,
               "weight_fetch": args.weight_fetch, "world_size": world.size,
-              "device": torch.cuda.get_device_name() if llm.device.type == "cuda" else "cpu", **record}
+              "device": torch.cuda.get_device_name() if llm.device.type == "cuda" else "cpu",
+              # the process's peak (start-up included), as the peers record theirs against the same budget
+              "peak_gpu_mem_bytes": torch.cuda.max_memory_allocated(llm.device) if llm.device.type == "cuda" else None,
+              **record}
     print(summary(record), file=out or sys.stdout)
     path = Path(args.json_file or f"workload-{Path(args.model).name}-slots{args.batch_size}.jsonl")
     with open(path, "a") as f:
