@@ -1,5 +1,5 @@
 """CPU attention in a thread of its own (--kv-overlap, offload/cpu_side.py) against one thread
-(--no-kv-overlap), on one loaded model in one process, so that the two differ in nothing else:
+(the default, --no-kv-overlap), on one loaded model in one process, so that the two differ in nothing else:
 the same weights, cache, pinned memory and machine minutes apart. Each variant runs one generation
 from the same start of the CPU/GPU split (the plan's); the table is printed last.
 

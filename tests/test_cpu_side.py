@@ -56,7 +56,7 @@ def test_the_cpu_side_thread_gives_one_threads_tokens(tiny, variant, threads_see
     assert threads_seen["cpu"] == {"MainThread"}
     threads_seen["cpu"].clear()
     threads_seen["device"].clear()
-    out, engine = generate(path, KVOffload(gpu_fraction=0.5))
+    out, engine = generate(path, KVOffload(gpu_fraction=0.5, overlap=True))
     assert out.tokens == alone.tokens
     torch.testing.assert_close(out.last_logits, alone.last_logits, rtol=1e-6, atol=1e-6)
     # decode attention on the CPU ran in the worker, the device's here; prefills all attend on the device
@@ -82,7 +82,7 @@ def test_an_error_in_the_cpu_side_comes_out_of_generate(tiny, threads_seen, monk
     ckpt = SafetensorsFolder(path)
     ids, mask = ragged_batch(seed=5)
     engine = Engine(ckpt.cfg, ResidentWeights(ckpt, CPU, torch.float32, progress=False), CPU, torch.float32, 2,
-                    kv_offload=KVOffload(gpu_fraction=0.5))
+                    kv_offload=KVOffload(gpu_fraction=0.5, overlap=True))
     params = SamplingParams(max_new_tokens=4, ignore_eos=True)
     with pytest.raises(RuntimeError, match="attention failed in the worker"):
         engine.generate(ids, mask, params, set(), 0)

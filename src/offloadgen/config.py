@@ -46,7 +46,7 @@ class RunConfig:
     pin_kv_cache: bool | None = None  # None: the command's default (on for generate, off for bench)
     async_kv_offload: bool | None = None  # likewise
     kv_attention: str = "auto"  # with kv_offload: where decode attention runs
-    kv_overlap: bool = True  # with kv_offload on a GPU: CPU attention in a thread of its own (offload/cpu_side.py)
+    kv_overlap: bool = False  # with kv_offload on a GPU: CPU attention in a thread of its own (offload/cpu_side.py)
     kv_quant_bits: int = 16  # 4 or 8: keys and values kept group-wise quantized (quant/kv.py); 16: none
     kv_quant_group_size: int = 64
     # -- what the GPU memory is planned for ------------------------------------------------------------

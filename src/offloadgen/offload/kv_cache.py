@@ -130,7 +130,7 @@ class KVOffload:
     max_gpu_parts: int | None = None  # the most the split may move to the GPU; None: SPLIT_HEADROOM more
     quant_bits: int | None = None  # 4 or 8: keys and values stored quantized (quant/kv.py); None: dtype
     quant_group_size: int = 64
-    overlap: bool = True  # CPU-attended micro-batches in a thread and stream of their own (offload/cpu_side.py)
+    overlap: bool = False  # CPU-attended micro-batches in a thread and stream of their own (offload/cpu_side.py)
 
     def __post_init__(self):
         if self.attention not in ("auto", "cpu", "gpu"):
