@@ -41,9 +41,9 @@ def one_generation(llm, ids, gen_len: int, overlap: bool, first_split: int) -> d
         marks["stats"] = dict(engine.offloaded_cache.stats)
     engine.generate(ids, torch.ones_like(ids), SamplingParams(max_new_tokens=gen_len, ignore_eos=True), set(), 0,
                     on_prefill=on_prefill, on_token=lambda i: times.append(time.perf_counter()))
-    torch.cuda.synchronize()
-    times.append(time.perf_counter())
-    steps = [b - a for a, b in zip(times[:-1], times[1:])][1:]  # after the first token's pass
+    # times[k]: when the host had token k, after pass k (pass 0 the prefill). The first decode
+    # pass is left out as a warm-up.
+    steps = [b - a for a, b in zip(times[:-1], times[1:])][1:]
     cache = engine.offloaded_cache
     per = {k: (cache.stats[k] - marks["stats"][k]) / len(steps) for k in cache.stats}
     return {"overlap": overlap, "batch": ids.shape[0], "decode_tok_s": ids.shape[0] * len(steps) / sum(steps),

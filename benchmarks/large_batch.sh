@@ -5,10 +5,13 @@
 # Records and console go to $OUT (or ./out); the report comes last.
 #   bash benchmarks/large_batch.sh [check] [kernel] [kv96] [kv96q8] [kvq4] [wq4kvq4] ...
 # BIG (default 256) is the batch of the 4-bit cache runs, MB (default 8) the micro-batch size.
-# "check": the Triton KV encoder and decoder, compiled, against PyTorch on this GPU (seconds).
+# "check": the Triton KV encoder, decoder and decode attention, compiled, against PyTorch on this GPU (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${OUT:-out}"); mkdir -p "$out"
+# The console goes to $OUT as it comes: a call cut at its time limit still brings it back.
+exec > >(tee -a "$out/console.log") 2>&1
+step_limit=${STEP_TIMEOUT:-500}  # seconds per step; keep the steps of one call under its limit
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 bench="python3 -m offloadgen.cli bench --model facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --prompt-len 512 --gen-len 32 --loops ${LOOPS:-1} --verbose 1 --json-file $out/offloadgen.jsonl"
 kv="--kv-offload --pin-kv-cache --async-kv-offload --micro-batch-size ${MB:-8}"
@@ -19,10 +22,10 @@ for what in "$@"; do
   case $what in
     check) timeout 300 python3 tests/kv_quant_triton_check.py ;;
     kernel) timeout 300 python3 benchmarks/kv_cpu_attention.py 2>&1 | tee "$out/kv_cpu_attention.txt" ;;
-    kv96) (cd "$out" && timeout 400 $bench $kv --batch-size 96) ;;
-    kv96q8) (cd "$out" && timeout 400 $bench $kv --batch-size 96 --kv-quant-bits 8) ;;
-    kvq4) (cd "$out" && timeout 500 $bench $kv --batch-size "$big" --kv-quant-bits 4) ;;
-    wq4kvq4) (cd "$out" && timeout 500 $bench $kv --batch-size "$big" --kv-quant-bits 4 --quant-bits 4) ;;
+    kv96) (cd "$out" && timeout $step_limit $bench $kv --batch-size 96) ;;
+    kv96q8) (cd "$out" && timeout $step_limit $bench $kv --batch-size 96 --kv-quant-bits 8) ;;
+    kvq4) (cd "$out" && timeout $step_limit $bench $kv --batch-size "$big" --kv-quant-bits 4) ;;
+    wq4kvq4) (cd "$out" && timeout $step_limit $bench $kv --batch-size "$big" --kv-quant-bits 4 --quant-bits 4) ;;
   esac
 done
 python3 -m offloadgen.cli report "$out"

@@ -7,8 +7,8 @@
    them is still cached) and measures the disk's cold read bandwidth on the same files: one
    thread reading sequentially, and 8 threads reading 16 MiB pieces; the better one is "the disk".
 3. In a fresh subprocess per load (so peak RSS, VmHWM, is this load's alone), after evicting again:
-   - fp16: the path `offloadgen generate FOLDER` takes (open the folder, its tokenizer, plan,
-     load), weights in CPU RAM streamed to a GPU with a 16 GiB budget (--gpu-memory), or all
+   - fp16: the path `offloadgen generate FOLDER` takes (open the folder, plan, load the weights
+     and, in a thread meanwhile, the tokenizer), weights in CPU RAM streamed to a GPU with a 16 GiB budget (--gpu-memory), or all
      on the CPU where there is no GPU; timed to ready-to-generate, then one short generation.
    - 4-bit, first: quantizes and writes the quantized-block cache (OFFLOADGEN_CACHE).
    - 4-bit, second: reads the cache (evicted first), the goal's case.
@@ -223,13 +223,15 @@ def child(spec: dict) -> dict:
     t0 = time.perf_counter()
     checkpoint = open_checkpoint(config.model)
     t_open = time.perf_counter()
-    tokenizer = checkpoint.tokenizer()
-    t_tokenizer = time.perf_counter()
     before_weights = status_bytes("VmRSS")
-    llm = load(config=config, checkpoint=checkpoint, tokenizer=tokenizer)
+    # As generate: the tokenizer is left to the builder, which loads it while the weights load
+    # (since 2026-11-26 evening; before, one after the other). "tokenizer_s" is then the rest of
+    # the load beyond opening and the weights, which is what it still costs.
+    llm = load(config=config, checkpoint=checkpoint)
     load_s = time.perf_counter() - t0
-    out = {"load_s": load_s, "open_s": t_open - t0, "tokenizer_s": t_tokenizer - t_open,
-           "weights_s": time.perf_counter() - t_tokenizer, "peak_rss": status_bytes("VmHWM"),
+    weights_s = llm.runtime.timings.get("weights_load_s", load_s - (t_open - t0))
+    out = {"load_s": load_s, "open_s": t_open - t0, "tokenizer_s": max(0.0, load_s - (t_open - t0) - weights_s),
+           "weights_s": weights_s, "peak_rss": status_bytes("VmHWM"),
            "rss": status_bytes("VmRSS"), "rss_anon": status_bytes("RssAnon"), "rss_file": status_bytes("RssFile"),
            "baseline_rss": baseline, "rss_before_weights": before_weights,
            "bytes_read": getattr(safetensors_io, "bytes_read", lambda: 0)() or checkpoint_bytes(checkpoint),

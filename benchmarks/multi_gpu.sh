@@ -6,6 +6,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${OUT:-out}"); mkdir -p "$out"
+# The console goes to $OUT as it comes: a call cut at its time limit still brings it back.
+exec > >(tee -a "$out/console.log") 2>&1
+step_limit=${STEP_TIMEOUT:-600}  # seconds per step; keep the steps of one call under its limit
 # NVLink multicast stays off on shared hosts (see src/offloadgen/distributed.py)
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 n=${GPUS:-$(nvidia-smi -L | wc -l)}  # GPUS=2 with CUDA_VISIBLE_DEVICES=0,1 uses two of them
@@ -16,12 +19,12 @@ for what in "$@"; do
   echo "== $what $(date -u +%H:%M:%S)"
   case $what in
     probe) timeout 300 python3 benchmarks/link_probe.py ;;
-    one) (cd "$out" && timeout 600 $bench --batch-size 8) ;;
-    whole) (cd "$out" && timeout 600 $bench $many --weight-fetch whole) ;;
-    allgather) (cd "$out" && timeout 600 $bench $many --weight-fetch allgather) ;;
-    pool) (cd "$out" && timeout 600 $bench $many --weight-fetch pool) ;;
-    poolq4) (cd "$out" && timeout 600 $bench $many --weight-fetch pool --quant-bits 4) ;;
-    poolkv) (cd "$out" && timeout 600 $bench --num-gpus-per-node $n --batch-size $((64 * n)) --weight-fetch pool \
+    one) (cd "$out" && timeout $step_limit $bench --batch-size 8) ;;
+    whole) (cd "$out" && timeout $step_limit $bench $many --weight-fetch whole) ;;
+    allgather) (cd "$out" && timeout $step_limit $bench $many --weight-fetch allgather) ;;
+    pool) (cd "$out" && timeout $step_limit $bench $many --weight-fetch pool) ;;
+    poolq4) (cd "$out" && timeout $step_limit $bench $many --weight-fetch pool --quant-bits 4) ;;
+    poolkv) (cd "$out" && timeout $step_limit $bench --num-gpus-per-node $n --batch-size $((64 * n)) --weight-fetch pool \
                --kv-offload --micro-batch-size 8) ;;
   esac
 done

@@ -10,6 +10,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${OUT:-out}"); mkdir -p "$out"
+# The console goes to $OUT as it comes: a call cut at its time limit still brings it back.
+exec > >(tee -a "$out/console.log") 2>&1
+step_limit=${STEP_TIMEOUT:-400}  # seconds per step; keep the steps of one call under its limit
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 n=${GPUS:-$(nvidia-smi -L | wc -l)}
 per=${REQUESTS_PER_GPU:-24}
@@ -18,8 +21,8 @@ bench="python3 -m offloadgen.cli bench --model facebook/opt-30b --dummy --cpu-of
 for what in "$@"; do
   echo "== $what $(date -u +%H:%M:%S)"
   case $what in
-    one) (cd "$out" && timeout 400 $bench --batch-size 8 --num-requests $per) ;;
-    allgather|whole|pool) (cd "$out" && timeout 400 $bench --batch-size $((8 * n)) --num-requests $((per * n)) \
+    one) (cd "$out" && timeout $step_limit $bench --batch-size 8 --num-requests $per) ;;
+    allgather|whole|pool) (cd "$out" && timeout $step_limit $bench --batch-size $((8 * n)) --num-requests $((per * n)) \
                              --num-gpus-per-node $n --weight-fetch $what) ;;
   esac
 done

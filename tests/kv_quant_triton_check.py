@@ -42,4 +42,46 @@ for bits in (4, 8):
         k = x.to(torch.float16).view(4, 3, heads, dim).permute(1, 0, 2, 3)
         assert torch.equal(triton_kv.encode_cuda(codec, k.to(DEV).reshape(3, 4, -1)).cpu(),
                            codec.encode(k.reshape(3, 4, -1)))
+
+# Decode attention straight from the quantized cache, against attention in float64 over the
+# decoded cache: MHA and grouped heads, head sizes that are not powers of two, slots hidden by the
+# mask, a per-head additive mask (ALiBi's kind), strided columns of a slot-major cache.
+def reference(q, k, v, mask, scale):
+    b, h, _, d = q.shape
+    h_kv = k.shape[2]
+    keys, values = k.permute(1, 2, 0, 3).double(), v.permute(1, 2, 0, 3).double()
+    qg = q.double().reshape(b, h_kv, h // h_kv, d)
+    scores = qg @ keys.transpose(-1, -2) * scale + mask.double()
+    return (scores.softmax(-1) @ values).reshape(b, h, 1, d)
+
+
+for bits in (4, 8):
+    for heads, kv_heads, dim, group, end, per_head in [(4, 4, 16, 16, 37, False), (8, 2, 32, 32, 70, True),
+                                                      (6, 3, 24, 8, 33, False), (2, 1, 64, 64, 5, True)]:
+        codec = KVQuant(bits, group, kv_heads, dim)
+        g = torch.Generator().manual_seed(bits * 100 + heads + end)
+        b = 3
+        k = torch.randn(end, b, kv_heads, dim, generator=g)
+        v = torch.randn(end, b, kv_heads, dim, generator=g)
+        cache_k = torch.zeros(end + 4, b + 2, codec.row_bytes, dtype=torch.uint8)
+        cache_v = torch.zeros_like(cache_k)
+        cache_k[:end, 1:b + 1] = codec.encode(k.reshape(end, b, -1))
+        cache_v[:end, 1:b + 1] = codec.encode(v.reshape(end, b, -1))
+        k_rows, v_rows = cache_k[:end, 1:b + 1], cache_v[:end, 1:b + 1]
+        q = torch.randn(b, heads, 1, dim, generator=g)
+        group_q = heads // kv_heads
+        mask = torch.zeros(b, kv_heads if per_head else 1, group_q, end)
+        if per_head:  # a different slope per kv head
+            mask += torch.arange(end) * -0.05 * (1 + torch.arange(mask.shape[1]))[None, :, None, None]
+        mask[0, ..., : end // 3] = float("-inf")  # row 0 is left-padded
+        scale = dim ** -0.5
+        dk = codec.decode(k_rows, torch.float32).view(end, b, kv_heads, dim)
+        dv = codec.decode(v_rows, torch.float32).view(end, b, kv_heads, dim)
+        ref = reference(q, dk, dv, mask, scale)
+        for dtype in (torch.float32, torch.float16):
+            out = triton_kv.attend_cuda(codec, q.to(DEV, dtype), k_rows.to(DEV), v_rows.to(DEV),
+                                        mask.to(DEV, dtype), scale).cpu().double()
+            tol = 1e-4 if dtype == torch.float32 else 3e-3
+            err = (out - ref).abs().max().item()
+            assert err <= tol * ref.abs().max().item(), (bits, heads, kv_heads, dim, group, end, dtype, err)
 print(f"all equal ({DEV})")

@@ -71,6 +71,19 @@ class KVCache:
         return 2 * n_layers * batch * max_len * kv_heads * head_dim * elem
 
 
+def attend_stored(codec: KVQuant, q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, mask, scale,
+                  workspace: "QuantWorkspace") -> torch.Tensor:
+    """Attention of q [B, H, t, D] over 4/8-bit rows [end, B, row_bytes] on the device. A decode
+    step on CUDA reads the codes in one Triton kernel (quant/triton_kv.attend_cuda): no dense copy,
+    one launch instead of two dequantizations and SDPA. Anything else (prompt chunks, the CPU)
+    attends with SDPA over the workspace's dense copy of this layer and micro-batch."""
+    end = k_rows.shape[0]
+    if q.is_cuda and q.shape[2] == 1:
+        from ..quant.triton_kv import attend_cuda
+        return attend_cuda(codec, q, k_rows, v_rows, None if mask is None else mask[..., :end], scale)
+    return sdpa(q, workspace.dense(k_rows, "k"), workspace.dense(v_rows, "v"), mask, scale)
+
+
 class QuantWorkspace:
     """Device buffers that one layer and micro-batch's keys and values are dequantized into for
     attention, grown to the largest asked for: never a dense copy of the whole cache."""
@@ -111,7 +124,7 @@ class QuantDeviceKV:
         if step.start == 0 and step.write_slots is None:
             # a prefill attends over its own keys before they are quantized, as FlexGen's does
             return sdpa(q, k, v, mask, scale)
-        return sdpa(q, self.ws.dense(self.k[:step.end], "k"), self.ws.dense(self.v[:step.end], "v"), mask, scale)
+        return attend_stored(self.ws.codec, q, self.k[:step.end], self.v[:step.end], mask, scale, self.ws)
 
 
 SPLIT_HEADROOM = 2  # micro-batches beyond the plan's that the split may move to the GPU
@@ -273,6 +286,12 @@ class OffloadedKVCache:
         """New keys or values [rows, heads, t, dim] -> the host layout's slots [t, rows, ...]:
         permuted, or quantized into rows of bytes."""
         return x.permute(2, 0, 1, 3).contiguous() if self.quant is None else self.quant.stored(x)
+
+    def _attend_buffers(self, q, kb, vb, end: int, mask, scale) -> torch.Tensor:
+        """Attention over a device buffer's slots [:end] (keys kb, values vb)."""
+        if self.quant is None:
+            return sdpa(q, self._dense(kb, end, "k"), self._dense(vb, end, "v"), mask, scale)
+        return attend_stored(self.codec, q, kb[:end], vb[:end], mask, scale, self.quant)
 
     def _dense(self, buf: torch.Tensor, end: int, name: str) -> torch.Tensor:
         """A device buffer's slots [:end] as keys or values [rows, heads, end, dim] for SDPA."""
@@ -461,7 +480,7 @@ class OffloadedKVCache:
         k_new, v_new = self._stored(k)[0], self._stored(v)[0]
         kb[step.write_slots, rows] = k_new
         vb[step.write_slots, rows] = v_new
-        out = sdpa(q, self._dense(kb, end, "k"), self._dense(vb, end, "v"), mask, scale)
+        out = self._attend_buffers(q, kb, vb, end, mask, scale)
         slots = write_slots_host(step)
         real = (slots < end).nonzero().flatten()
         hk, hv = self.k[i][j], self.v[i][j]
@@ -489,8 +508,7 @@ class OffloadedKVCache:
             kb, vb = self._buffers(j)[index]
             kb[start:end].copy_(kt)
             vb[start:end].copy_(vt)
-            keys, values = self._dense(kb, end, "k"), self._dense(vb, end, "v")
-        out = sdpa(q, keys, values, mask, scale)
+        out = sdpa(q, keys, values, mask, scale) if start == 0 else self._attend_buffers(q, kb, vb, end, mask, scale)
         self._write_back(i, j, kt, vt, start, end)
         if start > 0 and j in self.gpu_parts:
             # The next layer's cache (or, after the last layer, the next pass's first) comes in

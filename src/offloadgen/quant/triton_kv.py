@@ -118,3 +118,93 @@ def encode_cuda(codec, x: torch.Tensor) -> torch.Tensor:
         _encode_kernel[grid](flat, out, flat.stride(0), codec.row_bytes, codec.features, codec.codes_bytes,
                              codec.groups, BITS=codec.bits, GROUP=codec.group_size, HALF=half, BLOCK_G=block_g)
     return out.view(*lead, codec.row_bytes)
+
+
+@triton.jit
+def _attend_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, end, rows_b,
+                   stride_ks, stride_kb, stride_vs, stride_vb,
+                   stride_mb, stride_mh, stride_mr, stride_ms, codes_bytes, groups, kv_heads,
+                   R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (row, kv head): its R grouped queries over slots [:end], keys and values dequantized in
+    registers block by block, online softmax (flash-decoding's arithmetic, one program per pair)."""
+    b = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64)
+    r = tl.arange(0, R_PAD)
+    d = tl.arange(0, D_PAD)
+    r_ok, d_ok = r < R, d < D
+    pair = b * kv_heads + hk
+    q = tl.load(q_ptr + (pair * R + r[:, None]) * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    feature = hk * D + d  # this head's elements in the token's row
+    group = feature // GROUP
+    m_i = tl.full([R_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([R_PAD], tl.float32)
+    acc = tl.zeros([R_PAD, D_PAD], tl.float32)
+    mask_row = mask_ptr + b * stride_mb + hk * stride_mh + r[:, None] * stride_mr
+    for start in range(0, end, BLOCK_N):
+        s = start + tl.arange(0, BLOCK_N)
+        s_ok = s < end
+        ok = s_ok[:, None] & d_ok[None, :]
+        k = _dequant_block(k_ptr + s[:, None] * stride_ks + b * stride_kb, feature, group, ok, codes_bytes, groups,
+                           BITS)
+        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [R_PAD, BLOCK_N]
+        add = tl.load(mask_row + s[None, :] * stride_ms, mask=r_ok[:, None] & s_ok[None, :], other=float("-inf"))
+        scores = scores + add.to(tl.float32)
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # every key so far hidden: nothing to scale
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _dequant_block(v_ptr + s[:, None] * stride_vs + b * stride_vb, feature, group, ok, codes_bytes, groups,
+                           BITS)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + (pair * R + r[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dequant_block(rows, feature, group, ok, codes_bytes, groups, BITS: tl.constexpr):
+    """[BLOCK_N, D_PAD] float32 of one head from BLOCK_N token rows (row pointers [BLOCK_N, 1])."""
+    if BITS == 8:
+        code = tl.load(rows + feature[None, :], mask=ok, other=0).to(tl.float32)
+    else:
+        byte = tl.load(rows + feature[None, :] // 2, mask=ok, other=0).to(tl.int32)
+        code = ((byte >> ((feature[None, :] % 2) * 4)) & 0xF).to(tl.float32)
+    params = (rows + codes_bytes).to(tl.pointer_type(tl.float16))
+    scale = tl.load(params + group[None, :], mask=ok, other=0.0).to(tl.float32)
+    low = tl.load(params + groups + group[None, :], mask=ok, other=0.0).to(tl.float32)
+    return code * scale + low
+
+
+def attend_cuda(codec, q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, mask: torch.Tensor | None,
+                scale: float | None = None) -> torch.Tensor:
+    """Decode attention straight from the 4/8-bit cache: q [B, H, 1, D]; k_rows, v_rows uint8
+    [end, B, row_bytes] (slot-major, a micro-batch's columns: any strides but the last); mask the
+    additive [B, 1 or Hkv, H/Hkv, end] that sdpa would take (None: every slot). Returns [B, H, 1, D]
+    in q's dtype. No dequantized copy of the cache is made: one program per (row, kv head) reads
+    each code once."""
+    b, h, t, d = q.shape
+    end = k_rows.shape[0]
+    h_kv = codec.kv_heads
+    assert t == 1 and d == codec.head_dim and h % h_kv == 0, (q.shape, codec)
+    assert k_rows.stride(2) == 1 and v_rows.stride(2) == 1 and k_rows.shape[:2] == (end, b)
+    r = h // h_kv
+    scale = d ** -0.5 if scale is None else scale
+    qf = (q.float() * scale).reshape(b, h_kv, r, d).contiguous()
+    out = torch.empty(b, h_kv, r, d, dtype=q.dtype, device=q.device)
+    if mask is None:
+        mask = torch.zeros(1, 1, 1, end, dtype=torch.float32, device=q.device).expand(b, 1, r, end)
+    mb, mh, mr, ms = mask.stride()
+    if mask.shape[1] == 1:
+        mh = 0
+    if mask.shape[2] == 1:
+        mr = 0
+    if b and end:
+        _attend_kernel[(b, h_kv)](qf, k_rows, v_rows, mask, out, end, b,
+                                  k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
+                                  mb, mh, mr, ms, codec.codes_bytes, codec.groups, h_kv,
+                                  R=r, R_PAD=max(triton.next_power_of_2(r), 2), D=d, D_PAD=triton.next_power_of_2(d),
+                                  BITS=codec.bits, GROUP=codec.group_size, BLOCK_N=32)
+    return out.reshape(b, h, 1, d)
