@@ -88,13 +88,14 @@ def main() -> int:
                 with open(os.path.join(os.environ["OUT"], "kv_overlap.jsonl"), "a") as f:
                     f.write(json.dumps(r) + "\n")
     print(f"{'overlap':>7} {'batch':>5} {'bits w/kv':>9} {'decode tok/s':>12} {'step s':>7} {'last 8 s':>8} "
-          f"{'GPU parts (start->end)':>22} {'CPU attn s':>10} {'wait s':>7}")
+          f"{'GPU parts (start->end)':>22} {'CPU attn s':>10} {'wait s':>7} {'host: CPU side s':>16} {'GPU attn issue s':>16}")
     for r in rows:
         h = r["split_history"] or [None]
         print(f"{'on' if r['overlap'] else 'off':>7} {r['batch']:5d} {r['quant_bits']:>4}/{r['kv_quant_bits']:<4} "
               f"{r['decode_tok_s']:12.1f} {r['step_s']:7.3f} {r['last8_step_s']:8.3f} "
               f"{str(h[0]) + '->' + str(h[-1]) + ' of ' + str(r['parts']):>22} "
-              f"{r['per_step']['cpu_attention_s']:10.3f} {r['per_step']['wait_for_gpu_s']:7.3f}")
+              f"{r['per_step']['cpu_attention_s']:10.3f} {r['per_step']['wait_for_gpu_s']:7.3f} "
+              f"{r['per_step']['cpu_side_host_s']:16.3f} {r['per_step']['gpu_attention_host_s']:16.3f}")
     return 0
 
 

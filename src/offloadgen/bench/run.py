@@ -352,5 +352,7 @@ def _print_summary(r: dict, m: RunMetrics, file) -> None:
               + (f" ({d['cpu_cache_read_bytes'] / max(d['cpu_attention_s'], 1e-9) / 1e9:.1f} GB/s; probe "
                  f"{cpu_bw / 1e9:.1f} GB/s, CPU memory read {kv.get('cpu_read_bytes_s', 0) / 1e9:.1f} GB/s)"
                  if cpu_bw else "")
-              + f", cache over the bus {d['h2d_cache_bytes'] / 1e9:.2f} GB in, {d['d2h_cache_bytes'] / 1e6:.1f} MB out",
+              + f", cache over the bus {d['h2d_cache_bytes'] / 1e9:.2f} GB in, {d['d2h_cache_bytes'] / 1e6:.1f} MB out"
+              + (f"; host time: CPU side {d['cpu_side_host_s']:.3f} s, issuing GPU attention "
+                 f"{d['gpu_attention_host_s']:.3f} s" if "cpu_side_host_s" in d else ""),
               file=file)

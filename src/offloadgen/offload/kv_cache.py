@@ -210,7 +210,11 @@ class OffloadedKVCache:
         self.deferred: dict[tuple[int, int], list] = {}  # (layer, part) -> staged row writes, in order
         self.row_stage: dict[tuple[int, int], tuple] = {}  # pinned buffers for rows' past slots, and their last use
         self._row_reads = (-1, 0)  # (layer, reads so far in it): picks a staging buffer
-        self.stats = dict(cpu_attention_s=0.0, wait_for_gpu_s=0.0, cpu_cache_read_bytes=0, h2d_cache_bytes=0, d2h_cache_bytes=0)
+        # Host seconds too: where a decode step's host thread goes (issue 17's step was the host's).
+        # cpu_side_host_s: all of attend_on_cpu (waits and attention included); gpu_attention_host_s:
+        # issuing a GPU-attended decode micro-batch's attention and its cache copies (not GPU time).
+        self.stats = dict(cpu_attention_s=0.0, wait_for_gpu_s=0.0, cpu_cache_read_bytes=0, h2d_cache_bytes=0,
+                          d2h_cache_bytes=0, cpu_side_host_s=0.0, gpu_attention_host_s=0.0)
         self._stats_lock = threading.Lock()  # CPU-attended micro-batches count from their own thread (cpu_side)
         adaptive = self.cuda and opts.attention == "auto" and opts.adaptive
         self.split = SplitController(len(parts), n_gpu, opts.most_gpu_parts(len(parts))) if adaptive else None
@@ -585,8 +589,15 @@ class OffloadedLayerKV:
         if self.rows is not None and self.rows != whole:  # some rows of the part: a prompt chunk
             local = slice(self.rows.start - whole.start, self.rows.stop - whole.start)
             return c.attend_rows(self.i, self.part, local, q, k, v, step, mask, scale)
+        t0 = time.perf_counter()
         if c.attends_on_cpu(self.part, self.rows, step):
-            return c.attend_on_cpu(self.i, self.part, q, k, v, step, mask, scale)
+            out = c.attend_on_cpu(self.i, self.part, q, k, v, step, mask, scale)
+            c._count("cpu_side_host_s", time.perf_counter() - t0)
+            return out
+        if step.length == 1:
+            out = c.attend_on_device(self.i, self.part, q, k, v, step, mask, scale)
+            c._count("gpu_attention_host_s", time.perf_counter() - t0)
+            return out
         return c.attend_on_device(self.i, self.part, q, k, v, step, mask, scale)
 
 
