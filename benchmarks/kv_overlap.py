@@ -45,7 +45,7 @@ def one_generation(llm, ids, gen_len: int, overlap: bool, first_split: int) -> d
     # pass is left out as a warm-up.
     steps = [b - a for a, b in zip(times[:-1], times[1:])][1:]
     cache = engine.offloaded_cache
-    per = {k: (cache.stats[k] - marks["stats"][k]) / len(steps) for k in cache.stats}
+    per = {k: (cache.stats[k] - marks["stats"][k]) / (len(times) - 1) for k in cache.stats}  # every decode pass
     return {"overlap": overlap, "batch": ids.shape[0], "decode_tok_s": ids.shape[0] * len(steps) / sum(steps),
             "step_s": sum(steps) / len(steps), "last8_step_s": sum(steps[-8:]) / len(steps[-8:]),
             "steps_s": [round(s, 4) for s in steps], "split_history": list(cache.split.history) if cache.split else None,
