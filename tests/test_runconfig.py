@@ -220,3 +220,65 @@ def test_a_folder_without_tokenizer_files_is_refused_in_one_line(tiny):
     folder = tiny("llama2-mha")[1]  # save_pretrained of a model writes no tokenizer
     with pytest.raises(OffloadgenError, match="no tokenizer files"):
         runtime.build_runtime(RunConfig(model=str(folder), device="cpu", max_batch_size=1, max_seq_len=16))
+
+
+class _BrokenTokenizerCheckpoint(offloadgen.checkpoint.DummyCheckpoint):
+    """A tokenizer that fails only once a weight has been read: found after the weights loaded."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        import threading
+        self.weight_read = threading.Event()
+
+    def tokenizer(self):
+        self.weight_read.wait(timeout=30)
+        raise OffloadgenError("cannot load its tokenizer (a broken tokenizer.json)")
+
+    def read_block(self, *args, **kwargs):
+        self.weight_read.set()
+        return super().read_block(*args, **kwargs)
+
+
+def test_a_tokenizer_failing_after_the_weights_loaded_closes_them(monkeypatch):
+    """load() in a long-lived process (a notebook) that fails must not leave the weight source's
+    threads and pinned buffers behind: before the tokenizer loaded in a thread it failed first."""
+    from offloadgen.models import preset
+    made = []
+    real = runtime.make_weights
+
+    def recording(plan, checkpoint):
+        weights = made.append(real(plan, checkpoint)) or made[-1]
+        close = weights.close
+        weights.close = lambda: (made.append("closed"), close())[1]
+        return weights
+    monkeypatch.setattr(runtime, "make_weights", recording)
+    with pytest.raises(OffloadgenError, match="broken tokenizer.json"):
+        runtime.build_runtime(RunConfig(model="opt-125m", dummy=True, device="cpu", max_batch_size=1, max_seq_len=16),
+                              checkpoint=_BrokenTokenizerCheckpoint(preset("opt-125m")))
+    assert made[-1] == "closed"
+
+
+def test_a_refused_plan_ends_the_process_without_waiting_for_the_tokenizer(tmp_path):
+    """The tokenizer's thread must not hold the process at exit: a refused plan (or a Ctrl-C) with
+    a tokenizer still importing transformers ended only once the import was done (seconds)."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "refused.py"
+    script.write_text(
+        "import time, offloadgen\n"
+        "from offloadgen import runtime\n"
+        "from offloadgen.config import RunConfig\n"
+        "from offloadgen.models import preset\n"
+        "class Slow(offloadgen.checkpoint.DummyCheckpoint):\n"
+        "    def tokenizer(self):\n"
+        "        time.sleep(120)\n"
+        "try:\n"
+        "    runtime.build_runtime(RunConfig(model='opt-125m', dummy=True, device='cpu', max_seq_len=99999),\n"
+        "                          checkpoint=Slow(preset('opt-125m')))\n"
+        "except offloadgen.OffloadgenError as e:\n"
+        "    print('refused:', e)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # the tokenizer sleeps 120 s: a process held by its thread runs past the timeout
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=40, env=env)
+    assert "refused: --max-seq-len 99999" in done.stdout, done.stderr
