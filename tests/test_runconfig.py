@@ -116,6 +116,8 @@ def main_raising(argv):
     ({"pin_kv_cache": True}, "add --kv-offload"),
     ({"async_kv_offload": True}, "add --kv-offload"),
     ({"kv_attention": "gpu"}, "add --kv-offload"),
+    ({"kv_overlap": True}, "add --kv-offload"),
+    ({"kv_overlap": True, "kv_offload": True, "kv_attention": "gpu"}, "with --kv-attention gpu none attends on the CPU"),
     ({"weight_fetch": "allgather", "disk_offload": True}, "cannot be combined with --disk-offload"),
     ({"max_seq_len": 16, "max_prompt_len": 32}, "max_prompt_len (32) is longer than max_seq_len (16)"),
 ])
@@ -128,6 +130,18 @@ def test_each_bad_setting_is_one_clear_error(settings, needle):
 def test_good_settings_pass_and_explicit_off_is_not_a_conflict():
     RunConfig(kv_offload=True, pin_kv_cache=False, async_kv_offload=True, kv_attention="cpu").validate()
     RunConfig(pin_kv_cache=False, async_kv_offload=False).validate()  # --no-pin-kv-cache alone asks for nothing
+    RunConfig(kv_offload=True, kv_overlap=True, kv_attention="cpu").validate()  # beside prompt chunks on the GPU
+
+
+# serve builds through load() as generate does (and, run without the refusal, would serve); plan
+# refuses --device cpu itself
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_kv_overlap_on_the_cpu_is_refused(capsys, command):
+    """A thread of its own beside the GPU's work does nothing where there is no GPU: said, not ignored."""
+    argv = {"generate": ["generate", "--prompt", "hi", "--max-new-tokens", "1"],
+            "bench": ["bench", "--batch-size", "1", "--prompt-len", "8", "--gen-len", "1", "--model"]}[command]
+    assert main([*argv, "opt-125m", "--dummy", "--device", "cpu", "--kv-offload", "--kv-overlap"]) == 2
+    assert "--kv-overlap overlaps CPU attention with a GPU's work; this run is on the CPU" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag,value,needle", [("--device", "tpu", "device must be cpu, cuda"),

@@ -108,6 +108,9 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
         if config.cpu_offload and not config.disk_offload:
             raise OffloadgenError("--cpu-offload streams weights to a GPU; this run is on the CPU, where the "
                                   "weights already are (drop --cpu-offload)")
+        if config.kv_overlap:
+            raise OffloadgenError("--kv-overlap overlaps CPU attention with a GPU's work; this run is on the CPU "
+                                  "(drop --kv-overlap)")
         if config.disk_offload:  # layers stream from disk into a ring of RAM buffers
             plan.placement = disk_placement_on_cpu(model_cfg, config.prefetch_depth, elem)
             plan.placement.bytes["weights_on_disk"] = True
