@@ -203,6 +203,8 @@ class _HandshakeCheckpoint(offloadgen.checkpoint.DummyCheckpoint):
     """A tokenizer that finishes only once a weight has been read, and weights that refuse to be
     read before the tokenizer has started: a builder that loads the two one after the other fails."""
 
+    wait_s = 30
+
     def __init__(self, cfg):
         super().__init__(cfg)
         import threading
@@ -210,11 +212,11 @@ class _HandshakeCheckpoint(offloadgen.checkpoint.DummyCheckpoint):
 
     def tokenizer(self):
         self.tokenizer_started.set()
-        assert self.weight_read.wait(timeout=30), "no weight was read while the tokenizer loaded"
+        assert self.weight_read.wait(timeout=self.wait_s), "no weight was read while the tokenizer loaded"
         return super().tokenizer()
 
     def read_block(self, *args, **kwargs):
-        assert self.tokenizer_started.wait(timeout=30), "weights were read before the tokenizer started"
+        assert self.tokenizer_started.wait(timeout=self.wait_s), "weights were read before the tokenizer started"
         self.weight_read.set()
         return super().read_block(*args, **kwargs)
 
@@ -228,6 +230,25 @@ def test_the_tokenizer_loads_while_the_weights_do():
         assert rt.tokenizer.encode("a") and ckpt.weight_read.is_set()
     finally:
         rt.close()
+
+
+def test_a_job_loads_its_tokenizer_while_the_weights_do(monkeypatch, tmp_path):
+    """`generate --input` encodes its prompts after loading, so it leaves the tokenizer to the
+    builder's thread; it loaded it first, one after the other, which the builder's thread was for."""
+    import json
+
+    import offloadgen.checkpoint
+    from offloadgen.models import preset
+
+    class Quick(_HandshakeCheckpoint):
+        wait_s = 10
+    ckpt = Quick(preset("opt-125m"))
+    monkeypatch.setattr(offloadgen.checkpoint, "open_checkpoint", lambda *a, **kw: ckpt)
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hi", "max_tokens": 2}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "opt-125m", "--dummy", "--device", "cpu", "--input", str(tmp_path / "in.jsonl"),
+                 "--output", str(out)]) == 0
+    assert ckpt.weight_read.is_set() and json.loads(out.read_text().splitlines()[0])["text"] is not None
 
 
 def test_a_folder_without_tokenizer_files_is_refused_in_one_line(tiny):
