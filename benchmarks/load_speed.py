@@ -7,7 +7,7 @@
    them is still cached) and measures the disk's cold read bandwidth on the same files: one
    thread reading sequentially, and 8 threads reading 16 MiB pieces; the better one is "the disk".
 3. In a fresh subprocess per load (so peak RSS, VmHWM, is this load's alone), after evicting again:
-   - fp16: the path `offloadgen generate FOLDER` takes (open the folder, plan, load the weights
+   - fp16: the path `offloadgen generate FOLDER --input JOB`, `serve` and `load()` take (open the folder, plan, load the weights
      and, in a thread meanwhile, the tokenizer), weights in CPU RAM streamed to a GPU with a 16 GiB budget (--gpu-memory), or all
      on the CPU where there is no GPU; timed to ready-to-generate, then one short generation.
    - 4-bit, first: quantizes and writes the quantized-block cache (OFFLOADGEN_CACHE).
@@ -203,7 +203,8 @@ def status_bytes(field: str) -> int:
 
 
 def child(spec: dict) -> dict:
-    """Load as `offloadgen generate FOLDER` does, timed to ready; RSS from the kernel."""
+    """Load as `offloadgen generate FOLDER --input JOB` does, timed to ready; RSS from the kernel.
+    (With --prompt, generate loads the tokenizer first: the prompt's length sets --max-seq-len.)"""
     import torch
     try:
         from offloadgen import safetensors_io
@@ -224,7 +225,7 @@ def child(spec: dict) -> dict:
     checkpoint = open_checkpoint(config.model)
     t_open = time.perf_counter()
     before_weights = status_bytes("VmRSS")
-    # As generate: the tokenizer is left to the builder, which loads it while the weights load
+    # As a job: the tokenizer is left to the builder, which loads it while the weights load
     # (since 2026-11-26 evening; before, one after the other). "tokenizer_s" is then the rest of
     # the load beyond opening and the weights, which is what it still costs.
     llm = load(config=config, checkpoint=checkpoint)

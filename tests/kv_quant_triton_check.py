@@ -1,4 +1,4 @@
-"""Run by tests/test_kv_quant.py under TRITON_INTERPRET=1: the Triton KV decoder and encoder (the
+"""Run by tests/test_kv_quant.py under TRITON_INTERPRET=1: the Triton KV decoder, encoder and decode attention (the
 GPU's path) against the PyTorch ones, on strided rows as a micro-batch's columns of the cache are.
 On a GPU machine without TRITON_INTERPRET it checks the compiled kernels on the GPU the same way:
     PYTHONPATH=src python tests/kv_quant_triton_check.py
@@ -19,9 +19,14 @@ for bits in (4, 8):
         cache = torch.zeros(9, 6, codec.row_bytes, dtype=torch.uint8)
         cache[:7, :5] = codec.encode(x)
         rows = cache[:7, 1:4]
-        for dtype in (torch.float32, torch.float16):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
             ref = codec.decode(rows, dtype)
             out = triton_kv.decode_cuda(codec, rows.to(DEV), dtype).cpu()
+            if dtype == torch.bfloat16 and DEV == "cpu":
+                # the interpreter casts float32 to bfloat16 by truncation, a GPU to nearest: one unit apart
+                exact = codec.decode(rows, torch.float32)
+                assert ((out.float() - exact).abs() <= exact.abs() * 2 ** -7).all(), (bits, heads, dim, group)
+                continue
             assert torch.equal(out, ref), (bits, heads, dim, group, dtype)
 # The encoder, bit for bit against groupwise.quantize's rows, on values where rounding matters:
 # exact grids (ties), constant groups, groups past the last feature, float16 and bfloat16 inputs.
@@ -84,4 +89,45 @@ for bits in (4, 8):
             tol = 1e-4 if dtype == torch.float32 else 3e-3
             err = (out - ref).abs().max().item()
             assert err <= tol * ref.abs().max().item(), (bits, heads, kv_heads, dim, group, end, dtype, err)
+
+# What the wrapper must take as SDPA would, or refuse: no slot at all (zeros, not whatever the
+# buffer held), a mask of one row for the whole batch (its stride is not 0, and was followed past
+# its end), and masks in a layout the kernel does not read (boolean; one per query head).
+codec = KVQuant(8, 16, 2, 16)
+b, heads, end = 3, 4, 6
+g = torch.Generator().manual_seed(7)
+k, v = torch.randn(end, b, codec.features, generator=g), torch.randn(end, b, codec.features, generator=g)
+k_rows, v_rows = codec.encode(k), codec.encode(v)
+q = torch.randn(b, heads, 1, 16, generator=g)
+empty = triton_kv.attend_cuda(codec, q.to(DEV), k_rows[:0].to(DEV), v_rows[:0].to(DEV), None).cpu()
+assert torch.equal(empty, torch.zeros_like(q)), "no slot: zeros, as SDPA gives"
+one_row = torch.zeros(1, 1, 2, end)
+one_row[..., :2] = float("-inf")
+dk = codec.decode(k_rows, torch.float32).view(end, b, 2, 16)
+dv = codec.decode(v_rows, torch.float32).view(end, b, 2, 16)
+ref = reference(q, dk, dv, one_row.expand(b, 1, 2, end), 16 ** -0.5)
+out = triton_kv.attend_cuda(codec, q.to(DEV), k_rows.to(DEV), v_rows.to(DEV), one_row.to(DEV)).cpu().double()
+assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), "a mask of one row for every row"
+for bad in (torch.ones(b, 1, 2, end, dtype=torch.bool), torch.zeros(b, heads, 1, end)):
+    try:
+        triton_kv.attend_cuda(codec, q.to(DEV), k_rows.to(DEV), v_rows.to(DEV), bad.to(DEV))
+    except AssertionError:
+        continue
+    raise AssertionError(f"a {bad.dtype} mask of {tuple(bad.shape)} was taken")
+
+# A wide cache: a slot's stride times the slot passes 2**31 bytes (batch 256 of OPT-30B's 8-bit
+# rows does past slot 1100), so the kernel's addresses must be 64-bit. One buffer of 2.4 GB,
+# untouched but for the rows written (the keys in column 0, the values in column 1).
+end, stride = 40, 60_000_000
+wide = torch.empty(end * stride, dtype=torch.uint8, device=DEV)
+rows = wide.as_strided((end, 2, codec.row_bytes), (stride, codec.row_bytes, 1))
+rows.copy_(codec.encode(torch.randn(end, 2, codec.features, generator=g)).to(DEV))
+k_wide, v_wide = rows[:, :1], rows[:, 1:]
+dk = codec.decode(k_wide.cpu(), torch.float32).view(end, 1, 2, 16)
+dv = codec.decode(v_wide.cpu(), torch.float32).view(end, 1, 2, 16)
+mask = torch.zeros(1, 1, 2, end)
+ref = reference(q[:1], dk, dv, mask, 16 ** -0.5)
+out = triton_kv.attend_cuda(codec, q[:1].to(DEV), k_wide, v_wide, None).cpu().double()
+assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), "slots past 2**31 bytes"
+del wide, rows, k_wide, v_wide
 print(f"all equal ({DEV})")

@@ -116,6 +116,8 @@ def main_raising(argv):
     ({"pin_kv_cache": True}, "add --kv-offload"),
     ({"async_kv_offload": True}, "add --kv-offload"),
     ({"kv_attention": "gpu"}, "add --kv-offload"),
+    ({"kv_overlap": True}, "add --kv-offload"),
+    ({"kv_overlap": True, "kv_offload": True, "kv_attention": "gpu"}, "with --kv-attention gpu none attends on the CPU"),
     ({"weight_fetch": "allgather", "disk_offload": True}, "cannot be combined with --disk-offload"),
     ({"max_seq_len": 16, "max_prompt_len": 32}, "max_prompt_len (32) is longer than max_seq_len (16)"),
 ])
@@ -128,6 +130,18 @@ def test_each_bad_setting_is_one_clear_error(settings, needle):
 def test_good_settings_pass_and_explicit_off_is_not_a_conflict():
     RunConfig(kv_offload=True, pin_kv_cache=False, async_kv_offload=True, kv_attention="cpu").validate()
     RunConfig(pin_kv_cache=False, async_kv_offload=False).validate()  # --no-pin-kv-cache alone asks for nothing
+    RunConfig(kv_offload=True, kv_overlap=True, kv_attention="cpu").validate()  # beside prompt chunks on the GPU
+
+
+# serve builds through load() as generate does (and, run without the refusal, would serve); plan
+# refuses --device cpu itself
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_kv_overlap_on_the_cpu_is_refused(capsys, command):
+    """A thread of its own beside the GPU's work does nothing where there is no GPU: said, not ignored."""
+    argv = {"generate": ["generate", "--prompt", "hi", "--max-new-tokens", "1"],
+            "bench": ["bench", "--batch-size", "1", "--prompt-len", "8", "--gen-len", "1", "--model"]}[command]
+    assert main([*argv, "opt-125m", "--dummy", "--device", "cpu", "--kv-offload", "--kv-overlap"]) == 2
+    assert "--kv-overlap overlaps CPU attention with a GPU's work; this run is on the CPU" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag,value,needle", [("--device", "tpu", "device must be cpu, cuda"),
@@ -189,6 +203,8 @@ class _HandshakeCheckpoint(offloadgen.checkpoint.DummyCheckpoint):
     """A tokenizer that finishes only once a weight has been read, and weights that refuse to be
     read before the tokenizer has started: a builder that loads the two one after the other fails."""
 
+    wait_s = 30
+
     def __init__(self, cfg):
         super().__init__(cfg)
         import threading
@@ -196,11 +212,11 @@ class _HandshakeCheckpoint(offloadgen.checkpoint.DummyCheckpoint):
 
     def tokenizer(self):
         self.tokenizer_started.set()
-        assert self.weight_read.wait(timeout=30), "no weight was read while the tokenizer loaded"
+        assert self.weight_read.wait(timeout=self.wait_s), "no weight was read while the tokenizer loaded"
         return super().tokenizer()
 
     def read_block(self, *args, **kwargs):
-        assert self.tokenizer_started.wait(timeout=30), "weights were read before the tokenizer started"
+        assert self.tokenizer_started.wait(timeout=self.wait_s), "weights were read before the tokenizer started"
         self.weight_read.set()
         return super().read_block(*args, **kwargs)
 
@@ -216,7 +232,88 @@ def test_the_tokenizer_loads_while_the_weights_do():
         rt.close()
 
 
+def test_a_job_loads_its_tokenizer_while_the_weights_do(monkeypatch, tmp_path):
+    """`generate --input` encodes its prompts after loading, so it leaves the tokenizer to the
+    builder's thread; it loaded it first, one after the other, which the builder's thread was for."""
+    import json
+
+    import offloadgen.checkpoint
+    from offloadgen.models import preset
+
+    class Quick(_HandshakeCheckpoint):
+        wait_s = 10
+    ckpt = Quick(preset("opt-125m"))
+    monkeypatch.setattr(offloadgen.checkpoint, "open_checkpoint", lambda *a, **kw: ckpt)
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hi", "max_tokens": 2}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "opt-125m", "--dummy", "--device", "cpu", "--input", str(tmp_path / "in.jsonl"),
+                 "--output", str(out)]) == 0
+    assert ckpt.weight_read.is_set() and json.loads(out.read_text().splitlines()[0])["text"] is not None
+
+
 def test_a_folder_without_tokenizer_files_is_refused_in_one_line(tiny):
     folder = tiny("llama2-mha")[1]  # save_pretrained of a model writes no tokenizer
     with pytest.raises(OffloadgenError, match="no tokenizer files"):
         runtime.build_runtime(RunConfig(model=str(folder), device="cpu", max_batch_size=1, max_seq_len=16))
+
+
+class _BrokenTokenizerCheckpoint(offloadgen.checkpoint.DummyCheckpoint):
+    """A tokenizer that fails only once a weight has been read: found after the weights loaded."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        import threading
+        self.weight_read = threading.Event()
+
+    def tokenizer(self):
+        self.weight_read.wait(timeout=30)
+        raise OffloadgenError("cannot load its tokenizer (a broken tokenizer.json)")
+
+    def read_block(self, *args, **kwargs):
+        self.weight_read.set()
+        return super().read_block(*args, **kwargs)
+
+
+def test_a_tokenizer_failing_after_the_weights_loaded_closes_them(monkeypatch):
+    """load() in a long-lived process (a notebook) that fails must not leave the weight source's
+    threads and pinned buffers behind: before the tokenizer loaded in a thread it failed first."""
+    from offloadgen.models import preset
+    made = []
+    real = runtime.make_weights
+
+    def recording(plan, checkpoint):
+        weights = made.append(real(plan, checkpoint)) or made[-1]
+        close = weights.close
+        weights.close = lambda: (made.append("closed"), close())[1]
+        return weights
+    monkeypatch.setattr(runtime, "make_weights", recording)
+    with pytest.raises(OffloadgenError, match="broken tokenizer.json"):
+        runtime.build_runtime(RunConfig(model="opt-125m", dummy=True, device="cpu", max_batch_size=1, max_seq_len=16),
+                              checkpoint=_BrokenTokenizerCheckpoint(preset("opt-125m")))
+    assert made[-1] == "closed"
+
+
+def test_a_refused_plan_ends_the_process_without_waiting_for_the_tokenizer(tmp_path):
+    """The tokenizer's thread must not hold the process at exit: a refused plan (or a Ctrl-C) with
+    a tokenizer still importing transformers ended only once the import was done (seconds)."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "refused.py"
+    script.write_text(
+        "import time, offloadgen\n"
+        "from offloadgen import runtime\n"
+        "from offloadgen.config import RunConfig\n"
+        "from offloadgen.models import preset\n"
+        "class Slow(offloadgen.checkpoint.DummyCheckpoint):\n"
+        "    def tokenizer(self):\n"
+        "        time.sleep(120)\n"
+        "try:\n"
+        "    runtime.build_runtime(RunConfig(model='opt-125m', dummy=True, device='cpu', max_seq_len=99999),\n"
+        "                          checkpoint=Slow(preset('opt-125m')))\n"
+        "except offloadgen.OffloadgenError as e:\n"
+        "    print('refused:', e)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # the tokenizer sleeps 120 s: a process held by its thread runs past the timeout
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=40, env=env)
+    assert "refused: --max-seq-len 99999" in done.stdout, done.stderr

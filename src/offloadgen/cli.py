@@ -71,11 +71,14 @@ def cmd_generate(args) -> int:
         raise OffloadgenError(f"--num-gpus-per-node must be at least 1; got {args.num_gpus_per_node}")
     # Everything that can be wrong with the input is found before any weight is loaded.
     checkpoint = open_checkpoint(args.model, dummy=args.dummy)
-    tokenizer = checkpoint.tokenizer()
+    # A job's prompts are encoded after loading: its tokenizer is left to the builder, which loads
+    # it while the weights load. Prompts given here set --max-seq-len, so theirs comes first.
+    tokenizer = None
     if args.input:
         _check_job_files(args)
         items = []
     else:
+        tokenizer = checkpoint.tokenizer()
         items = list(enumerate(args.prompt or ["Paris is the capital city of"]))
         encoded = encode_prompts(tokenizer, checkpoint.cfg, [p for _, p in items], [i for i, _ in items])
         check_lengths(encoded, args.max_new_tokens, checkpoint.cfg.max_position, args.max_seq_len)

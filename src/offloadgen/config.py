@@ -113,6 +113,12 @@ class RunConfig:
         if self.kv_attention != "auto" and not self.kv_offload:
             raise OffloadgenError(f"--kv-attention {self.kv_attention} chooses where attention over an offloaded KV "
                                   "cache runs: add --kv-offload")
+        if self.kv_overlap and not self.kv_offload:
+            raise OffloadgenError("--kv-overlap attends over an offloaded KV cache on the CPU in a thread of its own: "
+                                  "add --kv-offload")
+        if self.kv_overlap and self.kv_attention == "gpu":
+            raise OffloadgenError("--kv-overlap runs CPU-attended micro-batches in a thread of its own; with "
+                                  "--kv-attention gpu none attends on the CPU (drop one of the two)")
         if self.weight_fetch != "whole" and (self.disk_offload or not self.pin_memory):
             raise OffloadgenError(f"--weight-fetch {self.weight_fetch} streams from pinned CPU memory: it cannot be "
                                   "combined with --disk-offload or --pin-memory 0")

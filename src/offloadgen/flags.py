@@ -101,8 +101,9 @@ def add_kv_flags(p, reference_defaults: bool = False) -> None:
     flag(g, "--kv-attention", default="auto", choices=list(KV_ATTENTION),
          help="with --kv-offload: where decode attention runs (auto: split by the step model, corrected as it runs)")
     flag(g, "--kv-overlap", action=argparse.BooleanOptionalAction, default=False,
-         help="with --kv-offload: attend on the CPU in a thread of its own while the GPU's micro-batches are "
-              "issued (default off until it measures faster on the H100: see docs/performance.md)")
+         help="with --kv-offload on a GPU (not with --kv-attention gpu): attend on the CPU in a thread of its own "
+              "while the GPU's micro-batches are issued (default off until it measures faster on the H100: see "
+              "docs/performance.md)")
     flag(g, "--kv-quant-bits", type=int, default=16, choices=[4, 8, 16],
          help="keep keys and values group-wise quantized, on the GPU or in CPU RAM (16 = none): a 3-4x larger batch")
     flag(g, "--kv-quant-group-size", type=int, default=64, help="values per quantization group of the KV cache")

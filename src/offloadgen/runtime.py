@@ -10,7 +10,8 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -107,6 +108,9 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
         if config.cpu_offload and not config.disk_offload:
             raise OffloadgenError("--cpu-offload streams weights to a GPU; this run is on the CPU, where the "
                                   "weights already are (drop --cpu-offload)")
+        if config.kv_overlap:
+            raise OffloadgenError("--kv-overlap overlaps CPU attention with a GPU's work; this run is on the CPU "
+                                  "(drop --kv-overlap)")
         if config.disk_offload:  # layers stream from disk into a ring of RAM buffers
             plan.placement = disk_placement_on_cpu(model_cfg, config.prefetch_depth, elem)
             plan.placement.bytes["weights_on_disk"] = True
@@ -194,6 +198,22 @@ def make_weights(plan: RunPlan, checkpoint) -> WeightSource:
                             fetch=c.weight_fetch)
 
 
+def in_background(fn, name: str) -> Future:
+    """fn() in a daemon thread, its result or error in the returned future. Daemon: a plan refused,
+    or a Ctrl-C, ends the process at once rather than after the thread (a pool's thread is joined
+    at exit, and a tokenizer's import of transformers takes seconds)."""
+    future = Future()
+
+    def work():
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(fn())
+        except BaseException as e:  # told by future.result(), in the caller's thread
+            future.set_exception(e)
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return future
+
+
 @dataclass
 class Runtime:
     """A built run: what was planned, and the objects that carry it out."""
@@ -220,20 +240,20 @@ def build_runtime(config: RunConfig, world: World | None = None, checkpoint=None
     # A tokenizer through transformers takes 4-10 s (mostly importing it), as long as a 13B model's
     # weights take to come off the disk (issue 18): it loads in a thread while they do (their reads
     # release the GIL). One without its files fails at once and is told before any weight is read.
-    pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
+    pending = None if tokenizer is not None else in_background(checkpoint.tokenizer, "tokenizer")
+    device = resolve_device(config, world)
+    plan = plan_run(config, checkpoint.cfg, device, world, h2d_bytes_s)
+    if pending is not None and pending.done():
+        pending.result()  # its error, now
+    t_load = time.perf_counter()
+    weights = make_weights(plan, checkpoint)
     try:
-        pending = None if tokenizer is not None else pool.submit(checkpoint.tokenizer)
-        device = resolve_device(config, world)
-        plan = plan_run(config, checkpoint.cfg, device, world, h2d_bytes_s)
-        if pending is not None and pending.done():
-            pending.result()  # its error, now
-        t_load = time.perf_counter()
-        weights = make_weights(plan, checkpoint)
         engine = Engine(checkpoint.cfg, weights, device, plan.dtype, config.micro_batch_size, kv_offload=plan.kv,
                         kv_quant=config.kv_quant())
         tokenizer = tokenizer if pending is None else pending.result()
-    finally:
-        pool.shutdown(wait=False)  # a refused plan is told without waiting for the tokenizer
+    except BaseException:
+        weights.close()  # its reader threads and pinned buffers would outlive the failed load
+        raise
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     now = time.perf_counter()

@@ -142,7 +142,9 @@ def _attend_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, end, rows_b,
     acc = tl.zeros([R_PAD, D_PAD], tl.float32)
     mask_row = mask_ptr + b * stride_mb + hk * stride_mh + r[:, None] * stride_mr
     for start in range(0, end, BLOCK_N):
-        s = start + tl.arange(0, BLOCK_N)
+        # in 64 bits: slot x slot stride passes 2**31 bytes in a wide cache (a batch of 256 rows of
+        # OPT-30B's 7.4 KiB 8-bit rows is 1.9 MB a slot: past slot 1100)
+        s = start + tl.arange(0, BLOCK_N).to(tl.int64)
         s_ok = s < end
         ok = s_ok[:, None] & d_ok[None, :]
         k = _dequant_block(k_ptr + s[:, None] * stride_ks + b * stride_kb, feature, group, ok, codes_bytes, groups,
@@ -193,14 +195,15 @@ def attend_cuda(codec, q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tens
     r = h // h_kv
     scale = d ** -0.5 if scale is None else scale
     qf = (q.float() * scale).reshape(b, h_kv, r, d).contiguous()
-    out = torch.empty(b, h_kv, r, d, dtype=q.dtype, device=q.device)
+    # zeros where there is nothing to attend to (no slot), as SDPA gives: no program writes them
+    out = (torch.empty if end else torch.zeros)(b, h_kv, r, d, dtype=q.dtype, device=q.device)
     if mask is None:
         mask = torch.zeros(1, 1, 1, end, dtype=torch.float32, device=q.device).expand(b, 1, r, end)
-    mb, mh, mr, ms = mask.stride()
-    if mask.shape[1] == 1:
-        mh = 0
-    if mask.shape[2] == 1:
-        mr = 0
+    # Only the additive, grouped layout: a boolean mask would be added as 0/1, a [B, H, 1, end]
+    # one read per kv head, and a broadcast row of one past its end.
+    assert mask.is_floating_point() and mask.dim() == 4 and mask.shape[0] in (1, b) and mask.shape[1] in (1, h_kv) \
+        and mask.shape[2] in (1, r) and mask.shape[3] == end, (mask.shape, mask.dtype, (b, h_kv, r, end))
+    mb, mh, mr, ms = (0 if n == 1 else st for n, st in zip(mask.shape, mask.stride()))
     if b and end:
         _attend_kernel[(b, h_kv)](qf, k_rows, v_rows, mask, out, end, b,
                                   k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
