@@ -1,7 +1,8 @@
 """Continuous batching across ranks (CPU, gloo, 2 processes): a job's requests are dealt to ranks
 that step in lockstep, each request gets exactly the tokens of its prompt run alone, a rank with
 far less work keeps joining the passes (empty passes) without a hang, resume and bad lines work,
-rank 0 alone writes; the workload bench combines the ranks' figures; serve refuses several ranks."""
+rank 0 alone writes; the workload bench combines the ranks' figures; `serve` deals its requests to
+the ranks' slots, each answer the tokens of its prompt alone, and stops every rank on SIGTERM."""
 import json
 import os
 import subprocess
@@ -123,17 +124,12 @@ def test_workload_bench_across_ranks_combines_the_ranks(tmp_path, monkeypatch):
     assert r["output_throughput"] == pytest.approx(r["output_tokens"] / r["elapsed_s"])
 
 
-def test_static_batches_and_serve_refuse_several_ranks(tmp_path, monkeypatch, capsys):
+def test_static_batches_refuse_several_ranks(tmp_path, monkeypatch, capsys):
     from offloadgen.cli import main
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "--model", "opt-125m", "--dummy", "--device", "cpu", "--batch-size", "4", "--workload",
                  "synthetic", "--compare-static", "--num-gpus-per-node", "2"]) == 2
     assert "static batches run in one process" in capsys.readouterr().err
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["serve", "opt-125m", "--dummy", "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "serve runs in one process" in err
 
 
 def test_generate_job_with_num_gpus_per_node_writes_what_one_process_writes(tmp_path):
@@ -151,3 +147,139 @@ def test_generate_job_with_num_gpus_per_node_writes_what_one_process_writes(tmp_
     assert two.stderr.count("4 prompts answered this run (0 already done earlier), 1 bad lines") == 1  # rank 0 says it
     lines = [sorted((tmp_path / f"{n}.jsonl").read_text().splitlines()) for n in (1, 2)]
     assert lines[0] == lines[1] and len(lines[0]) == 5
+
+
+# --- serve across ranks -----------------------------------------------------------------------------
+SERVE = Path(__file__).with_name("dist_serve.py")
+LONG, SHORT = "The long one", [f"short {i} " * (1 + i) for i in range(5)]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_torchrun(log: Path, *args) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+
+
+def wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    import time
+    deadline = time.time() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def rank_pid(torchrun_pid: int, rank: int) -> int:
+    """The process of one rank: the child of torchrun whose environment says RANK=rank."""
+    children = [int(c) for t in Path(f"/proc/{torchrun_pid}/task").iterdir()
+                for c in (t / "children").read_text().split()]
+    return next(c for c in children if f"RANK={rank}".encode() in Path(f"/proc/{c}/environ").read_bytes().split(b"\0"))
+
+
+def rank_counters(port: int) -> dict:
+    """{(metric, rank): value} of the per-rank counters on /metrics."""
+    import re
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {(m[1], int(m[2])): float(m[3]) for m in
+            re.finditer(r'^(offloadgen_rank_\w+)_total\{rank="(\d+)"\} (\S+)$', text, re.M)}
+
+
+def stop_rank_0(proc: subprocess.Popen, log: Path) -> None:
+    """SIGTERM to rank 0 alone, as a user stops a server: both ranks must then end with 0, or
+    torchrun would not."""
+    import signal
+    os.kill(rank_pid(proc.pid, 0), signal.SIGTERM)
+    assert proc.wait(120) == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["whole", "allgather"])
+def test_serve_across_ranks_deals_requests_and_each_gets_its_tokens_alone(tiny, tmp_path, mode):
+    """One long request, which rank 0 takes, then five short ones at once, which go to rank 1
+    (the least outstanding work); every answer is its prompt's tokens run alone (greedy)."""
+    import openai
+    from concurrent.futures import ThreadPoolExecutor
+    _, ckpt = tiny("llama2-mha")
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = start_torchrun(log, str(SERVE), str(ckpt), mode, str(port))
+    try:
+        wait_for_line(log, "serving", proc)
+        assert "6 slots on each of 2 ranks" in log.read_text()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        stream = iter(client.completions.create(model="tiny", prompt=LONG, max_tokens=200, temperature=0,
+                                                stream=True))
+        first = next(stream).choices[0].text  # rank 0 has it now, and is generating
+
+        def short(prompt):
+            r = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0)
+            return r.choices[0].text, r.usage.completion_tokens
+        with ThreadPoolExecutor(5) as pool:
+            shorts = list(pool.map(short, SHORT))
+        long_text = first + "".join(c.choices[0].text for c in stream)
+        for prompt, (text, n) in zip(SHORT, shorts):
+            want = alone(ckpt, prompt, 5)
+            assert text == " ".join(map(str, want)) and n == len(want), prompt
+        want_long = alone(ckpt, LONG, 200)
+        assert long_text == " ".join(map(str, want_long))
+        counters = rank_counters(port)
+        assert counters[("offloadgen_rank_requests", 0)] == 1 and counters[("offloadgen_rank_requests", 1)] == 5
+        assert counters[("offloadgen_rank_generation_tokens", 0)] == len(want_long)
+        stop_rank_0(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = log.read_text()
+    import re
+    m = re.search(r"rank 1 answered (\d+) requests \((\d+) tokens\) in (\d+) passes, and ran (\d+) empty ones", out)
+    assert m, out[-3000:]
+    answered, tokens, passes, empty = map(int, m.groups())
+    assert answered == 5 and tokens == sum(n for _, n in shorts)
+    assert len(want_long) > passes, "rank 1 should have run out of work long before rank 0"
+    if mode == "allgather":  # rank 1 kept joining every layer's all-gather while rank 0 went on
+        assert empty > 0
+    else:  # with whole layers an idle rank only joins the exchange
+        assert empty == 0
+
+
+def test_serve_command_across_ranks_answers_as_one_process(tmp_path):
+    """`offloadgen serve` itself under torchrun (dummy weights): concurrent requests spread over
+    both ranks, each answered as one process answers it alone; SIGTERM ends both ranks with 0."""
+    import openai
+    from concurrent.futures import ThreadPoolExecutor
+
+    import offloadgen
+    from offloadgen.sampling import SamplingParams
+    prompts = ["Hello there", "One two three", "Red green blue", "Paris is"]
+    llm = offloadgen.load("opt-125m", dummy=True, device="cpu", dtype="float32", progress=False)
+    want = {p: llm.generate(p, SamplingParams(max_new_tokens=4), static=True)[0].text for p in prompts}
+    llm.close()
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = start_torchrun(log, "-m", "offloadgen.cli", "serve", "opt-125m", "--dummy", "--device", "cpu", "--dtype",
+                          "float32", "--slots", "2", "--max-seq-len", "64", "--port", str(port), "--log-level",
+                          "warning")
+    try:
+        wait_for_line(log, "serving", proc)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+
+        def ask(prompt):
+            return client.completions.create(model="opt-125m", prompt=prompt, max_tokens=4, temperature=0)
+        with ThreadPoolExecutor(4) as pool:
+            got = {p: r.choices[0].text for p, r in zip(prompts, pool.map(ask, prompts))}
+        assert got == want
+        counters = rank_counters(port)
+        assert counters[("offloadgen_rank_requests", 1)] >= 1 and counters[("offloadgen_rank_generation_tokens", 1)] > 0
+        stop_rank_0(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "rank 1 answered" in log.read_text()
