@@ -283,3 +283,32 @@ def test_serve_command_across_ranks_answers_as_one_process(tmp_path):
             proc.kill()
             proc.wait()
     assert "rank 1 answered" in log.read_text()
+
+
+def test_a_pass_failing_on_rank_1_answers_its_requests_with_the_error_and_serving_goes_on(tiny, tmp_path):
+    """Rank 1's pass raises while it holds a request: that request gets a 503 naming the failure,
+    rank 0's request is untouched, rank 1 answers the next one correctly, and SIGTERM still ends both."""
+    import openai
+    _, ckpt = tiny("llama2-mha")
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = start_torchrun(log, str(SERVE), str(ckpt), "whole", str(port), "boom")
+    try:
+        wait_for_line(log, "serving", proc)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        stream = iter(client.completions.create(model="tiny", prompt=LONG, max_tokens=200, temperature=0,
+                                                stream=True))
+        first = next(stream).choices[0].text  # on rank 0: rank 1 has the least work for what follows
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.completions.create(model="tiny", prompt="boom", max_tokens=5, temperature=0)
+        assert failed.value.status_code == 503
+        assert "generation failed on rank 1: RuntimeError: injected failure" in str(failed.value)
+        after = client.completions.create(model="tiny", prompt=SHORT[1], max_tokens=5, temperature=0)
+        assert after.choices[0].text == " ".join(map(str, alone(ckpt, SHORT[1], 5)))
+        assert first + "".join(c.choices[0].text for c in stream) == " ".join(map(str, alone(ckpt, LONG, 200)))
+        assert rank_counters(port)[("offloadgen_rank_requests", 1)] == 2
+        stop_rank_0(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "RuntimeError: injected failure" in log.read_text()  # rank 1's traceback, in the server's log
