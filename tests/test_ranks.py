@@ -183,14 +183,17 @@ def rank_pid(torchrun_pid: int, rank: int) -> int:
     return next(c for c in children if f"RANK={rank}".encode() in Path(f"/proc/{c}/environ").read_bytes().split(b"\0"))
 
 
+def metrics_text(port: int) -> str:
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        return r.read().decode()
+
+
 def rank_counters(port: int) -> dict:
     """{(metric, rank): value} of the per-rank counters on /metrics."""
     import re
-    import urllib.request
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
-        text = r.read().decode()
     return {(m[1], int(m[2])): float(m[3]) for m in
-            re.finditer(r'^(offloadgen_rank_\w+)_total\{rank="(\d+)"\} (\S+)$', text, re.M)}
+            re.finditer(r'^(offloadgen_rank_\w+)_total\{rank="(\d+)"\} (\S+)$', metrics_text(port), re.M)}
 
 
 def stop_rank_0(proc: subprocess.Popen, log: Path) -> None:
@@ -217,6 +220,7 @@ def test_serve_across_ranks_deals_requests_and_each_gets_its_tokens_alone(tiny, 
         stream = iter(client.completions.create(model="tiny", prompt=LONG, max_tokens=200, temperature=0,
                                                 stream=True))
         first = next(stream).choices[0].text  # rank 0 has it now, and is generating
+        assert "offloadgen_slots 12.0" in metrics_text(port)  # every rank's slots
 
         def short(prompt):
             r = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0)

@@ -74,7 +74,7 @@ class _LiveGauges:
     def collect(self):
         m = self.m
         worker = m.worker
-        stats = batcher_stats(worker.batcher) if worker is not None else {}
+        stats = worker.batcher_stats() if worker is not None else {}
         in_flight = worker.in_flight() if worker is not None else 0
         active = stats.get("active_slots", 0)
         queued = stats.get("queue_length", 0)

@@ -46,8 +46,8 @@ class Report:
     busy: bool = False  # work left after the pass: rows, waiting or cancelled requests
     failed: list = field(default_factory=list)  # keys of the requests a failed pass ended
     error: str | None = None
-    passes: int = 0  # passes this rank has run (empty ones included)
-    empty_passes: int = 0
+    active: int = 0  # slots holding a request, after the pass
+    queued: int = 0  # requests waiting for a slot, after the pass
 
 
 @dataclass(eq=False)
@@ -79,9 +79,8 @@ def must_run(batcher, order: Order, reports: list, every_pass: bool) -> bool:
 def run_pass(batcher, live: dict, rank: int, run: bool) -> Report:
     """This rank's pass if it is to run one; what rank 0 should know of it. A failed pass ends this
     rank's requests (rank 0 answers them with the error) and rebuilds the batcher's rows."""
-    stats = batcher.stats
     if not run:
-        return Report(busy=batcher.has_work(), passes=stats.passes, empty_passes=stats.empty_passes)
+        return Report(busy=batcher.has_work(), active=batcher.active_slots, queued=batcher.queue_length)
     try:
         outputs = batcher.step()
     except Exception as e:  # noqa: BLE001 - the server outlives a failed pass
@@ -90,15 +89,15 @@ def run_pass(batcher, live: dict, rank: int, run: bool) -> Report:
         for req in live.values():
             batcher.cancel(req)
         recover(batcher)
-        return Report(busy=batcher.has_work(), failed=failed,
-                      error=f"generation failed on rank {rank}: {type(e).__name__}: {e}")
+        return Report(busy=batcher.has_work(), failed=failed, active=batcher.active_slots,
+                      queued=batcher.queue_length, error=f"generation failed on rank {rank}: {type(e).__name__}: {e}")
     events = []
     for o in outputs:
         if o.finished:
             live.pop(o.request.id, None)
         if o.new_token_ids or o.finished:
             events.append((o.request.id, list(o.new_token_ids), o.finished, o.finish_reason))
-    return Report(events, batcher.has_work(), passes=stats.passes, empty_passes=stats.empty_passes)
+    return Report(events, batcher.has_work(), active=batcher.active_slots, queued=batcher.queue_length)
 
 
 def follow(batcher, world, group=None) -> Report:
@@ -140,6 +139,7 @@ class RankedWorker(Worker):
         self._placed: dict[str, Placed] = {}
         self._busy = False  # whether any rank had work after its last pass
         self.failure: str | None = None  # set when the exchange itself failed (a rank is gone)
+        self._seen: list[Report] = [Report() for _ in range(world.size)]  # each rank's latest report
 
     # --- the HTTP side (called under self._lock) ----------------------------------------------
     def _enqueue(self, key: str, prompt_ids: list[int], sampling: SamplingParams) -> Placed:
@@ -172,11 +172,13 @@ class RankedWorker(Worker):
                 every = distributed.gather((order, report), self.world, self.group)
                 reports = [r for _, r in every]
                 tokens = sum(self._settle(rank, r) for rank, r in enumerate(reports) if rank > 0)
+                self._seen[1:] = reports[1:]
                 if order.stop:
                     return
                 apply_order(self.batcher, order, 0, live)
                 report = run_pass(self.batcher, live, 0, must_run(self.batcher, order, reports, self.every_pass))
                 tokens += self._settle(0, report)
+                self._seen[0] = report
                 self._busy = any(r.busy for r in reports[1:]) or report.busy
                 report = Report(busy=report.busy)  # its tokens are delivered already
                 if self.metrics is not None and (tokens or any(r.busy for r in reports)):
@@ -184,6 +186,14 @@ class RankedWorker(Worker):
         except Exception as e:  # noqa: BLE001 - an exchange failed: another rank is gone
             traceback.print_exc(file=sys.stderr)
             self._give_up(f"a rank of the server stopped: {type(e).__name__}: {e}")
+
+    def batcher_stats(self) -> dict:
+        """Rank 0's batcher's figures, but slots held and requests waiting summed over every rank
+        (as of each rank's last pass)."""
+        stats = super().batcher_stats()
+        seen = list(self._seen)
+        stats["active_slots"], stats["queue_length"] = sum(r.active for r in seen), sum(r.queued for r in seen)
+        return stats
 
     def _wait_while_idle(self) -> None:
         """Sleep while no rank has work and nothing arrived; a submit, cancel or stop wakes it."""

@@ -94,6 +94,10 @@ class Worker:
     def _cancel_request(self, request) -> None:
         self.batcher.cancel(request)
 
+    def batcher_stats(self) -> dict:
+        """The batcher's figures for /metrics (passes, slot_occupancy, active_slots, queue_length, ...)."""
+        return dict(self.batcher.snapshot())
+
     def in_flight(self) -> int:
         with self._lock:
             return len(self._handles)
