@@ -316,3 +316,36 @@ def test_a_pass_failing_on_rank_1_answers_its_requests_with_the_error_and_servin
             proc.kill()
             proc.wait()
     assert "RuntimeError: injected failure" in log.read_text()  # rank 1's traceback, in the server's log
+
+
+def test_a_client_leaving_cancels_its_request_on_rank_1(tiny, tmp_path):
+    """A stream dealt to rank 1 whose client hangs up after one chunk: the cancel crosses to rank 1
+    at the next exchange and its slot is freed long before the 250 tokens it would have run to."""
+    import time
+
+    import openai
+    _, ckpt = tiny("llama2-mha")
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = start_torchrun(log, str(SERVE), str(ckpt), "whole", str(port))
+    try:
+        wait_for_line(log, "serving", proc)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        ask = dict(model="tiny", temperature=0, stream=True, extra_body={"ignore_eos": True})
+        on_0 = iter(client.completions.create(prompt=LONG, max_tokens=200, **ask))
+        next(on_0)
+        on_1 = client.completions.create(prompt="ab", max_tokens=250, **ask)
+        next(iter(on_1))
+        on_1.close()  # the client leaves
+        assert len(list(on_0)) > 0
+        deadline = time.time() + 60
+        while "offloadgen_active_slots 0.0" not in metrics_text(port):  # every rank's slots free
+            assert time.time() < deadline
+            time.sleep(0.1)
+        counters = rank_counters(port)
+        assert counters[("offloadgen_rank_requests", 1)] == 1
+        assert counters[("offloadgen_rank_generation_tokens", 1)] < 250
+        stop_rank_0(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
