@@ -1,7 +1,8 @@
 """Continuous batching across ranks (CPU, gloo, 2 processes): a job's requests are dealt to ranks
 that step in lockstep, each request gets exactly the tokens of its prompt run alone, a rank with
 far less work keeps joining the passes (empty passes) without a hang, resume and bad lines work,
-rank 0 alone writes; the workload bench combines the ranks' figures; serve refuses several ranks."""
+rank 0 alone writes; the workload bench combines the ranks' figures; `serve` deals its requests to
+the ranks' slots, each answer the tokens of its prompt alone, and stops every rank on SIGTERM."""
 import json
 import os
 import subprocess
@@ -123,17 +124,12 @@ def test_workload_bench_across_ranks_combines_the_ranks(tmp_path, monkeypatch):
     assert r["output_throughput"] == pytest.approx(r["output_tokens"] / r["elapsed_s"])
 
 
-def test_static_batches_and_serve_refuse_several_ranks(tmp_path, monkeypatch, capsys):
+def test_static_batches_refuse_several_ranks(tmp_path, monkeypatch, capsys):
     from offloadgen.cli import main
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "--model", "opt-125m", "--dummy", "--device", "cpu", "--batch-size", "4", "--workload",
                  "synthetic", "--compare-static", "--num-gpus-per-node", "2"]) == 2
     assert "static batches run in one process" in capsys.readouterr().err
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["serve", "opt-125m", "--dummy", "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "serve runs in one process" in err
 
 
 def test_generate_job_with_num_gpus_per_node_writes_what_one_process_writes(tmp_path):
@@ -151,3 +147,205 @@ def test_generate_job_with_num_gpus_per_node_writes_what_one_process_writes(tmp_
     assert two.stderr.count("4 prompts answered this run (0 already done earlier), 1 bad lines") == 1  # rank 0 says it
     lines = [sorted((tmp_path / f"{n}.jsonl").read_text().splitlines()) for n in (1, 2)]
     assert lines[0] == lines[1] and len(lines[0]) == 5
+
+
+# --- serve across ranks -----------------------------------------------------------------------------
+SERVE = Path(__file__).with_name("dist_serve.py")
+LONG, SHORT = "The long one", [f"short {i} " * (1 + i) for i in range(5)]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_torchrun(log: Path, *args) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+
+
+def wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    import time
+    deadline = time.time() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def rank_pid(torchrun_pid: int, rank: int) -> int:
+    """The process of one rank: the child of torchrun whose environment says RANK=rank."""
+    children = [int(c) for t in Path(f"/proc/{torchrun_pid}/task").iterdir()
+                for c in (t / "children").read_text().split()]
+    return next(c for c in children if f"RANK={rank}".encode() in Path(f"/proc/{c}/environ").read_bytes().split(b"\0"))
+
+
+def metrics_text(port: int) -> str:
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        return r.read().decode()
+
+
+def rank_counters(port: int) -> dict:
+    """{(metric, rank): value} of the per-rank counters on /metrics."""
+    import re
+    return {(m[1], int(m[2])): float(m[3]) for m in
+            re.finditer(r'^(offloadgen_rank_\w+)_total\{rank="(\d+)"\} (\S+)$', metrics_text(port), re.M)}
+
+
+def stop_rank_0(proc: subprocess.Popen, log: Path) -> None:
+    """SIGTERM to rank 0 alone, as a user stops a server: both ranks must then end with 0, or
+    torchrun would not."""
+    import signal
+    os.kill(rank_pid(proc.pid, 0), signal.SIGTERM)
+    assert proc.wait(120) == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["whole", "allgather"])
+def test_serve_across_ranks_deals_requests_and_each_gets_its_tokens_alone(tiny, tmp_path, mode):
+    """One long request, which rank 0 takes, then five short ones at once, which go to rank 1
+    (the least outstanding work); every answer is its prompt's tokens run alone (greedy)."""
+    import openai
+    from concurrent.futures import ThreadPoolExecutor
+    _, ckpt = tiny("llama2-mha")
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = start_torchrun(log, str(SERVE), str(ckpt), mode, str(port))
+    try:
+        wait_for_line(log, "serving", proc)
+        assert "6 slots on each of 2 ranks" in log.read_text()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        stream = iter(client.completions.create(model="tiny", prompt=LONG, max_tokens=200, temperature=0,
+                                                stream=True))
+        first = next(stream).choices[0].text  # rank 0 has it now, and is generating
+        assert "offloadgen_slots 12.0" in metrics_text(port)  # every rank's slots
+
+        def short(prompt):
+            r = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0)
+            return r.choices[0].text, r.usage.completion_tokens
+        with ThreadPoolExecutor(5) as pool:
+            shorts = list(pool.map(short, SHORT))
+        long_text = first + "".join(c.choices[0].text for c in stream)
+        for prompt, (text, n) in zip(SHORT, shorts):
+            want = alone(ckpt, prompt, 5)
+            assert text == " ".join(map(str, want)) and n == len(want), prompt
+        want_long = alone(ckpt, LONG, 200)
+        assert long_text == " ".join(map(str, want_long))
+        counters = rank_counters(port)
+        assert counters[("offloadgen_rank_requests", 0)] == 1 and counters[("offloadgen_rank_requests", 1)] == 5
+        assert counters[("offloadgen_rank_generation_tokens", 0)] == len(want_long)
+        stop_rank_0(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = log.read_text()
+    import re
+    m = re.search(r"rank 1 answered (\d+) requests \((\d+) tokens\) in (\d+) passes, and ran (\d+) empty ones", out)
+    assert m, out[-3000:]
+    answered, tokens, passes, empty = map(int, m.groups())
+    assert answered == 5 and tokens == sum(n for _, n in shorts)
+    assert len(want_long) > passes, "rank 1 should have run out of work long before rank 0"
+    if mode == "allgather":  # rank 1 kept joining every layer's all-gather while rank 0 went on
+        assert empty > 0
+    else:  # with whole layers an idle rank only joins the exchange
+        assert empty == 0
+
+
+def test_serve_command_across_ranks_answers_as_one_process(tmp_path):
+    """`offloadgen serve` itself under torchrun (dummy weights): concurrent requests spread over
+    both ranks, each answered as one process answers it alone; SIGTERM ends both ranks with 0."""
+    import openai
+    from concurrent.futures import ThreadPoolExecutor
+
+    import offloadgen
+    from offloadgen.sampling import SamplingParams
+    prompts = ["Hello there", "One two three", "Red green blue", "Paris is"]
+    llm = offloadgen.load("opt-125m", dummy=True, device="cpu", dtype="float32", progress=False)
+    want = {p: llm.generate(p, SamplingParams(max_new_tokens=4), static=True)[0].text for p in prompts}
+    llm.close()
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = start_torchrun(log, "-m", "offloadgen.cli", "serve", "opt-125m", "--dummy", "--device", "cpu", "--dtype",
+                          "float32", "--slots", "2", "--max-seq-len", "64", "--port", str(port), "--log-level",
+                          "warning")
+    try:
+        wait_for_line(log, "serving", proc)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+
+        def ask(prompt):
+            return client.completions.create(model="opt-125m", prompt=prompt, max_tokens=4, temperature=0)
+        with ThreadPoolExecutor(4) as pool:
+            got = {p: r.choices[0].text for p, r in zip(prompts, pool.map(ask, prompts))}
+        assert got == want
+        counters = rank_counters(port)
+        assert counters[("offloadgen_rank_requests", 1)] >= 1 and counters[("offloadgen_rank_generation_tokens", 1)] > 0
+        stop_rank_0(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "rank 1 answered" in log.read_text()
+
+
+def test_a_pass_failing_on_rank_1_answers_its_requests_with_the_error_and_serving_goes_on(tiny, tmp_path):
+    """Rank 1's pass raises while it holds a request: that request gets a 503 naming the failure,
+    rank 0's request is untouched, rank 1 answers the next one correctly, and SIGTERM still ends both."""
+    import openai
+    _, ckpt = tiny("llama2-mha")
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = start_torchrun(log, str(SERVE), str(ckpt), "whole", str(port), "boom")
+    try:
+        wait_for_line(log, "serving", proc)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        stream = iter(client.completions.create(model="tiny", prompt=LONG, max_tokens=200, temperature=0,
+                                                stream=True))
+        first = next(stream).choices[0].text  # on rank 0: rank 1 has the least work for what follows
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.completions.create(model="tiny", prompt="boom", max_tokens=5, temperature=0)
+        assert failed.value.status_code == 503
+        assert "generation failed on rank 1: RuntimeError: injected failure" in str(failed.value)
+        after = client.completions.create(model="tiny", prompt=SHORT[1], max_tokens=5, temperature=0)
+        assert after.choices[0].text == " ".join(map(str, alone(ckpt, SHORT[1], 5)))
+        assert first + "".join(c.choices[0].text for c in stream) == " ".join(map(str, alone(ckpt, LONG, 200)))
+        assert rank_counters(port)[("offloadgen_rank_requests", 1)] == 2
+        stop_rank_0(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "RuntimeError: injected failure" in log.read_text()  # rank 1's traceback, in the server's log
+
+
+def test_a_client_leaving_cancels_its_request_on_rank_1(tiny, tmp_path):
+    """A stream dealt to rank 1 whose client hangs up after one chunk: the cancel crosses to rank 1
+    at the next exchange and its slot is freed long before the 250 tokens it would have run to."""
+    import time
+
+    import openai
+    _, ckpt = tiny("llama2-mha")
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = start_torchrun(log, str(SERVE), str(ckpt), "whole", str(port))
+    try:
+        wait_for_line(log, "serving", proc)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        ask = dict(model="tiny", temperature=0, stream=True, extra_body={"ignore_eos": True})
+        on_0 = iter(client.completions.create(prompt=LONG, max_tokens=200, **ask))
+        next(on_0)
+        on_1 = client.completions.create(prompt="ab", max_tokens=250, **ask)
+        next(iter(on_1))
+        on_1.close()  # the client leaves
+        assert len(list(on_0)) > 0
+        deadline = time.time() + 60
+        while "offloadgen_active_slots 0.0" not in metrics_text(port):  # every rank's slots free
+            assert time.time() < deadline
+            time.sleep(0.1)
+        counters = rank_counters(port)
+        assert counters[("offloadgen_rank_requests", 1)] == 1
+        assert counters[("offloadgen_rank_generation_tokens", 1)] < 250
+        stop_rank_0(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -166,12 +166,16 @@ class ContinuousBatcher:
         return self.tokenizer.eos_token_ids if self.tokenizer is not None else set()
 
     # -- other threads ------------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], sampling: SamplingParams, request_id=None) -> Request:
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        """Refuse a prompt no slot can hold (also asked for a request bound for another rank's batcher)."""
         if not prompt_ids:
             raise OffloadgenError("the prompt has no tokens")
         if len(prompt_ids) > self.max_len:
             raise OffloadgenError(f"prompt of {len(prompt_ids)} tokens is longer than the {self.max_len} tokens a "
                                   "slot holds")
+
+    def submit(self, prompt_ids: list[int], sampling: SamplingParams, request_id=None) -> Request:
+        self.check_prompt(prompt_ids)
         req = Request(list(prompt_ids), sampling, next(_next_id) if request_id is None else request_id,
                       submitted_at=time.perf_counter())
         with self._lock:

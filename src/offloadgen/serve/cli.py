@@ -31,6 +31,10 @@ def add_serve(sub) -> None:
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds SIGTERM leaves in-flight requests to finish before cancelling them (default 30)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--num-gpus-per-node", type=int, default=1,
+                   help="ranks on this node, each with --slots slots of its own; rank 0 alone listens and deals "
+                        "requests to them. More than 1 starts torchrun (or run under torchrun yourself). "
+                        "See docs/serve.md")
     add_run_flags(p)
     p.set_defaults(func=cmd_serve)
 
@@ -68,12 +72,12 @@ def _check_extras() -> None:
         raise OffloadgenError(f"offloadgen serve needs {', '.join(missing)}: pip install 'offloadgen[serve]'")
 
 
-def _bus_bandwidth(config) -> float | None:
+def _bus_bandwidth(config, world) -> float | None:
     """Host-to-device bytes/s, measured before the model takes the GPU's memory (the probe needs
     a buffer of its own); None where no weights stream to a GPU."""
     from ..machine import h2d_bandwidth
     from ..runtime import resolve_device
-    device = resolve_device(config)
+    device = resolve_device(config, world)
     if not config.offloaded or device.type != "cuda":
         return None
     return h2d_bandwidth(device, nbytes=256 << 20)["best"]
@@ -86,32 +90,50 @@ def _bus_seconds_per_pass(llm, bandwidth: float | None) -> float | None:
     return placement.streamed_bytes / bandwidth
 
 
-def build_context(args):
-    """Load the model and make the batcher, the worker and the HTTP app's context."""
+def load_model(args):
+    """The model as serve plans it (every slot at full length, prefills of one chunk), on this
+    rank's device: (llm, world, measured bus bandwidth or None)."""
+    from .. import distributed
     from ..api import load
     from ..checkpoint import open_checkpoint
-    from ..scheduler import ContinuousBatcher
-    from .app import ServeContext
-    from .metrics import ServeMetrics
-    from .worker import Worker
+    from ..runtime import resolve_device
 
     if args.slots < 1 or args.max_queue < 0:
         raise OffloadgenError("--slots must be at least 1 and --max-queue at least 0")
     checkpoint = open_checkpoint(args.model, dummy=args.dummy)
-    max_len = min(args.max_seq_len or 4096, checkpoint.cfg.max_position)
-    chunk = args.prefill_chunk or 512
-    # the GPU memory is planned for every slot at full length, and prefills of one chunk
+    max_len = _max_len(args, checkpoint.cfg)
     config = config_from_args(args, max_batch_size=args.slots, max_seq_len=max_len,
-                              max_prompt_len=min(chunk, max_len)).validate()
-    bandwidth = _bus_bandwidth(config)
-    llm = load(config=config, checkpoint=checkpoint)
-    batcher = ContinuousBatcher(llm, slots=args.slots, max_len=max_len, prefill_chunk=chunk)
-    metrics = ServeMetrics(args.slots, _bus_seconds_per_pass(llm, bandwidth))
-    worker = Worker(batcher, args.slots, args.max_queue, metrics)
-    ctx = ServeContext(worker, llm.tokenizer, metrics, _model_name(args), max_len,
-                       api_key=args.api_key or os.environ.get("OFFLOADGEN_API_KEY") or None,
-                       shutdown_grace_s=args.shutdown_grace)
-    return ctx, llm
+                              max_prompt_len=min(args.prefill_chunk or 512, max_len)).validate()
+    world = distributed.init(resolve_device(config).type)
+    bandwidth = _bus_bandwidth(config, world) if world.is_main else None
+    return load(config=config, checkpoint=checkpoint, world=world), world, bandwidth
+
+
+def _max_len(args, cfg) -> int:
+    return min(args.max_seq_len or 4096, cfg.max_position)
+
+
+def _batcher(llm, args):
+    from ..scheduler import ContinuousBatcher
+    return ContinuousBatcher(llm, slots=args.slots, max_len=_max_len(args, llm.cfg),
+                             prefill_chunk=args.prefill_chunk or 512)
+
+
+def build_context(args, llm, world=None, bandwidth: float | None = None, group=None):
+    """Rank 0's batcher, worker and HTTP app context (a RankedWorker where slots are on several ranks)."""
+    from .app import ServeContext
+    from .metrics import ServeMetrics
+    from .ranked import RankedWorker
+    from .worker import Worker
+
+    batcher = _batcher(llm, args)
+    ranks = world.size if world is not None else 1
+    metrics = ServeMetrics(args.slots * ranks, _bus_seconds_per_pass(llm, bandwidth))
+    worker = RankedWorker(batcher, args.slots, args.max_queue, world, metrics, group) if ranks > 1 \
+        else Worker(batcher, args.slots, args.max_queue, metrics)
+    return ServeContext(worker, llm.tokenizer, metrics, _model_name(args), batcher.max_len,
+                        api_key=args.api_key or os.environ.get("OFFLOADGEN_API_KEY") or None,
+                        shutdown_grace_s=args.shutdown_grace)
 
 
 def run_server(app, ctx, sock: socket.socket, log_level: str = "info") -> int:
@@ -139,22 +161,44 @@ def run_server(app, ctx, sock: socket.socket, log_level: str = "info") -> int:
 
 
 def cmd_serve(args) -> int:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Several ranks would need rank 0's requests and cancels sent to the others every pass
-        # (ranks.py has the lockstep, not that); each would bind the same port.
-        raise OffloadgenError(f"serve runs in one process, not under torchrun with {os.environ['WORLD_SIZE']} ranks: "
-                              "start one server per GPU (CUDA_VISIBLE_DEVICES=i offloadgen serve --port 800i) behind "
-                              "a load balancer, or run offline work as a job across GPUs (generate --input ... "
-                              "--num-gpus-per-node N)")
+    from .. import distributed
     _check_extras()
-    sock = _listen(args.host, args.port)
-    ctx, llm = build_context(args)
+    if args.num_gpus_per_node < 1:
+        raise OffloadgenError(f"--num-gpus-per-node must be at least 1; got {args.num_gpus_per_node}")
+    if args.num_gpus_per_node > 1 and not distributed.launched():
+        return distributed.relaunch(args.argv, args.num_gpus_per_node)
+    # rank 0 alone listens (bound before loading: a port in use is found in a second)
+    sock = _listen(args.host, args.port) if os.environ.get("RANK", "0") == "0" else None
+    llm, world, bandwidth = load_model(args)
+    return serve_loaded(args, llm, world, sock, bandwidth)
+
+
+def serve_loaded(args, llm, world, sock: socket.socket | None, bandwidth: float | None = None) -> int:
+    """Serve a loaded model: rank 0 runs the HTTP app (until SIGTERM/SIGINT), any other rank
+    follows rank 0's passes (serve/ranked.py) until rank 0 says stop. Returns the exit code."""
+    from .. import distributed
     from .app import create_app
+    from .ranked import follow
+    group = distributed.control_group(world)  # every rank makes it here, before any exchange
+    with llm:
+        if not world.is_main:
+            follow(_batcher(llm, args), world, group)
+            code = 0
+        else:
+            ctx = build_context(args, llm, world, bandwidth, group)
+            _say_serving(args, ctx, sock, world)
+            code = run_server(create_app(ctx), ctx, sock, args.log_level)
+            code = 1 if getattr(ctx.worker, "failure", None) else code
+    if world.active and code == 0:
+        distributed.finish(world)
+    return code
+
+
+def _say_serving(args, ctx, sock: socket.socket, world) -> None:
     host, port = sock.getsockname()[:2]
     if not ctx.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"offloadgen: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
-    print(f"offloadgen: serving '{ctx.model_name}' on http://{host}:{port}/v1 ({ctx.worker.slots} slots, "
+    ranks = f" on each of {world.size} ranks" if world.size > 1 else ""
+    print(f"offloadgen: serving '{ctx.model_name}' on http://{host}:{port}/v1 ({args.slots} slots{ranks}, "
           f"{ctx.max_len} tokens each, queue {ctx.worker.max_queue})", file=sys.stderr, flush=True)
-    with llm:
-        return run_server(create_app(ctx), ctx, sock, args.log_level)

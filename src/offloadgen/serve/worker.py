@@ -74,7 +74,7 @@ class Worker:
             key = f"r{next(self._keys)}"
             # registered under the lock, so the worker cannot deliver a pass's tokens before the
             # handle exists
-            handle = Handle(key, self.batcher.submit(prompt_ids, sampling, request_id=key), loop)
+            handle = Handle(key, self._enqueue(key, prompt_ids, sampling), loop)
             self._handles[key] = handle
         self._wake.set()
         return handle
@@ -84,8 +84,19 @@ class Worker:
         with self._lock:
             if self._handles.pop(handle.key, None) is None:
                 return  # already finished
-            self.batcher.cancel(handle.request)
+            self._cancel_request(handle.request)
         self._wake.set()
+
+    def _enqueue(self, key: str, prompt_ids: list[int], sampling: SamplingParams):
+        """Hand a request to a batcher (called under the lock); what cancel() later gets back."""
+        return self.batcher.submit(prompt_ids, sampling, request_id=key)
+
+    def _cancel_request(self, request) -> None:
+        self.batcher.cancel(request)
+
+    def batcher_stats(self) -> dict:
+        """The batcher's figures for /metrics (passes, slot_occupancy, active_slots, queue_length, ...)."""
+        return dict(self.batcher.snapshot())
 
     def in_flight(self) -> int:
         with self._lock:
@@ -112,9 +123,7 @@ class Worker:
 
     def _run(self) -> None:
         while not self._stop:
-            if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
-                self._cancel_all("the server is shutting down; the grace period ended before this answer")
-                self.drain_deadline = None
+            self._end_grace_period()
             if not self.batcher.has_work():
                 self._wake.wait(self.idle_wait_s)
                 self._wake.clear()  # has_work() is asked again before sleeping, so no submit is missed
@@ -132,15 +141,13 @@ class Worker:
             if self.metrics is not None:
                 self.metrics.observe_pass(elapsed, sum(len(o.new_token_ids) for o in outputs))
 
+    def _end_grace_period(self) -> None:
+        if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
+            self._cancel_all("the server is shutting down; the grace period ended before this answer")
+            self.drain_deadline = None
+
     def _recover(self) -> None:
-        """After a failed pass the batcher's rows are in an unknown state: rebuild them (the
-        requests, all cancelled above, then leave at the next pass)."""
-        restart = getattr(self.batcher, "restart", None)
-        if restart is not None:
-            try:
-                restart()
-            except Exception:  # noqa: BLE001 - still serving: the next pass reports what is wrong
-                traceback.print_exc(file=sys.stderr)
+        recover(self.batcher)
 
     def _deliver(self, outputs) -> None:
         with self._lock:
@@ -158,6 +165,17 @@ class Worker:
         with self._lock:
             handles, self._handles = list(self._handles.values()), {}
             for h in handles:
-                self.batcher.cancel(h.request)
+                self._cancel_request(h.request)
         for h in handles:
             h.put(Event([], True, "cancelled", error=why))
+
+
+def recover(batcher) -> None:
+    """After a failed pass the batcher's rows are in an unknown state: rebuild them (the requests,
+    all cancelled by the caller, then leave at the next pass)."""
+    restart = getattr(batcher, "restart", None)
+    if restart is not None:
+        try:
+            restart()
+        except Exception:  # noqa: BLE001 - still serving: the next pass reports what is wrong
+            traceback.print_exc(file=sys.stderr)

@@ -1,0 +1,49 @@
+"""Run under torchrun by test_ranks.py: `serve` across ranks on a tiny checkpoint whose weights
+stream from host memory (whole layers, or 1/N fetched and all-gathered every layer, which the CLI
+offers on GPUs only), through serve.cli.serve_loaded as `offloadgen serve` runs it once loaded.
+
+    torchrun --nproc-per-node N tests/dist_serve.py CHECKPOINT {whole|allgather} PORT [FAIL_PROMPT]
+
+With FAIL_PROMPT, rank 1's first pass that holds that prompt raises (a stand-in for a pass that
+runs out of memory or meets a bad kernel), so that the test sees how a failed pass is answered.
+
+The tokenizer reads bytes and writes token ids as text ("17 301 5"), so that an answer's text is
+exactly the tokens generated.
+"""
+import sys
+
+from dist_jobs import tiny_llm
+
+from offloadgen import distributed
+from offloadgen.cli import build_parser
+from offloadgen.serve.cli import _listen, serve_loaded
+
+
+def fail_once_on_rank_1(prompt: str, world) -> None:
+    from offloadgen.scheduler import ContinuousBatcher
+    from offloadgen.tokenizer import ByteTokenizer
+    if world.rank != 1:
+        return
+    step, ids, failed = ContinuousBatcher.step, None, []
+
+    def failing(self):
+        nonlocal ids
+        ids = ids or ByteTokenizer(self.engine.cfg).encode(prompt)
+        held = [r for r in self.rows if r is not None] + list(self._waiting)
+        if not failed and any(r.prompt_ids == ids for r in held):
+            failed.append(True)
+            raise RuntimeError("injected failure")
+        return step(self)
+    ContinuousBatcher.step = failing
+
+
+if __name__ == "__main__":
+    path, mode, port = sys.argv[1:4]
+    args = build_parser().parse_args(["serve", path, "--device", "cpu", "--port", port, "--slots", "6",
+                                      "--max-seq-len", "256", "--served-model-name", "tiny", "--log-level", "warning",
+                                      "--shutdown-grace", "30"])
+    world = distributed.init("cpu")
+    if len(sys.argv) > 4:
+        fail_once_on_rank_1(sys.argv[4], world)
+    sock = _listen(args.host, args.port) if world.is_main else None
+    distributed.exit_process(serve_loaded(args, tiny_llm(path, mode, world), world, sock))
