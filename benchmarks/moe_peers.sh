@@ -16,7 +16,7 @@
 #   og8      offloadgen batch 8                                   ~80 s   (timeout 130)
 #   ogbest   offloadgen batch $BEST (32)                          ~75 s   (timeout 130)
 #   ds       DeepSpeed ZeRO-3, batch 1 then 8 on one engine, one loop each: engine ~60 s (93 GB
-#            pinned), each generate ~70 s (93 GB a step at ~46 GB/s: ~2.1 s x 32), ~215 s in all (timeout 270)
+#            pinned), each generate ~70 s (93 GB a step at ~46 GB/s: ~2.1 s x 32), ~215 s in all (timeout 290)
 #   ds1      DeepSpeed batch 1 only                               ~145 s  (timeout 200)
 #   acc1     Accelerate batch 1: dummy fill of 93 GB ~30 s; with 16 GiB less a 2.8 GB layer for its
 #            own staging, ~4 of 32 layers fit the GPU, ~80 GB a step at ~6.6 GB/s: ~12 s a step.
@@ -26,7 +26,7 @@
 #            the table's gen column says which ran.
 # The whole does not fit one call of 10 minutes (~9.5 min expected, the Accelerate step alone at gen
 # 32 ~7 min). Two calls, each with offloadgen's batch 1 as its own baseline, each under 560 s of timeouts:
-#   call 1:  bash benchmarks/moe_peers.sh og1 og8 ds        ~5.5 min (timeouts 490 s)
+#   call 1:  bash benchmarks/moe_peers.sh og1 og8 ds        ~5.5 min (timeouts 510 s)
 #   call 2:  bash benchmarks/moe_peers.sh og1 ogbest acc1   ~5.5 min (timeouts 540 s)
 # Carry .whl (DeepSpeed 0.19.8 built with DS_BUILD_OPS=0 and its needs, as benchmarks/peers/run_peers.sh).
 # Host RAM: each step is its own process and only one holds the 93 GB at a time; neither peer makes
@@ -55,7 +55,7 @@ for what in "$@"; do
     og1) (cd "$out" && timeout ${OG1_TIMEOUT:-90} $bench --batch-size 1) ;;
     og8) (cd "$out" && timeout ${OG8_TIMEOUT:-130} $bench --batch-size 8) ;;
     ogbest) (cd "$out" && timeout ${OGBEST_TIMEOUT:-130} $bench --batch-size "${BEST:-32}") ;;
-    ds) timeout ${DS_TIMEOUT:-270} python3 benchmarks/peers/deepspeed_peer.py $peer --gen-len 32 --batch-size 1 8 ;;
+    ds) timeout ${DS_TIMEOUT:-290} python3 benchmarks/peers/deepspeed_peer.py $peer --gen-len 32 --batch-size 1 8 ;;
     ds1) timeout ${DS1_TIMEOUT:-200} python3 benchmarks/peers/deepspeed_peer.py $peer --gen-len 32 --batch-size 1 ;;
     acc1) timeout ${ACC_TIMEOUT:-320} python3 benchmarks/peers/accelerate_peer.py $peer --gen-len ${ACC_GEN_LEN:-16} --batch-size 1 ;;
     table) ;;

@@ -95,3 +95,16 @@ def test_an_unsupported_family_is_refused_in_one_line():
     assert run.stderr.strip().splitlines() == [
         "accelerate peer: the peers run llama, mixtral, opt, qwen3_moe presets through transformers; "
         "bloom-7b1 is a bloom model"]
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--model", "gemma-3-1b"], "deepspeed peer: the peers run llama, mixtral, opt, qwen3_moe presets through "
+                                "transformers; gemma-3-1b is a gemma3_text model"),
+    (["--model", "mixtral-8x7b", "--kv-offload"], "deepspeed peer: --kv-offload is ZeRO-Inference's OPT-only KV "
+                                                  "offload; mixtral-8x7b is a mixtral model")])
+def test_deepspeed_refuses_other_families_and_kv_offload_off_opt_in_one_line(flags, line):
+    pytest.importorskip("deepspeed")  # the GPU image's wheel (DS_BUILD_OPS=0) imports on a CPU machine too
+    run = subprocess.run([sys.executable, "benchmarks/peers/deepspeed_peer.py", *flags], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert [x for x in run.stderr.strip().splitlines() if "WARNING" not in x] == [line]
