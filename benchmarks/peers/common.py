@@ -59,20 +59,107 @@ def with_batch(args, batch: int):
     return argparse.Namespace(**{**vars(args), "batch_size": batch})
 
 
-def hf_opt_config(model: str):
-    import transformers
+# --- Our presets as transformers models --------------------------------------------------------
+# The peers run transformers' own implementation of a family; these build its config from our
+# preset, so every system runs the same shapes. OPT's is the config its earlier runs had
+# (hf_opt_config: sizes only), with opt-350m's projection and post-norm added.
+
+
+def _first(token_id):
+    return token_id[0] if isinstance(token_id, list) else token_id
+
+
+def _llama_like(cfg) -> dict:
+    """The settings LLaMA, Mixtral and Qwen3-MoE spell alike in transformers."""
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position, rms_norm_eps=cfg.norm_eps,
+                rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_token_id,
+                eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, dtype=torch.float16)
+
+
+def _llama(t, cfg):
+    if cfg.rope_scaling or cfg.sliding_window or cfg.qkv_bias != cfg.o_bias:
+        raise ValueError(f"the peers build plain LLaMA configs only ({cfg.model_type} with rope scaling, a sliding "
+                         "window or q/k/v-only biases is not mapped)")
+    return t.LlamaConfig(**_llama_like(cfg), attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+
+
+def _mixtral(t, cfg):
+    return t.MixtralConfig(**_llama_like(cfg), sliding_window=cfg.sliding_window, num_local_experts=cfg.n_experts,
+                           num_experts_per_tok=cfg.top_k)
+
+
+def _qwen3_moe(t, cfg):
+    kw = _llama_like(cfg)
+    # Qwen3-MoE's MLP-only layers: every layer off decoder_sparse_step 1 that is listed
+    return t.Qwen3MoeConfig(**kw, attention_bias=cfg.qkv_bias, num_experts=cfg.n_experts,
+                            num_experts_per_tok=cfg.top_k, moe_intermediate_size=cfg.moe_intermediate_size,
+                            norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1,
+                            mlp_only_layers=list(cfg.dense_layers))
+
+
+def _opt(t, cfg):
+    c = t.OPTConfig(hidden_size=cfg.hidden_size, ffn_dim=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
+                    num_attention_heads=cfg.n_heads, vocab_size=cfg.vocab_size,
+                    max_position_embeddings=cfg.max_position, dtype=torch.float16)
+    if cfg.projected or not cfg.do_layer_norm_before:  # opt-350m: settings hf_opt_config never passed
+        c.word_embed_proj_dim, c.do_layer_norm_before = cfg.word_embed_proj_dim, cfg.do_layer_norm_before
+    return c
+
+
+# our model_type -> (its config builder, transformers' causal-LM class)
+HF_MODELS = {"opt": (_opt, "OPTForCausalLM"), "llama": (_llama, "LlamaForCausalLM"),
+             "mixtral": (_mixtral, "MixtralForCausalLM"), "qwen3_moe": (_qwen3_moe, "Qwen3MoeForCausalLM")}
+
+
+class HFModel:
+    """A preset as transformers builds it: config, causal-LM class, and its decoder layer's class
+    name (what Accelerate must not split across devices)."""
+
+    def __init__(self, cfg, name: str = "this preset"):
+        import transformers
+        if cfg.model_type not in HF_MODELS:
+            raise ValueError(f"the peers run {', '.join(sorted(HF_MODELS))} presets through transformers; "
+                             f"{name} is a {cfg.model_type} model")
+        build, cls_name = HF_MODELS[cfg.model_type]
+        self.ours = cfg
+        self.config = build(transformers, cfg)
+        self.model_class = getattr(transformers, cls_name)
+        self.layer_class = self.model_class._no_split_modules[0]
+
+
+def hf_model(model: str) -> HFModel:
+    return HFModel(preset(model), model)
+
+
+def prompt_ids(model: str = "opt-30b") -> tuple[list, int]:
+    """The reference's prompt and the id it is left-padded with. OPT: its own ids, padded with EOS
+    (2). Another vocabulary: the model's BOS, then OPT's ids folded into the vocabulary (dummy
+    weights need valid ids, not words), padded with the model's EOS."""
     cfg = preset(model)
-    return transformers.OPTConfig(hidden_size=cfg.hidden_size, ffn_dim=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
-                                  num_attention_heads=cfg.n_heads, vocab_size=cfg.vocab_size,
-                                  max_position_embeddings=cfg.max_position, dtype=torch.float16)
+    if cfg.model_type == "opt":
+        return PROMPT_IDS, 2
+    bos = _first(cfg.bos_token_id)
+    return [PROMPT_IDS[0] if bos is None else bos] + [i % cfg.vocab_size for i in PROMPT_IDS[1:]], \
+        _first(cfg.eos_token_id)
 
 
-def inputs(batch: int, prompt_len: int, device="cuda"):
-    """The reference's workload: its prompt, left-padded with EOS (id 2) to exactly prompt_len."""
-    ids = torch.full((batch, prompt_len), 2, dtype=torch.long)
+def pad_id(model: str = "opt-30b") -> int:
+    """The pad id a peer's generate is given: OPT's 1 as before; else the model's pad, or EOS."""
+    cfg = preset(model)
+    if cfg.model_type == "opt":
+        return 1
+    return cfg.pad_token_id if cfg.pad_token_id is not None else _first(cfg.eos_token_id)
+
+
+def inputs(batch: int, prompt_len: int, device="cuda", model: str = "opt-30b"):
+    """The reference's workload: its prompt, left-padded (OPT: with EOS, id 2) to exactly prompt_len."""
+    prompt, pad = prompt_ids(model)
+    ids = torch.full((batch, prompt_len), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    ids[:, -len(PROMPT_IDS):] = torch.tensor(PROMPT_IDS)
-    mask[:, -len(PROMPT_IDS):] = 1
+    ids[:, -len(prompt):] = torch.tensor(prompt)
+    mask[:, -len(prompt):] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -234,12 +321,14 @@ def job_failure(system, args, batch_size, exc: BaseException, json_file="peers.j
 def hf_job(system, args, model, items, batch_size, extra=None, device="cuda", **generate_kw) -> dict:
     """A job through a transformers model's generate (DeepSpeed's engine.module, Accelerate's
     dispatched model): a warm-up batch of one token, then the static batches on one clock, each
-    left-padded with OPT's pad id 1 and held to the batch's longest output (min_new_tokens)."""
+    left-padded with the model's pad id (OPT's 1) and held to the batch's longest output (min_new_tokens)."""
+    pad = pad_id(args.model)
+
     def generate_batch(batch):
-        ids, mask, gen_len = padded_batch(batch, pad_id=1)
+        ids, mask, gen_len = padded_batch(batch, pad_id=pad)
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=gen_len,
-                                 min_new_tokens=gen_len, do_sample=False, pad_token_id=1, **generate_kw)
+                                 min_new_tokens=gen_len, do_sample=False, pad_token_id=pad, **generate_kw)
         return out.shape[1] - ids.shape[1]
 
     on_gpu = torch.device(device).type == "cuda"
