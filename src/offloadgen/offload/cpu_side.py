@@ -49,7 +49,9 @@ class CpuSide:
             start = torch.cuda.Event()
             start.record(compute)
             for j in on_cpu:
-                hidden[j].record_stream(self.stream)  # made on the compute stream (the embedding): freed once read
+                # Made on the compute stream by the embedding, or by an MoE layer (those run there):
+                # freed only once the side stream has read it. Every layer, as MoE and dense layers mix.
+                hidden[j].record_stream(self.stream)
         inference, grad, threads = torch.is_inference_mode_enabled(), torch.is_grad_enabled(), torch.get_num_threads()
 
         def side() -> dict:
