@@ -5,7 +5,8 @@ rank 0 writes every row's tokens, gathered in order, to a JSON file.
     torchrun --nproc-per-node N tests/dist_worker.py CHECKPOINT OUT.json {whole|allgather|pool|die|shared}
 
 In "pool" mode the last two layers are pooled (each rank keeps 1/N of them and all-gathers the
-rest), the others stream from shared host memory.
+rest), the others stream from shared host memory. With DIST_DEVICE=cuda it runs the same on the
+ranks' GPUs over NCCL (benchmarks/gpu_dist_check.py), where the copies and gathers overlap.
 """
 import json
 import os
@@ -22,8 +23,9 @@ from offloadgen.offload.streaming import StreamingWeights
 from offloadgen.sampling import SamplingParams
 
 path, out_file, mode = sys.argv[1:4]
-CPU = torch.device("cpu")
-world = distributed.init("cpu")
+DEVICE_TYPE = os.environ.get("DIST_DEVICE", "cpu")
+world = distributed.init(DEVICE_TYPE)
+DEVICE = distributed.device_for(world, torch.device(DEVICE_TYPE))
 if mode == "die" and world.rank == world.size - 1:
     import time
     time.sleep(2)  # the others are waiting in a collective (rank 0 holding shared-memory files)
@@ -31,11 +33,11 @@ if mode == "die" and world.rank == world.size - 1:
 ckpt = SafetensorsFolder(path)
 ids, mask = fixed_batch()
 rows = distributed.local_rows(ids.shape[0], world)
-placement = disk_placement_on_cpu(ckpt.cfg)
+placement = disk_placement_on_cpu(ckpt.cfg, prefetch_depth=int(os.environ.get("DIST_RING", "2")) - 1)
 if mode == "pool":
     layers = list(range(ckpt.cfg.n_layers))
-    placement = Placement(["embed", "head"], layers[:-2], 2, dict(streamed_per_pass=0), pooled=layers[-2:])
-weights = StreamingWeights(ckpt, CPU, torch.float32, placement, progress=False, world=world,
+    placement = Placement(["embed", "head"], layers[:-2], placement.ring_slots, dict(streamed_per_pass=0), pooled=layers[-2:])
+weights = StreamingWeights(ckpt, DEVICE, torch.float32, placement, progress=False, world=world,
                            fetch=mode if mode in ("allgather", "pool") else "whole")
 if mode == "pool":
     assert set(weights.host) == set(layers[:-2]) and set(weights.pool_shard) == set(layers[-2:])
@@ -48,8 +50,8 @@ if mode == "shared":
     seen = weights.host[block][:8].tolist()
     result = distributed.gather(seen, world)
 else:
-    out = Engine(ckpt.cfg, weights, CPU, torch.float32, 2).generate(
-        ids[rows], mask[rows], SamplingParams(max_new_tokens=8, ignore_eos=True), set(), 0)
+    out = Engine(ckpt.cfg, weights, DEVICE, torch.float32, 2).generate(
+        ids[rows].to(DEVICE), mask[rows].to(DEVICE), SamplingParams(max_new_tokens=8, ignore_eos=True), set(), 0)
     result = [row for part in distributed.gather(out.tokens, world) for row in part]
 if world.is_main:
     with open(out_file, "w") as f:

@@ -223,6 +223,7 @@ class StreamingWeights:
         # long job issues a copy per streamed block per pass.
         self.issued_log: collections.deque = collections.deque(maxlen=4096)
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.gather_stream = torch.cuda.Stream(self.device) if self.cuda and self.shards > 1 else None
         self.staged = bool(not self.pinned and self.cuda and self.order)
         self.worker = None
         if self.staged:
@@ -318,7 +319,8 @@ class StreamingWeights:
         r = self.world.rank
         gathered = self.ring[slot][:part * self.shards]
         mine = gathered[r * part:(r + 1) * part]
-        if block in self.pool_shard:
+        pooled = block in self.pool_shard
+        if pooled:
             src = self.pool_shard[block]
             lo, hi = 0, part
         else:
@@ -329,15 +331,28 @@ class StreamingWeights:
             mine[:hi - lo].copy_(src)
             dist.all_gather_into_tensor(gathered, mine, group=self.world.group)
             return
-        with torch.cuda.stream(self.copy_stream):
-            if self.free[slot] is not None:
-                self.copy_stream.wait_event(self.free[slot])
-            copy_in_chunks(mine[:hi - lo], src)
-            # NCCL runs on its own stream after what the copy stream has queued; wait() puts the
-            # copy stream behind the gather, and the block's ready event behind both.
-            dist.all_gather_into_tensor(gathered, mine, group=self.world.group, async_op=True).wait()
+        # Two queues, so that the links work at once: the copy stream carries only host-to-device
+        # copies (PCIe), the gather stream only all-gathers (NVLink). On one queue the next block's
+        # host copy waited for this block's gather, and a step cost the sum of both links' times.
+        arrived = None
+        if not pooled:
+            with torch.cuda.stream(self.copy_stream):
+                if self.free[slot] is not None:
+                    self.copy_stream.wait_event(self.free[slot])
+                copy_in_chunks(mine[:hi - lo], src)
+                arrived = torch.cuda.Event()
+                arrived.record(self.copy_stream)
+        with torch.cuda.stream(self.gather_stream):
+            wait = arrived if arrived is not None else self.free[slot]
+            if wait is not None:
+                self.gather_stream.wait_event(wait)
+            # NCCL runs on its own stream after what the gather stream has queued; wait() puts the
+            # gather stream behind the gather, and the block's ready event behind it. A pooled
+            # block's part goes in straight from where this GPU keeps it (no copy into the slot).
+            dist.all_gather_into_tensor(gathered, src if pooled else mine, group=self.world.group,
+                                        async_op=True).wait()
             self.ready[block] = torch.cuda.Event()
-            self.ready[block].record(self.copy_stream)
+            self.ready[block].record(self.gather_stream)
 
     def _stage_worker(self) -> None:
         torch.cuda.set_device(self.device)
