@@ -2,9 +2,10 @@
 import torch
 
 
-def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_batch(rows: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows: 6 splits over 2 and 3 ranks; 8 or 12 over 4 (the GPU check)."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 300, (6, 10), generator=g)
+    ids = torch.randint(3, 300, (rows, 10), generator=g)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     mask[4, :7] = 0

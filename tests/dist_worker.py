@@ -31,7 +31,7 @@ if mode == "die" and world.rank == world.size - 1:
     time.sleep(2)  # the others are waiting in a collective (rank 0 holding shared-memory files)
     os._exit(3)
 ckpt = SafetensorsFolder(path)
-ids, mask = fixed_batch()
+ids, mask = fixed_batch(int(os.environ.get("DIST_ROWS", "6")))
 rows = distributed.local_rows(ids.shape[0], world)
 placement = disk_placement_on_cpu(ckpt.cfg, prefetch_depth=int(os.environ.get("DIST_RING", "2")) - 1)
 if mode == "pool":
