@@ -3,7 +3,7 @@
 # (16 GiB, prompt 512, gen 32, weights in CPU RAM) at large batches with the KV cache in CPU RAM:
 # fp16 cache at batch 96, a 4-bit cache at the larger batch it allows, 4-bit weights with it.
 # Records and console go to $OUT (or ./out); the report comes last.
-#   bash benchmarks/large_batch.sh [check] [kernel] [kv96] [kv96q8] [kvq4] [wq4kvq4] ...
+#   bash benchmarks/large_batch.sh [check] [kernel] [kv96] [kv96q8] [kvq4] [wq4kvq4] [kvq4triton] [wq4kvq4triton] ...
 # BIG (default 256) is the batch of the 4-bit cache runs, MB (default 8) the micro-batch size.
 # "check": the Triton KV encoder, decoder and decode attention, compiled, against PyTorch on this GPU (seconds).
 set -uo pipefail
@@ -26,6 +26,10 @@ for what in "$@"; do
     kv96q8) (cd "$out" && timeout $step_limit $bench $kv --batch-size 96 --kv-quant-bits 8) ;;
     kvq4) (cd "$out" && timeout $step_limit $bench $kv --batch-size "$big" --kv-quant-bits 4) ;;
     wq4kvq4) (cd "$out" && timeout $step_limit $bench $kv --batch-size "$big" --kv-quant-bits 4 --quant-bits 4) ;;
+    # the same with the GPU-attended parts read by the Triton decode attention (off by default)
+    kvq4triton) (cd "$out" && OFFLOADGEN_KV_TRITON_ATTENTION=1 timeout $step_limit $bench $kv --batch-size "$big" --kv-quant-bits 4) ;;
+    wq4kvq4triton) (cd "$out" && OFFLOADGEN_KV_TRITON_ATTENTION=1 timeout $step_limit $bench $kv --batch-size "$big" \
+                      --kv-quant-bits 4 --quant-bits 4) ;;
   esac
 done
 python3 -m offloadgen.cli report "$out"

@@ -25,6 +25,7 @@ from ..errors import OffloadgenError
 from ..machine import GiB, cpu_read_bandwidth, dense_matmul_flops, h2d_bandwidth, page_cache_bytes
 from ..metrics import RunMetrics
 from ..models import param_count
+from ..offload import kv_cache
 from ..offload.pinned import zero_copy_used
 from ..runtime import Runtime, build_runtime, resolve_device
 from ..sampling import SamplingParams
@@ -197,6 +198,7 @@ def _kv_record(rt: Runtime, timed: dict, gen_len: int) -> dict | None:
     return {**model, "attention": kv.attention, "pinned": kv.pinned, "async_write": kv.async_write,
             "gpu_parts": len(cache.gpu_parts), "parts": len(cache.parts), "host_bytes": cache.nbytes,
             "pinned_bytes": cache.pinned_bytes, "split_history": cache.split.history if cache.split else None,
+            "gpu_decode_attention": "triton" if kv_cache.TRITON_DECODE_ATTENTION else "sdpa",
             "overlap": kv.overlap, "cpu_side_layers": rt.engine.cpu_side.layers if rt.engine.cpu_side else 0,
             "per_decode_step": decode, "zero_copy_output": zero_copy_used()}
 

@@ -26,6 +26,7 @@ next reads or rewrites that layer and part (_apply_deferred), by when the copy h
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -71,14 +72,24 @@ class KVCache:
         return 2 * n_layers * batch * max_len * kv_heads * head_dim * elem
 
 
+# The Triton decode attention (quant/triton_kv.attend_cuda) reads the codes without a dense copy,
+# but on the H100 it has not yet measured faster than dequantizing and SDPA: with it, OPT-30B with
+# 4-bit weights and cache at batch 384 ran 128.6 tok/s and the CPU waited 0.39 s a step for the
+# GPU side (the split moved every part to the CPU), against 179.9 tok/s and 0.03 s without it
+# (benchmarks/RESULTS.md, 2026-11-26). It stays off by default until an A/B in one call says
+# otherwise: `bash benchmarks/large_batch.sh wq4kvq4 wq4kvq4triton`.
+TRITON_DECODE_ATTENTION = os.environ.get("OFFLOADGEN_KV_TRITON_ATTENTION", "0") == "1"
+
+
 def attend_stored(codec: KVQuant, q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, mask, scale,
-                  workspace: "QuantWorkspace") -> torch.Tensor:
-    """Attention of q [B, H, t, D] over 4/8-bit rows [end, B, row_bytes] on the device. A decode
-    step on CUDA reads the codes in one Triton kernel (quant/triton_kv.attend_cuda): no dense copy,
-    one launch instead of two dequantizations and SDPA. Anything else (prompt chunks, the CPU)
-    attends with SDPA over the workspace's dense copy of this layer and micro-batch."""
+                  workspace: "QuantWorkspace", triton_decode: bool | None = None) -> torch.Tensor:
+    """Attention of q [B, H, t, D] over 4/8-bit rows [end, B, row_bytes] on the device: SDPA over
+    the workspace's dense copy of this layer and micro-batch. With triton_decode (default:
+    OFFLOADGEN_KV_TRITON_ATTENTION=1) a decode step on CUDA reads the codes in one Triton kernel
+    instead: no dense copy, one launch instead of two dequantizations and SDPA."""
     end = k_rows.shape[0]
-    if q.is_cuda and q.shape[2] == 1:
+    triton_decode = TRITON_DECODE_ATTENTION if triton_decode is None else triton_decode
+    if triton_decode and q.is_cuda and q.shape[2] == 1:
         from ..quant.triton_kv import attend_cuda
         return attend_cuda(codec, q, k_rows, v_rows, None if mask is None else mask[..., :end], scale)
     return sdpa(q, workspace.dense(k_rows, "k"), workspace.dense(v_rows, "v"), mask, scale)
