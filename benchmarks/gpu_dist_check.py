@@ -34,7 +34,7 @@ def make_model(path: Path) -> None:
 
 
 def run(gpus: int, path: Path, mode: str, ring: int, out: Path, device: str) -> list:
-    env = {**os.environ, "DIST_DEVICE": device, "DIST_RING": str(ring), "DIST_ROWS": str(2 * gpus), "NCCL_NVLS_ENABLE": "0",
+    env = {**os.environ, "DIST_DEVICE": device, "DIST_RING": str(ring), "DIST_ROWS": str(4 * gpus), "NCCL_NVLS_ENABLE": "0",
            "PYTHONPATH": f"{HERE.parent / 'src'}:{HERE.parent / 'tests'}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
            str(WORKER), str(path), str(out), mode]
