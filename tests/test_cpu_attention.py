@@ -124,6 +124,25 @@ def test_rows_of_different_lengths_get_ranges_of_equal_work():
     assert row_ends(bias).tolist() == [4, 2, 0]
 
 
+def test_a_pass_works_out_its_row_ranges_once_per_bias(monkeypatch):
+    """Every layer and micro-batch of a pass attends with the same bias: its rows' ranges are
+    worked out on the first call only, and a new bias (the next pass) gets its own."""
+    calls = []
+    real = cpu_attention.row_ends
+    monkeypatch.setattr(cpu_attention, "row_ends", lambda b: calls.append(1) or real(b))
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(6, 2, 2, 8), torch.randn(6, 2, 2, 8)
+    mask = torch.zeros(2, 1, 1, 6)
+    mask[1, ..., :3] = -torch.inf  # row 1 sees 3 slots: the ranges matter
+    bias = cpu_attention.bias_from_mask(mask, 6)
+    first = cpu_attention.attend(q, k, v, 6, bias, impl="numba")
+    again = [cpu_attention.attend(q, k, v, 6, bias, impl="numba") for _ in range(3)]
+    assert len(calls) == 1 and all(torch.equal(first, a) for a in again)
+    other = mask.clone()
+    other[0, ..., 4:] = -torch.inf
+    changed = cpu_attention.attend(q, k, v, 6, cpu_attention.bias_from_mask(other, 6), impl="numba")
+    assert len(calls) == 2 and not torch.equal(changed, first)
+
+
 @pytest.mark.parametrize("faster", ["sdpa", cpu_attention.available_impls()[0]])
 def test_impl_none_keeps_what_its_first_calls_timed_faster(monkeypatch, faster):
     """attend(impl=None) on a dense cache times the kernel and SDPA on a shape's first calls and

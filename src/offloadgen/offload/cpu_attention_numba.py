@@ -427,13 +427,14 @@ def merge(part_m, part_l, part_acc, out, dim, order):
             out[o + d] /= total
 
 
-@njit(fastmath=FAST, cache=True, nogil=True)
+@njit(parallel=True, fastmath=FAST, cache=True, nogil=True)
 def quant_query(q, dim, seg, order, q_out, sums):
     """For a quantized cache, q [pairs * D] as the kernel reads it: in kernel order (order: empty,
     or the position in kernel order of each element of a head) into q_out, and the sums of its
-    pieces of `seg` elements into sums [pairs * D / seg]."""
+    pieces of `seg` elements into sums [pairs * D / seg]. Over the threads: on one it took a
+    fifth of a small call's time (a batch of 8 x 56 heads, 57,000 elements)."""
     pieces = dim // seg
-    for p in range(q.shape[0] // dim):
+    for p in prange(q.shape[0] // dim):
         o = p * dim
         for j in range(pieces):
             total = np.float32(0)
