@@ -3,7 +3,7 @@
 # prompt 512, gen 32, 8 rows per GPU, against one GPU of the same machine in the same call; the
 # links probed first (benchmarks/link_probe.py). Records and console go to $OUT (or ./out); a table last,
 # with each run's step beside the one `offloadgen plan` predicts from the links that run probed.
-#   bash benchmarks/multi_gpu.sh [probe] [one] [whole] [allgather] [pool] [poolq4] [poolkv] ...
+#   bash benchmarks/multi_gpu.sh [probe] [one] [whole] [allgather] [pool] [poolq4] [poolkv] [plan] ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${OUT:-out}"); mkdir -p "$out"
@@ -25,6 +25,9 @@ for what in "$@"; do
     allgather) (cd "$out" && timeout $step_limit $bench $many --weight-fetch allgather) ;;
     pool) (cd "$out" && timeout $step_limit $bench $many --weight-fetch pool) ;;
     poolq4) (cd "$out" && timeout $step_limit $bench $many --weight-fetch pool --quant-bits 4) ;;
+    plan) for f in allgather pool; do  # the plan of N ranks, from the links the last bench of N ranks saved
+            python3 -m offloadgen.cli plan facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --prompt-len 512 \
+              --gen-len 32 --batch-size 8 --num-gpus-per-node $n --weight-fetch $f; done ;;
     poolkv) (cd "$out" && timeout $step_limit $bench --num-gpus-per-node $n --batch-size $((64 * n)) --weight-fetch pool \
                --kv-offload --micro-batch-size 8) ;;
   esac
