@@ -81,7 +81,7 @@ def test_a_dead_rank_ends_the_run_with_an_error(tiny, tmp_path):
     assert "exitcode" in r.stderr and "3" in r.stderr
 
 
-def test_bench_starts_torchrun_and_rank_0_reports_for_all(tmp_path, monkeypatch, capsys):
+def test_bench_starts_torchrun_and_rank_0_reports_for_all(tmp_path, monkeypatch, capfd):
     from offloadgen.cli import main
     monkeypatch.chdir(tmp_path)
     for k, v in ENV.items():
@@ -95,6 +95,21 @@ def test_bench_starts_torchrun_and_rank_0_reports_for_all(tmp_path, monkeypatch,
     assert rec["world_size"] == 2 and [r["batch"] for r in rec["per_rank"]] == [2, 2]
     assert rec["decode_throughput"] == pytest.approx(sum(r["decode_throughput"] for r in rec["per_rank"]))
     assert rec["decode_latency_s"] == max(r["decode_latency_s"] for r in rec["per_rank"])
+    # gloo ranks on CPUs: neither link to probe, no GPU step to predict, and the record says why
+    assert rec["links_probed"] is None and "no CUDA" in rec["link_probe_skipped"]
+    assert rec["h2d_aggregate_bytes_s"] is None and rec["nvlink_allgather_bytes_s"] is None
+    assert rec["predicted_step_s"] is None and "CPU run" in rec["prediction_skipped"]
+    assert "links not probed: no CUDA" in capfd.readouterr().err  # rank 0's summary, from torchrun's process
+
+
+def test_link_probe_arithmetic():
+    """Four GPUs each copying 1 GiB, the slowest in 25 ms: 171.8 GB/s together. An all-gather of
+    1 GiB over 4 ranks in 6 ms: each receives 3/4 GiB, 134.2 GB/s."""
+    from offloadgen.distributed import World, aggregate_h2d_rate, allgather_receive_rate, probe_links
+    assert aggregate_h2d_rate(1 << 30, 4, 0.025) == pytest.approx(171.8e9, rel=1e-3)
+    assert allgather_receive_rate(1 << 30, 4, 0.006) == pytest.approx(134.2e9, rel=1e-3)
+    assert allgather_receive_rate(1 << 30, 2, 0.006) == pytest.approx(89.5e9, rel=1e-3)  # half comes from the peer
+    assert probe_links(World(), torch.device("cpu")) is None  # one process: nothing to probe together
 
 
 def test_batch_that_does_not_divide_is_refused(tmp_path, monkeypatch):

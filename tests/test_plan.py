@@ -94,3 +94,85 @@ def test_plan_with_an_offloaded_kv_cache_probes_the_cpu_once_and_keeps_the_figur
     assert len(calls) == 1 and "7.0 GB/s (saved in" in capsys.readouterr().out  # the next plan asks nobody
     assert main([*argv, "--kv-quant-bits", "8"]) == 0 and len(calls) == 2  # another cache format, its own figure
     assert main([*argv, "--kv-attention", "gpu"]) == 0 and len(calls) == 2  # no split to weigh: no probe
+
+
+def test_one_rank_or_whole_layers_without_a_probe_predict_as_before():
+    """The step model of several ranks changes nothing where there is one rank, or where every
+    rank copies whole layers and no probe measured the links together."""
+    from offloadgen.plan import LAUNCH_OVERHEAD_S, Links
+    cfg = preset("opt-30b")
+    p = plan_placement(cfg, 2, 16 * GiB, 8, 512, 32, offload=True)
+    cal = Calibration(50e9, 3e12, "test")
+    before = max(p.streamed_bytes / 50e9, 0) + cfg.n_layers * LAUNCH_OVERHEAD_S  # the bus-bound step, as it was
+    default = predict(cfg, p, 8, None, 512, 32, 2, None, cal)
+    assert default["step_s"] == before and default["nvlink_s"] == 0
+    for links in (Links(1, "allgather"), Links(1, "pool"), Links(4, "whole")):
+        r = predict(cfg, p, 8, None, 512, 32, 2, None, cal, links=links)
+        assert {k: r[k] for k in ("step_s", "bus_s", "gpu_s", "bound")} == \
+            {k: default[k] for k in ("step_s", "bus_s", "gpu_s", "bound")}
+        assert r["tokens_s"] == links.ranks * 8 / before  # all ranks' tokens
+    # measured together, four links give less than four times one: whole layers then take longer
+    slower = predict(cfg, p, 8, None, 512, 32, 2, None, cal, links=Links(4, "whole", 172.8e9, 179e9))
+    assert slower["bus_s"] == p.streamed_bytes / (172.8e9 / 4) > default["bus_s"]
+
+
+def test_one_rank_with_an_offloaded_kv_cache_keeps_the_kv_models_bus_time():
+    from offloadgen.config import RunConfig
+    from offloadgen.plan import Links, plan_table
+    config = RunConfig(model="opt-30b", dummy=True, cpu_offload=True, kv_offload=True, gpu_memory=16 * GiB,
+                       max_seq_len=544, max_prompt_len=512, micro_batch_size=8)
+    cal = Calibration(50e9, 3e12, "test", {"16": 20e9})
+    for links in (None, Links(1, "allgather")):
+        [row] = plan_table(config, preset("opt-30b"), [32], cal, 1 << 40, links)
+        assert row["kv"]["gpu_parts"] > 0  # the bus carries some of the cache too
+        assert row["bus_s"] == pytest.approx(row["kv"]["predicted_bus_s"], rel=1e-12)
+        assert row["cpu_s"] == row["kv"]["predicted_cpu_attention_s"]
+
+
+def test_four_pooled_ranks_predict_the_slower_of_their_two_links():
+    """OPT-30B, 16 GiB on each of 4 GPUs, pooled: 22 layers held across the GPUs, 26 streamed; each
+    rank copies 1/4 of the streamed bytes over PCIe (8.0 GB, as the 4-H100 bench recorded) and
+    receives 3/4 of the streamed and pooled bytes over NVLink (44.4 GB)."""
+    from offloadgen.plan import LAUNCH_OVERHEAD_S, Links
+    cfg = preset("opt-30b")
+    p = plan_placement(cfg, 2, 16 * GiB, 8, 512, 32, offload=True, pool_ranks=4)
+    assert len(p.pooled) == 22
+    cal = Calibration(54.8e9, 3e12, "test")
+    pcie = p.streamed_bytes / 4 / (172.8e9 / 4)
+    nvlink = 3 / 4 * (p.streamed_bytes + 4 * p.bytes["pooled_per_rank"]) / 150e9
+    assert p.streamed_bytes / 4 == pytest.approx(8.02e9, rel=0.01) and nvlink * 150e9 == pytest.approx(44.4e9, rel=0.01)
+    r = predict(cfg, p, 8, None, 512, 32, 2, None, cal, links=Links(4, "pool", 172.8e9, 150e9))
+    assert r["bus_s"] == pytest.approx(pcie) and r["nvlink_s"] == pytest.approx(nvlink)
+    assert r["bound"] == "NVLink" and r["step_s"] == pytest.approx(nvlink + cfg.n_layers * LAUNCH_OVERHEAD_S)
+    assert r["tokens_s"] == pytest.approx(4 * 8 / r["step_s"])
+    fast_nvlink = predict(cfg, p, 8, None, 512, 32, 2, None, cal, links=Links(4, "pool", 172.8e9, 600e9))
+    assert fast_nvlink["bound"] == "bus"
+    assert fast_nvlink["step_s"] == pytest.approx(pcie + cfg.n_layers * LAUNCH_OVERHEAD_S)
+
+
+POOL = ["plan", "facebook/opt-30b", "--dummy", "--cpu-offload", "--gpu-memory", "16GiB", "--cpu-memory", "400GiB",
+        "--h2d-bandwidth", "54.8GB", "--batch-size", "8", "--prompt-len", "512", "--gen-len", "32",
+        "--num-gpus-per-node", "4", "--weight-fetch", "pool"]
+
+
+def test_plan_of_four_ranks_says_which_link_figures_it_assumed_and_uses_saved_ones(capsys, monkeypatch, tmp_path):
+    from offloadgen.machine import save_link_figures
+    monkeypatch.setenv("OFFLOADGEN_CACHE", str(tmp_path))
+    assert main(POOL) == 0
+    out = capsys.readouterr().out
+    assert "host links assumed 4 x 54.8 GB/s" in out and "NVLink unmeasured: all-gather assumed 179 GB/s" in out
+    [row] = rows_of(out)
+    assert row[5:8] == ["0.250", "NVLink", "128.02"] and row[8:11] == ["22", "8.02", "44.40"]  # pooled, GB each link
+    assert main([*POOL, "--num-gpus-per-node", "1"]) == 0  # one rank: one GPU's plan
+    one = capsys.readouterr().out
+    assert "NVLink" not in one and rows_of(one)[0][2] == "43"
+    save_link_figures(4, 100e9, 400e9, "H100 x 4, test")
+    assert main(POOL) == 0
+    out = capsys.readouterr().out
+    assert "host links 100.0 GB/s together (measured by bench: H100 x 4, test)" in out
+    [row] = rows_of(out)
+    assert row[6] == "bus" and float(row[11]) == pytest.approx(8.02e9 / 25e9, abs=1e-3)  # PCIe s at 100/4 GB/s each
+    assert main([*POOL, "--allgather-bandwidth", "90GB"]) == 0
+    out = capsys.readouterr().out
+    assert "all-gather 90.0 GB/s received per GPU (given with --allgather-bandwidth)" in out
+    assert rows_of(out)[0][6] == "NVLink"

@@ -244,6 +244,12 @@ def _add_plan(sub):
     p.add_argument("--gen-len", type=int, default=None, help="new tokens (default 32; or give --max-seq-len)")
     p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,2,4,8,16,32,64)")
     p.add_argument("--h2d-bandwidth", type=size, default=None, help="bytes/s, e.g. 50GB (default: measured)")
+    flag(p, "--num-gpus-per-node", type=int, default=1,
+         help="plan one rank of a run of N GPUs (with --weight-fetch): --batch-size rows each, tokens/s of all; the "
+              "links as the last `bench --num-gpus-per-node N` here measured them, else assumed (the line says which)")
+    flag(p, "--allgather-bandwidth", type=size, default=None,
+         help="with several GPUs: bytes/s each GPU receives in an all-gather, e.g. 180GB (default: as measured by "
+              "bench, else assumed)")
     add_run_flags(p)
     p.set_defaults(func=cmd_plan)
 
@@ -289,11 +295,13 @@ def cmd_plan(args) -> int:
 
     from .checkpoint import open_checkpoint
     from .machine import available_host_memory, default_gpu_budget, load_calibration
-    from .plan import cpu_attention_figure, plan_table, print_plan
+    from .plan import cpu_attention_figure, plan_links, plan_table, print_plan
     from .runtime import check_model_settings, resolve_dtype
     from .quant import QuantConfig
 
     batches, lengths = _plan_batches(args), _plan_lengths(args)
+    if args.num_gpus_per_node < 1:
+        raise OffloadgenError(f"--num-gpus-per-node must be at least 1; got {args.num_gpus_per_node}")
     if args.device == "cpu":
         raise OffloadgenError("plan predicts a run on a GPU; a --device cpu run keeps every weight on the CPU, with "
                               "nothing to place (drop --device cpu)")
@@ -306,10 +314,11 @@ def cmd_plan(args) -> int:
     dtype = resolve_dtype(config.dtype, torch.device(config.device or "cuda"), checkpoint.cfg)
     cpu_attention = cpu_attention_figure(cal, config, checkpoint.cfg, dtype,
                                          config.micro_batch_size or min(max(batches), 16))
-    rows = plan_table(config, checkpoint.cfg, batches, cal, host)
+    links = plan_links(args.num_gpus_per_node, config.weight_fetch, args.allgather_bandwidth)
+    rows = plan_table(config, checkpoint.cfg, batches, cal, host, links)
     quant = QuantConfig(config.quant_bits, config.quant_group_size) if config.quant_bits != 16 else None
     print_plan(checkpoint.cfg, args.model or "embedded default", rows, cal, budget, host, quant, dtype, sys.stdout,
-               cpu_attention)
+               cpu_attention, links)
     return 0 if any("error" not in r for r in rows) else 2
 
 

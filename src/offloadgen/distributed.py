@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +120,62 @@ def scatter(objs: list | None, world: World, group=None):
     out = [None]
     dist.scatter_object_list(out, objs if world.is_main else None, src=0, group=group)
     return out[0]
+
+
+def aggregate_h2d_rate(nbytes_each: int, ranks: int, slowest_s: float) -> float:
+    """Host-to-device bytes/s of all links together, when each of `ranks` GPUs copied nbytes_each
+    at once and the slowest took slowest_s (the others finished within that time)."""
+    return ranks * nbytes_each / slowest_s
+
+
+def allgather_receive_rate(gathered_bytes: int, ranks: int, seconds: float) -> float:
+    """Bytes/s each rank receives in an all-gather of gathered_bytes in all: it sends its own
+    1/ranks and receives the other (ranks - 1)/ranks. The step model divides the bytes a rank
+    receives per step by this figure."""
+    return (ranks - 1) / ranks * gathered_bytes / seconds
+
+
+def probe_links(world: World, device: torch.device, nbytes: int = 1 << 30, repeats: int = 3) -> dict | None:
+    """Both links of a run of N ranks, measured together, every rank at once (a collective: every
+    rank calls it at the same point): each copies nbytes from pinned memory to its GPU (the host
+    links' total = N x nbytes / the slowest rank's time), then the ranks all-gather nbytes in all
+    with NCCL, as the weight fetch does a layer (bytes each rank receives per second). Best of
+    `repeats` after a warm-up. None without CUDA (gloo ranks on CPUs have neither link) or with
+    one rank."""
+    if not world.active or world.size < 2 or device.type != "cuda":
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    copy_s = _slowest_rank_time(lambda: dst.copy_(src, non_blocking=True), world, device, repeats)
+    del src, dst
+    part = -(-nbytes // world.size)
+    gathered = torch.empty(part * world.size, dtype=torch.uint8, device=device)
+    mine = gathered[world.rank * part:(world.rank + 1) * part]
+    gather_s = _slowest_rank_time(lambda: dist.all_gather_into_tensor(gathered, mine, group=world.group),
+                                  world, device, repeats)
+    del gathered, mine
+    torch.cuda.empty_cache()
+    return {"h2d_aggregate_bytes_s": aggregate_h2d_rate(nbytes, world.size, copy_s),
+            "nvlink_allgather_bytes_s": allgather_receive_rate(part * world.size, world.size, gather_s),
+            "links_probed": world.size}
+
+
+def _slowest_rank_time(work, world: World, device: torch.device, repeats: int) -> float:
+    """The slowest rank's seconds for work(), best of `repeats` after a warm-up; the ranks start
+    together (a barrier, then each waits for its GPU to have passed it)."""
+    best = float("inf")
+    for i in range(repeats + 1):
+        torch.cuda.synchronize(device)
+        dist.barrier(group=world.group)
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        work()
+        torch.cuda.synchronize(device)
+        seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64, device=device)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=world.group)
+        if i:  # the first warms up (pinning, NCCL's buffers)
+            best = min(best, seconds.item())
+    return best
 
 
 _control: dict = {}

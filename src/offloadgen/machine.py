@@ -164,6 +164,30 @@ def save_cpu_attention(bits: int, bytes_s: float) -> None:
     _write_json(cpu_attention_file(), {**figures, str(bits): bytes_s})
 
 
+def links_file() -> Path:
+    return cache_root() / "links.json"
+
+
+def save_link_figures(ranks: int, h2d_aggregate_bytes_s: float, allgather_bytes_s: float, source: str) -> None:
+    """Keep what a run of `ranks` GPUs measured of its links (distributed.probe_links, from
+    `bench --num-gpus-per-node N`), so that `offloadgen plan`, one process, can predict such a run."""
+    figures = _read_json(links_file())
+    figures = figures if isinstance(figures, dict) else {}
+    figures[str(ranks)] = {"h2d_aggregate_bytes_s": h2d_aggregate_bytes_s, "allgather_bytes_s": allgather_bytes_s,
+                           "source": source}
+    _write_json(links_file(), figures)
+
+
+def load_link_figures(ranks: int) -> dict | None:
+    """The last figures saved for `ranks` GPUs, or None."""
+    figures = _read_json(links_file())
+    mine = figures.get(str(ranks)) if isinstance(figures, dict) else None
+    if not isinstance(mine, dict) or not all(isinstance(mine.get(k), (int, float)) and mine[k] > 0
+                                             for k in ("h2d_aggregate_bytes_s", "allgather_bytes_s")):
+        return None
+    return mine
+
+
 def measure_calibration(device: torch.device) -> Calibration:
     """Measure both links now and save them, so that planning on a machine without a GPU can use
     the last GPU machine's figures."""

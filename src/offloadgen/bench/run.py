@@ -22,11 +22,13 @@ from .. import __version__, distributed
 from ..checkpoint import open_checkpoint
 from ..config import RunConfig
 from ..errors import OffloadgenError
-from ..machine import GiB, cpu_read_bandwidth, dense_matmul_flops, h2d_bandwidth, page_cache_bytes
+from ..machine import (Calibration, GiB, cpu_read_bandwidth, dense_matmul_flops, device_memory_bandwidth, h2d_bandwidth,
+                       page_cache_bytes, save_link_figures)
 from ..metrics import RunMetrics
 from ..models import param_count
 from ..offload import kv_cache
 from ..offload.pinned import zero_copy_used
+from ..plan import Links, link_bytes, predict
 from ..runtime import Runtime, build_runtime, resolve_device
 from ..sampling import SamplingParams
 from .metrics import cache_bytes, hidden_bytes, log_filename, log_lines
@@ -105,6 +107,7 @@ def run_generation(run: RunConfig, w: Workload, out=None) -> dict | None:
     tokenizer = checkpoint.tokenizer()
     input_ids, mask = bench_inputs(tokenizer, rows.stop - rows.start, w.prompt_len)  # refused before loading
     bandwidth = h2d_bandwidth(device)
+    links = _probe_links(world, device)
     rt = build_runtime(config, world, checkpoint, tokenizer, h2d_bytes_s=bandwidth and bandwidth["best"])
     if rt.engine.kv_offload is not None:
         # The CPU-RAM cache is made (and pinned) at start-up, as a job's batcher makes it: pinning
@@ -141,7 +144,7 @@ def run_generation(run: RunConfig, w: Workload, out=None) -> dict | None:
             print(f"Outputs {i}: {PROMPT}{texts[i]!r}", file=out)
         assert all(len(t) == w.gen_len for t in timed["result"].tokens), "every output must be prompt_len + gen_len long"
     disk_record = _disk_record(disk, disk_bw, cached_before, timed, m, w.gen_len)
-    record = _record(rt, run, w, m, bandwidth, copy_only, timed, kv_record, disk_record,
+    record = _record(rt, run, w, m, (bandwidth, links), copy_only, timed, kv_record, disk_record,
                      per_rank if world.active else None, out)
     distributed.finish(world)
     if w.verbose:
@@ -216,9 +219,11 @@ def _disk_record(disk, disk_bw, cached_before, timed: dict, m: RunMetrics, gen_l
             "bytes_read_during_run": disk.stats["read_bytes"]}
 
 
-def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, bandwidth, copy_only, timed, kv_record,
+def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, probes, copy_only, timed, kv_record,
             disk_record, per_rank, out) -> dict:
-    """Append the reference's four log lines and our JSON record; print the lines."""
+    """Append the reference's four log lines and our JSON record; print the lines. probes: this
+    run's one-link figure (h2d_bandwidth) and, with several ranks, both links' (_probe_links)."""
+    bandwidth, links = probes
     plan, cfg = rt.plan, rt.plan.model_cfg
     seq = w.prompt_len + w.gen_len
     model_bytes = param_count(cfg) * 2
@@ -251,7 +256,7 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, bandwidth, 
         "h2d_bandwidth_median_bytes_s": bandwidth and bandwidth["median"],
         "bus_limit_decode_step_s": bus_limit, "copy_only_step_s": copy_only,
         "decode_step_over_copy_only": m.decode_step_s / copy_only if copy_only else None,
-        "streamed_bytes_per_step": streamed, **_link_bytes(p, plan.world.size, run.weight_fetch),
+        "streamed_bytes_per_step": streamed, **link_bytes(p, plan.world.size, run.weight_fetch),
         "model_bytes": model_bytes, "cache_bytes": cache, "hidden_bytes": hidden,
         **m.as_record(),
         "decode_step_over_bus_limit": m.decode_step_s / bus_limit if bus_limit else None,
@@ -261,7 +266,7 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, bandwidth, 
         "decode_steps_s": [round(b - a, 4) for a, b in zip(timed["marks"]["token_times"], timed["marks"]["token_times"][1:])],
         "log_file": str(log_path), "kv": kv_record, "world_size": plan.world.size, "weight_fetch": run.weight_fetch,
         "per_rank": per_rank, "disk_offload": run.disk_offload, "disk": disk_record,
-        "experts": _expert_record(rt, timed, w.gen_len, m),
+        "experts": _expert_record(rt, timed, w.gen_len, m), **_prediction(rt, run, bandwidth, links, m),
     }
     json_path = Path(w.json_file) if w.json_file else log_path.with_suffix(".jsonl")
     with open(json_path, "a") as f:
@@ -299,16 +304,39 @@ def _expert_record(rt: Runtime, timed: dict, gen_len: int, m: RunMetrics) -> dic
             "bus_gb_s": per["bus_bytes"] / m.decode_step_s / 1e9 if m.decode_step_s else None}
 
 
-def _link_bytes(p, ranks: int, fetch: str) -> dict:
-    """Weight bytes each rank moves per decode step over its host link (PCIe) and receives from its
-    peers (NVLink): with allgather and pool a rank copies 1/N of each streamed block and gathers the
-    other (N - 1)/N of every streamed and pooled block."""
-    if p is None:
+def _probe_links(world, device: torch.device) -> dict:
+    """With several ranks, both links measured together (distributed.probe_links), kept for
+    `offloadgen plan --num-gpus-per-node N` by rank 0; what the record says where none ran."""
+    if world.size < 2:
         return {}
-    shards = ranks if fetch != "whole" else 1
-    gathered = p.streamed_bytes + p.bytes.get("pooled_per_rank", 0) * ranks
-    return {"pcie_bytes_per_step_per_rank": p.streamed_bytes / shards, "pooled_blocks": len(p.pooled),
-            "nvlink_bytes_per_step_per_rank": (shards - 1) / shards * gathered if shards > 1 else 0}
+    probe = distributed.probe_links(world, device)
+    if probe is None:
+        return {"links_probed": None, "link_probe_skipped": "no CUDA: ranks on CPUs (gloo) have no PCIe or NVLink "
+                                                            "to measure"}
+    if world.is_main:
+        save_link_figures(world.size, probe["h2d_aggregate_bytes_s"], probe["nvlink_allgather_bytes_s"],
+                          f"{torch.cuda.get_device_name(device)} x {world.size}, "
+                          f"{datetime.datetime.now().isoformat(timespec='minutes')}")
+    return probe
+
+
+def _prediction(rt: Runtime, run: RunConfig, bandwidth, links: dict, m: RunMetrics) -> dict:
+    """The step `offloadgen plan` predicts for this run (plan.predict), from the links measured in
+    this run: one host link alone, and with several ranks both links together. None on a CPU."""
+    plan, world = rt.plan, rt.plan.world
+    record = {"h2d_aggregate_bytes_s": None, "nvlink_allgather_bytes_s": None, **links, "predicted_step_s": None}
+    if plan.device.type != "cuda" or plan.placement is None or not bandwidth:
+        return {**record, "prediction_skipped": "a CPU run: the step model predicts a GPU's"}
+    measured = Links(world.size, run.weight_fetch, record["h2d_aggregate_bytes_s"], record["nvlink_allgather_bytes_s"])
+    cal = Calibration(bandwidth["best"], device_memory_bandwidth(plan.device), "measured in this run")
+    elem = torch.empty((), dtype=plan.dtype).element_size()
+    p = predict(plan.model_cfg, plan.placement, plan.config.max_batch_size, plan.config.micro_batch_size,
+                plan.max_prompt_len, plan.max_seq_len - plan.max_prompt_len, elem, plan.quant, cal, plan.kv_model,
+                measured)
+    return {**record, "predicted_step_s": p["step_s"], "predicted_bound": p["bound"], "predicted_pcie_s": p["bus_s"],
+            "predicted_nvlink_s": p["nvlink_s"], "predicted_gpu_memory_s": p["gpu_s"],
+            "predicted_cpu_attention_s": p["cpu_s"], "device_memory_bytes_s": cal.device_bytes_s,
+            "decode_step_over_predicted": m.decode_step_s / p["step_s"]}
 
 
 def _print_summary(r: dict, m: RunMetrics, file) -> None:
@@ -321,6 +349,10 @@ def _print_summary(r: dict, m: RunMetrics, file) -> None:
               f"{bus / m.decode_step_s:.1%} of the bus"
               + (f"; copy-only pass {copy_only:.3f} s: step = {m.decode_step_s / copy_only:.3f}x copy-only"
                  if copy_only else ""), file=file)
+    if r.get("predicted_step_s"):
+        print(_prediction_line(r, m), file=file)
+    elif r.get("link_probe_skipped"):
+        print(f"links not probed: {r['link_probe_skipped']}", file=file)
     if r.get("prefill_over_dense"):
         print(f"prefill {m.prefill_latency_s:.2f} s: {r['prefill_flops_s'] / 1e12:.0f} TFLOP/s of matmuls, "
               f"{r['prefill_over_dense']:.0%} of the GPU's dense rate measured now "
@@ -358,3 +390,19 @@ def _print_summary(r: dict, m: RunMetrics, file) -> None:
               + (f"; host time: CPU side {d['cpu_side_host_s']:.3f} s, issuing GPU attention "
                  f"{d['gpu_attention_host_s']:.3f} s" if "cpu_side_host_s" in d else ""),
               file=file)
+
+
+def _prediction_line(r: dict, m: RunMetrics) -> str:
+    """The plan's step beside the measured one, with the link figures it came from."""
+    ranks = r["world_size"]
+    if r.get("links_probed"):
+        links = (f"host links {r['h2d_aggregate_bytes_s'] / 1e9:.1f} GB/s together, all-gather "
+                 f"{r['nvlink_allgather_bytes_s'] / 1e9:.1f} GB/s received per GPU, probed on {ranks} GPUs at once")
+    else:
+        links = f"one host link {r['h2d_bandwidth_bytes_s'] / 1e9:.1f} GB/s" + \
+            (" each, all-gather assumed (not probed)" if ranks > 1 else "")
+    nvlink = f"NVLink {r['predicted_nvlink_s']:.3f} s, " if ranks > 1 else ""
+    return (f"predicted step {r['predicted_step_s']:.3f} s, {r['predicted_bound']}-bound (PCIe {r['predicted_pcie_s']:.3f} s, "
+            f"{nvlink}GPU memory {r['predicted_gpu_memory_s']:.3f} s, CPU attention "
+            f"{r['predicted_cpu_attention_s']:.3f} s; {links}); measured {m.decode_step_s:.3f} s = "
+            f"{r['decode_step_over_predicted']:.2f}x predicted")
