@@ -7,8 +7,8 @@
    them is still cached) and measures the disk's cold read bandwidth on the same files: one
    thread reading sequentially, and 8 threads reading 16 MiB pieces; the better one is "the disk".
 3. In a fresh subprocess per load (so peak RSS, VmHWM, is this load's alone), after evicting again:
-   - fp16: the path `offloadgen generate FOLDER --input JOB`, `serve` and `load()` take (open the folder, plan, load the weights
-     and, in a thread meanwhile, the tokenizer), weights in CPU RAM streamed to a GPU with a 16 GiB budget (--gpu-memory), or all
+   - fp16: the path `offloadgen generate FOLDER --input JOB`, `serve` and `load()` take (open the folder, plan, load the
+     tokenizer, then the weights), weights in CPU RAM streamed to a GPU with a 16 GiB budget (--gpu-memory), or all
      on the CPU where there is no GPU; timed to ready-to-generate, then one short generation.
    - 4-bit, first: quantizes and writes the quantized-block cache (OFFLOADGEN_CACHE).
    - 4-bit, second: reads the cache (evicted first), the goal's case.
@@ -225,9 +225,9 @@ def child(spec: dict) -> dict:
     checkpoint = open_checkpoint(config.model)
     t_open = time.perf_counter()
     before_weights = status_bytes("VmRSS")
-    # As a job: the tokenizer is left to the builder, which loads it while the weights load
-    # (since 2026-11-26 evening; before, one after the other). "tokenizer_s" is then the rest of
-    # the load beyond opening and the weights, which is what it still costs.
+    # As a job: the tokenizer is left to the builder, which loads it after planning and before the
+    # weights (a thread beside the weights, 2026-11-26 evening to issue 18's fast path, slowed them on
+    # the H100). "tokenizer_s" is the rest of the load beyond opening and the weights: plan + tokenizer.
     llm = load(config=config, checkpoint=checkpoint)
     load_s = time.perf_counter() - t0
     weights_s = llm.runtime.timings.get("weights_load_s", load_s - (t_open - t0))

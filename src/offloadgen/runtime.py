@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import time
-import threading
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -198,22 +196,6 @@ def make_weights(plan: RunPlan, checkpoint) -> WeightSource:
                             fetch=c.weight_fetch)
 
 
-def in_background(fn, name: str) -> Future:
-    """fn() in a daemon thread, its result or error in the returned future. Daemon: a plan refused,
-    or a Ctrl-C, ends the process at once rather than after the thread (a pool's thread is joined
-    at exit, and a tokenizer's import of transformers takes seconds)."""
-    future = Future()
-
-    def work():
-        future.set_running_or_notify_cancel()
-        try:
-            future.set_result(fn())
-        except BaseException as e:  # told by future.result(), in the caller's thread
-            future.set_exception(e)
-    threading.Thread(target=work, name=name, daemon=True).start()
-    return future
-
-
 @dataclass
 class Runtime:
     """A built run: what was planned, and the objects that carry it out."""
@@ -233,24 +215,22 @@ class Runtime:
 def build_runtime(config: RunConfig, world: World | None = None, checkpoint=None, tokenizer=None,
                   h2d_bytes_s: float | None = None) -> Runtime:
     """Plan, then load: the checkpoint is opened (unless given), the plan refuses what cannot fit
-    before any weight is read, then the weight source and the engine are made."""
+    before any weight is read, then the tokenizer, the weight source and the engine are made."""
     t_start = time.perf_counter()
     world = world or World()
     checkpoint = checkpoint or open_checkpoint(config.model, dummy=config.dummy)
-    # A tokenizer through transformers takes 4-10 s (mostly importing it), as long as a 13B model's
-    # weights take to come off the disk (issue 18): it loads in a thread while they do (their reads
-    # release the GIL). One without its files fails at once and is told before any weight is read.
-    pending = None if tokenizer is not None else in_background(checkpoint.tokenizer, "tokenizer")
     device = resolve_device(config, world)
     plan = plan_run(config, checkpoint.cfg, device, world, h2d_bytes_s)
-    if pending is not None and pending.done():
-        pending.result()  # its error, now
+    # The tokenizer before the weights, not beside them: from a tokenizer.json it takes a fraction of
+    # a second (tokenizer.py). In a thread during the weight load, transformers' import (9-10 s on the
+    # H100 host) held the GIL the loader threads need: OPT-13B's weights took 31 s instead of 16 (issue 18).
+    # A tokenizer that cannot load is told before any weight is read.
+    tokenizer = tokenizer if tokenizer is not None else checkpoint.tokenizer()
     t_load = time.perf_counter()
     weights = make_weights(plan, checkpoint)
     try:
         engine = Engine(checkpoint.cfg, weights, device, plan.dtype, config.micro_batch_size, kv_offload=plan.kv,
                         kv_quant=config.kv_quant())
-        tokenizer = tokenizer if pending is None else pending.result()
     except BaseException:
         weights.close()  # its reader threads and pinned buffers would outlive the failed load
         raise
