@@ -12,6 +12,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from offloadgen.checkpoint import embedded_default_gguf
+from offloadgen.errors import OffloadgenError
 from offloadgen.tokenizer import OWN_CLASS_MODEL_TYPES, HFTokenizer, TokenizerJson, load_hf_tokenizer, why_not_tokenizer_json
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -217,3 +218,14 @@ def test_own_class_model_types_match_installed_transformers():
     theirs = {t for t in auto.MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
               if auto.TOKENIZER_MAPPING_NAMES.get(t) and auto.TOKENIZER_MAPPING_NAMES[t].removesuffix("Fast") not in generic}
     assert theirs == OWN_CLASS_MODEL_TYPES
+
+
+@pytest.mark.parametrize("content, told", [("{bad", "not valid JSON"), ("", "not valid JSON"),
+                                           ("[]", "expected a JSON object, found list")])
+def test_a_broken_tokenizer_config_is_one_line(tmp_path, content, told):
+    """A tokenizer_config.json that is not a JSON object: an OffloadgenError naming the file (the CLI's one
+    line, exit 2), not a JSONDecodeError or AttributeError traceback out of the fast path's checks."""
+    folder = llama_style(tmp_path / "broken")
+    (folder / "tokenizer_config.json").write_text(content)
+    with pytest.raises(OffloadgenError, match=f"tokenizer_config.json: {told}"):
+        load_hf_tokenizer(folder, SimpleNamespace(eos_token_id=2, pad_token_id=None))

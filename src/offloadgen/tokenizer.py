@@ -70,7 +70,17 @@ OWN_CLASS_MODEL_TYPES = frozenset({"hyperclovax_vision_v2", "qwen2", "qwen3_5", 
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A folder's JSON settings file ({} when absent); one that is not a JSON object is told in one line
+    (transformers fails on it too, with a traceback)."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise OffloadgenError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise OffloadgenError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def _transformers_major() -> int | None:
