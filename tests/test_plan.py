@@ -176,3 +176,15 @@ def test_plan_of_four_ranks_says_which_link_figures_it_assumed_and_uses_saved_on
     out = capsys.readouterr().out
     assert "all-gather 90.0 GB/s received per GPU (given with --allgather-bandwidth)" in out
     assert rows_of(out)[0][6] == "NVLink"
+
+
+@pytest.mark.parametrize("figure", ["Infinity", "true", "-1e11", "NaN", "\"1e11\""])
+def test_a_links_file_with_a_figure_that_is_no_rate_is_not_used(capsys, monkeypatch, tmp_path, figure):
+    """links.json is read back from the cache folder: json takes Infinity and true as numbers, and an
+    infinite host-link total made every PCIe time 0 s in the table. Such a file counts as none saved."""
+    monkeypatch.setenv("OFFLOADGEN_CACHE", str(tmp_path))
+    (tmp_path / "links.json").write_text(
+        f'{{"4": {{"h2d_aggregate_bytes_s": {figure}, "allgather_bytes_s": 4e11, "source": "edited"}}}}')
+    assert main(POOL) == 0
+    out = capsys.readouterr().out
+    assert "host links assumed 4 x 54.8 GB/s" in out and "edited" not in out

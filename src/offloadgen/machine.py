@@ -8,6 +8,7 @@ whatever they are compared with, because a lent machine's links vary between lea
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -179,13 +180,17 @@ def save_link_figures(ranks: int, h2d_aggregate_bytes_s: float, allgather_bytes_
 
 
 def load_link_figures(ranks: int) -> dict | None:
-    """The last figures saved for `ranks` GPUs, or None."""
+    """The last figures saved for `ranks` GPUs, or None (also for a file that is not what
+    save_link_figures writes: json reads Infinity and true as numbers, which would make a step of 0 s)."""
     figures = _read_json(links_file())
     mine = figures.get(str(ranks)) if isinstance(figures, dict) else None
-    if not isinstance(mine, dict) or not all(isinstance(mine.get(k), (int, float)) and mine[k] > 0
-                                             for k in ("h2d_aggregate_bytes_s", "allgather_bytes_s")):
+    if not isinstance(mine, dict) or not all(_a_rate(mine.get(k)) for k in ("h2d_aggregate_bytes_s", "allgather_bytes_s")):
         return None
     return mine
+
+
+def _a_rate(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def measure_calibration(device: torch.device) -> Calibration:
