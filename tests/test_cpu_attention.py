@@ -1,6 +1,8 @@
 """Decode attention on the CPU (offload/cpu_attention): the Numba kernel and the PyTorch fallback
 against a float64 reference, with the masks the families build (ragged rows, GQA, ALiBi, sliding
 windows), on the slot-major cache layout."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -122,6 +124,28 @@ def test_rows_of_different_lengths_get_ranges_of_equal_work():
     bias = np.zeros((6, 3, 1, 1), np.float32)
     bias[4:, 0], bias[2:, 1], bias[:, 2] = -np.inf, -np.inf, -np.inf  # row 0 sees 4 slots, row 1 2, row 2 none
     assert row_ends(bias).tolist() == [4, 2, 0]
+
+
+def test_the_kernel_leaves_the_thread_count_it_was_given():
+    """Numba's OpenMP pool, started by the first parallel call of a process, resets the caller's
+    OpenMP thread count to all cores; a rank given 1 of 2 threads must keep 1 (in a fresh process:
+    the reset happens once)."""
+    import subprocess
+    import sys
+    code = """
+import torch
+from offloadgen.offload.cpu_attention import attend, bias_from_mask
+from offloadgen.quant.kv import kv_quant
+codec = kv_quant(4, 64, 2, 64)
+k = codec.encode(torch.randn(5, 2, 128))
+attend(torch.randn(2, 4, 1, 64), k, k, 5, bias_from_mask(torch.zeros(2, 1, 1, 5), 5), quant=codec)
+attend(torch.randn(2, 2, 1, 64), torch.randn(5, 2, 2, 64), torch.randn(5, 2, 2, 64), 5, torch.zeros(5, 2, 1, 1), impl="numba")
+print(torch.get_num_threads())
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == "1"
 
 
 def test_a_pass_works_out_its_row_ranges_once_per_bias(monkeypatch):

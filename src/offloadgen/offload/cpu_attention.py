@@ -194,7 +194,8 @@ def _attend_numba(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, 
     if not (k.is_contiguous() and v.is_contiguous()):
         raise ValueError("the CPU kernel reads whole contiguous caches (a strided view would be copied)")
     nb = _numba()
-    threads = nb.set_threads(torch.get_num_threads())  # the pool size PyTorch was given (OMP_NUM_THREADS)
+    wanted = torch.get_num_threads()  # the pool size PyTorch was given (OMP_NUM_THREADS, a rank's share)
+    threads = nb.set_threads(wanted)
     b, h, _, d = qf.shape
     item_bytes = 2 * d * k.element_size() if quant is None else 2 * quant.row_bytes // quant.kv_heads
     slot_splits, item_splits = splits or nb.splits(threads, end, b * h, item_bytes)
@@ -213,6 +214,11 @@ def _attend_numba(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, 
               flat(bias_np), bounds, ends, *work)
     out = torch.empty(qf.shape)
     nb.merge(*work[:3], out.view(-1).numpy(), d, order)
+    if torch.get_num_threads() != wanted:
+        # Numba's OpenMP pool, started by its first parallel call, sets this thread's OpenMP count to
+        # all the machine's cores: PyTorch's CPU work, and every later call here, would then use
+        # them all, in every rank of a node (4 ranks x 64 threads on 64 cores).
+        torch.set_num_threads(wanted)
     return out
 
 
