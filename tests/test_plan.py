@@ -178,6 +178,15 @@ def test_plan_of_four_ranks_says_which_link_figures_it_assumed_and_uses_saved_on
     assert rows_of(out)[0][6] == "NVLink"
 
 
+@pytest.mark.parametrize("change", [["--num-gpus-per-node", "1"], ["--weight-fetch", "whole"]])
+def test_an_allgather_bandwidth_where_nothing_is_gathered_is_refused(capsys, monkeypatch, tmp_path, change):
+    """With one rank or whole layers there is no all-gather: the figure would be silently ignored."""
+    monkeypatch.setenv("OFFLOADGEN_CACHE", str(tmp_path))
+    assert main([*POOL, *change, "--allgather-bandwidth", "90GB"]) == 2
+    err = capsys.readouterr().err
+    assert "--allgather-bandwidth is the NVLink all-gather rate" in err and "got --num-gpus-per-node" in err
+
+
 @pytest.mark.parametrize("figure", ["Infinity", "true", "-1e11", "NaN", "\"1e11\""])
 def test_a_links_file_with_a_figure_that_is_no_rate_is_not_used(capsys, monkeypatch, tmp_path, figure):
     """links.json is read back from the cache folder: json takes Infinity and true as numbers, and an

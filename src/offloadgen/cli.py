@@ -302,6 +302,10 @@ def cmd_plan(args) -> int:
     batches, lengths = _plan_batches(args), _plan_lengths(args)
     if args.num_gpus_per_node < 1:
         raise OffloadgenError(f"--num-gpus-per-node must be at least 1; got {args.num_gpus_per_node}")
+    if args.allgather_bandwidth and (args.num_gpus_per_node < 2 or args.weight_fetch == "whole"):
+        raise OffloadgenError("--allgather-bandwidth is the NVLink all-gather rate of several ranks fetching with "
+                              "--weight-fetch allgather or pool; got --num-gpus-per-node "
+                              f"{args.num_gpus_per_node} and --weight-fetch {args.weight_fetch}")
     if args.device == "cpu":
         raise OffloadgenError("plan predicts a run on a GPU; a --device cpu run keeps every weight on the CPU, with "
                               "nothing to place (drop --device cpu)")
