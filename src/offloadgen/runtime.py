@@ -223,7 +223,8 @@ def build_runtime(config: RunConfig, world: World | None = None, checkpoint=None
     plan = plan_run(config, checkpoint.cfg, device, world, h2d_bytes_s)
     # The tokenizer before the weights, not beside them: from a tokenizer.json it takes a fraction of
     # a second (tokenizer.py). In a thread during the weight load, transformers' import (9-10 s on the
-    # H100 host) held the GIL the loader threads need: OPT-13B's weights took 31 s instead of 16 (issue 18).
+    # H100 host) slowed the loader threads more than it cost alone: OPT-13B's weights took 31 s instead
+    # of 16 (issue 18; one run each, likely contention for the GIL).
     # A tokenizer that cannot load is told before any weight is read.
     tokenizer = tokenizer if tokenizer is not None else checkpoint.tokenizer()
     t_load = time.perf_counter()
