@@ -238,7 +238,9 @@ def child(spec: dict) -> dict:
            "bytes_read": getattr(safetensors_io, "bytes_read", lambda: 0)() or checkpoint_bytes(checkpoint),
            "placement": llm.plan.describe(),
            "weights_timings": {k: v for k, v in llm.weights.timings.items() if isinstance(v, (int, float))},
-           "runtime_timings": llm.runtime.timings}
+           "runtime_timings": llm.runtime.timings,
+           # transformers' import alone took seconds on the H100's image: a load that needs it says so
+           "transformers_imported": "transformers" in sys.modules}
     done = llm.generate(["hello world"], SamplingParams(max_new_tokens=2, ignore_eos=True))
     out["generated_tokens"] = len(done[0].token_ids)
     llm.close()
