@@ -33,7 +33,7 @@ for what in "$@"; do
             python3 -m offloadgen.cli plan facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --prompt-len 512 \
               --gen-len 32 --batch-size 8 --num-gpus-per-node $n --weight-fetch $f; done ;;
     poolkv) (cd "$out" && timeout $step_limit $bench --num-gpus-per-node $n --batch-size $((64 * n)) --weight-fetch pool \
-               --kv-offload --micro-batch-size 8) ;;
+               --kv-offload --pin-kv-cache --async-kv-offload --micro-batch-size 8) ;;
   esac
 done
 python3 - "$out/offloadgen.jsonl" <<'PY'
