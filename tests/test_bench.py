@@ -112,3 +112,21 @@ def test_dummy_weights_take_every_prompt_len_the_reference_takes(tmp_path, monke
     assert bench_inputs(real, 2, 8)[0].shape == (2, 8)
     with pytest.raises(OffloadgenError, match="--prompt-len 7 is shorter than the prompt"):
         bench_inputs(real, 2, 7)
+
+
+def test_moe_bytes_per_step_count_the_decode_steps_not_the_copy_only_pass_after_them():
+    """The copy-only pass runs after the timed loops through the same ring, and its copies count in
+    the same counter; an MoE record read after it showed 3 passes too many (92.3 GB a step for 84.2)."""
+    from types import SimpleNamespace
+    from offloadgen.bench.run import _expert_record
+    per_pass, steps = 1000, 31
+    placement = SimpleNamespace(expert_streaming=False, expert_slots=0, streamed_bytes=per_pass,
+                                bus_bytes_per_step=per_pass)
+    zero = {"bus_bytes": 0, "expert_bytes": 0, "expert_hits": 0, "expert_misses": 0}
+    end = dict(zero, bus_bytes=steps * per_pass)
+    after_copy_only = dict(end, bus_bytes=end["bus_bytes"] + 3 * per_pass)
+    rt = SimpleNamespace(plan=SimpleNamespace(placement=placement, model_cfg=SimpleNamespace(n_experts=8)),
+                         weights=SimpleNamespace(timings=after_copy_only))
+    rec = _expert_record(rt, {"marks": {"weights": zero, "weights_end": end}}, steps + 1, RunMetrics.measured(
+        batch=8, prompt_len=16, gen_len=steps + 1, prefill_s=1.0, total_s=32.0, peak_gpu_mem=0))
+    assert rec["bus_bytes_per_step"] == per_pass and rec["fewer_bytes_than_whole"] == 1.0

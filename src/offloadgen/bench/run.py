@@ -183,6 +183,9 @@ def _timed_generations(rt: Runtime, input_ids, mask, w: Workload, world) -> dict
         result = engine.generate(input_ids, mask, params, set(), min(rt.tokenizer.eos_token_ids),
                                  on_prefill=on_prefill, on_token=on_token)
         sync()
+        # the counters when the decode steps end: the copy-only pass measured after the loops moves
+        # blocks through the same ring and counts them too (it added 3 passes to MoE's whole-layer bytes)
+        marks["weights_end"] = dict(rt.weights.timings)
         totals.append(time.perf_counter() - t0)
         bar.close()
         prefills.append(marks["prefill"] - t0)
@@ -290,7 +293,7 @@ def _prefill_rate(rt: Runtime, w: Workload, m: RunMetrics) -> dict:
 def _expert_record(rt: Runtime, timed: dict, gen_len: int, m: RunMetrics) -> dict | None:
     """An MoE run's weight bytes per decode step as measured (the weight source's counters over the
     decode steps of the last loop), against the bytes of every streamed layer whole."""
-    p, before, now = rt.plan.placement, timed["marks"].get("weights", {}), rt.weights.timings
+    p, before, now = rt.plan.placement, timed["marks"].get("weights", {}), timed["marks"].get("weights_end", {})
     if p is None or "bus_bytes" not in now or not getattr(rt.plan.model_cfg, "n_experts", 0):
         return None
     steps = max(gen_len - 1, 1)
