@@ -62,6 +62,35 @@ def test_a_move_the_bus_could_not_take_is_not_retried_at_once():
     assert max(counts) == 3 and min(counts) == 2
 
 
+def test_issuing_that_costs_the_host_more_than_attending_sends_parts_back_and_keeps_them():
+    """A pageable cache (4 ranks on one node): the CPU never waited for the GPU, which alone would
+    move parts to the GPU, but issuing each GPU part held the host 0.94 s against 0.27 s of CPU
+    attention a part. Each step gives one back, down to none, and none goes back to the GPU."""
+    split = SplitController(parts=8, gpu=5, most=7)
+    seen = []
+    for _ in range(12):
+        seen.append(split.observe(cpu_s=0.27 * (8 - split.gpu), wait_s=0.0, step_s=2.0, issue_s=0.94 * split.gpu))
+    assert seen[:5] == [4, 3, 2, 1, 0] and set(seen[5:]) == {0}
+    # the same waits with cheap issuing (a pinned cache: ms a part) move parts to the GPU
+    split = SplitController(parts=8, gpu=5, most=7)
+    assert split.observe(cpu_s=0.27 * 3, wait_s=0.0, step_s=2.0, issue_s=0.02 * 5) == 6
+
+
+def test_a_pageable_cache_starts_with_every_part_on_the_cpu():
+    """The pinned-memory model would send parts to the GPU; a pageable cache's copies hold the
+    host thread, so the plan starts on the CPU (the split may still try, and weigh the cost)."""
+    from offloadgen.models import preset
+    from offloadgen.offload.placement import plan_kv_offload
+    cfg = preset("opt-1.3b")
+    GiB = 1 << 30
+
+    def gpu_parts(pinned):
+        _, opts, model = plan_kv_offload(cfg, 2, 4 * GiB, 64, 512, 32, 8, 1, None, KVOffload(pinned=pinned), 50e9,
+                                         torch.float16, cpu_attention_bytes_s=5e9)
+        return model["gpu_parts"]
+    assert gpu_parts(pinned=True) > 0 and gpu_parts(pinned=False) == 0
+
+
 def test_patience_needs_agreeing_steps():
     split = SplitController(parts=8, gpu=2, most=5, patience=2)
     assert split.observe(cpu_s=6.0, wait_s=0.0, step_s=6.2) == 2

@@ -280,13 +280,15 @@ class OffloadedKVCache:
             return
         now = time.perf_counter()
         if step.start > 0 and self._mark is not None:
-            t0, cpu_s, wait_s = self._mark
-            n = self.split.observe(self.stats["cpu_attention_s"] - cpu_s, self.stats["wait_for_gpu_s"] - wait_s, now - t0)
+            t0, cpu_s, wait_s, issue_s = self._mark
+            n = self.split.observe(self.stats["cpu_attention_s"] - cpu_s, self.stats["wait_for_gpu_s"] - wait_s, now - t0,
+                                   self.stats["gpu_attention_host_s"] - issue_s)
             new = set(range(len(self.parts) - n, len(self.parts)))
             for j in self.gpu_parts - new:
                 self.prefetched.pop(j, None)  # fetched ahead for a part that now attends on the CPU
             self.gpu_parts = new
-        self._mark = (now, self.stats["cpu_attention_s"], self.stats["wait_for_gpu_s"]) if step.start > 0 else None
+        self._mark = (now, self.stats["cpu_attention_s"], self.stats["wait_for_gpu_s"],
+                      self.stats["gpu_attention_host_s"]) if step.start > 0 else None
 
     # -- pieces -------------------------------------------------------------------------------------
     def _pinned_like(self, part: int, name: str, t: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,13 @@ from each step's observed times:
 - cpu_s: seconds of CPU attention in the step; per CPU micro-batch, c = cpu_s / CPU parts;
 - wait_s: seconds the CPU waited for the GPU side (for q, k, v to arrive) before attending.
 
+- issue_s: host seconds spent issuing the GPU-attended micro-batches (their attention and cache
+  copies); per GPU micro-batch, i = issue_s / GPU parts. Cheap with a pinned cache (a few ms);
+  with a pageable one each copy holds the host thread for its whole length (4 ranks on one node:
+  0.94 s a micro-batch against 0.27 s of CPU attention), and the waits above never show it.
+
+If issuing a GPU micro-batch costs the host more than attending it would (i > c), one goes back to
+the CPU, and none moves to the GPU while the last i seen says it would not pay (i >= c).
 If the CPU waited longer than one more micro-batch would take it (wait > c), the GPU side is the
 bottleneck and giving one micro-batch back to the CPU shortens the step: its extra c fits in the
 time the CPU spent waiting, and the bus loses that micro-batch's cache. If the CPU hardly waited
@@ -33,13 +40,16 @@ class SplitController:
     hold: int = 8  # steps a count that proved too many for the bus is not tried again
     history: list = field(default_factory=list)  # GPU micro-batches at each observed step
     _per_part_s: float | None = None  # last seen CPU attention seconds per micro-batch
+    _issue_per_part_s: float | None = None  # last seen host seconds issuing one GPU micro-batch
     _pending: tuple = (0, 0)  # (direction, steps in a row)
     _ceiling: tuple = (None, 0)  # (count not to reach, steps left)
 
-    def observe(self, cpu_s: float, wait_s: float, step_s: float) -> int:
+    def observe(self, cpu_s: float, wait_s: float, step_s: float, issue_s: float = 0.0) -> int:
         """Take one decode step's times; return how many micro-batches attend on the GPU next."""
         self.history.append(self.gpu)
         cpu_parts = self.parts - self.gpu
+        if self.gpu:
+            self._issue_per_part_s = issue_s / self.gpu
         if cpu_parts:
             self._per_part_s = cpu_s / cpu_parts
         else:
@@ -58,11 +68,11 @@ class SplitController:
 
     def _verdict(self, wait_s: float) -> int:
         """+1: one more micro-batch to the GPU; -1: one back to the CPU; 0: stay."""
-        c = self._per_part_s
-        if self.gpu > 0 and (c is None or wait_s > (1 + self.margin) * c):
+        c, i = self._per_part_s, self._issue_per_part_s
+        if self.gpu > 0 and (c is None or wait_s > (1 + self.margin) * c or i > (1 + self.margin) * c):
             return -1
         limit = self._ceiling[0]
         room = min(self.most, self.parts, limit - 1 if limit is not None else self.parts)
-        if self.gpu < room and c is not None and wait_s < self.margin * c:
+        if self.gpu < room and c is not None and wait_s < self.margin * c and (i is None or i < c):
             return 1
         return 0
