@@ -2,8 +2,10 @@
 with streamed weights (whole layers, or 1/N fetched and all-gathered) from shared host memory;
 rank 0 writes every row's tokens, gathered in order, to a JSON file.
 
-    torchrun --nproc-per-node N tests/dist_worker.py CHECKPOINT OUT.json {whole|allgather|pool|die|shared}
+    torchrun --nproc-per-node N tests/dist_worker.py CHECKPOINT OUT.json {whole|allgather|pool|poolspread|die|shared}
 
+In "poolspread" mode every other layer from the second is pooled (streamed and pooled layers
+alternate, as the planner spreads them: host copies run ahead past pooled layers).
 In "pool" mode the last two layers are pooled (each rank keeps 1/N of them and all-gathers the
 rest), the others stream from shared host memory. With DIST_DEVICE=cuda it runs the same on the
 ranks' GPUs over NCCL (benchmarks/gpu_dist_check.py), where the copies and gathers overlap.
@@ -34,13 +36,15 @@ ckpt = SafetensorsFolder(path)
 ids, mask = fixed_batch(int(os.environ.get("DIST_ROWS", "6")))
 rows = distributed.local_rows(ids.shape[0], world)
 placement = disk_placement_on_cpu(ckpt.cfg, prefetch_depth=int(os.environ.get("DIST_RING", "2")) - 1)
-if mode == "pool":
-    layers = list(range(ckpt.cfg.n_layers))
-    placement = Placement(["embed", "head"], layers[:-2], placement.ring_slots, dict(streamed_per_pass=0), pooled=layers[-2:])
+layers = list(range(ckpt.cfg.n_layers))
+pooled = {"pool": layers[-2:], "poolspread": layers[1::2]}.get(mode)
+if pooled:
+    streamed = [i for i in layers if i not in pooled]
+    placement = Placement(["embed", "head"], streamed, placement.ring_slots, dict(streamed_per_pass=0), pooled=pooled)
 weights = StreamingWeights(ckpt, DEVICE, torch.float32, placement, progress=False, world=world,
-                           fetch=mode if mode in ("allgather", "pool") else "whole")
-if mode == "pool":
-    assert set(weights.host) == set(layers[:-2]) and set(weights.pool_shard) == set(layers[-2:])
+                           fetch="pool" if pooled else mode if mode == "allgather" else "whole")
+if pooled:
+    assert set(weights.host) == set(streamed) and set(weights.pool_shard) == set(pooled)
 if mode == "shared":
     # the streamed blocks are one memory on the node: what rank 0 writes, the others read
     block = weights.order[0]

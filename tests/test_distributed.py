@@ -35,7 +35,7 @@ def one_process_tokens(path):
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
-@pytest.mark.parametrize("mode", ["whole", "allgather", "pool"])
+@pytest.mark.parametrize("mode", ["whole", "allgather", "pool", "poolspread"])
 def test_ranks_give_the_tokens_of_one_process(tiny, tmp_path, nproc, mode):
     _, path = tiny("llama3-gqa-rope-scaling")
     out = tmp_path / "tokens.json"

@@ -150,6 +150,23 @@ def test_four_pooled_ranks_predict_the_slower_of_their_two_links():
     assert fast_nvlink["step_s"] == pytest.approx(pcie + cfg.n_layers * LAUNCH_OVERHEAD_S)
 
 
+def test_pooled_layers_are_spread_through_the_pass_and_landing_buffers_are_counted():
+    """Pooled layers need NVLink only: spread between streamed ones they keep the gathers busy while
+    PCIe copies (as one run at the end PCIe idled through them). Each ring slot's landing buffer
+    (a quarter layer on 4 ranks) comes out of the pool."""
+    cfg = preset("opt-30b")
+    args = (cfg, 2, 16 * GiB, 8, 512, 32)
+    p = plan_placement(*args, offload=True, pool_ranks=4)
+    assert len(p.pooled) == 22 and p.pooled[-1] == cfg.n_layers - 1
+    gaps = [b - a for a, b in zip(p.pooled, p.pooled[1:])]
+    assert set(gaps) <= {2, 3}  # never two streamed layers' worth of PCIe without a pooled one between
+    landed = plan_placement(*args, offload=True, pool_ranks=4, fetch_ranks=4)
+    layer = p.streamed_bytes // len(p.streamed)
+    assert landed.bytes["ring"] - p.bytes["ring"] == 2 * -(-layer // 4) and len(landed.pooled) == 20
+    gathered = plan_placement(*args, offload=True, fetch_ranks=4)  # all-gather: landing buffers, nothing pooled
+    assert gathered.bytes["ring"] == landed.bytes["ring"] and not gathered.pooled
+
+
 POOL = ["plan", "facebook/opt-30b", "--dummy", "--cpu-offload", "--gpu-memory", "16GiB", "--cpu-memory", "400GiB",
         "--h2d-bandwidth", "54.8GB", "--batch-size", "8", "--prompt-len", "512", "--gen-len", "32",
         "--num-gpus-per-node", "4", "--weight-fetch", "pool"]
@@ -162,7 +179,8 @@ def test_plan_of_four_ranks_says_which_link_figures_it_assumed_and_uses_saved_on
     out = capsys.readouterr().out
     assert "host links assumed 4 x 54.8 GB/s" in out and "NVLink unmeasured: all-gather assumed 179 GB/s" in out
     [row] = rows_of(out)
-    assert row[5:8] == ["0.250", "NVLink", "128.02"] and row[8:11] == ["22", "8.02", "44.40"]  # pooled, GB each link
+    # pooled, GB each link: 20 layers, not 22 (two landing buffers of a quarter layer each)
+    assert row[5:8] == ["0.250", "NVLink", "128.02"] and row[8:11] == ["20", "8.63", "44.40"]
     assert main([*POOL, "--num-gpus-per-node", "1"]) == 0  # one rank: one GPU's plan
     one = capsys.readouterr().out
     assert "NVLink" not in one and rows_of(one)[0][2] == "43"
@@ -171,7 +189,7 @@ def test_plan_of_four_ranks_says_which_link_figures_it_assumed_and_uses_saved_on
     out = capsys.readouterr().out
     assert "host links 100.0 GB/s together (measured by bench: H100 x 4, test)" in out
     [row] = rows_of(out)
-    assert row[6] == "bus" and float(row[11]) == pytest.approx(8.02e9 / 25e9, abs=1e-3)  # PCIe s at 100/4 GB/s each
+    assert row[6] == "bus" and float(row[11]) == pytest.approx(8.63e9 / 25e9, abs=1e-3)  # PCIe s at 100/4 GB/s each
     assert main([*POOL, "--allgather-bandwidth", "90GB"]) == 0
     out = capsys.readouterr().out
     assert "all-gather 90.0 GB/s received per GPU (given with --allgather-bandwidth)" in out

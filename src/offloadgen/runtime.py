@@ -118,6 +118,7 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
     plan.budget = config.gpu_memory or default_gpu_budget(device)
     batch, gen_len = config.max_batch_size, max_len - prompt_len
     pool_ranks = world.size if config.weight_fetch == "pool" else 1
+    fetch_ranks = world.size if config.weight_fetch in ("allgather", "pool") else 1
     # experts are copied one by one from pinned CPU memory by one rank (offload/experts.py)
     experts = config.expert_streaming if config.cpu_offload and not config.disk_offload and config.pin_memory \
         and world.size == 1 else "off"
@@ -127,11 +128,12 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
         plan.placement, plan.kv, plan.kv_model = plan_kv_offload(
             model_cfg, elem, plan.budget, batch, prompt_len, gen_len, config.micro_batch_size, config.prefetch_depth,
             quant, kv, h2d_bytes_s, dtype, offload=config.offloaded, cpu_attention_bytes_s=cpu_attention_bytes_s,
-            pool_ranks=pool_ranks, expert_streaming=experts)
+            pool_ranks=pool_ranks, expert_streaming=experts, fetch_ranks=fetch_ranks)
     else:
         plan.placement = plan_placement(model_cfg, elem, plan.budget, batch, prompt_len, gen_len,
                                         config.micro_batch_size, config.prefetch_depth, offload=config.offloaded,
-                                        quant=quant, pool_ranks=pool_ranks, kv_bits=kv_bits, expert_streaming=experts)
+                                        quant=quant, pool_ranks=pool_ranks, kv_bits=kv_bits, expert_streaming=experts,
+                                        fetch_ranks=fetch_ranks)
     if config.disk_offload:
         plan.placement.bytes["weights_on_disk"] = True
     if plan.placement.streamed or plan.placement.pooled or kv is not None:

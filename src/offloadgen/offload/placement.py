@@ -114,12 +114,14 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
                    micro_batch: int | None = None, prefetch_depth: int = 1, offload: bool = True,
                    kv_on_gpu: bool = True, max_resident_layers: int | None = None, quant=None,
                    kv_scratch: int = 0, pool_ranks: int = 1, kv_bits: tuple = (None, 64),
-                   expert_streaming: str = "off") -> Placement:
+                   expert_streaming: str = "off", fetch_ranks: int = 1) -> Placement:
     """Place blocks under `budget` bytes of GPU memory; refuse, saying what would fit, if impossible.
 
     With the KV cache offloaded (kv_on_gpu=False) the GPU holds only `kv_scratch` bytes of it: the
     device buffers of the micro-batches that attend on the GPU. With pool_ranks N > 1 the budget is
-    each of N ranks' and the layers are pooled across them (_pool_layers). For an MoE model,
+    each of N ranks' and the layers are pooled across them (_pool_layers); with fetch_ranks N > 1
+    (all-gather or pool) each ring slot has a landing buffer of 1/N of a layer beside it
+    (offload/streaming.py, _copy_ahead). For an MoE model,
     expert_streaming "on" streams trunks and routed experts (_expert_placement), "auto" does so
     where that moves fewer bytes per decode step than whole layers, "off" never."""
     max_len = prompt_len + gen_len
@@ -147,9 +149,10 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
     # stream like a layer and the ring must hold the largest block.
     ends = ["head", "embed"]
     ends_bytes = sizes["head"] + sizes["embed"] - shared
-    ring = slots * layer_bytes
+    landing = lambda largest: slots * -(-largest // fetch_ranks) if fetch_ranks > 1 else 0  # noqa: E731
+    ring = slots * layer_bytes + landing(layer_bytes)
     if fixed + ring + ends_bytes > budget:
-        ring = slots * max(sizes.values())
+        ring = slots * max(sizes.values()) + landing(max(sizes.values()))
         ends, ends_bytes = [], 0
     if fixed + ring > budget:
         # batch 1 cannot be smaller: the sequence must be shorter instead
@@ -237,15 +240,21 @@ def _pool_layers(cfg, sizes: dict, ends: list, free: int, ranks: int, slots: int
     """Ranks pool their GPU memory: a pooled layer costs each rank 1/ranks of its bytes, and is
     all-gathered over NVLink into the ring every pass, so the pool holds ranks times the layers
     that one GPU would; only the layers it cannot hold cross PCIe (1/ranks of each on every link).
-    The last layers are pooled first, as resident ones are: the next pass's first copies then
-    overlap them."""
+    As many layers as fit, counted from the last, are pooled, spread evenly through the pass (the
+    last one among them): a pooled layer needs NVLink only, so between two streamed layers it keeps
+    the gathers busy while PCIe copies the next streamed one. Pooled as one run at the end, the
+    last 22 of OPT-30B's 48 layers on 4 H100s left PCIe idle for their whole stretch."""
     share = lambda b: -(-sizes[b] // ranks)  # noqa: E731
-    pooled = []
+    pooled, room = [], free
     for i in reversed(range(cfg.n_layers)):
-        if share(i) > free:
+        if share(i) > room:
             break
         pooled.insert(0, i)
-        free -= share(i)
+        room -= share(i)
+    n, layers = len(pooled), cfg.n_layers
+    spread = sorted({layers - 1 - k * layers // n for k in range(n)}) if n else []
+    if len(spread) == n and sum(share(i) for i in spread) <= free:  # layers of unequal sizes: keep the run
+        pooled = spread
     resident = [b for b in blocks(cfg) if b in ends]
     streamed = [b for b in blocks(cfg) if b not in resident and b not in pooled]
     resident_bytes = sum(sizes[b] for b in resident) - (shared if "embed" in resident else 0)
@@ -270,7 +279,7 @@ def kv_cache_bytes(cfg, batch: int, seq: int, elem_bytes: int, bits: int | None 
 def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: int, gen_len: int,
                     micro_batch: int | None, prefetch_depth: int, quant, opts, h2d_bytes_s: float | None,
                     dtype: torch.dtype, offload: bool = True, cpu_attention_bytes_s: float | None = None,
-                    pool_ranks: int = 1, expert_streaming: str = "off"):
+                    pool_ranks: int = 1, expert_streaming: str = "off", fetch_ranks: int = 1):
     """Placement with the KV cache in CPU memory, and the share of micro-batches that attend on the
     GPU. With attention "auto" the share comes from the step model (kv_cache.gpu_fraction): the
     cache read in a decode step at the average context length, against the bus time the streamed
@@ -290,13 +299,18 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
     n_parts = -(-batch // rows)
     first = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
                            offload=offload, kv_on_gpu=False, quant=quant, pool_ranks=pool_ranks,
-                           expert_streaming=expert_streaming)
+                           expert_streaming=expert_streaming, fetch_ranks=fetch_ranks)
     kv_bits = (opts.quant_bits, opts.quant_group_size)
     cache_step = kv_cache_bytes(cfg, batch, prompt_len + gen_len // 2, elem_bytes, *kv_bits)  # read per decode step
     fraction = opts.gpu_fraction
     model = {"cache_bytes_per_step": cache_step, "h2d_bytes_s": h2d_bytes_s, "cpu_attention_bytes_s": cpu_attention_bytes_s}
     if fraction is None and opts.attention == "auto":
-        if h2d_bytes_s and cpu_attention_bytes_s:
+        if not opts.pinned:
+            # A pageable cache's copies to the GPU hold the host thread at a fraction of the bus
+            # (4 ranks: 4.7 s of a 6.6 s step issuing 5 GPU parts); the pinned-memory model above
+            # would send parts there. Start on the CPU; the split (kv_split) weighs what issuing costs.
+            fraction = 0.0
+        elif h2d_bytes_s and cpu_attention_bytes_s:
             fraction = gpu_fraction(first.bus_bytes_per_step / h2d_bytes_s, cache_step, h2d_bytes_s, cpu_attention_bytes_s)
         else:
             fraction = 0.0  # nothing measured (no GPU): the cache is read where it is
@@ -311,7 +325,8 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
         scratch += kv_cache_bytes(cfg, rows, prompt_len + gen_len, elem_bytes) // cfg.n_layers
     placement = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
                                offload=offload, kv_on_gpu=False, quant=quant, kv_scratch=scratch,
-                               pool_ranks=pool_ranks, expert_streaming=expert_streaming) if scratch else first
+                               pool_ranks=pool_ranks, expert_streaming=expert_streaming,
+                               fetch_ranks=fetch_ranks) if scratch else first
     placement.bytes["kv_host"] = kv_cache_bytes(cfg, batch, prompt_len + gen_len, elem_bytes, *kv_bits)
     if h2d_bytes_s:
         x = n_gpu / n_parts

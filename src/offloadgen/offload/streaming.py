@@ -211,7 +211,14 @@ class StreamingWeights:
             from .disk import aligned_buffer, padded
             ring_numel = padded(ring_numel)
         if self.shards > 1:  # room for N equal parts of the largest block
-            ring_numel = self.shards * self._part_bytes(ring_numel)
+            part_numel = self._part_bytes(ring_numel)
+            ring_numel = self.shards * part_numel
+            # This rank's 1/N of each streamed block lands in a buffer of its own, not in its place
+            # in the ring slot: the host copies (PCIe) then run up to `slots` blocks ahead of the
+            # gathers, past pooled blocks and layers still computing. Landing in the slot itself, a
+            # copy waited for the slot, and PCIe idled while pooled layers were gathered (4 H100s:
+            # step 1.28x the planned PCIe time).
+            self.landing = [torch.empty(part_numel, dtype=torch.uint8, device=self.device) for _ in range(slots)]
         if self.disk is not None and not self.cuda:
             self.ring = [aligned_buffer(ring_numel) for _ in range(slots)]
         else:
@@ -262,6 +269,13 @@ class StreamingWeights:
         self.next_issue = self.next_use = 0
         self.slot_of, self.ready = {}, {}
         self.free = [None] * len(self.ring)
+        if self.shards > 1:
+            # landing buffers: the copy index each holds until its gather is issued, and the event
+            # after which it may be overwritten (its gather has read it)
+            self.next_copy, self.copies = 0, 0
+            self.landed: dict[int, tuple] = {}  # issue index -> (landing buffer, copy event, bytes)
+            self.landing_held = [False] * len(self.landing)
+            self.landing_free = [None] * len(self.landing)
         for _ in range(min(len(self.ring), len(self.order))):
             self._issue()
 
@@ -287,7 +301,7 @@ class StreamingWeights:
         n = self.moe[block].trunk_nbytes if block in self.moe else self.layouts[block].nbytes
         self.timings["bus_bytes"] += n
         if self.shards > 1:
-            self._issue_shard(block, slot)
+            self._issue_shard(i, block, slot)
             return
         if not self.cuda:
             if self.disk is not None:
@@ -310,49 +324,75 @@ class StreamingWeights:
     def _part_bytes(self, nbytes: int) -> int:
         return -(-nbytes // (self.shards * ALIGN)) * ALIGN
 
-    def _issue_shard(self, block, slot) -> None:
-        """Put this rank's 1/N of the block in its place in the ring slot (copied from host memory,
-        or, for a pooled block, from the part this GPU keeps), then all-gather the other parts from
-        the other ranks into the same slot (in place: each rank's part sits where it belongs)."""
+    def _copy_ahead(self, upto: int) -> None:
+        """Issue this rank's host copies of the streamed blocks up to issue index `upto` (pooled
+        blocks need none), each into a free landing buffer; stop where none is free (its block's
+        gather not issued yet). Copies go in index order, so the one a gather needs is never behind
+        a buffer held by a later one."""
+        while self.next_copy <= upto:
+            i = self.next_copy
+            block = self.order[i % len(self.order)]
+            if block in self.pool_shard:
+                self.next_copy += 1
+                continue
+            buf = self.copies % len(self.landing)
+            if self.landing_held[buf]:
+                return
+            src = self.host[block]
+            part, r = self._part_bytes(self.layouts[block].nbytes), self.world.rank
+            src = src[min(r * part, src.numel()):min((r + 1) * part, src.numel())]
+            dst = self.landing[buf][:src.numel()]
+            event = None
+            if self.cuda:
+                with torch.cuda.stream(self.copy_stream):
+                    if self.landing_free[buf] is not None:
+                        self.copy_stream.wait_event(self.landing_free[buf])
+                    copy_in_chunks(dst, src)
+                    event = torch.cuda.Event()
+                    event.record(self.copy_stream)
+            else:
+                dst.copy_(src)
+            self.landed[i] = (buf, event)
+            self.landing_held[buf] = True
+            self.copies += 1
+            self.next_copy += 1
+
+    def _issue_shard(self, i: int, block, slot) -> None:
+        """All-gather block `block` (issue index i) into its ring slot: every rank gives its 1/N,
+        from its landing buffer (copied from host memory by _copy_ahead) or, for a pooled block,
+        straight from the part this GPU keeps; then copies run ahead again."""
         import torch.distributed as dist
         part = self._part_bytes(self.layouts[block].nbytes)
-        r = self.world.rank
         gathered = self.ring[slot][:part * self.shards]
-        mine = gathered[r * part:(r + 1) * part]
         pooled = block in self.pool_shard
+        self._copy_ahead(i)
         if pooled:
-            src = self.pool_shard[block]
-            lo, hi = 0, part
+            mine, buf, arrived = self.pool_shard[block], None, None
         else:
-            src = self.host[block]
-            lo, hi = min(r * part, src.numel()), min((r + 1) * part, src.numel())
-            src = src[lo:hi]
+            buf, arrived = self.landed.pop(i)
+            mine = self.landing[buf][:part]
         if not self.cuda:
-            mine[:hi - lo].copy_(src)
             dist.all_gather_into_tensor(gathered, mine, group=self.world.group)
+            if buf is not None:
+                self.landing_held[buf] = False
+            self._copy_ahead(i + len(self.landing))
             return
         # Two queues, so that the links work at once: the copy stream carries only host-to-device
         # copies (PCIe), the gather stream only all-gathers (NVLink). On one queue the next block's
         # host copy waited for this block's gather, and a step cost the sum of both links' times.
-        arrived = None
-        if not pooled:
-            with torch.cuda.stream(self.copy_stream):
-                if self.free[slot] is not None:
-                    self.copy_stream.wait_event(self.free[slot])
-                copy_in_chunks(mine[:hi - lo], src)
-                arrived = torch.cuda.Event()
-                arrived.record(self.copy_stream)
         with torch.cuda.stream(self.gather_stream):
-            wait = arrived if arrived is not None else self.free[slot]
-            if wait is not None:
-                self.gather_stream.wait_event(wait)
+            for wait in (arrived, self.free[slot]):  # this rank's part has landed; the slot is read
+                if wait is not None:
+                    self.gather_stream.wait_event(wait)
             # NCCL runs on its own stream after what the gather stream has queued; wait() puts the
-            # gather stream behind the gather, and the block's ready event behind it. A pooled
-            # block's part goes in straight from where this GPU keeps it (no copy into the slot).
-            dist.all_gather_into_tensor(gathered, src if pooled else mine, group=self.world.group,
-                                        async_op=True).wait()
+            # gather stream behind the gather, and the block's ready event behind it.
+            dist.all_gather_into_tensor(gathered, mine, group=self.world.group, async_op=True).wait()
             self.ready[block] = torch.cuda.Event()
             self.ready[block].record(self.gather_stream)
+        if buf is not None:
+            self.landing_free[buf] = self.ready[block]
+            self.landing_held[buf] = False
+        self._copy_ahead(i + len(self.landing))
 
     def _stage_worker(self) -> None:
         torch.cuda.set_device(self.device)
