@@ -206,3 +206,24 @@ def test_quantized_caches_never_go_to_sdpa():
     q = torch.randn(1, 2, 1, 64).half()
     with pytest.raises(ValueError, match="dense caches"):
         cpu_attention.attend(q, k, k, 6, torch.zeros(6, 1, 1, 1), impl="sdpa", quant=codec)
+
+
+@pytest.mark.parametrize("quant_bits", [None, 4])
+def test_out_takes_the_result_in_qs_dtype(quant_bits):
+    """attend(out=buffer) (the offloaded cache's pinned output buffer) holds the same values as the
+    returned tensor without it, and is what comes back; a buffer of another dtype is refused."""
+    from offloadgen.quant.kv import kv_quant
+    codec = kv_quant(quant_bits, 64, 2, 64)
+    k, v = torch.randn(7, 3, 2, 64), torch.randn(7, 3, 2, 64)
+    if codec is not None:
+        k, v = codec.encode(k.flatten(-2)), codec.encode(v.flatten(-2))
+    else:
+        k, v = k.half(), v.half()
+    q = torch.randn(3, 4, 1, 64).half()
+    bias = cpu_attention.bias_from_mask(torch.zeros(3, 1, 1, 7), 7)
+    plain = cpu_attention.attend(q, k, v, 7, bias, impl="numba", quant=codec)
+    out = torch.full_like(q, float("nan"))
+    got = cpu_attention.attend(q, k, v, 7, bias, impl="numba", quant=codec, out=out)
+    assert got is out and torch.equal(out, plain)
+    with pytest.raises(ValueError, match="dtype"):
+        cpu_attention.attend(q, k, v, 7, bias, impl="numba", quant=codec, out=torch.empty(3, 4, 1, 64))

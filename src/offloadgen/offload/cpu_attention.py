@@ -126,12 +126,14 @@ def bias_from_mask(mask: torch.Tensor | None, end: int, batch: int = 1, queries:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: torch.Tensor,
-           scale: float | None = None, impl: str | None = None, quant=None) -> torch.Tensor:
+           scale: float | None = None, impl: str | None = None, quant=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q [B, H, t, D] over slots [:end] of k, v [slots, B, Hkv, D] (CPU tensors), or
     with quant (a quant.kv.KVQuant) of the 4/8-bit cache k, v uint8 [slots, B, row bytes], with
     bias from bias_from_mask. Returns [B, H, t, D] in q's dtype. impl: "numba", "torch" or "sdpa"
     (dense caches); None takes Numba where it imports (else "torch"), or for a dense cache
-    whichever of it and SDPA was the faster on this shape's first calls (_Trial)."""
+    whichever of it and SDPA was the faster on this shape's first calls (_Trial). out: where to put
+    the result (q's shape and dtype; a pinned buffer bound for the GPU), converted as it is copied:
+    one pass and no new tensor, on each of a step's 1,536 calls at OPT-30B batch 256."""
     b, h, t, d = q.shape
     h_kv = k.shape[2] if quant is None else quant.kv_heads
     if bias.shape[2] not in (1, h_kv):
@@ -139,10 +141,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: to
     scale = d ** -0.5 if scale is None else scale
     qf = (q.float() * scale).reshape(b, h_kv, (h // h_kv) * t, d).contiguous()
     if impl is None:
-        out = _chosen_run(q, qf, k, v, end, bias, scale, quant)
+        result = _chosen_run(q, qf, k, v, end, bias, scale, quant)
     else:
-        out = _run(impl, q, qf, k, v, end, bias, scale, quant)
-    return out.reshape(b, h, t, d).to(q.dtype)
+        result = _run(impl, q, qf, k, v, end, bias, scale, quant)
+    result = result.reshape(b, h, t, d)
+    if out is None:
+        return result.to(q.dtype)
+    if out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"out must have q's shape {tuple(q.shape)} and dtype {q.dtype}, not {tuple(out.shape)} {out.dtype}")
+    return out.copy_(result)
 
 
 def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: torch.Tensor,
@@ -200,8 +207,8 @@ def _attend_numba(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, 
     item_bytes = 2 * d * k.element_size() if quant is None else 2 * quant.row_bytes // quant.kv_heads
     slot_splits, item_splits = splits or nb.splits(threads, end, b * h, item_bytes)
     bias_np = bias.float().contiguous().numpy()
-    bounds, ends = _item_ranges_for(bias, bias_np, h, item_splits)
-    work = _workspace(slot_splits, item_splits, end, *qf.shape, per_i=int(np.diff(bounds).max()))
+    bounds, ends, widest = _item_ranges_for(bias, bias_np, h, item_splits)
+    work = _workspace(slot_splits, item_splits, end, *qf.shape, per_i=widest)
     shape = np.array([*qf.shape, bias.shape[2]], np.int64)
     layout, qk, qsum, order = _NO_LAYOUT, qf.numpy().reshape(-1), _NO_SUMS, _NO_ORDER
     if quant is not None:
@@ -222,11 +229,11 @@ def _attend_numba(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, 
     return out
 
 
-_ranges_memo: dict = {}  # (id, heads, splits) -> (bias, bounds, ends)
+_ranges_memo: dict = {}  # (id, heads, splits) -> (bias, bounds, ends, widest)
 
 
-def _item_ranges_for(bias: torch.Tensor, bias_np: np.ndarray, heads: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """item_ranges of this bias, worked out once: a pass uses one bias for all its layers and
+def _item_ranges_for(bias: torch.Tensor, bias_np: np.ndarray, heads: int, n: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """item_ranges of this bias, and the most items a range holds, worked out once: a pass uses one bias for all its layers and
     micro-batches (bias_from_mask), and at 48 layers x 32 micro-batches the numpy work of every call
     was a tenth of a millisecond each. The entry holds the bias, so its id is not reused while kept.
     A bias is never changed in place (bias_from_mask makes a new one; inference tensors, which the
@@ -234,12 +241,12 @@ def _item_ranges_for(bias: torch.Tensor, bias_np: np.ndarray, heads: int, n: int
     key = (id(bias), heads, n)
     hit = _ranges_memo.get(key)
     if hit is not None and hit[0] is bias:
-        return hit[1], hit[2]
+        return hit[1:]
     bounds, ends = item_ranges(row_ends(bias_np), heads, n)
     if len(_ranges_memo) >= 8:
         _ranges_memo.clear()
-    _ranges_memo[key] = (bias, bounds, ends)
-    return bounds, ends
+    _ranges_memo[key] = (bias, bounds, ends, int(np.diff(bounds).max()))
+    return _ranges_memo[key][1:]
 
 
 def row_ends(bias: np.ndarray) -> np.ndarray:

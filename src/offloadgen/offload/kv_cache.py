@@ -573,15 +573,13 @@ class OffloadedKVCache:
         bias = biases.get(id(mask))
         if bias is None:
             bias = biases[id(mask)] = bias_from_mask(mask, end)
+        # On CUDA the result goes straight into the pinned buffer the GPU reads it from.
+        out_host = self._pinned_like(j, "out", q) if self.cuda else None
         t0 = time.perf_counter()
-        out = cpu_attend(q_host, hk, hv, end, bias, scale, quant=self.codec)
+        out = cpu_attend(q_host, hk, hv, end, bias, scale, quant=self.codec, out=out_host)
         self._count("cpu_attention_s", time.perf_counter() - t0)
         self._count("cpu_cache_read_bytes", 2 * hk[:end].numel() * hk.element_size())
-        if not self.cuda:
-            return out
-        out_host = self._pinned_like(j, "out", out)
-        out_host.copy_(out)
-        return to_device_zero_copy(out_host, self.device)
+        return to_device_zero_copy(out, self.device) if self.cuda else out
 
 
 def write_slots_host(step) -> torch.Tensor:
