@@ -183,6 +183,9 @@ def test_a_budget_short_of_ring_and_landing_buffers_is_refused_saying_both():
     msg = str(refused.value)
     assert "2 layer buffers 2.3 GiB + 2 landing buffers of 1/4 layer 0.6 GiB" in msg and "\n" not in msg
     assert msg.endswith("or --weight-fetch whole (no landing buffers)")
+    with pytest.raises(OffloadgenError, match="landing buffers of 1/4 layer") as refused:  # short of the ring too
+        plan_placement(cfg, 2, budget - GiB // 4, 1, 8, 8, offload=True, kv_on_gpu=False, pool_ranks=4, fetch_ranks=4)
+    assert "--weight-fetch whole" not in str(refused.value)
     assert layer * 2 / GiB == pytest.approx(2.3, abs=0.05)
 
 

@@ -166,7 +166,7 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
             f"activations {act / GiB:.1f} GiB + {slots} layer buffers {ring / GiB:.1f} GiB{landed} = "
             f"{(fixed + ring + landing) / GiB:.1f} GiB. Try {smaller}, a larger --gpu-memory, "
             f"or --micro-batch-size to shrink activations" + ("" if not kv_on_gpu else ", or --kv-offload")
-            + (", or --weight-fetch whole (no landing buffers)" if landing else ""))
+            + (", or --weight-fetch whole (no landing buffers)" if landing and fixed + ring <= budget else ""))
     free = budget - fixed - ring - landing - ends_bytes
     if pool_ranks > 1:
         return _pool_layers(cfg, sizes, ends, free, pool_ranks, slots, shared,
