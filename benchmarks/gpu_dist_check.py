@@ -53,7 +53,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model"
         make_model(path)
-        tokens = {m: run(args.gpus, path, m, args.ring, Path(tmp) / f"{m}.json", args.device) for m in ("whole", "allgather", "pool", "poolspread")}
+        modes = ("whole", "allgather", "pool", "poolspread", "poolall")  # poolall: no landing buffers at all
+        tokens = {m: run(args.gpus, path, m, args.ring, Path(tmp) / f"{m}.json", args.device) for m in modes}
     bad = 0
     for mode, rows in tokens.items():
         same = rows == tokens["whole"]

@@ -2,12 +2,14 @@
 with streamed weights (whole layers, or 1/N fetched and all-gathered) from shared host memory;
 rank 0 writes every row's tokens, gathered in order, to a JSON file.
 
-    torchrun --nproc-per-node N tests/dist_worker.py CHECKPOINT OUT.json {whole|allgather|pool|poolspread|die|shared}
+    torchrun --nproc-per-node N tests/dist_worker.py CHECKPOINT OUT.json {whole|allgather|pool|poolspread|poolall|die|shared}
 
 In "poolspread" mode every other layer from the second is pooled (streamed and pooled layers
-alternate, as the planner spreads them: host copies run ahead past pooled layers).
+alternate, as the planner spreads them: host copies run ahead past pooled layers); in "poolall"
+every layer is (nothing is copied from host memory, and no landing buffer is made).
 In "pool" mode the last two layers are pooled (each rank keeps 1/N of them and all-gathers the
-rest), the others stream from shared host memory. With DIST_DEVICE=cuda it runs the same on the
+rest), the others stream from shared host memory. DIST_RESET=k: k blocks of a pass are fetched
+and used, then the schedule is reset (as after a pass that failed midway) before generating. With DIST_DEVICE=cuda it runs the same on the
 ranks' GPUs over NCCL (benchmarks/gpu_dist_check.py), where the copies and gathers overlap.
 """
 import json
@@ -37,7 +39,7 @@ ids, mask = fixed_batch(int(os.environ.get("DIST_ROWS", "6")))
 rows = distributed.local_rows(ids.shape[0], world)
 placement = disk_placement_on_cpu(ckpt.cfg, prefetch_depth=int(os.environ.get("DIST_RING", "2")) - 1)
 layers = list(range(ckpt.cfg.n_layers))
-pooled = {"pool": layers[-2:], "poolspread": layers[1::2]}.get(mode)
+pooled = {"pool": layers[-2:], "poolspread": layers[1::2], "poolall": layers}.get(mode)
 if pooled:
     streamed = [i for i in layers if i not in pooled]
     placement = Placement(["embed", "head"], streamed, placement.ring_slots, dict(streamed_per_pass=0), pooled=pooled)
@@ -45,6 +47,12 @@ weights = StreamingWeights(ckpt, DEVICE, torch.float32, placement, progress=Fals
                            fetch="pool" if pooled else mode if mode == "allgather" else "whole")
 if pooled:
     assert set(weights.host) == set(streamed) and set(weights.pool_shard) == set(pooled)
+    assert len(weights.landing) == (placement.ring_slots if streamed else 0)
+for block in weights.order[:int(os.environ.get("DIST_RESET", "0"))]:
+    weights.get(block)
+    weights.done(block)
+if "DIST_RESET" in os.environ:
+    weights.reset()
 if mode == "shared":
     # the streamed blocks are one memory on the node: what rank 0 writes, the others read
     block = weights.order[0]

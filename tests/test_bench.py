@@ -130,3 +130,20 @@ def test_moe_bytes_per_step_count_the_decode_steps_not_the_copy_only_pass_after_
     rec = _expert_record(rt, {"marks": {"weights": zero, "weights_end": end}}, steps + 1, RunMetrics.measured(
         batch=8, prompt_len=16, gen_len=steps + 1, prefill_s=1.0, total_s=32.0, peak_gpu_mem=0))
     assert rec["bus_bytes_per_step"] == per_pass and rec["fewer_bytes_than_whole"] == 1.0
+
+
+def test_kv_record_keeps_the_planned_count_beside_where_the_split_ended():
+    """The record's predictions are for the plan's split (all on the CPU for a pageable cache);
+    gpu_parts is where the split ended. Both are kept: the planned count is not overwritten."""
+    from types import SimpleNamespace
+    from offloadgen.bench.run import _kv_record
+    stats = dict(cpu_attention_s=3.0, wait_for_gpu_s=0.0, cpu_cache_read_bytes=0, h2d_cache_bytes=0,
+                 d2h_cache_bytes=0, cpu_side_host_s=3.0, gpu_attention_host_s=0.0)
+    cache = SimpleNamespace(stats=stats, gpu_parts={7}, parts=[slice(i, i + 1) for i in range(8)], nbytes=1,
+                            pinned_bytes=0, split=SimpleNamespace(history=[0, 1]))
+    plan = SimpleNamespace(kv=SimpleNamespace(attention="auto", pinned=False, async_write=False, overlap=False),
+                           kv_model={"gpu_parts": 0, "parts": 8, "predicted_cpu_attention_s": 7.6},
+                           device=SimpleNamespace(type="cpu"))
+    rt = SimpleNamespace(engine=SimpleNamespace(offloaded_cache=cache, cpu_side=None), plan=plan)
+    rec = _kv_record(rt, {"marks": {"kv_stats": dict(stats)}}, 3)
+    assert rec["planned_gpu_parts"] == 0 and rec["gpu_parts"] == 1 and rec["predicted_cpu_attention_s"] == 7.6

@@ -20,9 +20,9 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 ENV = {**os.environ, "OFFLOADGEN_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
-def torchrun(nproc, *args, timeout=240):
+def torchrun(nproc, *args, timeout=240, **env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env={**ENV, **env}, capture_output=True, text=True, timeout=timeout)
 
 
 def one_process_tokens(path):
@@ -35,11 +35,23 @@ def one_process_tokens(path):
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
-@pytest.mark.parametrize("mode", ["whole", "allgather", "pool", "poolspread"])
+@pytest.mark.parametrize("mode", ["whole", "allgather", "pool", "poolspread", "poolall"])
 def test_ranks_give_the_tokens_of_one_process(tiny, tmp_path, nproc, mode):
     _, path = tiny("llama3-gqa-rope-scaling")
     out = tmp_path / "tokens.json"
     r = torchrun(nproc, str(WORKER), str(path), str(out), mode)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(out.read_text()) == one_process_tokens(path)
+
+
+@pytest.mark.parametrize("mode", ["allgather", "poolspread"])
+def test_a_ring_of_three_reset_midway_gives_the_tokens_of_one_process(tiny, tmp_path, mode):
+    """Three ring slots: host copies land up to three blocks ahead of the gathers, round the
+    landing buffers; a reset two blocks into a pass (as after a failed pass) starts the copies
+    and the gathers again from the first block, on every rank."""
+    _, path = tiny("llama3-gqa-rope-scaling")
+    out = tmp_path / "tokens.json"
+    r = torchrun(3, str(WORKER), str(path), str(out), mode, DIST_RING="3", DIST_RESET="2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(out.read_text()) == one_process_tokens(path)
 

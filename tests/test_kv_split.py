@@ -76,6 +76,23 @@ def test_issuing_that_costs_the_host_more_than_attending_sends_parts_back_and_ke
     assert split.observe(cpu_s=0.27 * 3, wait_s=0.0, step_s=2.0, issue_s=0.02 * 5) == 6
 
 
+def test_one_slow_issue_does_not_keep_the_last_gpu_part_off_the_gpu_for_good():
+    """One GPU part of two, a pinned cache: issuing it costs ms, but one step's issuing took 0.5 s
+    (a first use's allocations, the host busy) against 0.2 s of CPU attention. The part goes back;
+    with none on the GPU that one figure is never measured again, so on its own it must not keep
+    the part off the GPU: after `hold` steps the CPU-bound split tries again, and stays. Issuing
+    dear twice in a row (a pageable cache) does keep it off."""
+    split = SplitController(parts=2, gpu=1, most=1, hold=4)
+    issue = iter([0.5] + [0.01] * 30)
+    seen = [split.observe(cpu_s=0.2 * (2 - split.gpu), wait_s=0.0, step_s=1.0,
+                          issue_s=next(issue) if split.gpu else 0.0) for _ in range(12)]
+    assert seen[0] == 0 and seen[-1] == 1 and seen[-4:] == [1] * 4
+    split = SplitController(parts=2, gpu=1, most=1, hold=4)
+    seen = [split.observe(cpu_s=0.2 * (2 - split.gpu), wait_s=0.0, step_s=1.0, issue_s=0.5 * split.gpu)
+            for _ in range(30)]
+    assert seen.count(1) == 1 and set(seen[8:]) == {0}  # one retry, then none
+
+
 def test_a_pageable_cache_starts_with_every_part_on_the_cpu():
     """The pinned-memory model would send parts to the GPU; a pageable cache's copies hold the
     host thread, so the plan starts on the CPU (the split may still try, and weigh the cost)."""

@@ -3,7 +3,7 @@ import pytest
 
 from offloadgen.cli import main
 from offloadgen.errors import OffloadgenError
-from offloadgen.models import preset
+from offloadgen.models import block_nbytes, preset
 from offloadgen.offload.placement import GiB, plan_placement
 from offloadgen.machine import Calibration
 from offloadgen.plan import predict
@@ -162,9 +162,41 @@ def test_pooled_layers_are_spread_through_the_pass_and_landing_buffers_are_count
     assert set(gaps) <= {2, 3}  # never two streamed layers' worth of PCIe without a pooled one between
     landed = plan_placement(*args, offload=True, pool_ranks=4, fetch_ranks=4)
     layer = p.streamed_bytes // len(p.streamed)
-    assert landed.bytes["ring"] - p.bytes["ring"] == 2 * -(-layer // 4) and len(landed.pooled) == 20
+    assert landed.bytes["landing"] == 2 * -(-layer // 4) and len(landed.pooled) == 20
+    assert landed.bytes["ring"] == p.bytes["ring"] and p.bytes["landing"] == 0
+    assert "2 landing buffers (0.57 GiB)" in landed.describe() and "landing" not in p.describe()
     gathered = plan_placement(*args, offload=True, fetch_ranks=4)  # all-gather: landing buffers, nothing pooled
-    assert gathered.bytes["ring"] == landed.bytes["ring"] and not gathered.pooled
+    assert gathered.bytes["landing"] == landed.bytes["landing"] and not gathered.pooled
+
+
+def test_a_budget_short_of_ring_and_landing_buffers_is_refused_saying_both():
+    """With the ring alone fitting but not its landing buffers beside it, the refusal names each
+    part of what is needed, not a ring that looks larger than two layers."""
+    cfg = preset("opt-30b")
+    layer = block_nbytes(cfg, 0, 2)
+    fixed = plan_placement(cfg, 2, 64 * GiB, 1, 8, 8, offload=True, kv_on_gpu=False)
+    need = fixed.bytes["activations"] + 2 * max(block_nbytes(cfg, b, 2) for b in ("embed", "head", 0))
+    budget = need + GiB // 8  # the ring fits, the ring and 2 quarter layers do not
+    plan_placement(cfg, 2, budget, 1, 8, 8, offload=True, kv_on_gpu=False, pool_ranks=4)  # no landing: fits
+    with pytest.raises(OffloadgenError) as refused:
+        plan_placement(cfg, 2, budget, 1, 8, 8, offload=True, kv_on_gpu=False, pool_ranks=4, fetch_ranks=4)
+    msg = str(refused.value)
+    assert "2 layer buffers 2.3 GiB + 2 landing buffers of 1/4 layer 0.6 GiB" in msg and "\n" not in msg
+    assert msg.endswith("or --weight-fetch whole (no landing buffers)")
+    with pytest.raises(OffloadgenError, match="landing buffers of 1/4 layer") as refused:  # short of the ring too
+        plan_placement(cfg, 2, budget - GiB // 4, 1, 8, 8, offload=True, kv_on_gpu=False, pool_ranks=4, fetch_ranks=4)
+    assert "--weight-fetch whole" not in str(refused.value)
+    assert layer * 2 / GiB == pytest.approx(2.3, abs=0.05)
+
+
+def test_every_layer_pooled_needs_no_landing_buffers():
+    """Nothing crosses PCIe when every fetched block is pooled: no host copy lands anywhere, and
+    the plan counts no buffer for one (StreamingWeights makes none)."""
+    cfg = preset("opt-1.3b")
+    p = plan_placement(cfg, 2, 8 * GiB, 8, 512, 32, offload=True, pool_ranks=4, fetch_ranks=4)
+    assert len(p.pooled) == cfg.n_layers and not p.streamed and p.bytes["landing"] == 0
+    some_streamed = plan_placement(cfg, 2, int(1.9 * GiB), 8, 512, 32, offload=True, pool_ranks=4, fetch_ranks=4)
+    assert some_streamed.streamed and some_streamed.bytes["landing"] == 2 * -(-some_streamed.bytes["ring"] // 2 // 4)
 
 
 POOL = ["plan", "facebook/opt-30b", "--dummy", "--cpu-offload", "--gpu-memory", "16GiB", "--cpu-memory", "400GiB",

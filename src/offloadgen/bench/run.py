@@ -201,7 +201,10 @@ def _kv_record(rt: Runtime, timed: dict, gen_len: int) -> dict | None:
     model = dict(rt.plan.kv_model or {})
     if rt.plan.device.type == "cuda":
         model["cpu_read_bytes_s"] = cpu_read_bandwidth()
+    # gpu_parts: where the split ended; the predictions above are for the plan's count (a pageable
+    # cache's plan puts every part on the CPU, and the split may move some)
     return {**model, "attention": kv.attention, "pinned": kv.pinned, "async_write": kv.async_write,
+            "planned_gpu_parts": model.get("gpu_parts"),
             "gpu_parts": len(cache.gpu_parts), "parts": len(cache.parts), "host_bytes": cache.nbytes,
             "pinned_bytes": cache.pinned_bytes, "split_history": cache.split.history if cache.split else None,
             "gpu_decode_attention": "triton" if kv_cache.TRITON_DECODE_ATTENTION else "sdpa",

@@ -17,7 +17,10 @@ from each step's observed times:
   0.94 s a micro-batch against 0.27 s of CPU attention), and the waits above never show it.
 
 If issuing a GPU micro-batch costs the host more than attending it would (i > c), one goes back to
-the CPU, and none moves to the GPU while the last i seen says it would not pay (i >= c).
+the CPU, and none moves to the GPU while the last i seen says it would not pay (i >= c). With none
+on the GPU, i is no longer measured: a last figure seen in one step only (one slow step: a first
+use's allocations, the host busy) lets a move be retried after `hold` steps; seen in two steps in
+a row (a pageable cache), it keeps them on the CPU.
 If the CPU waited longer than one more micro-batch would take it (wait > c), the GPU side is the
 bottleneck and giving one micro-batch back to the CPU shortens the step: its extra c fits in the
 time the CPU spent waiting, and the bus loses that micro-batch's cache. If the CPU hardly waited
@@ -41,6 +44,7 @@ class SplitController:
     history: list = field(default_factory=list)  # GPU micro-batches at each observed step
     _per_part_s: float | None = None  # last seen CPU attention seconds per micro-batch
     _issue_per_part_s: float | None = None  # last seen host seconds issuing one GPU micro-batch
+    _dear_steps: int = 0  # GPU-attending steps in a row where issuing a part cost the host >= attending it
     _pending: tuple = (0, 0)  # (direction, steps in a row)
     _ceiling: tuple = (None, 0)  # (count not to reach, steps left)
 
@@ -54,6 +58,9 @@ class SplitController:
             self._per_part_s = cpu_s / cpu_parts
         else:
             wait_s = step_s  # no attention on the CPU: it waited for the GPU the whole step
+        if self.gpu and self._per_part_s is not None:
+            dear = self._issue_per_part_s >= self._per_part_s
+            self._dear_steps = self._dear_steps + 1 if dear else 0
         move = self._verdict(wait_s)
         count = self._pending[1] + 1 if move and move == self._pending[0] else 1
         self._pending = (move, count)
@@ -73,6 +80,8 @@ class SplitController:
             return -1
         limit = self._ceiling[0]
         room = min(self.most, self.parts, limit - 1 if limit is not None else self.parts)
-        if self.gpu < room and c is not None and wait_s < self.margin * c and (i is None or i < c):
-            return 1
+        if self.gpu < room and c is not None and wait_s < self.margin * c:
+            # i is this step's with parts on the GPU; with none, the last one seen, trusted if seen twice
+            if i is None or i < c or (not self.gpu and self._dear_steps < 2):
+                return 1
         return 0

@@ -55,12 +55,14 @@ class Placement:
         return sorted([*self.streamed, *self.pooled], key=pass_position)
 
     def describe(self) -> str:
-        b = {"resident": 0, "ring": 0, "kv_cache": 0, "activations": 0, **self.bytes}
+        b = {"resident": 0, "ring": 0, "landing": 0, "kv_cache": 0, "activations": 0, **self.bytes}
         pooled = (f"{len(self.pooled)} pooled across ranks ({b['pooled_per_rank'] / GiB:.2f} GiB on each), "
                   if self.pooled else "")
+        landing = f" and {self.ring_slots} landing buffers ({b['landing'] / GiB:.2f} GiB)" if b["landing"] else ""
         return (f"{len(self.resident)} blocks resident ({b['resident'] / GiB:.2f} GiB), {pooled}{len(self.streamed)} streamed "
                 f"({b['streamed_per_pass'] / GiB:.2f} GiB per pass through {self.ring_slots} buffers of "
-                f"{b['ring'] / self.ring_slots / GiB if self.ring_slots else 0:.2f} GiB), KV cache {b['kv_cache'] / GiB:.2f} GiB, "
+                f"{b['ring'] / self.ring_slots / GiB if self.ring_slots else 0:.2f} GiB{landing}), "
+                f"KV cache {b['kv_cache'] / GiB:.2f} GiB, "
                 f"activations {b['activations'] / GiB:.2f} GiB"
                 + (f"; experts on demand, {b['routed_per_step'] / GiB:.2f} GiB per decode step expected, an expert "
                    f"cache of {self.expert_slots} ({b['expert_cache'] / GiB:.2f} GiB)" if self.expert_streaming else ""))
@@ -149,23 +151,26 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
     # stream like a layer and the ring must hold the largest block.
     ends = ["head", "embed"]
     ends_bytes = sizes["head"] + sizes["embed"] - shared
-    landing = lambda largest: slots * -(-largest // fetch_ranks) if fetch_ranks > 1 else 0  # noqa: E731
-    ring = slots * layer_bytes + landing(layer_bytes)
-    if fixed + ring + ends_bytes > budget:
-        ring = slots * max(sizes.values()) + landing(max(sizes.values()))
+    # with fetch_ranks N > 1, each ring slot's landing buffer: 1/N of the largest streamed block
+    landing_of = lambda largest: slots * -(-largest // fetch_ranks) if fetch_ranks > 1 else 0  # noqa: E731
+    ring, landing = slots * layer_bytes, landing_of(layer_bytes)
+    if fixed + ring + landing + ends_bytes > budget:
+        ring, landing = slots * max(sizes.values()), landing_of(max(sizes.values()))
         ends, ends_bytes = [], 0
-    if fixed + ring > budget:
+    if fixed + ring + landing > budget:
         # batch 1 cannot be smaller: the sequence must be shorter instead
         smaller = f"a smaller --batch-size (e.g. {batch // 2})" if batch > 1 else "a shorter --max-seq-len"
+        landed = f" + {slots} landing buffers of 1/{fetch_ranks} layer {landing / GiB:.1f} GiB" if landing else ""
         raise OffloadgenError(
             f"batch {batch} does not fit a {budget / GiB:.1f} GiB GPU budget: KV cache {kv / GiB:.1f} GiB + "
-            f"activations {act / GiB:.1f} GiB + {slots} layer buffers {ring / GiB:.1f} GiB = "
-            f"{(fixed + ring) / GiB:.1f} GiB. Try {smaller}, a larger --gpu-memory, "
-            f"or --micro-batch-size to shrink activations" + ("" if not kv_on_gpu else ", or --kv-offload"))
-    free = budget - fixed - ring - ends_bytes
+            f"activations {act / GiB:.1f} GiB + {slots} layer buffers {ring / GiB:.1f} GiB{landed} = "
+            f"{(fixed + ring + landing) / GiB:.1f} GiB. Try {smaller}, a larger --gpu-memory, "
+            f"or --micro-batch-size to shrink activations" + ("" if not kv_on_gpu else ", or --kv-offload")
+            + (", or --weight-fetch whole (no landing buffers)" if landing and fixed + ring <= budget else ""))
+    free = budget - fixed - ring - landing - ends_bytes
     if pool_ranks > 1:
         return _pool_layers(cfg, sizes, ends, free, pool_ranks, slots, shared,
-                            dict(kv_cache=kv, activations=act, ring=ring))
+                            dict(kv_cache=kv, activations=act, ring=ring, landing=landing))
     n_resident = min(cfg.n_layers, int(free // layer_bytes))
     if max_resident_layers is not None:
         n_resident = min(n_resident, max_resident_layers)
@@ -179,7 +184,7 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
     streamed_bytes = sum(sizes[b] for b in streamed)
     resident_bytes = sum(sizes[b] for b in resident) - (shared if "embed" in resident else 0)
     whole = Placement(resident, streamed, slots, dict(resident=resident_bytes, kv_cache=kv, activations=act, ring=ring,
-                                                      streamed_per_pass=streamed_bytes))
+                                                      landing=landing, streamed_per_pass=streamed_bytes))
     if expert_streaming == "off" or not is_expert_streamable(cfg):
         return whole
     routed = _expert_placement(cfg, elem_bytes, quant, sizes, ends, free, batch, whole)
@@ -258,6 +263,8 @@ def _pool_layers(cfg, sizes: dict, ends: list, free: int, ranks: int, slots: int
     resident = [b for b in blocks(cfg) if b in ends]
     streamed = [b for b in blocks(cfg) if b not in resident and b not in pooled]
     resident_bytes = sum(sizes[b] for b in resident) - (shared if "embed" in resident else 0)
+    if not streamed:  # every fetched block pooled: no host copies to land (streaming.py makes none)
+        parts = dict(parts, landing=0)
     return Placement(resident, streamed, slots, dict(parts, resident=resident_bytes,
                                                      pooled_per_rank=sum(share(b) for b in pooled),
                                                      streamed_per_pass=sum(sizes[b] for b in streamed)), pooled)

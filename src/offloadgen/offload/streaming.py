@@ -218,7 +218,9 @@ class StreamingWeights:
             # gathers, past pooled blocks and layers still computing. Landing in the slot itself, a
             # copy waited for the slot, and PCIe idled while pooled layers were gathered (4 H100s:
             # step 1.28x the planned PCIe time).
-            self.landing = [torch.empty(part_numel, dtype=torch.uint8, device=self.device) for _ in range(slots)]
+            # Every fetched block pooled: nothing lands (the planner counts none then either).
+            self.landing = [torch.empty(part_numel, dtype=torch.uint8, device=self.device)
+                            for _ in range(slots if self.host else 0)]
         if self.disk is not None and not self.cuda:
             self.ring = [aligned_buffer(ring_numel) for _ in range(slots)]
         else:
