@@ -138,7 +138,7 @@ from offloadgen.offload.cpu_attention import attend, bias_from_mask
 from offloadgen.quant.kv import kv_quant
 codec = kv_quant(4, 64, 2, 64)
 k = codec.encode(torch.randn(5, 2, 128))
-attend(torch.randn(2, 4, 1, 64), k, k, 5, bias_from_mask(torch.zeros(2, 1, 1, 5), 5), quant=codec)
+attend(torch.randn(2, 4, 1, 64), k, k, 5, bias_from_mask(torch.zeros(2, 1, 2, 5), 5), quant=codec)
 attend(torch.randn(2, 2, 1, 64), torch.randn(5, 2, 2, 64), torch.randn(5, 2, 2, 64), 5, torch.zeros(5, 2, 1, 1), impl="numba")
 print(torch.get_num_threads())
 """
@@ -155,7 +155,7 @@ def test_a_pass_works_out_its_row_ranges_once_per_bias(monkeypatch):
     real = cpu_attention.row_ends
     monkeypatch.setattr(cpu_attention, "row_ends", lambda b: calls.append(1) or real(b))
     q, k, v = torch.randn(2, 4, 1, 8), torch.randn(6, 2, 2, 8), torch.randn(6, 2, 2, 8)
-    mask = torch.zeros(2, 1, 1, 6)
+    mask = torch.zeros(2, 1, 2, 6)  # 2 query heads a KV head, folded into the rows (layers.grouped_mask)
     mask[1, ..., :3] = -torch.inf  # row 1 sees 3 slots: the ranges matter
     bias = cpu_attention.bias_from_mask(mask, 6)
     first = cpu_attention.attend(q, k, v, 6, bias, impl="numba")
@@ -220,10 +220,21 @@ def test_out_takes_the_result_in_qs_dtype(quant_bits):
     else:
         k, v = k.half(), v.half()
     q = torch.randn(3, 4, 1, 64).half()
-    bias = cpu_attention.bias_from_mask(torch.zeros(3, 1, 1, 7), 7)
+    bias = cpu_attention.bias_from_mask(torch.zeros(3, 1, 2, 7), 7)  # 4 query heads over 2 KV heads
     plain = cpu_attention.attend(q, k, v, 7, bias, impl="numba", quant=codec)
     out = torch.full_like(q, float("nan"))
     got = cpu_attention.attend(q, k, v, 7, bias, impl="numba", quant=codec, out=out)
     assert got is out and torch.equal(out, plain)
     with pytest.raises(ValueError, match="dtype"):
         cpu_attention.attend(q, k, v, 7, bias, impl="numba", quant=codec, out=torch.empty(3, 4, 1, 64))
+
+
+def test_a_bias_with_fewer_query_rows_than_the_kernel_reads_is_refused():
+    """With 2 query heads a KV head the kernel reads 2 bias entries a row: a bias of 1 made it read
+    past the array (a wrong, run-to-run different answer, found by CI on 2 threads)."""
+    q, k = torch.randn(2, 4, 1, 8), torch.randn(6, 2, 2, 8)
+    with pytest.raises(ValueError, match="2 query rows per KV head"):
+        cpu_attention.attend(q, k, k, 6, cpu_attention.bias_from_mask(torch.zeros(2, 1, 1, 6), 6), impl="numba")
+    good = cpu_attention.attend(q, k, k, 6, cpu_attention.bias_from_mask(torch.zeros(2, 1, 2, 6), 6), impl="numba")
+    sdpa = cpu_attention.attend(q, k, k, 6, cpu_attention.bias_from_mask(torch.zeros(2, 1, 2, 6), 6), impl="sdpa")
+    torch.testing.assert_close(good, sdpa, rtol=1e-5, atol=1e-5)

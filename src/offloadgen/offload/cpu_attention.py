@@ -136,6 +136,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: to
     one pass and no new tensor, on each of a step's 1,536 calls at OPT-30B batch 256."""
     b, h, t, d = q.shape
     h_kv = k.shape[2] if quant is None else quant.kv_heads
+    if bias.shape[3] != (h // h_kv) * t:  # the kernel reads R entries a row: fewer is reading past the bias
+        raise ValueError(f"bias must have {(h // h_kv) * t} query rows per KV head ({h // h_kv} query heads x {t} "
+                         f"tokens, folded as layers.grouped_mask does), not {bias.shape[3]}")
     if bias.shape[2] not in (1, h_kv):
         raise ValueError(f"mask heads must be 1 or the {h_kv} KV heads, not {bias.shape[2]}")
     scale = d ** -0.5 if scale is None else scale
