@@ -236,9 +236,9 @@ _ranges_memo: dict = {}  # (id, heads, splits) -> (bias, bounds, ends, widest)
 
 
 def _item_ranges_for(bias: torch.Tensor, bias_np: np.ndarray, heads: int, n: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """item_ranges of this bias, and the most items a range holds, worked out once: a pass uses one bias for all its layers and
-    micro-batches (bias_from_mask), and at 48 layers x 32 micro-batches the numpy work of every call
-    was a tenth of a millisecond each. The entry holds the bias, so its id is not reused while kept.
+    """item_ranges of this bias, and the most items a range holds, worked out once: a pass uses one
+    bias for all its layers and micro-batches (bias_from_mask), and at 48 layers x 32 micro-batches
+    the numpy work of every call was a tenth of a millisecond each. The entry holds the bias, so its id is not reused while kept.
     A bias is never changed in place (bias_from_mask makes a new one; inference tensors, which the
     engine's are, keep no version counter to check it by)."""
     key = (id(bias), heads, n)

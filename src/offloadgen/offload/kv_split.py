@@ -9,8 +9,7 @@ the same machine kind), and the balance drifts as the context grows, so the spli
 from each step's observed times:
 
 - cpu_s: seconds of CPU attention in the step; per CPU micro-batch, c = cpu_s / CPU parts;
-- wait_s: seconds the CPU waited for the GPU side (for q, k, v to arrive) before attending.
-
+- wait_s: seconds the CPU waited for the GPU side (for q, k, v to arrive) before attending;
 - issue_s: host seconds spent issuing the GPU-attended micro-batches (their attention and cache
   copies); per GPU micro-batch, i = issue_s / GPU parts. Cheap with a pinned cache (a few ms);
   with a pageable one each copy holds the host thread for its whole length (4 ranks on one node:
@@ -21,6 +20,7 @@ the CPU, and none moves to the GPU while the last i seen says it would not pay (
 on the GPU, i is no longer measured: a last figure seen in one step only (one slow step: a first
 use's allocations, the host busy) lets a move be retried after `hold` steps; seen in two steps in
 a row (a pageable cache), it keeps them on the CPU.
+
 If the CPU waited longer than one more micro-batch would take it (wait > c), the GPU side is the
 bottleneck and giving one micro-batch back to the CPU shortens the step: its extra c fits in the
 time the CPU spent waiting, and the bus loses that micro-batch's cache. If the CPU hardly waited

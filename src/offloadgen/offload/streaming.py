@@ -275,7 +275,7 @@ class StreamingWeights:
             # landing buffers: the copy index each holds until its gather is issued, and the event
             # after which it may be overwritten (its gather has read it)
             self.next_copy, self.copies = 0, 0
-            self.landed: dict[int, tuple] = {}  # issue index -> (landing buffer, copy event, bytes)
+            self.landed: dict[int, tuple] = {}  # issue index -> (landing buffer, copy event or None)
             self.landing_held = [False] * len(self.landing)
             self.landing_free = [None] * len(self.landing)
         for _ in range(min(len(self.ring), len(self.order))):
@@ -375,24 +375,21 @@ class StreamingWeights:
             mine = self.landing[buf][:part]
         if not self.cuda:
             dist.all_gather_into_tensor(gathered, mine, group=self.world.group)
-            if buf is not None:
-                self.landing_held[buf] = False
-            self._copy_ahead(i + len(self.landing))
-            return
-        # Two queues, so that the links work at once: the copy stream carries only host-to-device
-        # copies (PCIe), the gather stream only all-gathers (NVLink). On one queue the next block's
-        # host copy waited for this block's gather, and a step cost the sum of both links' times.
-        with torch.cuda.stream(self.gather_stream):
-            for wait in (arrived, self.free[slot]):  # this rank's part has landed; the slot is read
-                if wait is not None:
-                    self.gather_stream.wait_event(wait)
-            # NCCL runs on its own stream after what the gather stream has queued; wait() puts the
-            # gather stream behind the gather, and the block's ready event behind it.
-            dist.all_gather_into_tensor(gathered, mine, group=self.world.group, async_op=True).wait()
-            self.ready[block] = torch.cuda.Event()
-            self.ready[block].record(self.gather_stream)
-        if buf is not None:
-            self.landing_free[buf] = self.ready[block]
+        else:
+            # Two queues, so that the links work at once: the copy stream carries only host-to-device
+            # copies (PCIe), the gather stream only all-gathers (NVLink). On one queue the next
+            # block's host copy waited for this block's gather, and a step cost both links' times.
+            with torch.cuda.stream(self.gather_stream):
+                for wait in (arrived, self.free[slot]):  # this rank's part has landed; the slot is read
+                    if wait is not None:
+                        self.gather_stream.wait_event(wait)
+                # NCCL runs on its own stream after what the gather stream has queued; wait() puts
+                # the gather stream behind the gather, and the block's ready event behind it.
+                dist.all_gather_into_tensor(gathered, mine, group=self.world.group, async_op=True).wait()
+                self.ready[block] = torch.cuda.Event()
+                self.ready[block].record(self.gather_stream)
+        if buf is not None:  # the buffer may be refilled once the gather has read it
+            self.landing_free[buf] = self.ready.get(block)
             self.landing_held[buf] = False
         self._copy_ahead(i + len(self.landing))
 
