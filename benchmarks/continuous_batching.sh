@@ -71,6 +71,10 @@ if c and "kv_cpu_attention_s_per_pass" in c:
     print(f"continuous, per pass: CPU attention {c['kv_cpu_attention_s_per_pass']:.3f} s over "
           f"{c['kv_cpu_cache_read_bytes_per_pass'] / 1e9:.2f} GB, CPU waiting for the GPU {c['kv_wait_for_gpu_s_per_pass']:.3f} s, "
           f"cache over the bus {c['kv_h2d_cache_bytes_per_pass'] / 1e9:.2f} GB in, {c['kv_d2h_cache_bytes_per_pass'] / 1e9:.2f} GB out")
+if c and "decode_only_pass_s" in c:
+    print(f"continuous: {c['prompt_passes']} passes with prompt chunks, mean {c['prompt_pass_s']:.3f} s; "
+          f"{c['passes'] - c['prompt_passes']} decode-only passes, mean {c['decode_only_pass_s']:.3f} s; "
+          f"GPU-attended cache parts at the end: {c.get('kv_gpu_parts')} of {c.get('kv_parts')}")
 if c and d:
     print(f"pure decode step at batch {d['batch_size']}, prompt {d['prompt_len']}: {d['decode_step_s']:.3f} s; "
           f"continuous pass {c['pass_s']:.3f} s = {c['pass_s'] / d['decode_step_s']:.2f}x (goal <= 1.15x); "

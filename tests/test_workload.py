@@ -46,6 +46,8 @@ def test_continuous_needs_fewer_passes_than_static_batches():
     r = run_workload(llm, items, 2, 8, ignore_eos=True, modes=("continuous", "static"))
     assert r["output_tokens"] == r["static_output_tokens"] == sum(it.output_len for it in items)
     assert r["static_passes"] == 26 and r["passes"] <= 20 and r["slot_occupancy"] > 0.8
+    # every request's 3-token prompt is prefilled in one pass, two at most per pass (chunk of 8)
+    assert 4 <= r["prompt_passes"] <= 8 < r["passes"] and r["prompt_pass_s"] > 0 and r["decode_only_pass_s"] > 0
     assert set(r) >= {"requests", "prompt_tokens", "elapsed_s", "requests_per_s", "output_throughput",
                       "total_throughput", "slot_occupancy", "passes", "pass_s", "static_output_throughput"}
 

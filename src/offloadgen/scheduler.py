@@ -85,10 +85,23 @@ class BatcherStats:
     prompt_tokens: int = 0  # prefilled
     output_tokens: int = 0
     empty_passes: int = 0  # passes with nothing to compute, run to join the other ranks' collectives
+    prompt_passes: int = 0  # passes that prefilled prompt chunks beside the decode step
+    prompt_pass_seconds: float = 0.0
 
     @property
     def mean_pass_s(self) -> float:
         return self.pass_seconds / self.passes if self.passes else 0.0
+
+    @property
+    def decode_only_pass_s(self) -> float:
+        """Mean time of the passes that prefilled nothing: against a pure decode step, what the
+        continuous batch's own bookkeeping and its rows' ragged lengths cost."""
+        n = self.passes - self.prompt_passes
+        return (self.pass_seconds - self.prompt_pass_seconds) / n if n else 0.0
+
+    @property
+    def prompt_pass_s(self) -> float:
+        return self.prompt_pass_seconds / self.prompt_passes if self.prompt_passes else 0.0
 
     @property
     def slot_occupancy(self) -> float:
@@ -251,7 +264,11 @@ class ContinuousBatcher:
         outputs += self._accept(ready)
         s = self.stats
         s.passes += 1
-        s.pass_seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        s.pass_seconds += seconds
+        if chunks:
+            s.prompt_passes += 1
+            s.prompt_pass_seconds += seconds
         s.busy_slots += busy
         s.decode_rows += len(decode)
         s.context_tokens += context

@@ -130,6 +130,8 @@ def run_continuous(llm, items: list[WorkItem], slots: int, prefill_chunk: int, i
     s = batcher.stats
     record = {"elapsed_s": elapsed, "output_tokens": sum(len(r.output_ids) for r in reqs), "requests": len(reqs),
               "passes": passes, "pass_s": s.mean_pass_s, "empty_passes": s.empty_passes,
+              "prompt_passes": s.prompt_passes, "prompt_pass_s": s.prompt_pass_s,
+              "decode_only_pass_s": s.decode_only_pass_s,
               "slot_occupancy": s.busy_slots / (passes * slots) if passes else 0.0,
               "decode_occupancy": s.decode_rows / (passes * slots) if passes else 0.0,
               "mean_context": s.mean_context, "attended_context": s.attended_context, "decode_rows": s.decode_rows,
@@ -138,6 +140,7 @@ def run_continuous(llm, items: list[WorkItem], slots: int, prefill_chunk: int, i
     # waiting for the GPU, and cache bytes over the bus (the fixed-batch bench records the same).
     if kv is not None:
         record.update({f"kv_{k}_per_pass": (v - kv_before.get(k, 0)) / max(passes, 1) for k, v in kv.stats.items()})
+        record.update(kv_gpu_parts=len(kv.gpu_parts), kv_parts=len(kv.parts))  # where the split ended
     if ttft:
         record.update(ttft_s_p50=ttft[len(ttft) // 2], latency_s_p50=latency[len(latency) // 2],
                       latency_s_max=latency[-1])
