@@ -4,6 +4,7 @@
 # links probed first (benchmarks/link_probe.py). Records and console go to $OUT (or ./out); a table last,
 # with each run's step beside the one `offloadgen plan` predicts from the links that run probed.
 #   bash benchmarks/multi_gpu.sh [probe] [one] [whole] [allgather] [pool] [allgather2] [pool2] [poolq4] [poolkv] [plan] ...
+# (poolcopy, allgathercopy, poolq4copy: --weight-gather copy; poolcta: pool at NCCL_CTA_POLICY=1)
 # (allgather2, pool2: the same with --prefetch-depth 2; poolch: pool at NCCL_MAX_NCHANNELS=$CHANNELS,
 #  default "12 16 24", ~60 s each on 4 H100s)
 set -uo pipefail
@@ -18,6 +19,7 @@ n=${GPUS:-$(nvidia-smi -L | wc -l)}  # GPUS=2 with CUDA_VISIBLE_DEVICES=0,1 uses
 bench="python3 -m offloadgen.cli bench --model facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --prompt-len 512 --gen-len 32 --loops ${LOOPS:-1} --verbose 1 --json-file $out/offloadgen.jsonl"
 many="--num-gpus-per-node $n --batch-size $((8 * n))"
 nvidia-smi topo -m; free -g | head -2
+python3 -c "import torch; print('torch', torch.__version__, 'NCCL', torch.cuda.nccl.version())"
 for what in "$@"; do
   echo "== $what $(date -u +%H:%M:%S)"
   case $what in
@@ -34,6 +36,12 @@ for what in "$@"; do
     poolch) for ch in ${CHANNELS:-12 16 24}; do echo "-- NCCL_MAX_NCHANNELS=$ch"
               (cd "$out" && NCCL_MAX_NCHANNELS=$ch timeout $step_limit $bench $many --weight-fetch pool); done ;;
     poolq4) (cd "$out" && timeout $step_limit $bench $many --weight-fetch pool --quant-bits 4) ;;
+    # the parts copied from the other GPUs' memory by the copy engines (no NCCL kernels on the SMs)
+    poolcopy) (cd "$out" && timeout $step_limit $bench $many --weight-fetch pool --weight-gather copy) ;;
+    allgathercopy) (cd "$out" && timeout $step_limit $bench $many --weight-fetch allgather --weight-gather copy) ;;
+    poolq4copy) (cd "$out" && timeout $step_limit $bench $many --weight-fetch pool --quant-bits 4 --weight-gather copy) ;;
+    # NCCL's own answer to SM contention (NCCL 2.27+): its fewest-CTA policy
+    poolcta) (cd "$out" && NCCL_CTA_POLICY=1 timeout $step_limit $bench $many --weight-fetch pool) ;;
     plan) for f in allgather pool; do  # the plan of N ranks, from the links the last bench of N ranks saved
             python3 -m offloadgen.cli plan facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --prompt-len 512 \
               --gen-len 32 --batch-size 8 --num-gpus-per-node $n --weight-fetch $f; done ;;
@@ -49,14 +57,14 @@ def gbs(v):
     return f"{v / 1e9:.1f}" if v else "-"
 def sec(v):
     return f"{v:.3f}" if v is not None else "-"
-print(f"{'gpus':>4} {'fetch':>9} {'ahead':>5} {'ch':>3} {'bits':>4} {'kv':>3} {'batch':>5} {'pooled':>6} {'tok/s':>8} {'step s':>7} {'vs 1':>6} "
+print(f"{'gpus':>4} {'fetch':>9} {'gath':>4} {'ahead':>5} {'ch':>3} {'bits':>4} {'kv':>3} {'batch':>5} {'pooled':>6} {'tok/s':>8} {'step s':>7} {'vs 1':>6} "
       f"{'PCIe GB/rank':>12} {'NVLink GB/rank':>14} {'start s':>7} {'H2D GB/s':>8} {'NV GB/s':>7} {'pred s':>7} "
       f"{'PCIe s':>7} {'NVLink s':>8} {'copy s':>7} {'bound':>8}")
 for r in rows:
     ratio = r["decode_throughput"] / one if one else float("nan")
     # H2D: the N links together where probed, else one link alone; NV: the all-gather rate a rank receives
     h2d = r.get("h2d_aggregate_bytes_s") or r.get("h2d_bandwidth_bytes_s")
-    print(f"{r['world_size']:4d} {r['weight_fetch']:>9} {r.get('prefetch_depth', 1):5d} {r.get('nccl_max_nchannels') or '-':>3} {r['quant_bits']:4d} {'y' if r['kv_offload'] else 'n':>3} {r['batch_size']:5d} "
+    print(f"{r['world_size']:4d} {r['weight_fetch']:>9} {r.get('weight_gather', 'nccl'):>4} {r.get('prefetch_depth', 1):5d} {r.get('nccl_max_nchannels') or '-':>3} {r['quant_bits']:4d} {'y' if r['kv_offload'] else 'n':>3} {r['batch_size']:5d} "
           f"{r.get('pooled_blocks', 0):6d} {r['decode_throughput']:8.2f} {r['decode_step_s']:7.3f} {ratio:6.2f} "
           f"{r.get('pcie_bytes_per_step_per_rank', 0) / 1e9:12.2f} {r.get('nvlink_bytes_per_step_per_rank', 0) / 1e9:14.2f} {r['startup_s']:7.1f} "
           f"{gbs(h2d):>8} {gbs(r.get('nvlink_allgather_bytes_s')):>7} {sec(r.get('predicted_step_s')):>7} "

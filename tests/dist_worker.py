@@ -9,7 +9,9 @@ alternate, as the planner spreads them: host copies run ahead past pooled layers
 every layer is (nothing is copied from host memory, and no landing buffer is made).
 In "pool" mode the last two layers are pooled (each rank keeps 1/N of them and all-gathers the
 rest), the others stream from shared host memory. DIST_RESET=k: k blocks of a pass are fetched
-and used, then the schedule is reset (as after a pass that failed midway) before generating. With DIST_DEVICE=cuda it runs the same on the
+and used, then the schedule is reset (as after a pass that failed midway) before generating.
+DIST_GATHER=copy: the ranks read each other's parts from shared memory (--weight-gather copy); the
+all-gather then refuses to run, so a pass that still used it fails. With DIST_DEVICE=cuda it runs the same on the
 ranks' GPUs over NCCL (benchmarks/gpu_dist_check.py), where the copies and gathers overlap.
 """
 import json
@@ -43,8 +45,14 @@ pooled = {"pool": layers[-2:], "poolspread": layers[1::2], "poolall": layers}.ge
 if pooled:
     streamed = [i for i in layers if i not in pooled]
     placement = Placement(["embed", "head"], streamed, placement.ring_slots, dict(streamed_per_pass=0), pooled=pooled)
+gather = os.environ.get("DIST_GATHER", "nccl")
+if gather == "copy":
+    def no_all_gather(*args, **kwargs):
+        raise AssertionError("--weight-gather copy must not all-gather")
+    torch.distributed.all_gather_into_tensor = no_all_gather
 weights = StreamingWeights(ckpt, DEVICE, torch.float32, placement, progress=False, world=world,
-                           fetch="pool" if pooled else mode if mode == "allgather" else "whole")
+                           fetch="pool" if pooled else mode if mode == "allgather" else "whole", gather=gather)
+assert (weights.peers is not None) == (gather == "copy" and mode != "whole")
 if pooled:
     assert set(weights.host) == set(streamed) and set(weights.pool_shard) == set(pooled)
     assert len(weights.landing) == (placement.ring_slots if streamed else 0)

@@ -44,6 +44,20 @@ def test_ranks_give_the_tokens_of_one_process(tiny, tmp_path, nproc, mode):
     assert json.loads(out.read_text()) == one_process_tokens(path)
 
 
+@pytest.mark.parametrize("nproc,mode,ring", [(2, "allgather", "2"), (3, "poolspread", "3"), (2, "poolall", "2")])
+def test_ranks_copying_parts_from_each_other_give_the_tokens_of_one_process(tiny, tmp_path, nproc, mode, ring):
+    """--weight-gather copy: each rank reads the others' pooled parts and landing buffers from their
+    memory (here shared memory between gloo ranks), fenced where buffers are refilled; the worker
+    makes NCCL's all-gather fail, so these tokens come from the copies. A reset two blocks into a
+    pass starts the copies and fences again on every rank."""
+    _, path = tiny("llama3-gqa-rope-scaling")
+    out = tmp_path / "tokens.json"
+    r = torchrun(nproc, str(WORKER), str(path), str(out), mode, DIST_GATHER="copy", DIST_RING=ring, DIST_RESET="2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(out.read_text()) == one_process_tokens(path)
+    assert not list(Path("/dev/shm").glob("offloadgen-arenas-*")), "shared arenas left behind"
+
+
 @pytest.mark.parametrize("mode", ["allgather", "poolspread"])
 def test_a_ring_of_three_reset_midway_gives_the_tokens_of_one_process(tiny, tmp_path, mode):
     """Three ring slots: host copies land up to three blocks ahead of the gathers, round the

@@ -113,6 +113,8 @@ def main_raising(argv):
     ({"dtype": "int8"}, "dtype must be one of"),
     ({"kv_attention": "disk"}, "kv_attention must be one of auto, cpu, gpu"),
     ({"weight_fetch": "p2p"}, "weight_fetch must be one of whole, allgather"),
+    ({"weight_gather": "ipc"}, "weight_gather must be one of nccl, copy"),
+    ({"weight_gather": "copy"}, "with --weight-fetch whole each rank copies whole blocks and gathers nothing"),
     ({"pin_kv_cache": True}, "add --kv-offload"),
     ({"async_kv_offload": True}, "add --kv-offload"),
     ({"kv_attention": "gpu"}, "add --kv-offload"),
@@ -131,6 +133,7 @@ def test_good_settings_pass_and_explicit_off_is_not_a_conflict():
     RunConfig(kv_offload=True, pin_kv_cache=False, async_kv_offload=True, kv_attention="cpu").validate()
     RunConfig(pin_kv_cache=False, async_kv_offload=False).validate()  # --no-pin-kv-cache alone asks for nothing
     RunConfig(kv_offload=True, kv_overlap=True, kv_attention="cpu").validate()  # beside prompt chunks on the GPU
+    RunConfig(weight_fetch="pool", weight_gather="copy", cpu_offload=True).validate()
 
 
 # serve builds through load() as generate does (and, run without the refusal, would serve); plan

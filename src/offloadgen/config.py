@@ -15,6 +15,7 @@ from .errors import OffloadgenError
 
 KV_ATTENTION = ("auto", "cpu", "gpu")
 WEIGHT_FETCH = ("whole", "allgather", "pool")
+WEIGHT_GATHER = ("nccl", "copy")
 EXPERT_STREAMING = ("auto", "on", "off")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 MAX_GPU_MEMORY = 1 << 50  # 1 PiB: anything larger is a typo, not a GPU
@@ -58,6 +59,9 @@ class RunConfig:
     # whole: each rank copies whole blocks; allgather: 1/N each and all-gather the rest; pool: the
     # ranks also pool their GPU memory (each keeps 1/N of as many layers as fit, gathered every pass)
     weight_fetch: str = "whole"
+    # how the ranks gather a block's parts (allgather, pool): NCCL's all-gather, or copies from the other
+    # ranks' GPU memory by the copy engines, which leave the SMs to the layers (offload/peer_copy.py)
+    weight_gather: str = "nccl"
     # -- output -----------------------------------------------------------------------------------------
     progress: bool = True
 
@@ -100,6 +104,11 @@ class RunConfig:
                 raise OffloadgenError(f"gpu_memory of {self.gpu_memory:.3g} bytes is not a GPU's; give e.g. 16GiB")
         _choice("kv_attention", self.kv_attention, KV_ATTENTION)
         _choice("weight_fetch", self.weight_fetch, WEIGHT_FETCH)
+        _choice("weight_gather", self.weight_gather, WEIGHT_GATHER)
+        if self.weight_gather != "nccl" and self.weight_fetch == "whole":
+            raise OffloadgenError(f"--weight-gather {self.weight_gather} gathers the parts of a block that "
+                                  "--weight-fetch allgather or pool splits over the ranks; with --weight-fetch whole "
+                                  "each rank copies whole blocks and gathers nothing")
         _choice("expert_streaming", self.expert_streaming, EXPERT_STREAMING)
         if self.expert_streaming == "on" and (self.disk_offload or not self.pin_memory or self.weight_fetch != "whole"):
             raise OffloadgenError("--expert-streaming on copies experts from pinned CPU memory: it cannot be combined "

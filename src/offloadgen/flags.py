@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from .config import EXPERT_STREAMING, KV_ATTENTION, WEIGHT_FETCH, RunConfig, parse_bytes
+from .config import EXPERT_STREAMING, KV_ATTENTION, WEIGHT_FETCH, WEIGHT_GATHER, RunConfig, parse_bytes
 
 
 def flag(p, name: str, **kw):
@@ -114,6 +114,10 @@ def add_world_flags(p) -> None:
          help="several ranks (torchrun): each copies whole layers over its own link (whole); or 1/N of each and "
               "all-gathers the rest over NVLink (allgather); or also pools the GPUs' memory, each keeping 1/N of as "
               "many layers as fit, so only the rest crosses PCIe (pool)")
+    flag(p, "--weight-gather", default="nccl", choices=list(WEIGHT_GATHER),
+         help="with --weight-fetch allgather or pool: gather a block's parts with NCCL's all-gather (nccl), or copy "
+              "them from the other ranks' GPU memory with the copy engines, leaving the SMs to the layers (copy; one "
+              "node)")
 
 
 def add_run_flags(p, reference_defaults: bool = False) -> None:
@@ -136,5 +140,6 @@ def config_from_args(args, **planned) -> RunConfig:
         kv_offload=args.kv_offload, pin_kv_cache=args.pin_kv_cache, async_kv_offload=args.async_kv_offload,
         kv_attention=args.kv_attention, kv_overlap=args.kv_overlap, kv_quant_bits=args.kv_quant_bits,
         kv_quant_group_size=args.kv_quant_group_size, weight_fetch=args.weight_fetch,
+        weight_gather=args.weight_gather,
         expert_streaming=args.expert_streaming)
     return RunConfig(**{**settings, **planned})

@@ -195,7 +195,7 @@ def make_weights(plan: RunPlan, checkpoint) -> WeightSource:
     return StreamingWeights(checkpoint, plan.device, plan.dtype, plan.placement or all_resident(plan.model_cfg),
                             pinned=c.pin_memory, progress=c.progress, quant=plan.quant,
                             offload_dir=c.offload_dir if c.disk_offload else None, world=plan.world,
-                            fetch=c.weight_fetch)
+                            fetch=c.weight_fetch, gather=c.weight_gather)
 
 
 @dataclass

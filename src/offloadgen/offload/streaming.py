@@ -41,7 +41,7 @@ class StreamingWeights:
 
     def __init__(self, checkpoint, device: torch.device, dtype: torch.dtype, placement, pinned: bool = True,
                  progress: bool = True, quant: QuantConfig | None = None, offload_dir: str | None = None,
-                 world=None, fetch: str = "whole", whole_span_share: float = WHOLE_SPAN_SHARE):
+                 world=None, fetch: str = "whole", whole_span_share: float = WHOLE_SPAN_SHARE, gather: str = "nccl"):
         self.cfg = checkpoint.cfg
         self.device = torch.device(device)
         self.dtype = dtype
@@ -60,6 +60,11 @@ class StreamingWeights:
                                   "with --disk-offload or --pin-memory 0")
         if placement.pooled and self.shards == 1:
             raise ValueError("pooled blocks need several ranks fetching with 'pool'")
+        if gather not in ("nccl", "copy"):
+            raise ValueError(f"gather must be 'nccl' or 'copy', not {gather!r}")
+        # copy: the ranks read each other's parts with copies (offload/peer_copy.py), not NCCL
+        self.peers = None
+        self.peer_copy = gather == "copy" and self.shards > 1
         self.order = placement.fetched
         self.quant = quant
         family = family_of(self.cfg)
@@ -142,17 +147,41 @@ class StreamingWeights:
         parts itself, from several threads (a rank's start-up is mostly this)."""
         from ..distributed import fill_in_parallel
         self.pool_shard = {b: None for b in self.placement.pooled}
+        if self.peer_copy:
+            self._make_arenas()
 
         def make(b, _):
             flat = torch.zeros(self.layouts[b].nbytes, dtype=torch.uint8)
             self._fill_block(checkpoint, b, flat)
             part = self._part_bytes(flat.numel())
             mine = flat[self.world.rank * part:(self.world.rank + 1) * part]
-            shard = torch.zeros(part, dtype=torch.uint8, device=self.device)
+            if self.peer_copy:  # its place in this rank's arena, which the other ranks read
+                shard = self.peers.view(self.world.rank, self.arena_offset[b], part)
+            else:
+                shard = torch.zeros(part, dtype=torch.uint8, device=self.device)
             shard[:mine.numel()].copy_(mine)
             self.pool_shard[b] = shard
             bar.update()
         fill_in_parallel(dict(self.pool_shard), make)
+        if self.peer_copy:
+            self.peers.ready()
+
+    def _make_arenas(self) -> None:
+        """This rank's arena for --weight-gather copy: its part of every pooled block, then its
+        landing buffers (as many as the ring has slots, when some block streams), at the same
+        offsets on every rank; and every other rank's arena, opened here."""
+        from .peer_copy import PeerArenas
+        self.arena_offset, offset = {}, 0
+        for b in self.placement.pooled:
+            self.arena_offset[b] = offset
+            offset += self._part_bytes(self.layouts[b].nbytes)
+        streamed = [b for b in self.order if b not in self.placement.pooled]
+        self.landing_offset, self.landing_numel = [], self._part_bytes(max(
+            (self.layouts[b].nbytes for b in self.order), default=0))
+        for _ in range(self.placement.ring_slots if streamed else 0):
+            self.landing_offset.append(offset)
+            offset += self.landing_numel
+        self.peers = PeerArenas(offset, self.world, self.device)
 
     def _place_streamed(self, checkpoint, offload_dir, bar, progress, pin_now: bool) -> None:
         """Streamed blocks: packed host buffers filled straight from the checkpoint (once per node
@@ -219,8 +248,11 @@ class StreamingWeights:
             # copy waited for the slot, and PCIe idled while pooled layers were gathered (4 H100s:
             # step 1.28x the planned PCIe time).
             # Every fetched block pooled: nothing lands (the planner counts none then either).
-            self.landing = [torch.empty(part_numel, dtype=torch.uint8, device=self.device)
-                            for _ in range(slots if self.host else 0)]
+            if self.peer_copy:  # in this rank's arena, where the other ranks read them
+                self.landing = [self.peers.view(self.world.rank, o, part_numel) for o in self.landing_offset]
+            else:
+                self.landing = [torch.empty(part_numel, dtype=torch.uint8, device=self.device)
+                                for _ in range(slots if self.host else 0)]
         if self.disk is not None and not self.cuda:
             self.ring = [aligned_buffer(ring_numel) for _ in range(slots)]
         else:
@@ -373,6 +405,9 @@ class StreamingWeights:
         else:
             buf, arrived = self.landed.pop(i)
             mine = self.landing[buf][:part]
+        if self.peer_copy:
+            self._gather_copies(i, block, slot, part, buf, arrived)
+            return
         if not self.cuda:
             dist.all_gather_into_tensor(gathered, mine, group=self.world.group)
         else:
@@ -390,6 +425,24 @@ class StreamingWeights:
                 self.ready[block].record(self.gather_stream)
         if buf is not None:  # the buffer may be refilled once the gather has read it
             self.landing_free[buf] = self.ready.get(block)
+            self.landing_held[buf] = False
+        self._copy_ahead(i + len(self.landing))
+
+    def _gather_copies(self, i: int, block, slot, part: int, buf, arrived) -> None:
+        """_issue_shard with --weight-gather copy: the block's parts copied from every rank's arena
+        (its pooled part, or its landing buffer `buf`, fenced), on the gather queue."""
+        offset = self.arena_offset[block] if buf is None else self.landing_offset[buf]
+        gathered = self.ring[slot][:part * self.shards]
+        if not self.cuda:
+            self.peers.gather(gathered, offset, part, fenced=buf is not None)
+        else:
+            with torch.cuda.stream(self.gather_stream):
+                for wait in (arrived, self.free[slot]):
+                    if wait is not None:
+                        self.gather_stream.wait_event(wait)
+                self.ready[block], released = self.peers.gather(gathered, offset, part, fenced=buf is not None)
+        if buf is not None:  # every rank has read it: it may be refilled
+            self.landing_free[buf] = released if self.cuda else None
             self.landing_held[buf] = False
         self._copy_ahead(i + len(self.landing))
 
@@ -564,6 +617,8 @@ class StreamingWeights:
             torch.cuda.synchronize(self.device)
         unpin_tensors(self._registered)
         self._registered = []
+        if self.peers is not None:
+            self.peers.close()
         if self.disk is not None:
             self.disk.close()
 
