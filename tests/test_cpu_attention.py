@@ -238,3 +238,18 @@ def test_a_bias_with_fewer_query_rows_than_the_kernel_reads_is_refused():
     good = cpu_attention.attend(q, k, k, 6, cpu_attention.bias_from_mask(torch.zeros(2, 1, 2, 6), 6), impl="numba")
     sdpa = cpu_attention.attend(q, k, k, 6, cpu_attention.bias_from_mask(torch.zeros(2, 1, 2, 6), 6), impl="sdpa")
     torch.testing.assert_close(good, sdpa, rtol=1e-5, atol=1e-5)
+
+
+def test_an_end_past_the_cache_or_the_bias_is_refused():
+    """The kernel reads `end` slots of the cache and of the bias: one past either (a row longer
+    than the cache it was given) crashed the process with a segmentation fault."""
+    q, k = torch.randn(2, 4, 1, 8), torch.randn(6, 2, 4, 8)
+    bias = cpu_attention.bias_from_mask(torch.zeros(2, 1, 1, 7), 7)
+    with pytest.raises(ValueError, match="cache's 6 slots and the bias's 7; got 7"):
+        cpu_attention.attend(q, k, k, 7, bias, impl="numba")
+    with pytest.raises(ValueError, match="got 0"):
+        cpu_attention.attend(q, k, k, 0, bias, impl="numba")
+    short = cpu_attention.bias_from_mask(torch.zeros(2, 1, 1, 5), 5)
+    with pytest.raises(ValueError, match="the bias's 5; got 6"):
+        cpu_attention.attend(q, k, k, 6, short, impl="numba")
+    assert cpu_attention.attend(q, k, k, 6, cpu_attention.bias_from_mask(torch.zeros(2, 1, 1, 6), 6)).shape == q.shape

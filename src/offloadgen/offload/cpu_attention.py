@@ -136,6 +136,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: to
     one pass and no new tensor, on each of a step's 1,536 calls at OPT-30B batch 256."""
     b, h, t, d = q.shape
     h_kv = k.shape[2] if quant is None else quant.kv_heads
+    if not 0 < end <= min(k.shape[0], v.shape[0], bias.shape[0]):  # the kernel would read past the arrays
+        raise ValueError(f"end must be 1 to the cache's {min(k.shape[0], v.shape[0])} slots and the bias's "
+                         f"{bias.shape[0]}; got {end}")
     if bias.shape[3] != (h // h_kv) * t:  # the kernel reads R entries a row: fewer is reading past the bias
         raise ValueError(f"bias must have {(h // h_kv) * t} query rows per KV head ({h // h_kv} query heads x {t} "
                          f"tokens, folded as layers.grouped_mask does), not {bias.shape[3]}")
