@@ -35,8 +35,11 @@ def make_model(path: Path) -> None:
 
 
 def run(gpus: int, path: Path, mode: str, ring: int, out: Path, device: str) -> list:
-    mode, _, gather = mode.partition("+")  # "+copy": --weight-gather copy (peer copies, no NCCL all-gather)
-    env = {**os.environ, "DIST_DEVICE": device, "DIST_GATHER": gather or "nccl", "DIST_RING": str(ring), "DIST_ROWS": str(4 * gpus), "NCCL_NVLS_ENABLE": "0",
+    # "+copy": --weight-gather copy (peer copies, no NCCL all-gather); "+pull": the same, read by this GPU
+    mode, _, gather = mode.partition("+")
+    env = {**os.environ, "DIST_DEVICE": device, "DIST_GATHER": "copy" if gather else "nccl",
+           "OFFLOADGEN_PEER_COPY": "pull" if gather == "pull" else "push",
+           "DIST_RING": str(ring), "DIST_ROWS": str(4 * gpus), "NCCL_NVLS_ENABLE": "0",
            "PYTHONPATH": f"{HERE.parent / 'src'}:{HERE.parent / 'tests'}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
            str(WORKER), str(path), str(out), mode]

@@ -4,7 +4,8 @@
 # links probed first (benchmarks/link_probe.py). Records and console go to $OUT (or ./out); a table last,
 # with each run's step beside the one `offloadgen plan` predicts from the links that run probed.
 #   bash benchmarks/multi_gpu.sh [probe] [one] [whole] [allgather] [pool] [allgather2] [pool2] [poolq4] [poolkv] [plan] ...
-# (poolcopy, allgathercopy, poolq4copy: --weight-gather copy; poolcta: pool at NCCL_CTA_POLICY=1)
+# (poolcopy, allgathercopy, poolq4copy: --weight-gather copy; poolpull, allgatherpull: the same with
+#  OFFLOADGEN_PEER_COPY=pull; poolcta: pool at NCCL_CTA_POLICY=1)
 # (allgather2, pool2: the same with --prefetch-depth 2; poolch: pool at NCCL_MAX_NCHANNELS=$CHANNELS,
 #  default "12 16 24", ~60 s each on 4 H100s)
 set -uo pipefail
@@ -39,6 +40,10 @@ for what in "$@"; do
     # the parts copied from the other GPUs' memory by the copy engines (no NCCL kernels on the SMs)
     poolcopy) (cd "$out" && timeout $step_limit $bench $many --weight-fetch pool --weight-gather copy) ;;
     allgathercopy) (cd "$out" && timeout $step_limit $bench $many --weight-fetch allgather --weight-gather copy) ;;
+    # the same with this GPU's copy engines reading the others' memory (no contexts on other GPUs)
+    poolpull) (cd "$out" && OFFLOADGEN_PEER_COPY=pull timeout $step_limit $bench $many --weight-fetch pool --weight-gather copy) ;;
+    allgatherpull) (cd "$out" && OFFLOADGEN_PEER_COPY=pull timeout $step_limit $bench $many --weight-fetch allgather \
+                      --weight-gather copy) ;;
     poolq4copy) (cd "$out" && timeout $step_limit $bench $many --weight-fetch pool --quant-bits 4 --weight-gather copy) ;;
     # NCCL's own answer to SM contention (NCCL 2.27+): its fewest-CTA policy
     poolcta) (cd "$out" && NCCL_CTA_POLICY=1 timeout $step_limit $bench $many --weight-fetch pool) ;;
@@ -64,7 +69,7 @@ for r in rows:
     ratio = r["decode_throughput"] / one if one else float("nan")
     # H2D: the N links together where probed, else one link alone; NV: the all-gather rate a rank receives
     h2d = r.get("h2d_aggregate_bytes_s") or r.get("h2d_bandwidth_bytes_s")
-    print(f"{r['world_size']:4d} {r['weight_fetch']:>9} {r.get('weight_gather', 'nccl'):>4} {r.get('prefetch_depth', 1):5d} {r.get('nccl_max_nchannels') or '-':>3} {r['quant_bits']:4d} {'y' if r['kv_offload'] else 'n':>3} {r['batch_size']:5d} "
+    print(f"{r['world_size']:4d} {r['weight_fetch']:>9} {r.get('peer_copy') or r.get('weight_gather', 'nccl'):>4} {r.get('prefetch_depth', 1):5d} {r.get('nccl_max_nchannels') or '-':>3} {r['quant_bits']:4d} {'y' if r['kv_offload'] else 'n':>3} {r['batch_size']:5d} "
           f"{r.get('pooled_blocks', 0):6d} {r['decode_throughput']:8.2f} {r['decode_step_s']:7.3f} {ratio:6.2f} "
           f"{r.get('pcie_bytes_per_step_per_rank', 0) / 1e9:12.2f} {r.get('nvlink_bytes_per_step_per_rank', 0) / 1e9:14.2f} {r['startup_s']:7.1f} "
           f"{gbs(h2d):>8} {gbs(r.get('nvlink_allgather_bytes_s')):>7} {sec(r.get('predicted_step_s')):>7} "
