@@ -10,14 +10,15 @@
 # Knobs (environment): N (requests, 256), SLOTS (64), CHUNK (prefill tokens per pass, 2048),
 # MODEL (facebook/opt-13b), BUDGET (8GiB), QUANT (16; 4 for the 4-bit figure), CTX (decode's
 # prompt length; default: the continuous run's mean context), ADMISSION (longest, what jobs do;
-# fifo: arrival order; the table shows the latest run of each).
+# fifo: arrival order; the table shows the latest run of each), MB (micro-batch size, 8; the KV cache's
+# parts: larger parts make fewer, wider CPU attention calls).
 set -uo pipefail
 out=${OUT:-out}; mkdir -p "$out"; out=$(cd "$out" && pwd)
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 N=${N:-256}; SLOTS=${SLOTS:-64}; CHUNK=${CHUNK:-2048}; MODEL=${MODEL:-facebook/opt-13b}; BUDGET=${BUDGET:-8GiB}
 QUANT=${QUANT:-16}; PART=${PART:-1/1}; ADMISSION=${ADMISSION:-longest}
 common="--model $MODEL --dummy --cpu-offload --gpu-memory $BUDGET --kv-offload --pin-kv-cache --async-kv-offload
-        --micro-batch-size 8 --batch-size $SLOTS --quant-bits $QUANT --verbose 1"
+        --micro-batch-size ${MB:-8} --batch-size $SLOTS --quant-bits $QUANT --verbose 1"
 job="--workload synthetic --num-requests $N --input-len 32:512 --output-len 8:256 --workload-seed 0
      --prefill-chunk $CHUNK --json-file $out/workload.jsonl"
 bench="python3 -m offloadgen.cli bench"
