@@ -14,7 +14,11 @@ head_dim]), cycling over enough layers (about --gb GB) that every read comes fro
     its first calls of the shape timed faster (the trial runs in the warm-up);
   - "fallback": the same computation in PyTorch, used where Numba does not import;
   - "start-up probe": offload/kv_cache's probe_cpu_attention_bandwidth on the same shape, what the
-    run's CPU/GPU attention split starts from (it should agree with the kernel's row).
+    run's CPU/GPU attention split starts from (it should agree with the kernel's row);
+  - "runs N KB" / "slots only": the kernel with its work cut for runs of at least N KB per slot
+    (the default cut asks for 8 KB), or with every thread on a range of slots (whole slots are one
+    run; partial results are merged). The H100 host read 25.7 / 42.3 / 59.3 GB/s with 4 / 8 / 16
+    rows a call, i.e. runs of 3.5 / 7 / 14 KB: these rows say whether longer runs are the cure.
 GB/s counts the cache bytes read (packed codes, scales and minimums for the quantized caches);
 "fp16-eq" is the float16 cache's bytes for the same context over the same time, so variants
 compare by how fast they get through a context. A quantized cache is a half or a quarter of the
@@ -46,7 +50,7 @@ SHAPES = {  # name: (q heads, kv heads, head_dim)
     "OPT-30B (56 heads)": (56, 56, 128),
     "GQA 64/8 (Llama-2-70B)": (64, 8, 128),
 }
-ROWS, CONTEXT = 8, 512 + 32
+ROWS, CONTEXT = 8, 512 + 32  # ROWS: --rows
 WARMUP_CALLS = 8  # covers cpu_attention._Trial: one untimed and three timed calls of each of two candidates
 
 
@@ -90,9 +94,29 @@ def variants(q_heads, kv_heads):
     for bits in (8, 4):
         codec = KVQuant(bits, 64, kv_heads, 128)
         out.append((f"kernel {bits}-bit g64", torch.float16, codec, kernel(codec)))
+    four = KVQuant(4, 64, kv_heads, 128)
+    for run_kb in (32, 128, None):
+        label = f"runs {run_kb} KB" if run_kb else "slots only"
+        out.append((f"kernel fp16 {label}", torch.float16, None, cut(q_heads, kv_heads, None, run_kb)))
+        out.append((f"kernel 4-bit {label}", torch.float16, four, cut(q_heads, kv_heads, four, run_kb)))
     out.append(("fallback fp16 (PyTorch)", torch.float16, None, lambda q, bias, mask: lambda k, v: cpu_attention.attend(
         q, k, v, CONTEXT, bias, impl="torch")))
     return out
+
+
+def cut(q_heads, kv_heads, quant, run_kb):
+    """The Numba kernel with its work cut for runs of at least run_kb KB per slot (None: slots only),
+    called as cpu_attention.attend calls it."""
+    from offloadgen.offload import cpu_attention_numba
+    threads = torch.get_num_threads()
+    item_bytes = 2 * 128 * 2 if quant is None else 2 * quant.row_bytes // quant.kv_heads
+    run_bytes = run_kb * 1024 if run_kb else 1 << 62
+    splits = cpu_attention_numba.splits(threads, CONTEXT, ROWS * kv_heads, item_bytes, run_bytes=run_bytes)
+
+    def make(q, bias, mask):
+        qf = (q.float() * 128 ** -0.5).reshape(ROWS, kv_heads, q_heads // kv_heads, 128).contiguous()
+        return lambda k, v: cpu_attention._attend_numba(qf, k, v, CONTEXT, bias, splits=splits, quant=quant)
+    return make
 
 
 def choice(group, head_dim):
@@ -121,10 +145,13 @@ def gpu_decode_check():
 
 
 def main():
+    global ROWS
     p = argparse.ArgumentParser()
     p.add_argument("--gb", type=float, default=2.0, help="cache bytes cycled per measurement")
     p.add_argument("--rounds", type=int, default=3, help="sweeps per variant, taken in turn; the best counts")
+    p.add_argument("--rows", type=int, default=8, help="rows of the micro-batch (a call)")
     args = p.parse_args()
+    ROWS = args.rows
     threads = torch.get_num_threads()
     if torch.cuda.is_available():
         gpu_decode_check()
