@@ -148,6 +148,16 @@ def test_the_cache_applies_the_split_between_decode_steps(monkeypatch):
     cache.stats["wait_for_gpu_s"] += 1.5  # decode step 2: the CPU waited longer than a part takes
     cache.begin_pass(decode_step(6))
     assert cache.gpu_parts == {3}
+    # A continuous batch's pass that also prefills prompt chunks: its time is not observed, and the
+    # next decode-only pass starts the clock again
+    cache.begin_pass(decode_step(7), prefills=True)  # observes the decode-only pass before it
+    seen = list(cache.split.history)
+    cache.stats["cpu_attention_s"] += 3.0  # CPU-bound, but prompt chunks were in the pass
+    cache.begin_pass(decode_step(8))
+    assert cache.split.history == seen  # not observed
+    cache.stats["cpu_attention_s"] += 3.0  # a decode-only pass: observed
+    cache.begin_pass(decode_step(9))
+    assert cache.split.history == seen + [len(cache.gpu_parts)]
 
 
 def test_split_is_off_unless_auto_on_a_gpu():

@@ -296,3 +296,26 @@ def test_an_unknown_admission_order_is_refused(tiny):
     _, path = tiny("llama2-mha")
     with pytest.raises(Exception, match="admission order 'lifo'"):
         ContinuousBatcher(engine_for(path, micro_batch=None), 2, 40, 64, admission="lifo")
+
+
+def test_the_kv_split_is_told_which_passes_also_prefill(tiny, monkeypatch):
+    """A pass with prompt chunks beside the decode rows is not a decode step's time: the engine
+    says so to the offloaded cache's split (begin_pass(prefills=True)), on exactly those passes."""
+    from offloadgen.offload.kv_cache import OffloadedKVCache
+    _, path = tiny("opt")
+    engine = engine_for(path, KV["cpu-attention"])
+    told, chunks = [], []
+    real_pass, real_begin = engine.run_pass, OffloadedKVCache.begin_pass
+
+    def run_pass(batches, cache):
+        chunks.append(any(mb.step.length > 1 for mb in batches))
+        return real_pass(batches, cache)
+    monkeypatch.setattr(engine, "run_pass", run_pass)
+
+    def begin_pass(self, step, prefills=False):
+        told.append((prefills, chunks[-1]))
+        return real_begin(self, step, prefills)
+    monkeypatch.setattr(OffloadedKVCache, "begin_pass", begin_pass)
+    run_batcher(engine, prompts(4), [greedy(n) for n in MAX_TOKENS], slots=3, prefill_chunk=6)
+    assert all(said == had for said, had in told)
+    assert {said for said, _ in told} == {True, False}  # both kinds of pass happened

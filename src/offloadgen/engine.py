@@ -118,7 +118,8 @@ class Engine:
         w.done("embed")
         first = next((mb for mb in batches if mb.part == 0), None)
         if first is not None and isinstance(cache, OffloadedKVCache):
-            cache.begin_pass(first.step)  # the CPU/GPU attention split for this pass
+            # the CPU/GPU attention split for this pass; one that also prefills is not a decode step's time
+            cache.begin_pass(first.step, prefills=any(mb.step.length > 1 for mb in batches))
         on_cpu = cpu_side_batches(batches, cache) if self._cpu_side_for(cache) else []
         on_gpu = [j for j in range(len(batches)) if j not in on_cpu]
         for i in range(cfg.n_layers):
