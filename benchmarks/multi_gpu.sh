@@ -62,9 +62,12 @@ def gbs(v):
     return f"{v / 1e9:.1f}" if v else "-"
 def sec(v):
     return f"{v:.3f}" if v is not None else "-"
+def ram(r, key):  # the node's RAM the run took, and docs/distributed.md's model of it
+    v = (r.get("host_memory") or {}).get(key)
+    return f"{v / 2**30:.1f}" if v is not None else "-"
 print(f"{'gpus':>4} {'fetch':>9} {'gath':>4} {'ahead':>5} {'ch':>3} {'bits':>4} {'kv':>3} {'batch':>5} {'pooled':>6} {'tok/s':>8} {'step s':>7} {'vs 1':>6} "
       f"{'PCIe GB/rank':>12} {'NVLink GB/rank':>14} {'start s':>7} {'H2D GB/s':>8} {'NV GB/s':>7} {'pred s':>7} "
-      f"{'PCIe s':>7} {'NVLink s':>8} {'copy s':>7} {'bound':>8}")
+      f"{'PCIe s':>7} {'NVLink s':>8} {'copy s':>7} {'bound':>8} {'RAM GiB':>7} {'model':>6}")
 for r in rows:
     ratio = r["decode_throughput"] / one if one else float("nan")
     # H2D: the N links together where probed, else one link alone; NV: the all-gather rate a rank receives
@@ -74,5 +77,5 @@ for r in rows:
           f"{r.get('pcie_bytes_per_step_per_rank', 0) / 1e9:12.2f} {r.get('nvlink_bytes_per_step_per_rank', 0) / 1e9:14.2f} {r['startup_s']:7.1f} "
           f"{gbs(h2d):>8} {gbs(r.get('nvlink_allgather_bytes_s')):>7} {sec(r.get('predicted_step_s')):>7} "
           f"{sec(r.get('predicted_pcie_s')):>7} {sec(r.get('predicted_nvlink_s')):>8} {sec(r.get('copy_only_step_s')):>7} "
-          f"{r.get('predicted_bound', '-'):>8}")
+          f"{r.get('predicted_bound', '-'):>8} {ram(r, 'node_used_by_run_bytes'):>7} {ram(r, 'model_bytes'):>6}")
 PY

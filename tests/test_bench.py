@@ -5,6 +5,7 @@ import re
 import pytest
 
 from offloadgen.bench.metrics import log_filename
+from offloadgen.bench.run import RANK_OVERHEAD_BYTES
 from offloadgen.metrics import RunMetrics
 from offloadgen.cli import main
 
@@ -86,6 +87,12 @@ def test_bench_with_the_kv_cache_in_cpu_memory(tmp_path, monkeypatch):
     per_step = kv["per_decode_step"]["cpu_cache_read_bytes"]
     assert 2 * 12 * 4 * 33 * 768 * 4 <= per_step <= 2 * 12 * 4 * 35 * 768 * 4
     assert rec["kv_cache_alloc_s"] > 0 and len(made) == 2 and made[0] is made[1]  # start-up's, then reused
+    # the node's memory against docs/distributed.md's model: weights in RAM (none streamed here), the
+    # cache, and a rank's fixed share
+    mem = rec["host_memory"]
+    assert mem["ranks_on_node"] == 1 and mem["weight_host_bytes"] == 0
+    assert mem["model_bytes"] == kv["host_bytes"] + RANK_OVERHEAD_BYTES
+    assert mem["peak_rss_bytes_per_rank"][0] > kv["host_bytes"] and mem["node_used_by_run_bytes"] is not None
 
 
 def test_a_bench_without_kv_offload_makes_no_cache_at_start_up(tmp_path, monkeypatch):

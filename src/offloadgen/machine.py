@@ -42,6 +42,19 @@ def available_host_memory() -> int:
     return available if available is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def node_memory_used() -> int | None:
+    """MemTotal - MemAvailable: what this node's processes hold, shared memory (/dev/shm) included,
+    counted once however many processes map it (None where there is no /proc/meminfo)."""
+    total, available = meminfo("MemTotal"), meminfo("MemAvailable")
+    return None if total is None or available is None else total - available
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (shared pages it touched included)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def page_cache_bytes() -> int | None:
     """The kernel's page cache (Cached), to show that weights read from disk did not land in it."""
     return meminfo("Cached")

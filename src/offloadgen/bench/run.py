@@ -22,8 +22,8 @@ from .. import __version__, distributed
 from ..checkpoint import open_checkpoint
 from ..config import RunConfig
 from ..errors import OffloadgenError
-from ..machine import (Calibration, GiB, cpu_read_bandwidth, dense_matmul_flops, device_memory_bandwidth, h2d_bandwidth,
-                       page_cache_bytes, save_link_figures)
+from ..machine import (Calibration, GiB, cpu_read_bandwidth, dense_matmul_flops, device_memory_bandwidth,
+                       h2d_bandwidth, node_memory_used, page_cache_bytes, peak_rss_bytes, save_link_figures)
 from ..metrics import RunMetrics
 from ..models import param_count
 from ..offload import kv_cache
@@ -92,6 +92,9 @@ def bench_config(run: RunConfig, w: Workload, batch: int) -> RunConfig:
                        progress=run.progress and w.verbose > 0)
 
 
+RANK_OVERHEAD_BYTES = int(2.5 * GiB)  # per rank, beside weights and cache (docs/distributed.md: 2-3 GiB)
+
+
 def run_generation(run: RunConfig, w: Workload, out=None) -> dict | None:
     """Build the run, time `loops` generations, write the log lines and the JSON record (rank 0).
     Returns the record (None on other ranks)."""
@@ -103,6 +106,7 @@ def run_generation(run: RunConfig, w: Workload, out=None) -> dict | None:
     config = bench_config(run, w, rows.stop - rows.start)
     device = resolve_device(config, world)
     t_start = time.perf_counter()
+    node_before = node_memory_used()
     checkpoint = open_checkpoint(config.model, dummy=config.dummy)
     tokenizer = checkpoint.tokenizer()
     input_ids, mask = bench_inputs(tokenizer, rows.stop - rows.start, w.prompt_len)  # refused before loading
@@ -125,14 +129,17 @@ def run_generation(run: RunConfig, w: Workload, out=None) -> dict | None:
     disk_bw = disk.read_bandwidth() if disk is not None else None  # measured now, from the same files
     cached_before = page_cache_bytes()
     timed = _timed_generations(rt, input_ids, mask, w, world)
+    node_during = node_memory_used()  # weights, cache and buffers all still held
     kv_record = _kv_record(rt, timed, w.gen_len)
+    host = {"peak_rss_bytes": peak_rss_bytes(), "kv_host_bytes": kv_record["host_bytes"] if kv_record else 0,
+            "weight_host_bytes": sum(t.numel() * t.element_size() for t in getattr(rt.weights, "host", {}).values())}
     rt.engine.close()
     copy_only = rt.weights.copy_only_pass_s()
     rt.weights.close()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     mine = RunMetrics.measured(rows.stop - rows.start, w.prompt_len, w.gen_len, timed["prefills"][-1],
                                timed["totals"][-1], peak)
-    per_rank = distributed.gather({"rank": world.rank, **mine.as_record(),
+    per_rank = distributed.gather({"rank": world.rank, **mine.as_record(), **host,
                                    "disk_read_bytes": disk.stats["read_bytes"] if disk is not None else None}, world)
     m = RunMetrics.combined([RunMetrics(**{k: r[k] for k in mine.as_record()}) for r in per_rank])
     if not world.is_main:  # rank 0 alone prints, writes the log and the record
@@ -144,11 +151,17 @@ def run_generation(run: RunConfig, w: Workload, out=None) -> dict | None:
             print(f"Outputs {i}: {PROMPT}{texts[i]!r}", file=out)
         assert all(len(t) == w.gen_len for t in timed["result"].tokens), "every output must be prompt_len + gen_len long"
     disk_record = _disk_record(disk, disk_bw, cached_before, timed, m, w.gen_len)
+    host_memory = host_memory_record(node_before, node_during, per_rank, world.local_size if world.active else 1)
     record = _record(rt, run, w, m, (bandwidth, links), copy_only, timed, kv_record, disk_record,
-                     per_rank if world.active else None, out)
+                     per_rank if world.active else None, out, host_memory)
     distributed.finish(world)
     if w.verbose:
         _print_summary(record, m, file=sys.stderr)
+        h = record["host_memory"]
+        if h["node_used_by_run_bytes"] is not None:
+            print(f"host memory: the run took {h['node_used_by_run_bytes'] / GiB:.1f} GiB of the node's RAM against "
+                  f"{h['model_bytes'] / GiB:.1f} GiB modelled ({h['weight_host_bytes'] / GiB:.1f} GiB of weights once, "
+                  f"caches, {h['ranks_on_node']} x 2.5 GiB a rank; docs/distributed.md)", file=sys.stderr)
     return record
 
 
@@ -192,6 +205,20 @@ def _timed_generations(rt: Runtime, input_ids, mask, w: Workload, world) -> dict
     return {"totals": totals, "prefills": prefills, "marks": marks, "result": result}
 
 
+def host_memory_record(before: int | None, during: int | None, per_rank: list[dict], ranks_on_node: int) -> dict:
+    """The node's memory the run took (MemTotal - MemAvailable while it ran, less before it
+    started) against docs/distributed.md's model: the streamed weights once per node, each rank's
+    KV cache in CPU memory, and a few GiB a rank (CUDA context, Python, staging). Under torchrun
+    every rank of the node started together, so `before` is the node's before any of them loaded."""
+    node_ranks = per_rank[:ranks_on_node]  # rank order: the first node's ranks first
+    weights = max(r["weight_host_bytes"] for r in node_ranks)  # one shared copy, mapped by each
+    model = weights + sum(r["kv_host_bytes"] for r in node_ranks) + ranks_on_node * RANK_OVERHEAD_BYTES
+    used = during - before if before is not None and during is not None else None
+    return {"node_used_by_run_bytes": used, "model_bytes": model, "used_over_model": used / model if used else None,
+            "weight_host_bytes": weights, "ranks_on_node": ranks_on_node,
+            "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in per_rank]}
+
+
 def _kv_record(rt: Runtime, timed: dict, gen_len: int) -> dict | None:
     cache = rt.engine.offloaded_cache
     if cache is None:
@@ -226,7 +253,7 @@ def _disk_record(disk, disk_bw, cached_before, timed: dict, m: RunMetrics, gen_l
 
 
 def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, probes, copy_only, timed, kv_record,
-            disk_record, per_rank, out) -> dict:
+            disk_record, per_rank, out, host_memory: dict | None = None) -> dict:
     """Append the reference's four log lines and our JSON record; print the lines. probes: this
     run's one-link figure (h2d_bandwidth) and, with several ranks, both links' (_probe_links)."""
     bandwidth, links = probes
@@ -275,7 +302,7 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, probes, cop
         if run.weight_gather == "copy" else None,
         "prefetch_depth": run.prefetch_depth, "nccl_max_nchannels": os.environ.get("NCCL_MAX_NCHANNELS"),
         "nccl_cta_policy": os.environ.get("NCCL_CTA_POLICY"),
-        "per_rank": per_rank, "disk_offload": run.disk_offload, "disk": disk_record,
+        "per_rank": per_rank, "disk_offload": run.disk_offload, "disk": disk_record, "host_memory": host_memory,
         "experts": _expert_record(rt, timed, w.gen_len, m), **_prediction(rt, run, bandwidth, links, m),
     }
     json_path = Path(w.json_file) if w.json_file else log_path.with_suffix(".jsonl")
