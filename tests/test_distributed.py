@@ -58,6 +58,16 @@ def test_ranks_copying_parts_from_each_other_give_the_tokens_of_one_process(tiny
     assert not list(Path("/dev/shm").glob("offloadgen-arenas-*")), "shared arenas left behind"
 
 
+def test_ranks_copying_parts_leave_no_shared_arenas_when_a_rank_dies(tiny, tmp_path):
+    """The last rank dies before the arenas are made: the others, waiting for it in a barrier,
+    fail or are stopped by torchrun, and still remove their files in /dev/shm."""
+    _, path = tiny("llama3-gqa-rope-scaling")
+    r = torchrun(2, str(WORKER), str(path), str(tmp_path / "x.json"), "poolspread", DIST_GATHER="copy", DIST_DIE="1",
+                 timeout=180)
+    assert r.returncode != 0
+    assert not list(Path("/dev/shm").glob("offloadgen-arenas-*")), "shared arenas left behind"
+
+
 @pytest.mark.parametrize("mode", ["allgather", "poolspread"])
 def test_a_ring_of_three_reset_midway_gives_the_tokens_of_one_process(tiny, tmp_path, mode):
     """Three ring slots: host copies land up to three blocks ahead of the gathers, round the

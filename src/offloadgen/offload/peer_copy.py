@@ -26,9 +26,9 @@ waits for them; they take a few microseconds of one SM, not the whole transfer's
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-import shutil
 
 import torch
 import torch.distributed as dist
@@ -150,21 +150,31 @@ def _open_over_ipc(own: torch.Tensor, world, pull: bool) -> list[torch.Tensor]:
 
 def _open_shared_files(nbytes: int, world) -> list[torch.Tensor]:
     """Every rank's arena as a file in /dev/shm, mapped by every rank of the node and unlinked once
-    all have mapped it (the mappings stay; nothing is left behind)."""
-    from ..distributed import barrier
+    all have mapped it (the mappings stay; nothing is left behind). A rank that dies before then
+    leaves the others in a barrier, which fails or is stopped by torchrun's SIGTERM (turned into an
+    exception while the files have names): each rank still removes its own file, and the last one
+    out the folder."""
+    import signal
+    import threading
+
+    from ..distributed import _raise_exit, barrier
     folder = f"/dev/shm/offloadgen-arenas-{os.environ.get('MASTER_PORT', '0')}"
-    os.makedirs(folder, exist_ok=True)
     path = f"{folder}/rank-{world.rank}"
-    with open(path, "wb") as f:
-        f.truncate(nbytes)
-    barrier(world)
+    in_main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _raise_exit) if in_main else None
     try:
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(nbytes)
+        barrier(world)
         arenas = [torch.from_file(f"{folder}/rank-{r}", shared=True, size=nbytes, dtype=torch.uint8)
                   for r in range(world.size)]
         barrier(world)
     finally:
-        os.unlink(path)
-    barrier(world)  # every rank has unlinked its file
-    if world.rank == 0:
-        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):  # not empty: a rank yet to unlink its file removes it
+            os.rmdir(folder)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     return arenas
