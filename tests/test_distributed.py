@@ -68,6 +68,19 @@ def test_ranks_copying_parts_leave_no_shared_arenas_when_a_rank_dies(tiny, tmp_p
     assert not list(Path("/dev/shm").glob("offloadgen-arenas-*")), "shared arenas left behind"
 
 
+def test_copying_parts_refuses_ranks_on_several_nodes_and_an_unknown_copy_direction(monkeypatch):
+    """Refused before any arena is made: ranks that cannot map each other's memory, and an
+    OFFLOADGEN_PEER_COPY that is neither push nor pull (a typo ran push, and the record said the typo)."""
+    from offloadgen.distributed import World
+    from offloadgen.errors import OffloadgenError
+    from offloadgen.offload.peer_copy import PeerArenas
+    with pytest.raises(OffloadgenError, match="found 2 ranks, 1 on this node"):
+        PeerArenas(16, World(rank=0, size=2, local_size=1), torch.device("cpu"))
+    monkeypatch.setenv("OFFLOADGEN_PEER_COPY", "Pull")
+    with pytest.raises(OffloadgenError, match="OFFLOADGEN_PEER_COPY must be push or pull; got 'Pull'"):
+        PeerArenas(16, World(), torch.device("cpu"))
+
+
 @pytest.mark.parametrize("mode", ["allgather", "poolspread"])
 def test_a_ring_of_three_reset_midway_gives_the_tokens_of_one_process(tiny, tmp_path, mode):
     """Three ring slots: host copies land up to three blocks ahead of the gathers, round the

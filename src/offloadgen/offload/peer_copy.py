@@ -40,6 +40,9 @@ class PeerArenas:
 
     def __init__(self, nbytes: int, world, device: torch.device):
         from ..errors import OffloadgenError
+        mode = os.environ.get("OFFLOADGEN_PEER_COPY", "push")
+        if mode not in ("push", "pull"):  # else a typo ran push, and the bench record said the typo
+            raise OffloadgenError(f"OFFLOADGEN_PEER_COPY must be push or pull; got {mode!r}")
         if world.local_size != world.size:
             raise OffloadgenError(f"--weight-gather copy reads the other ranks' memory, so every rank must be on "
                                   f"one node: found {world.size} ranks, {world.local_size} on this node (use "
@@ -49,8 +52,7 @@ class PeerArenas:
         self.flag = torch.zeros(1, device=device)  # the fences' all-reduce
         if self.cuda:
             self.own = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-            pull = os.environ.get("OFFLOADGEN_PEER_COPY", "push") == "pull"
-            self.arenas = _open_over_ipc(self.own, world, pull)
+            self.arenas = _open_over_ipc(self.own, world, mode == "pull")
             # A cross-device copy runs on the source device's current queue in this process, with
             # barriers to the destination's current queue: one pair of queues per rank, so that the
             # copies from different ranks do not wait for each other. Pulled, every arena is on this
