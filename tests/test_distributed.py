@@ -151,6 +151,22 @@ def test_bench_starts_torchrun_and_rank_0_reports_for_all(tmp_path, monkeypatch,
     assert "links not probed: no CUDA" in capfd.readouterr().err  # rank 0's summary, from torchrun's process
 
 
+def test_bench_record_says_no_copies_ran_where_nothing_was_gathered(tmp_path, monkeypatch):
+    """--weight-gather copy on CPU ranks that hold every weight: nothing is gathered, and the
+    record's peer_copy says so (it said 'push', the default direction, whatever ran)."""
+    from offloadgen.cli import main
+    monkeypatch.chdir(tmp_path)
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    assert main(["bench", "--model", "opt-125m", "--dummy", "--batch-size", "2", "--prompt-len", "16", "--gen-len", "2",
+                 "--loops", "1", "--dtype", "float32", "--verbose", "1", "--device", "cpu", "--num-gpus-per-node", "2",
+                 "--weight-fetch", "allgather", "--weight-gather", "copy"]) == 0
+    [log] = tmp_path.glob("*.jsonl")
+    rec = json.loads(log.read_text())
+    assert rec["world_size"] == 2 and rec["weight_gather"] == "copy" and rec["streamed_bytes_per_step"] == 0
+    assert rec["peer_copy"] is None
+
+
 def test_link_probe_arithmetic():
     """Four GPUs each copying 1 GiB, the slowest in 25 ms: 171.8 GB/s together. An all-gather of
     1 GiB over 4 ranks in 6 ms: each receives 3/4 GiB, 134.2 GB/s."""
