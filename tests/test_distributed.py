@@ -81,6 +81,21 @@ def test_copying_parts_refuses_ranks_on_several_nodes_and_an_unknown_copy_direct
         PeerArenas(16, World(), torch.device("cpu"))
 
 
+
+def test_copying_parts_on_several_nodes_is_refused_by_the_plan_before_weights_are_placed():
+    from offloadgen.config import RunConfig
+    from offloadgen.distributed import World
+    from offloadgen.errors import OffloadgenError
+    from offloadgen.models import preset
+    from offloadgen.runtime import plan_run
+    two_nodes = World(rank=0, size=2, local_size=1)
+    config = RunConfig(device="cpu", dtype="float32", weight_fetch="allgather")
+    plan_run(config, preset("opt-125m"), torch.device("cpu"), two_nodes)  # NCCL's all-gather crosses nodes
+    with pytest.raises(OffloadgenError, match="every rank must be on one node: found 2 ranks, 1 on this node"):
+        plan_run(RunConfig(device="cpu", dtype="float32", weight_fetch="allgather", weight_gather="copy"),
+                 preset("opt-125m"), torch.device("cpu"), two_nodes)
+
+
 @pytest.mark.parametrize("mode", ["allgather", "poolspread"])
 def test_a_ring_of_three_reset_midway_gives_the_tokens_of_one_process(tiny, tmp_path, mode):
     """Three ring slots: host copies land up to three blocks ahead of the gathers, round the

@@ -34,19 +34,26 @@ import torch
 import torch.distributed as dist
 
 
+def check_peer_copy(world) -> str:
+    """The direction of the copies (push or pull), or a clear refusal: of ranks on several nodes
+    (runtime.plan_run asks before any weight is placed) and of an unknown OFFLOADGEN_PEER_COPY."""
+    from ..errors import OffloadgenError
+    mode = os.environ.get("OFFLOADGEN_PEER_COPY", "push")
+    if mode not in ("push", "pull"):  # else a typo ran push, and the bench record said the typo
+        raise OffloadgenError(f"OFFLOADGEN_PEER_COPY must be push or pull; got {mode!r}")
+    if world.local_size != world.size:
+        raise OffloadgenError(f"--weight-gather copy reads the other ranks' memory, so every rank must be on "
+                              f"one node: found {world.size} ranks, {world.local_size} on this node (use "
+                              "--weight-gather nccl across nodes)")
+    return mode
+
+
 class PeerArenas:
     """This rank's arena (`own`, nbytes of GPU or shared host memory) and every rank's, open in this
     process (`arenas[r]`; arenas[rank] is own). Every rank of the world must be on this node."""
 
     def __init__(self, nbytes: int, world, device: torch.device):
-        from ..errors import OffloadgenError
-        mode = os.environ.get("OFFLOADGEN_PEER_COPY", "push")
-        if mode not in ("push", "pull"):  # else a typo ran push, and the bench record said the typo
-            raise OffloadgenError(f"OFFLOADGEN_PEER_COPY must be push or pull; got {mode!r}")
-        if world.local_size != world.size:
-            raise OffloadgenError(f"--weight-gather copy reads the other ranks' memory, so every rank must be on "
-                                  f"one node: found {world.size} ranks, {world.local_size} on this node (use "
-                                  "--weight-gather nccl across nodes)")
+        mode = check_peer_copy(world)
         self.world, self.device, self.nbytes = world, device, nbytes
         self.cuda = device.type == "cuda"
         self.mode = mode if self.cuda else "shared memory"  # what the bench record says ran
