@@ -10,6 +10,7 @@ every layer is (nothing is copied from host memory, and no landing buffer is mad
 In "pool" mode the last two layers are pooled (each rank keeps 1/N of them and all-gathers the
 rest), the others stream from shared host memory. DIST_RESET=k: k blocks of a pass are fetched
 and used, then the schedule is reset (as after a pass that failed midway) before generating.
+DIST_DIE=1: the last rank dies at the start, as in "die" mode, whatever the mode.
 DIST_GATHER=copy: the ranks read each other's parts from shared memory (--weight-gather copy); the
 all-gather then refuses to run, so a pass that still used it fails. With DIST_DEVICE=cuda it runs the same on the
 ranks' GPUs over NCCL (benchmarks/gpu_dist_check.py), where the copies and gathers overlap.
@@ -32,7 +33,7 @@ path, out_file, mode = sys.argv[1:4]
 DEVICE_TYPE = os.environ.get("DIST_DEVICE", "cpu")
 world = distributed.init(DEVICE_TYPE)
 DEVICE = distributed.device_for(world, torch.device(DEVICE_TYPE))
-if mode == "die" and world.rank == world.size - 1:
+if (mode == "die" or "DIST_DIE" in os.environ) and world.rank == world.size - 1:
     import time
     time.sleep(2)  # the others are waiting in a collective (rank 0 holding shared-memory files)
     os._exit(3)
@@ -53,6 +54,7 @@ if gather == "copy":
 weights = StreamingWeights(ckpt, DEVICE, torch.float32, placement, progress=False, world=world,
                            fetch="pool" if pooled else mode if mode == "allgather" else "whole", gather=gather)
 assert (weights.peers is not None) == (gather == "copy" and mode != "whole")
+assert weights.peers is None or weights.peers.mode == "shared memory"  # what a bench record says ran
 if pooled:
     assert set(weights.host) == set(streamed) and set(weights.pool_shard) == set(pooled)
     assert len(weights.landing) == (placement.ring_slots if streamed else 0)

@@ -58,6 +58,44 @@ def test_ranks_copying_parts_from_each_other_give_the_tokens_of_one_process(tiny
     assert not list(Path("/dev/shm").glob("offloadgen-arenas-*")), "shared arenas left behind"
 
 
+def test_ranks_copying_parts_leave_no_shared_arenas_when_a_rank_dies(tiny, tmp_path):
+    """The last rank dies before the arenas are made: the others, waiting for it in a barrier,
+    fail or are stopped by torchrun, and still remove their files in /dev/shm."""
+    _, path = tiny("llama3-gqa-rope-scaling")
+    r = torchrun(2, str(WORKER), str(path), str(tmp_path / "x.json"), "poolspread", DIST_GATHER="copy", DIST_DIE="1",
+                 timeout=180)
+    assert r.returncode != 0
+    assert not list(Path("/dev/shm").glob("offloadgen-arenas-*")), "shared arenas left behind"
+
+
+def test_copying_parts_refuses_ranks_on_several_nodes_and_an_unknown_copy_direction(monkeypatch):
+    """Refused before any arena is made: ranks that cannot map each other's memory, and an
+    OFFLOADGEN_PEER_COPY that is neither push nor pull (a typo ran push, and the record said the typo)."""
+    from offloadgen.distributed import World
+    from offloadgen.errors import OffloadgenError
+    from offloadgen.offload.peer_copy import PeerArenas
+    with pytest.raises(OffloadgenError, match="found 2 ranks, 1 on this node"):
+        PeerArenas(16, World(rank=0, size=2, local_size=1), torch.device("cpu"))
+    monkeypatch.setenv("OFFLOADGEN_PEER_COPY", "Pull")
+    with pytest.raises(OffloadgenError, match="OFFLOADGEN_PEER_COPY must be push or pull; got 'Pull'"):
+        PeerArenas(16, World(), torch.device("cpu"))
+
+
+
+def test_copying_parts_on_several_nodes_is_refused_by_the_plan_before_weights_are_placed():
+    from offloadgen.config import RunConfig
+    from offloadgen.distributed import World
+    from offloadgen.errors import OffloadgenError
+    from offloadgen.models import preset
+    from offloadgen.runtime import plan_run
+    two_nodes = World(rank=0, size=2, local_size=1)
+    config = RunConfig(device="cpu", dtype="float32", weight_fetch="allgather")
+    plan_run(config, preset("opt-125m"), torch.device("cpu"), two_nodes)  # NCCL's all-gather crosses nodes
+    with pytest.raises(OffloadgenError, match="every rank must be on one node: found 2 ranks, 1 on this node"):
+        plan_run(RunConfig(device="cpu", dtype="float32", weight_fetch="allgather", weight_gather="copy"),
+                 preset("opt-125m"), torch.device("cpu"), two_nodes)
+
+
 @pytest.mark.parametrize("mode", ["allgather", "poolspread"])
 def test_a_ring_of_three_reset_midway_gives_the_tokens_of_one_process(tiny, tmp_path, mode):
     """Three ring slots: host copies land up to three blocks ahead of the gathers, round the
@@ -126,6 +164,22 @@ def test_bench_starts_torchrun_and_rank_0_reports_for_all(tmp_path, monkeypatch,
     assert rec["h2d_aggregate_bytes_s"] is None and rec["nvlink_allgather_bytes_s"] is None
     assert rec["predicted_step_s"] is None and "CPU run" in rec["prediction_skipped"]
     assert "links not probed: no CUDA" in capfd.readouterr().err  # rank 0's summary, from torchrun's process
+
+
+def test_bench_record_says_no_copies_ran_where_nothing_was_gathered(tmp_path, monkeypatch):
+    """--weight-gather copy on CPU ranks that hold every weight: nothing is gathered, and the
+    record's peer_copy says so (it said 'push', the default direction, whatever ran)."""
+    from offloadgen.cli import main
+    monkeypatch.chdir(tmp_path)
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    assert main(["bench", "--model", "opt-125m", "--dummy", "--batch-size", "2", "--prompt-len", "16", "--gen-len", "2",
+                 "--loops", "1", "--dtype", "float32", "--verbose", "1", "--device", "cpu", "--num-gpus-per-node", "2",
+                 "--weight-fetch", "allgather", "--weight-gather", "copy"]) == 0
+    [log] = tmp_path.glob("*.jsonl")
+    rec = json.loads(log.read_text())
+    assert rec["world_size"] == 2 and rec["weight_gather"] == "copy" and rec["streamed_bytes_per_step"] == 0
+    assert rec["peer_copy"] is None
 
 
 def test_link_probe_arithmetic():

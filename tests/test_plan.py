@@ -225,7 +225,9 @@ def test_plan_of_four_ranks_says_which_link_figures_it_assumed_and_uses_saved_on
     assert main([*POOL, "--allgather-bandwidth", "90GB"]) == 0
     out = capsys.readouterr().out
     assert "all-gather 90.0 GB/s received per GPU (given with --allgather-bandwidth)" in out
-    assert rows_of(out)[0][6] == "NVLink"
+    assert rows_of(out)[0][6] == "NVLink" and "weight-gather" not in out
+    assert main([*POOL, "--weight-gather", "copy"]) == 0  # the plan says which gather it timed, and how
+    assert "--weight-gather copy: parts gathered by copies, timed here at the all-gather's rate" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("change", [["--num-gpus-per-node", "1"], ["--weight-fetch", "whole"]])

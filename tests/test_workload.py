@@ -62,6 +62,7 @@ def test_bench_command_runs_a_workload_file(tmp_path, capsys):
     assert "continuous:" in out and "static:" not in out
     r = json.loads(rec.read_text())
     assert r["requests"] == 5 and r["output_tokens"] == sum(1 + i % 4 for i in range(5)) and r["kind"] == "workload"
+    assert r["weight_fetch"] == "whole" and r["weight_gather"] == "nccl" and r["peer_copy"] is None  # which gather ran
 
 
 def test_a_workload_with_the_kv_cache_in_cpu_memory_records_where_passes_went():

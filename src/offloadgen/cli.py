@@ -318,7 +318,7 @@ def cmd_plan(args) -> int:
     dtype = resolve_dtype(config.dtype, torch.device(config.device or "cuda"), checkpoint.cfg)
     cpu_attention = cpu_attention_figure(cal, config, checkpoint.cfg, dtype,
                                          config.micro_batch_size or min(max(batches), 16))
-    links = plan_links(args.num_gpus_per_node, config.weight_fetch, args.allgather_bandwidth)
+    links = plan_links(args.num_gpus_per_node, config.weight_fetch, args.allgather_bandwidth, config.weight_gather)
     rows = plan_table(config, checkpoint.cfg, batches, cal, host, links)
     quant = QuantConfig(config.quant_bits, config.quant_group_size) if config.quant_bits != 16 else None
     print_plan(checkpoint.cfg, args.model or "embedded default", rows, cal, budget, host, quant, dtype, sys.stdout,

@@ -46,13 +46,14 @@ class Links:
     h2d_aggregate_bytes_s: all host links together while every GPU copies at once; None: assumed
     to be ranks x the calibration's one-link figure. allgather_bytes_s: what an NCCL all-gather
     delivers to each rank per second; None: ASSUMED_ALLGATHER_BYTES_S. source, allgather_source:
-    where the measured figures come from."""
+    where the measured figures come from. gather: --weight-gather (copy: timed at the all-gather's rate)."""
     ranks: int = 1
     fetch: str = "whole"
     h2d_aggregate_bytes_s: float | None = None
     allgather_bytes_s: float | None = None
     source: str = ""
     allgather_source: str = ""
+    gather: str = "nccl"
 
     @property
     def shards(self) -> int:
@@ -79,6 +80,8 @@ class Links:
         nv = (f"all-gather {self.allgather_bytes_s / 1e9:.1f} GB/s received per GPU ({self.allgather_source})"
               if self.allgather_bytes_s else f"NVLink unmeasured: all-gather assumed {ASSUMED_ALLGATHER_BYTES_S / 1e9:.0f} "
                                              "GB/s received per GPU (4 H100s, benchmarks/RESULTS.md)")
+        if self.gather == "copy":  # the step model has no figure of its own for the copy engines
+            nv += "; --weight-gather copy: parts gathered by copies, timed here at the all-gather's rate"
         return f"{self.ranks} GPUs, --weight-fetch {self.fetch}: {host}; {nv}"
 
 
@@ -117,15 +120,15 @@ def predict(cfg, placement, batch: int, micro_batch: int | None, prompt_len: int
             "tokens_s": links.ranks * batch / step, **moved}
 
 
-def plan_links(ranks: int, fetch: str, allgather_override: float | None = None) -> Links:
+def plan_links(ranks: int, fetch: str, allgather_override: float | None = None, gather: str = "nccl") -> Links:
     """What the plan knows of a run of `ranks` GPUs' links: the figures the last
     `bench --num-gpus-per-node N` on this machine saved (machine.save_link_figures), else
     assumptions that Links.describe names; --allgather-bandwidth overrides the all-gather rate."""
     saved = load_link_figures(ranks) if ranks > 1 else None
-    links = Links(ranks, fetch)
+    links = Links(ranks, fetch, gather=gather)
     if saved:
         source = f"measured by bench: {saved.get('source', '?')}"
-        links = Links(ranks, fetch, saved["h2d_aggregate_bytes_s"], saved["allgather_bytes_s"], source, source)
+        links = Links(ranks, fetch, saved["h2d_aggregate_bytes_s"], saved["allgather_bytes_s"], source, source, gather)
     if allgather_override:
         links.allgather_bytes_s, links.allgather_source = allgather_override, "given with --allgather-bandwidth"
     return links

@@ -92,6 +92,9 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
     to plan but where weights on disk are read into."""
     config.validate()
     world = world or World()
+    if config.weight_gather == "copy" and world.size > 1:  # refused now, not after the weights are placed
+        from .offload.peer_copy import check_peer_copy
+        check_peer_copy(world)
     check_model_settings(config, model_cfg)
     quant = QuantConfig(config.quant_bits, config.quant_group_size) if config.quant_bits != 16 else None
     dtype = resolve_dtype(config.dtype, device, model_cfg)

@@ -298,8 +298,8 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, probes, cop
         "weights_timings": rt.weights.timings, "all_totals_s": timed["totals"], "all_prefills_s": timed["prefills"],
         "decode_steps_s": [round(b - a, 4) for a, b in zip(timed["marks"]["token_times"], timed["marks"]["token_times"][1:])],
         "log_file": str(log_path), "kv": kv_record, "world_size": plan.world.size, "weight_fetch": run.weight_fetch,
-        "weight_gather": run.weight_gather, "peer_copy": os.environ.get("OFFLOADGEN_PEER_COPY", "push")
-        if run.weight_gather == "copy" else None,
+        # the copies' direction where they ran (None where nothing was gathered: one rank, no streaming)
+        "weight_gather": run.weight_gather, "peer_copy": getattr(getattr(rt.weights, "peers", None), "mode", None),
         "prefetch_depth": run.prefetch_depth, "nccl_max_nchannels": os.environ.get("NCCL_MAX_NCHANNELS"),
         "nccl_cta_policy": os.environ.get("NCCL_CTA_POLICY"),
         "per_rank": per_rank, "disk_offload": run.disk_offload, "disk": disk_record, "host_memory": host_memory,

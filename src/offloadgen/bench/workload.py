@@ -317,7 +317,9 @@ def cmd_workload(args, out=None) -> dict | None:
               "model": args.model, "dummy": args.dummy, "workload": args.workload, "input_len": args.input_len,
               "output_len": args.output_len, "workload_seed": args.workload_seed, "kv_offload": args.kv_offload,
               "quant_bits": args.quant_bits, "gpu_budget_bytes": args.gpu_memory, "startup_s": startup,
-              "weight_fetch": args.weight_fetch, "world_size": world.size,
+              "weight_fetch": args.weight_fetch, "world_size": world.size, "weight_gather": args.weight_gather,
+              # the copies' direction where they ran (bench/run.py's record says the same)
+              "peer_copy": getattr(getattr(llm.weights, "peers", None), "mode", None),
               "device": torch.cuda.get_device_name() if llm.device.type == "cuda" else "cpu",
               # the process's peak (start-up included), as the peers record theirs against the same budget
               "peak_gpu_mem_bytes": torch.cuda.max_memory_allocated(llm.device) if llm.device.type == "cuda" else None,

@@ -26,12 +26,26 @@ waits for them; they take a few microseconds of one SM, not the whole transfer's
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-import shutil
 
 import torch
 import torch.distributed as dist
+
+
+def check_peer_copy(world) -> str:
+    """The direction of the copies (push or pull), or a clear refusal: of ranks on several nodes
+    (runtime.plan_run asks before any weight is placed) and of an unknown OFFLOADGEN_PEER_COPY."""
+    from ..errors import OffloadgenError
+    mode = os.environ.get("OFFLOADGEN_PEER_COPY", "push")
+    if mode not in ("push", "pull"):  # else a typo ran push, and the bench record said the typo
+        raise OffloadgenError(f"OFFLOADGEN_PEER_COPY must be push or pull; got {mode!r}")
+    if world.local_size != world.size:
+        raise OffloadgenError(f"--weight-gather copy reads the other ranks' memory, so every rank must be on "
+                              f"one node: found {world.size} ranks, {world.local_size} on this node (use "
+                              "--weight-gather nccl across nodes)")
+    return mode
 
 
 class PeerArenas:
@@ -39,18 +53,14 @@ class PeerArenas:
     process (`arenas[r]`; arenas[rank] is own). Every rank of the world must be on this node."""
 
     def __init__(self, nbytes: int, world, device: torch.device):
-        from ..errors import OffloadgenError
-        if world.local_size != world.size:
-            raise OffloadgenError(f"--weight-gather copy reads the other ranks' memory, so every rank must be on "
-                                  f"one node: found {world.size} ranks, {world.local_size} on this node (use "
-                                  "--weight-gather nccl across nodes)")
+        mode = check_peer_copy(world)
         self.world, self.device, self.nbytes = world, device, nbytes
         self.cuda = device.type == "cuda"
+        self.mode = mode if self.cuda else "shared memory"  # what the bench record says ran
         self.flag = torch.zeros(1, device=device)  # the fences' all-reduce
         if self.cuda:
             self.own = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-            pull = os.environ.get("OFFLOADGEN_PEER_COPY", "push") == "pull"
-            self.arenas = _open_over_ipc(self.own, world, pull)
+            self.arenas = _open_over_ipc(self.own, world, mode == "pull")
             # A cross-device copy runs on the source device's current queue in this process, with
             # barriers to the destination's current queue: one pair of queues per rank, so that the
             # copies from different ranks do not wait for each other. Pulled, every arena is on this
@@ -150,21 +160,31 @@ def _open_over_ipc(own: torch.Tensor, world, pull: bool) -> list[torch.Tensor]:
 
 def _open_shared_files(nbytes: int, world) -> list[torch.Tensor]:
     """Every rank's arena as a file in /dev/shm, mapped by every rank of the node and unlinked once
-    all have mapped it (the mappings stay; nothing is left behind)."""
-    from ..distributed import barrier
+    all have mapped it (the mappings stay; nothing is left behind). A rank that dies before then
+    leaves the others in a barrier, which fails or is stopped by torchrun's SIGTERM (turned into an
+    exception while the files have names): each rank still removes its own file, and the last one
+    out the folder."""
+    import signal
+    import threading
+
+    from ..distributed import _raise_exit, barrier
     folder = f"/dev/shm/offloadgen-arenas-{os.environ.get('MASTER_PORT', '0')}"
-    os.makedirs(folder, exist_ok=True)
     path = f"{folder}/rank-{world.rank}"
-    with open(path, "wb") as f:
-        f.truncate(nbytes)
-    barrier(world)
+    in_main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _raise_exit) if in_main else None
     try:
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(nbytes)
+        barrier(world)
         arenas = [torch.from_file(f"{folder}/rank-{r}", shared=True, size=nbytes, dtype=torch.uint8)
                   for r in range(world.size)]
         barrier(world)
     finally:
-        os.unlink(path)
-    barrier(world)  # every rank has unlinked its file
-    if world.rank == 0:
-        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):  # not empty: a rank yet to unlink its file removes it
+            os.rmdir(folder)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     return arenas
