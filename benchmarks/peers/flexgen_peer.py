@@ -33,6 +33,9 @@ p.add_argument("--percent", nargs=6, type=int, default=[0, 100, 100, 0, 100, 0],
                help="weights GPU/CPU, cache GPU/CPU, activations GPU/CPU (FlexGen's policy)")
 p.add_argument("--cpu-cache-compute", action="store_true")
 p.add_argument("--compress-weight", action="store_true", help="FlexGen's 4-bit group-wise weights (group 64)")
+p.add_argument("--compress-cache", action="store_true", help="FlexGen's 4-bit group-wise KV cache (group 64)")
+p.add_argument("--num-gpu-batches", type=int, default=1,
+               help="FlexGen's GPU batches per block: the batch is --batch-size (its gpu batch) times this")
 p.add_argument("--gpu-memory", type=float, default=16,
                help="GiB: the budget the comparison holds it to (FlexGen takes none; its policy decides)")
 p.add_argument("--json-file", default="peers.jsonl")
@@ -45,7 +48,9 @@ if importlib.util.find_spec("flexgen") is None:
 here = Path(__file__).resolve().parent
 work = Path(tempfile.mkdtemp(prefix="flexgen-"))
 name = f"facebook/{a.model.split('/')[-1]}"
-system = f"FlexGen percent {'/'.join(map(str, a.percent))}" + (" cpu-attn" if a.cpu_cache_compute else "")
+system = (f"FlexGen percent {'/'.join(map(str, a.percent))}" + (" cpu-attn" if a.cpu_cache_compute else "")
+          + (" kv4" if a.compress_cache else ""))
+batch = a.batch_size * a.num_gpu_batches
 
 
 def flexgen_job():
@@ -62,7 +67,7 @@ def flexgen_job():
     env = ExecutionEnv(gpu=gpu, cpu=cpu, disk=disk, mixed=TorchMixedDevice([gpu, cpu, disk]))
     policy = Policy(a.batch_size, 1, *a.percent, True, True, True, a.cpu_cache_compute, 1.0,
                     a.compress_weight, CompressionConfig(num_bits=4, group_size=64, group_dim=0, symmetric=False),
-                    False, CompressionConfig(num_bits=4, group_size=64, group_dim=2, symmetric=False))
+                    a.compress_cache, CompressionConfig(num_bits=4, group_size=64, group_dim=2, symmetric=False))
     try:
         t0 = time.perf_counter()
         model = OptLM(get_opt_config(name), env, "_DUMMY_", policy)
@@ -86,6 +91,8 @@ def flexgen_job():
 
 if a.workload:
     from common import job_failure
+    if a.num_gpu_batches != 1:
+        raise SystemExit("flexgen peer: a job runs batches of --batch-size; --num-gpu-batches applies to the bench")
     try:
         flexgen_job()
     except Exception as e:
@@ -94,12 +101,14 @@ if a.workload:
 
 shutil.copytree(here / "opt-tokenizer-standin", work / name)  # FlexGen loads this name from its cwd
 cmd = [sys.executable, "-m", "flexgen.flex_opt", "--model", name, "--path", "_DUMMY_", "--percent",
-       *map(str, a.percent), "--gpu-batch-size", str(a.batch_size), "--num-gpu-batches", "1",
+       *map(str, a.percent), "--gpu-batch-size", str(a.batch_size), "--num-gpu-batches", str(a.num_gpu_batches),
        "--prompt-len", str(a.prompt_len), "--gen-len", str(a.gen_len), "--offload-dir", str(work / "offload")]
 if a.cpu_cache_compute:
     cmd.append("--cpu-cache-compute")
 if a.compress_weight:
     cmd.append("--compress-weight")
+if a.compress_cache:
+    cmd.append("--compress-cache")
 proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
 text = proc.stdout + proc.stderr
 
@@ -109,8 +118,9 @@ def grab(key):
     return float(m.group(1)) if m else None
 
 
-rec = {"system": system, "model": a.model, "batch_size": a.batch_size, "prompt_len": a.prompt_len,
-       "gen_len": a.gen_len, "percent": a.percent, "quant_bits": 4 if a.compress_weight else 16,
+rec = {"system": system, "model": a.model, "batch_size": batch, "gpu_batch_size": a.batch_size,
+       "num_gpu_batches": a.num_gpu_batches, "prompt_len": a.prompt_len, "gen_len": a.gen_len, "percent": a.percent,
+       "quant_bits": 4 if a.compress_weight else 16, "kv_quant_bits": 4 if a.compress_cache else 16,
        "gpu_budget_bytes": int(a.gpu_memory * 2**30)}
 if proc.returncode != 0 or grab("decode throughput") is None:
     rec["error"] = f"exit {proc.returncode}: " + text[-1500:]

@@ -4,7 +4,7 @@
 # (DeepSpeed built from its sdist with DS_BUILD_OPS=0; flexgen, hjson, pydantic, pydantic-core,
 # annotated-types, typing-inspection, typing-extensions, pulp). DeepSpeed's 4-bit weights build its
 # quantizer kernel on first use (nvcc and ninja, a minute or two).
-#   bash benchmarks/peers/run_peers.sh [flexgen8] [flexgen18] [flexgen12] [flexgen8q4] [flexgen18q4]
+#   bash benchmarks/peers/run_peers.sh [flexgen8] [flexgen18] [flexgen12] [flexgen8q4] [flexgen18q4] [flexgenq4kvq4]
 #                                      [ds] [dsq4] [dskv] [accelerate8] [accelerate16]
 #   JOB=job.jsonl bash benchmarks/peers/run_peers.sh [dsjob] [flexgenjob] [acceleratejob]
 # Batch 18 (FlexGen) and 20 (DeepSpeed) are the largest their measured peaks allow in 16 GiB:
@@ -39,6 +39,10 @@ for what in ${@:-flexgen8 flexgen18 ds}; do
     flexgen12) $fg --batch-size 12 --percent 10 90 100 0 100 0 ;;
     flexgen8q4) $fg --batch-size 8 --percent 0 100 100 0 100 0 --compress-weight ;;
     flexgen18q4) $fg --batch-size 18 --percent 0 100 100 0 100 0 --compress-weight ;;
+    # issue 17's peer: 4-bit weights and 4-bit cache, the cache in CPU RAM, a large batch in GPU
+    # batches of $FG_GPU_BATCH (32) x $FG_GPU_BATCHES (8), as FlexGen's paper runs OPT-30B
+    flexgenq4kvq4) $fg --batch-size ${FG_GPU_BATCH:-32} --num-gpu-batches ${FG_GPU_BATCHES:-8} \
+                     --percent 0 100 0 100 100 0 --compress-weight --compress-cache ;;
     ds) $ds --batch-size 8 20 ;;
     dsq4) $ds --batch-size 8 20 --quant-bits 4 --quant-group-size 64 ;;
     dskv) $ds --batch-size 8 --kv-offload ;;
