@@ -86,6 +86,10 @@ def test_bench_with_the_kv_cache_in_cpu_memory(tmp_path, monkeypatch):
     # every decode step reads the whole cache so far: 12 layers x 4 rows x 33-35 slots x 768 x 2 (k, v) x 4 bytes
     per_step = kv["per_decode_step"]["cpu_cache_read_bytes"]
     assert 2 * 12 * 4 * 33 * 768 * 4 <= per_step <= 2 * 12 * 4 * 35 * 768 * 4
+    # of which the reference's prompt (its 28-byte sentence, left-padded to 32 and masked) leaves 4
+    # slots a row unseen: the kernel does not read them
+    pads = 2 * 12 * 4 * 4 * 768 * 4
+    assert kv["per_decode_step"]["cpu_cache_visible_bytes"] == pytest.approx(per_step - pads)
     assert rec["kv_cache_alloc_s"] > 0 and len(made) == 2 and made[0] is made[1]  # start-up's, then reused
     # the node's memory against docs/distributed.md's model: weights in RAM (none streamed here), the
     # cache, and a rank's fixed share

@@ -417,10 +417,12 @@ def _print_summary(r: dict, m: RunMetrics, file) -> None:
     kv = r["kv"]
     if kv:
         d, cpu_bw = kv["per_decode_step"], kv.get("cpu_attention_bytes_s")
+        seen = d.get("cpu_cache_visible_bytes", d["cpu_cache_read_bytes"])  # what the kernel reads
         print(f"KV cache in CPU memory ({kv['host_bytes'] / GiB:.1f} GiB, {kv['gpu_parts']} of {kv['parts']} "
               f"micro-batches attending on the GPU); per decode step: CPU attention {d['cpu_attention_s']:.3f} s over "
-              f"{d['cpu_cache_read_bytes'] / 1e9:.2f} GB, waiting for the GPU {d['wait_for_gpu_s']:.3f} s"
-              + (f" ({d['cpu_cache_read_bytes'] / max(d['cpu_attention_s'], 1e-9) / 1e9:.1f} GB/s; probe "
+              f"{d['cpu_cache_read_bytes'] / 1e9:.2f} GB of slots, {seen / 1e9:.2f} GB of them unmasked, waiting for "
+              f"the GPU {d['wait_for_gpu_s']:.3f} s"
+              + (f" ({seen / max(d['cpu_attention_s'], 1e-9) / 1e9:.1f} GB/s unmasked; probe "
                  f"{cpu_bw / 1e9:.1f} GB/s, CPU memory read {kv.get('cpu_read_bytes_s', 0) / 1e9:.1f} GB/s)"
                  if cpu_bw else "")
               + f", cache over the bus {d['h2d_cache_bytes'] / 1e9:.2f} GB in, {d['d2h_cache_bytes'] / 1e6:.1f} MB out"

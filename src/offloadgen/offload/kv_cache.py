@@ -224,8 +224,11 @@ class OffloadedKVCache:
         # Host seconds too: where a decode step's host thread goes (issue 17's step was the host's).
         # cpu_side_host_s: all of attend_on_cpu (waits and attention included); gpu_attention_host_s:
         # issuing a GPU-attended decode micro-batch's attention and its cache copies (not GPU time).
-        self.stats = dict(cpu_attention_s=0.0, wait_for_gpu_s=0.0, cpu_cache_read_bytes=0, h2d_cache_bytes=0,
-                          d2h_cache_bytes=0, cpu_side_host_s=0.0, gpu_attention_host_s=0.0)
+        # cpu_cache_read_bytes: the slots [:end] of the CPU-attended rows (what SDPA reads);
+        # cpu_cache_visible_bytes: of those, the keys some query sees (all the Numba kernel reads:
+        # the reference workload's prompts are 28 tokens left-padded to prompt_len, so about a tenth).
+        self.stats = dict(cpu_attention_s=0.0, wait_for_gpu_s=0.0, cpu_cache_read_bytes=0, cpu_cache_visible_bytes=0,
+                          h2d_cache_bytes=0, d2h_cache_bytes=0, cpu_side_host_s=0.0, gpu_attention_host_s=0.0)
         self._stats_lock = threading.Lock()  # CPU-attended micro-batches count from their own thread (cpu_side)
         adaptive = self.cuda and opts.attention == "auto" and opts.adaptive
         self.split = SplitController(len(parts), n_gpu, opts.most_gpu_parts(len(parts))) if adaptive else None
@@ -570,17 +573,21 @@ class OffloadedKVCache:
             hk[write_slots_host(step), rows] = k_new
             hv[write_slots_host(step), rows] = v_new
         self._count("d2h_cache_bytes", 2 * kt.numel() * kt.element_size())
-        # One bias per mask and pass: layers may use different masks (Gemma 3's sliding and global)
+        # One bias per mask and pass: layers may use different masks (Gemma 3's sliding and global).
+        # With it, how many (slot, row) keys some query sees: the kernel reads only those (a
+        # left-padded prompt's padding is masked, and not read).
         biases = step.extras.setdefault("cpu_biases", {})
-        bias = biases.get(id(mask))
-        if bias is None:
-            bias = biases[id(mask)] = bias_from_mask(mask, end)
+        if id(mask) not in biases:
+            made = bias_from_mask(mask, end)
+            biases[id(mask)] = (made, int((made > float("-inf")).any(dim=3).any(dim=2).sum()))
+        bias, visible = biases[id(mask)]
         # On CUDA the result goes straight into the pinned buffer the GPU reads it from.
         out_host = self._pinned_like(j, "out", q) if self.cuda else None
         t0 = time.perf_counter()
         out = cpu_attend(q_host, hk, hv, end, bias, scale, quant=self.codec, out=out_host)
         self._count("cpu_attention_s", time.perf_counter() - t0)
         self._count("cpu_cache_read_bytes", 2 * hk[:end].numel() * hk.element_size())
+        self._count("cpu_cache_visible_bytes", 2 * visible * hk[0, 0].numel() * hk.element_size())
         return to_device_zero_copy(out, self.device) if self.cuda else out
 
 
