@@ -316,7 +316,8 @@ def cmd_workload(args, out=None) -> dict | None:
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
               "model": args.model, "dummy": args.dummy, "workload": args.workload, "input_len": args.input_len,
               "output_len": args.output_len, "workload_seed": args.workload_seed, "kv_offload": args.kv_offload,
-              "quant_bits": args.quant_bits, "gpu_budget_bytes": args.gpu_memory, "startup_s": startup,
+              "quant_bits": args.quant_bits, "kv_quant_bits": args.kv_quant_bits, "micro_batch_size": args.micro_batch_size,
+              "gpu_budget_bytes": args.gpu_memory, "startup_s": startup,
               "weight_fetch": args.weight_fetch, "world_size": world.size, "weight_gather": args.weight_gather,
               # the copies' direction where they ran (bench/run.py's record says the same)
               "peer_copy": getattr(getattr(llm.weights, "peers", None), "mode", None),
