@@ -26,7 +26,7 @@ from ..machine import (Calibration, GiB, cpu_read_bandwidth, dense_matmul_flops,
                        h2d_bandwidth, node_memory_used, page_cache_bytes, peak_rss_bytes, save_link_figures)
 from ..metrics import RunMetrics
 from ..models import param_count
-from ..offload import kv_cache
+from ..offload import cpu_attention, kv_cache
 from ..offload.pinned import zero_copy_used
 from ..plan import Links, link_bytes, predict
 from ..runtime import Runtime, build_runtime, resolve_device
@@ -236,7 +236,11 @@ def _kv_record(rt: Runtime, timed: dict, gen_len: int) -> dict | None:
             "pinned_bytes": cache.pinned_bytes, "split_history": cache.split.history if cache.split else None,
             "gpu_decode_attention": "triton" if kv_cache.TRITON_DECODE_ATTENTION else "sdpa",
             "overlap": kv.overlap, "cpu_side_layers": rt.engine.cpu_side.layers if rt.engine.cpu_side else 0,
-            "per_decode_step": decode, "zero_copy_output": zero_copy_used()}
+            "per_decode_step": decode, "zero_copy_output": zero_copy_used(),
+            # which CPU attention each shape of call ran (a dense cache's first calls time the Numba
+            # kernel against SDPA): on batch 96 one lease read 29.5 GB/s of slots with parts of 8,
+            # SDPA's rate, and 183.8 with parts of 16, the kernel's skipping the masked padding
+            "cpu_attention_impl": sorted({str(c) for c in cpu_attention.choices().values()})}
 
 
 def _disk_record(disk, disk_bw, cached_before, timed: dict, m: RunMetrics, gen_len: int) -> dict | None:
@@ -420,7 +424,8 @@ def _print_summary(r: dict, m: RunMetrics, file) -> None:
         seen = d.get("cpu_cache_visible_bytes", d["cpu_cache_read_bytes"])  # what the kernel reads
         print(f"KV cache in CPU memory ({kv['host_bytes'] / GiB:.1f} GiB, {kv['gpu_parts']} of {kv['parts']} "
               f"micro-batches attending on the GPU); per decode step: CPU attention {d['cpu_attention_s']:.3f} s over "
-              f"{d['cpu_cache_read_bytes'] / 1e9:.2f} GB of slots, {seen / 1e9:.2f} GB of them unmasked, waiting for "
+              f"{d['cpu_cache_read_bytes'] / 1e9:.2f} GB of slots, {seen / 1e9:.2f} GB of them unmasked "
+              f"({'/'.join(kv.get('cpu_attention_impl') or ['-'])}), waiting for "
               f"the GPU {d['wait_for_gpu_s']:.3f} s"
               + (f" ({seen / max(d['cpu_attention_s'], 1e-9) / 1e9:.1f} GB/s unmasked; probe "
                  f"{cpu_bw / 1e9:.1f} GB/s, CPU memory read {kv.get('cpu_read_bytes_s', 0) / 1e9:.1f} GB/s)"
