@@ -238,8 +238,9 @@ def _kv_record(rt: Runtime, timed: dict, gen_len: int) -> dict | None:
             "overlap": kv.overlap, "cpu_side_layers": rt.engine.cpu_side.layers if rt.engine.cpu_side else 0,
             "per_decode_step": decode, "zero_copy_output": zero_copy_used(),
             # which CPU attention each shape of call ran (a dense cache's first calls time the Numba
-            # kernel against SDPA): on batch 96 one lease read 29.5 GB/s of slots with parts of 8,
-            # SDPA's rate, and 183.8 with parts of 16, the kernel's skipping the masked padding
+            # kernel against SDPA): batch 96 on one lease read 29.5 GB/s of slots with parts of 8,
+            # about SDPA's rate, and 183.8 with parts of 16, the kernel skipping masked padding;
+            # which one ran was not recorded then
             "cpu_attention_impl": sorted({str(c) for c in cpu_attention.choices().values()})}
 
 

@@ -395,7 +395,6 @@ class StreamingWeights:
         """All-gather block `block` (issue index i) into its ring slot: every rank gives its 1/N,
         from its landing buffer (copied from host memory by _copy_ahead) or, for a pooled block,
         straight from the part this GPU keeps; then copies run ahead again."""
-        import torch.distributed as dist
         part = self._part_bytes(self.layouts[block].nbytes)
         gathered = self.ring[slot][:part * self.shards]
         pooled = block in self.pool_shard
@@ -405,46 +404,41 @@ class StreamingWeights:
         else:
             buf, arrived = self.landed.pop(i)
             mine = self.landing[buf][:part]
-        if self.peer_copy:
-            self._gather_copies(i, block, slot, part, buf, arrived)
-            return
         if not self.cuda:
-            dist.all_gather_into_tensor(gathered, mine, group=self.world.group)
+            self._gather(gathered, mine, block, part, buf)
+            released = None
         else:
             # Two queues, so that the links work at once: the copy stream carries only host-to-device
-            # copies (PCIe), the gather stream only all-gathers (NVLink). On one queue the next
-            # block's host copy waited for this block's gather, and a step cost both links' times.
+            # copies (PCIe), the gather stream only gathers (NVLink). On one queue the next block's
+            # host copy waited for this block's gather, and a step cost both links' times.
             with torch.cuda.stream(self.gather_stream):
                 for wait in (arrived, self.free[slot]):  # this rank's part has landed; the slot is read
                     if wait is not None:
                         self.gather_stream.wait_event(wait)
-                # NCCL runs on its own stream after what the gather stream has queued; wait() puts
-                # the gather stream behind the gather, and the block's ready event behind it.
-                dist.all_gather_into_tensor(gathered, mine, group=self.world.group, async_op=True).wait()
-                self.ready[block] = torch.cuda.Event()
-                self.ready[block].record(self.gather_stream)
-        if buf is not None:  # the buffer may be refilled once the gather has read it
-            self.landing_free[buf] = self.ready.get(block)
+                self.ready[block], released = self._gather(gathered, mine, block, part, buf)
+        if buf is not None:  # the buffer may be refilled once every rank's gather has read it
+            self.landing_free[buf] = released
             self.landing_held[buf] = False
         self._copy_ahead(i + len(self.landing))
 
-    def _gather_copies(self, i: int, block, slot, part: int, buf, arrived) -> None:
-        """_issue_shard with --weight-gather copy: the block's parts copied from every rank's arena
-        (its pooled part, or its landing buffer `buf`, fenced), on the gather queue."""
-        offset = self.arena_offset[block] if buf is None else self.landing_offset[buf]
-        gathered = self.ring[slot][:part * self.shards]
+    def _gather(self, gathered, mine, block, part: int, buf):
+        """The gather itself, on the current queue: NCCL's all-gather, or with --weight-gather copy
+        copies from every rank's arena (its pooled part, or landing buffer `buf`, fenced). On CUDA,
+        (ready, released): the events after which the block may be read and its landing buffer
+        refilled; (None, None) on the CPU, where it is done when this returns."""
+        import torch.distributed as dist
+        if self.peer_copy:
+            offset = self.arena_offset[block] if buf is None else self.landing_offset[buf]
+            return self.peers.gather(gathered, offset, part, fenced=buf is not None)
         if not self.cuda:
-            self.peers.gather(gathered, offset, part, fenced=buf is not None)
-        else:
-            with torch.cuda.stream(self.gather_stream):
-                for wait in (arrived, self.free[slot]):
-                    if wait is not None:
-                        self.gather_stream.wait_event(wait)
-                self.ready[block], released = self.peers.gather(gathered, offset, part, fenced=buf is not None)
-        if buf is not None:  # every rank has read it: it may be refilled
-            self.landing_free[buf] = released if self.cuda else None
-            self.landing_held[buf] = False
-        self._copy_ahead(i + len(self.landing))
+            dist.all_gather_into_tensor(gathered, mine, group=self.world.group)
+            return None, None
+        # NCCL runs on its own stream after what the gather stream has queued; wait() puts the
+        # gather stream behind the gather, and the block's ready event behind it.
+        dist.all_gather_into_tensor(gathered, mine, group=self.world.group, async_op=True).wait()
+        ready = torch.cuda.Event()
+        ready.record(self.gather_stream)
+        return ready, ready
 
     def _stage_worker(self) -> None:
         torch.cuda.set_device(self.device)
