@@ -7,7 +7,7 @@ per-call work around the kernel. This drives OffloadedKVCache's decode path for 
 micro-batch on a CPU device (OffloadedLayerKV.attend -> attend_on_cpu, as tests/test_kv_offload.py
 does), at OPT-30B's head shape, and splits each call's host time into:
 
-  kernel    the Numba kernels themselves (quant_query, attend, merge)
+  kernel    the Numba kernels themselves (prepare_query, attend, merge)
   wrapper   the rest of cpu_attention.attend: q's scaling, the mask's ranges, buffers, the output's dtype
   encode    the new k/v into the cache's layout (_stored). On CUDA it is one GPU kernel (4/8-bit) or a
             permute-copy: there the host only launches it, so this line does not carry over
@@ -60,7 +60,7 @@ def measure(args) -> dict:
     nb = cpu_attention._numba()
     if nb is None:
         raise SystemExit("Numba is needed: the kernel is what a CUDA run uses")
-    for name in ("attend", "merge", "quant_query"):
+    for name in ("attend", "merge", "prepare_query"):
         setattr(nb, name, timed(getattr(nb, name), "kernel"))
 
     b, h, d, ctx, layers, parts = args.rows, args.heads, args.head_dim, args.context, args.layers, args.parts

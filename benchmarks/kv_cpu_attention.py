@@ -114,8 +114,7 @@ def cut(q_heads, kv_heads, quant, run_kb):
     splits = cpu_attention_numba.splits(threads, CONTEXT, ROWS * kv_heads, item_bytes, run_bytes=run_bytes)
 
     def make(q, bias, mask):
-        qf = (q.float() * 128 ** -0.5).reshape(ROWS, kv_heads, q_heads // kv_heads, 128).contiguous()
-        return lambda k, v: cpu_attention._attend_numba(qf, k, v, CONTEXT, bias, splits=splits, quant=quant)
+        return lambda k, v: cpu_attention._attend_numba(q, k, v, CONTEXT, bias, 128 ** -0.5, splits=splits, quant=quant)
     return make
 
 

@@ -93,12 +93,12 @@ def test_every_split_of_the_work_gives_the_same_answer(c, slot_splits, item_spli
     """Threads split slots and (row, head) items by the thread count; on a small CI machine most
     splits never happen by themselves, so force them (empty ranges included)."""
     q, k, v, mask = make(c)
-    b, h, _, d = q.shape
-    h_kv = k.shape[2]
-    qf = (q.float() * d ** -0.5).reshape(b, h_kv, h // h_kv, d).contiguous()
+    scale = q.shape[-1] ** -0.5
     bias = cpu_attention.bias_from_mask(mask, c["end"])
-    one = cpu_attention._attend_numba(qf, k, v, c["end"], bias, splits=(1, 1))
-    split = cpu_attention._attend_numba(qf, k, v, c["end"], bias, splits=(slot_splits, item_splits))
+    # float32 results: two splits may differ in the last float32 bit, which can round apart in float16
+    one = cpu_attention._attend_numba(q, k, v, c["end"], bias, scale, splits=(1, 1), out=torch.empty(q.shape))
+    split = cpu_attention._attend_numba(q, k, v, c["end"], bias, scale, splits=(slot_splits, item_splits),
+                                        out=torch.empty(q.shape))
     torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-6)
 
 
@@ -169,9 +169,10 @@ def test_a_pass_works_out_its_row_ranges_once_per_bias(monkeypatch):
 
 @pytest.mark.parametrize("faster", ["sdpa", cpu_attention.available_impls()[0]])
 def test_impl_none_keeps_what_its_first_calls_timed_faster(monkeypatch, faster):
-    """attend(impl=None) on a dense cache times the kernel and SDPA on a shape's first calls and
-    then runs only the faster: with a fake clock that charges the slower one 10x, every call after
-    the trial must go to `faster`, and every call (trial ones too) must give the right answer."""
+    """attend(impl=None) on a dense cache times the kernel (each of its cuts) and SDPA on a shape's
+    first calls and then runs only the fastest: with a fake clock that charges the slower one 10x,
+    every call after the trial must go to `faster`, and every call (trial ones too) must give the
+    right answer."""
     kernel = cpu_attention.available_impls()[0]
     now, ran = [0.0], []
 
@@ -190,12 +191,15 @@ def test_impl_none_keeps_what_its_first_calls_timed_faster(monkeypatch, faster):
     q, k, v, mask = make(c)
     scale, bias = c["head_dim"] ** -0.5, cpu_attention.bias_from_mask(mask, c["end"])
     ref, tol = reference(q, k, v, c["end"], mask, scale), tolerance(q.dtype)
-    for _ in range(12):
+    calls = 40
+    for _ in range(calls):
         out = cpu_attention.attend(q, k, v, c["end"], bias, scale)
         torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * v.double().abs().max().item())
-    trial_calls = 2 * (1 + 3)
+    candidates = (cpu_attention.kernel_cuts(torch.get_num_threads()) if kernel == "numba" else [kernel]) + ["sdpa"]
+    trial_calls = len(candidates) * (1 + 3)
+    assert trial_calls < calls
     assert sorted(set(ran[:trial_calls])) == sorted({kernel, "sdpa"})
-    assert ran[trial_calls:] == [faster] * (12 - trial_calls)
+    assert ran[trial_calls:] == [faster] * (calls - trial_calls)
 
 
 def test_quantized_caches_never_go_to_sdpa():
@@ -253,3 +257,54 @@ def test_an_end_past_the_cache_or_the_bias_is_refused():
     with pytest.raises(ValueError, match="the bias's 5; got 6"):
         cpu_attention.attend(q, k, k, 6, short, impl="numba")
     assert cpu_attention.attend(q, k, k, 6, cpu_attention.bias_from_mask(torch.zeros(2, 1, 1, 6), 6)).shape == q.shape
+
+
+@pytest.mark.skipif("numba" not in cpu_attention.available_impls(), reason="the Numba kernel narrows its own output")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_kernel_narrows_its_result_as_pytorch_rounds(dtype):
+    """The kernel writes float16 / bfloat16 results itself (no PyTorch conversion after the call):
+    bit for bit what PyTorch's rounding of its float32 result gives, over values from subnormal to
+    past float16's range."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 1, 16, generator=g).to(dtype)
+    k = torch.randn(9, 3, 4, 16, generator=g).to(dtype)
+    magnitudes = torch.logspace(-9, 6, 16)  # per element of a head: float16 subnormals to overflow
+    v = (torch.randn(9, 3, 4, 16, generator=g) * magnitudes).to(dtype)
+    bias = cpu_attention.bias_from_mask(None, 9, batch=3)
+    wide = cpu_attention._attend_numba(q, k, v, 9, bias, 0.25, out=torch.empty(q.shape))
+    narrow = cpu_attention._attend_numba(q, k, v, 9, bias, 0.25, out=torch.empty(q.shape, dtype=dtype))
+    expected = wide.to(dtype)
+    assert torch.equal(narrow.view(torch.int16), expected.view(torch.int16))
+    assert (dtype == torch.bfloat16) or expected.isinf().any()  # float16's overflow was reached
+
+
+@pytest.mark.skipif("numba" not in cpu_attention.available_impls(), reason="cuts are the Numba kernel's")
+def test_the_trial_keeps_the_cut_its_first_calls_timed_fastest(monkeypatch):
+    """A 4-bit cache has no SDPA candidate, but its kernel's cuts are tried too: with a fake clock
+    that charges every cut but one 10x, the calls after the trial run that cut, and every call
+    gives the answer of the rule's cut."""
+    from offloadgen.quant.kv import kv_quant
+    cuts = cpu_attention.kernel_cuts(torch.get_num_threads())
+    fast = cuts[-1]
+    now, ran = [0.0], []
+    real = cpu_attention._attend_numba
+
+    def charged(*args, splits=None, **kwargs):
+        ran.append(splits)
+        now[0] += 1.0 if splits == cpu_attention._cut(fast, args[3], args[0].shape[0] * 2) else 10.0
+        return real(*args, splits=splits, **kwargs)
+    monkeypatch.setattr(cpu_attention, "_attend_numba", charged)
+    monkeypatch.setattr(cpu_attention, "clock", lambda: now[0])
+    monkeypatch.setattr(cpu_attention, "_trials", {})
+    codec = kv_quant(4, 32, 2, 64)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 4, 1, 64, generator=g)
+    k, v = (codec.encode(torch.randn(20, 3, 128, generator=g)) for _ in range(2))
+    bias = cpu_attention.bias_from_mask(None, 20, batch=3, queries=2)
+    ref = real(q, k, v, 20, bias, 0.125, quant=codec)
+    trial_calls = len(cuts) * (1 + 3)
+    for _ in range(trial_calls + 5):
+        torch.testing.assert_close(cpu_attention.attend(q, k, v, 20, bias, 0.125, quant=codec), ref, rtol=1e-5, atol=1e-5)
+    assert len(set(ran[:trial_calls])) == len(cuts) > 1
+    assert ran[trial_calls:] == [cpu_attention._cut(fast, 20, 6)] * 5
+    assert fast in {c for c in cpu_attention.choices().values()}

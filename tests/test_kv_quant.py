@@ -143,11 +143,11 @@ def test_every_split_of_the_work_reads_the_quantized_cache_alike(c, slot_splits,
     mid-row, where the quantized reader finds its head's scales by table; force every split."""
     codec = c["codec"]
     q, k, v, mask = make(c)
-    b, h, _, d = q.shape
-    qf = (q * d ** -0.5).reshape(b, codec.kv_heads, h // codec.kv_heads, d).contiguous()
+    scale = q.shape[-1] ** -0.5
     kq, vq, bias = codec.encode(k), codec.encode(v), cpu_attention.bias_from_mask(mask, c["end"])
-    one = cpu_attention._attend_numba(qf, kq, vq, c["end"], bias, splits=(1, 1), quant=codec)
-    split = cpu_attention._attend_numba(qf, kq, vq, c["end"], bias, splits=(slot_splits, item_splits), quant=codec)
+    one = cpu_attention._attend_numba(q, kq, vq, c["end"], bias, scale, splits=(1, 1), quant=codec, out=torch.empty(q.shape))
+    split = cpu_attention._attend_numba(q, kq, vq, c["end"], bias, scale, splits=(slot_splits, item_splits), quant=codec,
+                                        out=torch.empty(q.shape))
     torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-6)
     ref, _ = attention64(q, codec.decode(kq, torch.float64), codec.decode(vq, torch.float64), c["end"], mask, codec)
     torch.testing.assert_close(split.double().reshape(ref.shape), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())

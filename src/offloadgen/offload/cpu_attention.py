@@ -19,6 +19,11 @@ the permuted cache read a Llama-2-70B-shaped cache 3x faster (30.3 against 10.2 
 OPT-30B's 56 plain heads the kernel was the faster (57.5 against 45.8). Which wins depends on the
 CPU, its thread count and the shape, so for dense caches `attend` (impl None) times both on the
 run's own first calls of each shape and keeps the faster (_Trial).
+
+The same trial picks how the kernel's work is cut (slot ranges x (row, head) ranges, for dense and
+quantized caches alike). On the H100 host (16 cores) the best cut of a call of 8 rows read 58.6
+GB/s where the fixed rule's read 51.9, and the best differed by shape and cache (2 x 8 for a
+float16 cache, 4 x 8 and 4 x 16 for 4-bit ones): the rule alone cannot know the machine.
 """
 from __future__ import annotations
 
@@ -42,10 +47,11 @@ clock = time.perf_counter  # what the trials time with (tests give a fake one)
 def _numba():
     """The kernels, imported (and Numba with them) on first use; None where Numba is missing."""
     try:
-        from .cpu_attention_numba import attend, merge, quant_query, set_threads, splits
+        from .cpu_attention_numba import attend, merge, prepare_query, set_threads, splits
     except ImportError:
         return None
-    return SimpleNamespace(attend=attend, merge=merge, quant_query=quant_query, set_threads=set_threads, splits=splits)
+    return SimpleNamespace(attend=attend, merge=merge, prepare_query=prepare_query, set_threads=set_threads,
+                           splits=splits)
 
 
 def available_impls() -> list[str]:
@@ -82,38 +88,72 @@ _trials: dict[tuple, _Trial] = {}
 
 
 def choices() -> dict[tuple, str | None]:
-    """Per shape of call so far ((B, Hkv, R, D, mask heads, cache dtype, q dtype, threads)), the
-    implementation its trial chose (None while it runs): for logs and benchmarks."""
+    """Per shape of call so far ((B, Hkv, R, D, mask heads, cache dtype or "N-bit", q dtype,
+    threads)), the implementation and cut its trial chose (None while it runs): for logs and
+    benchmarks."""
     return {key: trial.chosen for key, trial in _trials.items()}
 
 
-def _run(impl, q, qf, k, v, end, bias, scale, quant):
+def kernel_cuts(threads: int) -> list[str]:
+    """The kernel's candidate cuts for the trial: "numba" (cpu_attention_numba.splits' rule) and
+    "numba SxI" (S slot ranges x I item ranges, clamped to the call's slots and items)."""
+    cuts = [(2, threads // 2), (4, threads // 4), (4, threads // 2), (4, threads)]
+    return ["numba"] + list(dict.fromkeys(f"numba {s}x{i}" for s, i in cuts if i >= 1))
+
+
+def _cut(impl: str, end: int, items: int) -> tuple[int, int] | None:
     if impl == "numba":
-        return _attend_numba(qf, k, v, end, bias, quant=quant)
+        return None
+    s, i = (int(x) for x in impl.split()[1].split("x"))
+    return max(1, min(s, end)), max(1, min(i, items))
+
+
+def _run(impl, q, k, v, end, bias, scale, quant, out):
+    """[B, H, t, D] in out (or a new tensor of q's dtype)."""
+    if impl.startswith("numba"):
+        items = q.shape[0] * (k.shape[2] if quant is None else quant.kv_heads)
+        return _attend_numba(q, k, v, end, bias, scale, splits=_cut(impl, end, items), quant=quant, out=out)
     if impl == "torch":
-        return _attend_torch(qf, k, v, end, bias, quant=quant)
-    if impl == "sdpa":
+        result = _attend_torch(_scaled_query(q, k, scale, quant), k, v, end, bias, quant=quant)
+    elif impl == "sdpa":
         if quant is not None:
             raise ValueError("the sdpa implementation reads dense caches, not a 4/8-bit one")
-        return _attend_sdpa(q, k, v, end, bias, scale)
-    raise ValueError(f"unknown CPU attention implementation {impl!r}")
+        result = _attend_sdpa(q, k, v, end, bias, scale)
+    else:
+        raise ValueError(f"unknown CPU attention implementation {impl!r}")
+    result = result.reshape(q.shape)
+    return result.to(q.dtype) if out is None else out.copy_(result)
 
 
-def _chosen_run(q, qf, k, v, end, bias, scale, quant):
-    """impl None: the Numba kernel (or its PyTorch fallback), and for dense caches SDPA as the
-    other candidate, whichever this shape's trial found faster."""
+def _scaled_query(q, k, scale, quant):
+    """q [B, H, t, D] as float32 [B, Hkv, R, D], scaled (query heads that share a KV head folded
+    into R, as layers.grouped_mask folds them)."""
+    b, h, t, d = q.shape
+    h_kv = k.shape[2] if quant is None else quant.kv_heads
+    return (q.float() * scale).reshape(b, h_kv, (h // h_kv) * t, d).contiguous()
+
+
+def _chosen_run(q, k, v, end, bias, scale, quant, out):
+    """impl None: the Numba kernel cut the way this shape's trial found fastest, or for dense
+    caches SDPA if that was faster still; the PyTorch fallback where Numba does not import."""
     kernel = available_impls()[0]
-    if quant is not None:
-        return _run(kernel, q, qf, k, v, end, bias, scale, quant)
-    key = (*qf.shape, bias.shape[2], k.dtype, q.dtype, torch.get_num_threads())
-    trial = _trials.setdefault(key, _Trial([kernel, "sdpa"]))
+    candidates = kernel_cuts(torch.get_num_threads()) if kernel == "numba" else [kernel]
+    if quant is None:
+        candidates = candidates + ["sdpa"]
+    if len(candidates) == 1:
+        return _run(kernel, q, k, v, end, bias, scale, quant, out)
+    b, h, t, d = q.shape
+    h_kv = k.shape[2] if quant is None else quant.kv_heads
+    key = (b, h_kv, (h // h_kv) * t, d, bias.shape[2], k.dtype if quant is None else f"{quant.bits}-bit",
+           q.dtype, torch.get_num_threads())
+    trial = _trials.setdefault(key, _Trial(candidates))
     if trial.chosen is not None:
-        return _run(trial.chosen, q, qf, k, v, end, bias, scale, quant)
+        return _run(trial.chosen, q, k, v, end, bias, scale, quant, out)
     impl = trial.next()
     t0 = clock()
-    out = _run(impl, q, qf, k, v, end, bias, scale, quant)
+    result = _run(impl, q, k, v, end, bias, scale, quant, out)
     trial.record(impl, (clock() - t0) / max(end, 1))
-    return out
+    return result
 
 
 def bias_from_mask(mask: torch.Tensor | None, end: int, batch: int = 1, queries: int = 1) -> torch.Tensor:
@@ -130,10 +170,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: to
     """Attention of q [B, H, t, D] over slots [:end] of k, v [slots, B, Hkv, D] (CPU tensors), or
     with quant (a quant.kv.KVQuant) of the 4/8-bit cache k, v uint8 [slots, B, row bytes], with
     bias from bias_from_mask. Returns [B, H, t, D] in q's dtype. impl: "numba", "torch" or "sdpa"
-    (dense caches); None takes Numba where it imports (else "torch"), or for a dense cache
-    whichever of it and SDPA was the faster on this shape's first calls (_Trial). out: where to put
-    the result (q's shape and dtype; a pinned buffer bound for the GPU), converted as it is copied:
-    one pass and no new tensor, on each of a step's 1,536 calls at OPT-30B batch 256."""
+    (dense caches); None takes Numba where it imports (else "torch"), cut, and for a dense cache
+    chosen against SDPA, by what was fastest on this shape's first calls (_Trial). out: where to
+    put the result (q's shape and dtype; a pinned buffer bound for the GPU), which the kernel
+    writes directly: no new tensor, on each of a step's 1,536 calls at OPT-30B batch 256."""
     b, h, t, d = q.shape
     h_kv = k.shape[2] if quant is None else quant.kv_heads
     if not 0 < end <= min(k.shape[0], v.shape[0], bias.shape[0]):  # the kernel would read past the arrays
@@ -144,18 +184,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: to
                          f"tokens, folded as layers.grouped_mask does), not {bias.shape[3]}")
     if bias.shape[2] not in (1, h_kv):
         raise ValueError(f"mask heads must be 1 or the {h_kv} KV heads, not {bias.shape[2]}")
-    scale = d ** -0.5 if scale is None else scale
-    qf = (q.float() * scale).reshape(b, h_kv, (h // h_kv) * t, d).contiguous()
-    if impl is None:
-        result = _chosen_run(q, qf, k, v, end, bias, scale, quant)
-    else:
-        result = _run(impl, q, qf, k, v, end, bias, scale, quant)
-    result = result.reshape(b, h, t, d)
-    if out is None:
-        return result.to(q.dtype)
-    if out.shape != q.shape or out.dtype != q.dtype:
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
         raise ValueError(f"out must have q's shape {tuple(q.shape)} and dtype {q.dtype}, not {tuple(out.shape)} {out.dtype}")
-    return out.copy_(result)
+    scale = d ** -0.5 if scale is None else scale
+    if impl is None:
+        return _chosen_run(q, k, v, end, bias, scale, quant, out)
+    return _run(impl, q, k, v, end, bias, scale, quant, out)
 
 
 def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: torch.Tensor,
@@ -196,43 +230,49 @@ def _workspace(slot_splits: int, item_splits: int, end: int, b: int, h: int, r: 
         if len(_workspaces) > 16:
             _workspaces.clear()
         shapes = [(slot_splits * b * h * r,), (slot_splits * b * h * r,), (slot_splits * b * h * r * d,),
-                  (units, per_s * per_i * r), (units, d)]
+                  (units, per_s * per_i * r), (units, d),
+                  (b * h * r * d,), (b * h * r * d,), (b * h * r * d,)]  # the query, its pieces' sums, the result
         _workspaces[key] = [torch.empty(s).numpy() for s in shapes]
     return _workspaces[key]
 
 
-def _attend_numba(qf: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: torch.Tensor,
-                  splits: tuple[int, int] | None = None, quant=None) -> torch.Tensor:
-    """splits: (slot ranges, item ranges), chosen for the thread count unless given (tests)."""
+def _attend_numba(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: torch.Tensor, scale: float,
+                  splits: tuple[int, int] | None = None, quant=None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q [B, H, t, D] (float16, bfloat16 or float32) into out (q's shape; float16,
+    bfloat16 or float32; a new tensor of q's dtype if None). splits: (slot ranges, item ranges),
+    chosen for the thread count unless given (tests). No PyTorch operation runs on the way: the
+    query is scaled and widened, and the result narrowed into out, by the Numba kernels (see
+    cpu_attention_numba.prepare_query for why)."""
     if not (k.is_contiguous() and v.is_contiguous()):
         raise ValueError("the CPU kernel reads whole contiguous caches (a strided view would be copied)")
     nb = _numba()
     wanted = torch.get_num_threads()  # the pool size PyTorch was given (OMP_NUM_THREADS, a rank's share)
     threads = nb.set_threads(wanted)
-    b, h, _, d = qf.shape
+    b, h, t, d = q.shape
+    h_kv = k.shape[2] if quant is None else quant.kv_heads
+    grouped = (b, h_kv, (h // h_kv) * t, d)  # query heads that share a KV head folded, as layers.grouped_mask does
     item_bytes = 2 * d * k.element_size() if quant is None else 2 * quant.row_bytes // quant.kv_heads
-    slot_splits, item_splits = splits or nb.splits(threads, end, b * h, item_bytes)
+    slot_splits, item_splits = splits or nb.splits(threads, end, b * h_kv, item_bytes)
     bias_np = bias.float().contiguous().numpy()
-    bounds, ends, widest = _item_ranges_for(bias, bias_np, h, item_splits)
-    work = _workspace(slot_splits, item_splits, end, *qf.shape, per_i=widest)
-    shape = np.array([*qf.shape, bias.shape[2]], np.int64)
-    layout, qk, qsum, order = _NO_LAYOUT, qf.numpy().reshape(-1), _NO_SUMS, _NO_ORDER
+    bounds, ends, widest = _item_ranges_for(bias, bias_np, h_kv, item_splits)
+    *work, qk, qsum, out32 = _workspace(slot_splits, item_splits, end, *grouped, per_i=widest)
+    layout, order, seg = _NO_LAYOUT, _NO_ORDER, 0
     if quant is not None:
         layout, order = kernel_layout(quant), _kernel_order(quant)
         seg = int(layout[1])
-        qk, qsum = np.empty_like(qk), np.empty(qk.shape[0] // seg, np.float32)
-        nb.quant_query(qf.numpy().reshape(-1), d, seg, order, qk, qsum)
+    q_in = q if q.dtype in (torch.float16, torch.bfloat16, torch.float32) else q.float()
+    nb.prepare_query(_as_numpy(q_in.contiguous()).reshape(-1), np.float32(scale), d, seg, order, qk, qsum)
     flat = lambda x: x.reshape(-1)  # noqa: E731  (views: the caller's tensors are contiguous)
-    nb.attend(qk, qsum, flat(_as_numpy(k)), flat(_as_numpy(v)), layout, shape, end,
-              flat(bias_np), bounds, ends, *work)
-    out = torch.empty(qf.shape)
-    nb.merge(*work[:3], out.view(-1).numpy(), d, order)
+    nb.attend(qk, qsum, flat(_as_numpy(k)), flat(_as_numpy(v)), layout, np.array([*grouped, bias.shape[2]], np.int64),
+              end, flat(bias_np), bounds, ends, *work)
+    target = out if out is not None and out.is_contiguous() else torch.empty(q.shape, dtype=q.dtype if out is None else out.dtype)
+    nb.merge(*work[:3], out32, d, order, flat(_as_numpy(target)))
     if torch.get_num_threads() != wanted:
         # Numba's OpenMP pool, started by its first parallel call, sets this thread's OpenMP count to
         # all the machine's cores: PyTorch's CPU work, and every later call here, would then use
         # them all, in every rank of a node (4 ranks x 64 threads on 64 cores).
         torch.set_num_threads(wanted)
-    return out
+    return target if out is None or target is out else out.copy_(target)
 
 
 _ranges_memo: dict = {}  # (id, heads, splits) -> (bias, bounds, ends, widest)

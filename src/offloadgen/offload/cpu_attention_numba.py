@@ -68,6 +68,49 @@ def _to_f32(x):
 
 
 @intrinsic
+def _f32_to_f16_bits(typingctx, x):
+    """The float16 nearest a float32, as its 16-bit pattern (`vcvtps2ph` with F16C)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+def from_f32(x, like):
+    """x (float32) stored as `like`'s dtype: float32 as is, uint16 as float16 bits, int16 as
+    bfloat16 bits (rounded to nearest even, as PyTorch rounds)."""
+
+
+@overload(from_f32, inline="always")
+def _from_f32(x, like):
+    if like == types.uint16:
+        return lambda x, like: _f32_to_f16_bits(x)
+    if like == types.int16:
+        def bf16(x, like):
+            bits = _f32_bits(x)
+            if x != x:  # NaN stays NaN (rounding could carry it into infinity)
+                return np.int16(0x7FC0)
+            rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+            return np.int16(np.uint16(rounded >> np.uint32(16)))
+        return bf16
+    if like == types.float32:
+        return lambda x, like: x
+    return None
+
+
+@intrinsic
 def _i32_as_f32(typingctx, x):
     if x != types.int32:
         return None
@@ -397,10 +440,13 @@ def attend(q, qsum, k, v, layout, shape, end, bias, item_bounds, item_ends, part
 
 
 @njit(parallel=True, fastmath=FAST, cache=True, nogil=True)
-def merge(part_m, part_l, part_acc, out, dim, order):
+def merge(part_m, part_l, part_acc, out32, dim, order, out):
     """Combine the slot ranges' partial results ([slot ranges, pairs] and [..., D], flat) into out
-    [pairs * D] float32, where a pair is one (row, kv head, query). order: empty, or for a 4-bit
-    cache the position in kernel order of each element of a head (the results are in that order)."""
+    [pairs * D], where a pair is one (row, kv head, query), in out's dtype (float32, or float16 /
+    bfloat16 as uint16 / int16 bits: the caller's tensor, often the pinned buffer bound for the
+    GPU, so no PyTorch conversion follows). out32 [pairs * D] float32 is scratch. order: empty, or
+    for a 4-bit cache the position in kernel order of each element of a head (the results are in
+    that order)."""
     pairs = out.shape[0] // dim
     n_chunks = part_m.shape[0] // pairs
     for j in prange(pairs):
@@ -409,44 +455,48 @@ def merge(part_m, part_l, part_acc, out, dim, order):
             top = max(top, part_m[c * pairs + j])
         o = U(j * dim)
         for d in range(U(dim)):
-            out[o + d] = 0
-        if top == -np.inf:  # every key hidden: no attention (the engine never asks for this)
-            continue
-        total = np.float32(0)
-        for c in range(n_chunks):
-            w = _exp(part_m[c * pairs + j] - top)
-            total += w * part_l[c * pairs + j]
-            at = U((c * pairs + j) * dim)
-            if order.shape[0]:
-                for d in range(U(dim)):
-                    out[o + d] += w * part_acc[at + U(order[d])]
-            else:
-                for d in range(U(dim)):
-                    out[o + d] += w * part_acc[at + d]
+            out32[o + d] = 0
+        if top != -np.inf:  # else every key is hidden: no attention (the engine never asks for this)
+            total = np.float32(0)
+            for c in range(n_chunks):
+                w = _exp(part_m[c * pairs + j] - top)
+                total += w * part_l[c * pairs + j]
+                at = U((c * pairs + j) * dim)
+                if order.shape[0]:
+                    for d in range(U(dim)):
+                        out32[o + d] += w * part_acc[at + U(order[d])]
+                else:
+                    for d in range(U(dim)):
+                        out32[o + d] += w * part_acc[at + d]
+            inv = np.float32(1) / total
+            for d in range(U(dim)):
+                out32[o + d] *= inv
         for d in range(U(dim)):
-            out[o + d] /= total
+            out[o + d] = from_f32(out32[o + d], out[0])
 
 
 @njit(parallel=True, fastmath=FAST, cache=True, nogil=True)
-def quant_query(q, dim, seg, order, q_out, sums):
-    """For a quantized cache, q [pairs * D] as the kernel reads it: in kernel order (order: empty,
-    or the position in kernel order of each element of a head) into q_out, and the sums of its
-    pieces of `seg` elements into sums [pairs * D / seg]. Over the threads: on one it took a
-    fifth of a small call's time (a batch of 8 x 56 heads, 57,000 elements)."""
-    pieces = dim // seg
+def prepare_query(q, scale, dim, seg, order, q_out, sums):
+    """q [pairs * D] (float32, or float16 / bfloat16 bits) times scale, as float32, as the kernel
+    reads it, into q_out: for a 4-bit cache in kernel order (order: the position in kernel order of
+    each element of a head; empty: the head's own order), and for a quantized cache (seg > 0) the
+    sums of its pieces of `seg` elements into sums [pairs * D / seg]. Here rather than in PyTorch:
+    a PyTorch operation before each call wakes PyTorch's own OpenMP pool (Numba's runs on another
+    OpenMP runtime), whose threads then spin on the cores the kernel needs (issue 17)."""
     for p in prange(q.shape[0] // dim):
         o = p * dim
-        for j in range(pieces):
-            total = np.float32(0)
-            for i in range(seg):
-                total += q[o + j * seg + i]
-            sums[p * pieces + j] = total
         if order.shape[0]:
             for d in range(dim):
-                q_out[o + order[d]] = q[o + d]
+                q_out[o + order[d]] = to_f32(q[o + d]) * scale
         else:
             for d in range(dim):
-                q_out[o + d] = q[o + d]
+                q_out[o + d] = to_f32(q[o + d]) * scale
+        if seg > 0:
+            for j in range(dim // seg):
+                total = np.float32(0)
+                for i in range(seg):
+                    total += to_f32(q[o + j * seg + i]) * scale
+                sums[p * (dim // seg) + j] = total
 
 
 def set_threads(n: int) -> int:
