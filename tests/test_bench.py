@@ -90,7 +90,7 @@ def test_bench_with_the_kv_cache_in_cpu_memory(tmp_path, monkeypatch):
     # slots a row unseen: the kernel does not read them
     pads = 2 * 12 * 4 * 4 * 768 * 4
     assert kv["per_decode_step"]["cpu_cache_visible_bytes"] == pytest.approx(per_step - pads)
-    assert kv["cpu_attention_impl"] and set(kv["cpu_attention_impl"]) <= {"numba", "sdpa", "torch", "None"}
+    assert kv["cpu_attention_impl"] and all(c.split()[0] in {"numba", "sdpa", "torch", "None"} for c in kv["cpu_attention_impl"])
     assert rec["kv_cache_alloc_s"] > 0 and len(made) == 2 and made[0] is made[1]  # start-up's, then reused
     # the node's memory against docs/distributed.md's model: weights in RAM (none streamed here), the
     # cache, and a rank's fixed share

@@ -74,6 +74,7 @@ def test_a_workload_with_the_kv_cache_in_cpu_memory_records_where_passes_went():
     # 768 x 4 bytes per token of context
     read = r["kv_cpu_cache_read_bytes_per_pass"] * r["passes"]
     assert r["kv_cpu_attention_s_per_pass"] > 0 and read >= 2 * 12 * 768 * 4 * sum(len(it.prompt_ids) for it in items)
+    assert r["cpu_attention_impl"] and all(c.split()[0] in {"numba", "sdpa", "torch", "None"} for c in r["cpu_attention_impl"])
 
 
 @pytest.mark.parametrize("flags, needed", [(["--num-requests", "0"], "--num-requests must be at least 1; got 0"),

@@ -141,6 +141,8 @@ def run_continuous(llm, items: list[WorkItem], slots: int, prefill_chunk: int, i
     if kv is not None:
         record.update({f"kv_{k}_per_pass": (v - kv_before.get(k, 0)) / max(passes, 1) for k, v in kv.stats.items()})
         record.update(kv_gpu_parts=len(kv.gpu_parts), kv_parts=len(kv.parts))  # where the split ended
+        from ..offload import cpu_attention  # which kernel and cut (or SDPA) each shape's trial kept
+        record["cpu_attention_impl"] = sorted({str(c) for c in cpu_attention.choices().values()})
     if ttft:
         record.update(ttft_s_p50=ttft[len(ttft) // 2], latency_s_p50=latency[len(latency) // 2],
                       latency_s_max=latency[-1])
