@@ -97,3 +97,31 @@ def test_cpu_attention_runs_the_cpu_kernel(tiny, monkeypatch):
     assert out.tokens == ref.tokens
     n_parts = len(engine.offloaded_cache.parts)
     assert len(calls) == 3 * 3 * n_parts  # 3 decode steps x 3 layers x micro-batches
+
+
+def test_staged_row_writes_are_put_in_place_oldest_first_past_the_staging_limit(monkeypatch):
+    """On a GPU a prompt chunk's rows are staged in pinned memory and put in place when their layer
+    and part are next read (the next pass). A pass that prefills a whole batch would stage the whole
+    cache at once (67 GB at OPT-30B batch 96, and the host ran out of memory): past STAGING_LIMIT
+    the oldest are put in place at once, in order, and the newest stay staged. (The GPU's copies
+    are stood in for by events that have landed.)"""
+    from offloadgen.offload import kv_cache
+    cache = OffloadedKVCache(3, [slice(0, 2)], 4, 1, 2, torch.float32, CPU, KVOffload())
+    row = torch.ones(4, 1, 1, 2)  # 32 bytes a tensor, 64 a write
+    monkeypatch.setattr(kv_cache, "STAGING_LIMIT", 150)
+    landed = type("Landed", (), {"query": lambda self: True, "synchronize": lambda self: None})()
+    applied = []
+
+    def put_for(layer, value):
+        def put(k_host, v_host):
+            cache.k[layer][0][:, 0:1] = k_host * value
+            applied.append((layer, value))
+        return put
+    for n, layer in enumerate([0, 1, 0, 2]):  # two writes to layer 0 (in order), then layers 1 and 2
+        cache.deferred.setdefault((layer, 0), []).append((landed, row, row, put_for(layer, n + 1), {0}))
+        cache.staged_bytes += 64
+        cache._bound_staging()
+    # 4 writes = 256 bytes > 150: layer 0's two writes (the oldest key) went in, in order; 128 left
+    assert applied == [(0, 1), (0, 3)]
+    assert cache.k[0][0][0, 0, 0, 0] == 3  # the later write is the one that stays
+    assert cache.staged_bytes == 128 and set(cache.deferred) == {(1, 0), (2, 0)}

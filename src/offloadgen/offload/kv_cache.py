@@ -22,6 +22,7 @@ Continuous batching (StepInputs.write_slots) writes each row at its own slot, an
 chunk into one row of a part. Those writes scatter into strided host slots, which no single DMA
 does: from the GPU they land in pinned staging and the CPU puts them in place before anything
 next reads or rewrites that layer and part (_apply_deferred), by when the copy has long landed.
+At most STAGING_LIMIT bytes wait so: past it the oldest go in place at once (_bound_staging).
 """
 from __future__ import annotations
 
@@ -139,6 +140,7 @@ class QuantDeviceKV:
 
 
 SPLIT_HEADROOM = 2  # micro-batches beyond the plan's that the split may move to the GPU
+STAGING_LIMIT = 2 << 30  # pinned bytes of row writes staged at once (OffloadedKVCache._bound_staging)
 
 
 @dataclass
@@ -219,6 +221,7 @@ class OffloadedKVCache:
         self.prefetched: dict[int, tuple] = {}  # part -> (layer, slots, buffer index, event)
         self.staging: dict[tuple[int, str], torch.Tensor] = {}
         self.deferred: dict[tuple[int, int], list] = {}  # (layer, part) -> staged row writes, in order
+        self.staged_bytes = 0  # pinned staging the deferred writes hold (bounded: _bound_staging)
         self.row_stage: dict[tuple[int, int], tuple] = {}  # pinned buffers for rows' past slots, and their last use
         self._row_reads = (-1, 0)  # (layer, reads so far in it): picks a staging buffer
         # Host seconds too: where a decode step's host thread goes (issue 17's step was the host's).
@@ -266,6 +269,7 @@ class OffloadedKVCache:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self.deferred.clear()
+        self.staged_bytes = 0
         self.row_stage.clear()
         unpin_tensors(self._registered)
         self._registered = []
@@ -422,6 +426,21 @@ class OffloadedKVCache:
         event = torch.cuda.Event()
         event.record(stream)
         self.deferred.setdefault((i, j), []).append((event, *staged, put, rows))
+        self.staged_bytes += sum(t.numel() * t.element_size() for t in staged)
+        self._bound_staging()
+
+    def _bound_staging(self) -> None:
+        """Put the oldest staged writes in place while staging holds more than STAGING_LIMIT bytes.
+        Writes otherwise wait until their layer and part are next read, the next pass: a pass that
+        prefills a whole batch (96 prompts of 512 tokens, OPT-30B) staged every row of every layer
+        at once, 67 GB of fresh pinned memory beside a 67 GB cache, and the process was killed on
+        the 125 GiB H100 host. The oldest are a layer or more behind, long landed, so this rarely
+        waits; they touch parts no other thread reads in this pass (cpu_side takes only parts
+        without prompt chunks)."""
+        for key in list(self.deferred):
+            if self.staged_bytes <= STAGING_LIMIT:
+                return
+            self._apply_deferred(*key)
 
     def _apply_deferred(self, i: int, j: int, rows: set | None = None) -> None:
         """Put (i, j)'s staged writes in place, in order: all of them, or those touching `rows` and
@@ -436,6 +455,7 @@ class OffloadedKVCache:
             if rows is None or touched & rows or event.query():
                 event.synchronize()
                 put(k_host, v_host)
+                self.staged_bytes -= k_host.numel() * k_host.element_size() + v_host.numel() * v_host.element_size()
             else:
                 keep.append(entry)
         if keep:
