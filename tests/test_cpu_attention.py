@@ -308,3 +308,27 @@ def test_the_trial_keeps_the_cut_its_first_calls_timed_fastest(monkeypatch):
     assert len(set(ran[:trial_calls])) == len(cuts) > 1
     assert ran[trial_calls:] == [cpu_attention._cut(fast, 20, 6)] * 5
     assert fast in {c for c in cpu_attention.choices().values()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.uint8])
+def test_put_rows_writes_what_indexed_assignment_writes(dtype):
+    """A decode step's new slot of some rows, written by the Numba helper, lands where PyTorch's
+    cache[slots, rows] = new[rows] puts it (fp16/bf16 caches, and a quantized cache's byte rows)."""
+    g = torch.Generator().manual_seed(1)
+    shape = (10, 4, 3, 8) if dtype != torch.uint8 else (10, 4, 40)
+    make = (lambda s: torch.randint(0, 255, s, generator=g).to(dtype)) if dtype == torch.uint8 else \
+        (lambda s: torch.randn(s, generator=g).to(dtype))  # noqa: E731
+    cache, new = make(shape), make(shape[1:])
+    slots, rows = torch.tensor([9, 0, 5]), torch.tensor([3, 0, 1])  # some rows, the spare last slot among them
+    expected = cache.clone()
+    expected[slots, rows] = new[rows]
+    cpu_attention.put_rows(cache, slots, rows, new)
+    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_put_rows_refuses_indices_outside_the_cache():
+    cache, new = torch.zeros(4, 2, 8), torch.ones(2, 8)
+    for slots, rows in (([4], [0]), ([0], [2]), ([-1], [0])):
+        with pytest.raises(ValueError, match="must index the cache"):
+            cpu_attention.put_rows(cache, torch.tensor(slots), torch.tensor(rows), new)
+    assert not cache.any()

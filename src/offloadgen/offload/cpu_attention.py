@@ -47,11 +47,11 @@ clock = time.perf_counter  # what the trials time with (tests give a fake one)
 def _numba():
     """The kernels, imported (and Numba with them) on first use; None where Numba is missing."""
     try:
-        from .cpu_attention_numba import attend, merge, prepare_query, set_threads, splits
+        from .cpu_attention_numba import attend, merge, prepare_query, put_rows, set_threads, splits
     except ImportError:
         return None
-    return SimpleNamespace(attend=attend, merge=merge, prepare_query=prepare_query, set_threads=set_threads,
-                           splits=splits)
+    return SimpleNamespace(attend=attend, merge=merge, prepare_query=prepare_query, put_rows=put_rows,
+                           set_threads=set_threads, splits=splits)
 
 
 def available_impls() -> list[str]:
@@ -154,6 +154,30 @@ def _chosen_run(q, k, v, end, bias, scale, quant, out):
     result = _run(impl, q, k, v, end, bias, scale, quant, out)
     trial.record(impl, (clock() - t0) / max(end, 1))
     return result
+
+
+def put_rows(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> None:
+    """cache[slots[n], rows[n]] = new[rows[n]] for every n: one new slot of some rows of the
+    slot-major cache [slots, rows, ...] from new [rows, ...] (both on the CPU, same dtype). In
+    Numba where it imports, so that no PyTorch parallel region runs just before an attention call
+    (cpu_attention_numba.put_rows says why); else PyTorch's indexed assignment."""
+    if len(slots) == 0:
+        return
+    slots, rows = slots.to(torch.int64), rows.to(torch.int64)
+    if slots.shape != rows.shape or not (0 <= int(slots.min()) and int(slots.max()) < cache.shape[0]
+                                         and 0 <= int(rows.min()) and int(rows.max()) < cache.shape[1]):
+        # the Numba kernel does not check its indices: out of range would write past the cache
+        raise ValueError(f"slots {slots.tolist()} and rows {rows.tolist()} must index the cache's "
+                         f"{cache.shape[0]} slots and {cache.shape[1]} rows, one slot per row")
+    if new.shape[1:] != cache.shape[2:] or new.shape[0] != cache.shape[1] or new.dtype != cache.dtype:
+        raise ValueError(f"new rows {tuple(new.shape)} {new.dtype} do not fit the cache {tuple(cache.shape)} {cache.dtype}")
+    nb = _numba()
+    if nb is None or not (cache.is_contiguous() and new.is_contiguous()):
+        cache[slots, rows] = new[rows]
+        return
+    row_bytes = cache[0, 0].numel() * cache.element_size()
+    nb.put_rows(cache.view(-1).view(torch.uint8).numpy(), row_bytes, cache.shape[1],
+                slots.numpy(), rows.numpy(), new.reshape(-1).view(torch.uint8).numpy())
 
 
 def bias_from_mask(mask: torch.Tensor | None, end: int, batch: int = 1, queries: int = 1) -> torch.Tensor:

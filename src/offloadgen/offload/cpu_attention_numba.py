@@ -499,6 +499,18 @@ def prepare_query(q, scale, dim, seg, order, q_out, sums):
                 sums[p * (dim // seg) + j] = total
 
 
+@njit(cache=True, nogil=True)
+def put_rows(cache, row_bytes, rows_per_slot, slots, rows, new):
+    """cache (the slot-major cache's bytes, flat) at (slots[n], rows[n]) = new's row rows[n] (the
+    new keys or values [rows, row_bytes], flat), for every n. A decode step writes one slot of each
+    row this way before its attention call: in PyTorch that is an indexed assignment, a parallel
+    region of PyTorch's OpenMP pool, which then spins on the cores the kernel's pool needs (see
+    prepare_query). A few rows of kilobytes: one thread."""
+    for n in range(slots.shape[0]):
+        at, src = (slots[n] * rows_per_slot + rows[n]) * row_bytes, rows[n] * row_bytes
+        cache[at:at + row_bytes] = new[src:src + row_bytes]
+
+
 def set_threads(n: int) -> int:
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)

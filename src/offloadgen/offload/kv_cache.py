@@ -36,7 +36,7 @@ import torch
 
 from ..models.layers import DeviceKV, sdpa
 from ..quant.kv import KVQuant, kv_quant
-from .cpu_attention import attend as cpu_attend, bias_from_mask
+from .cpu_attention import attend as cpu_attend, bias_from_mask, put_rows
 from .kv_split import SplitController
 from .pinned import copy_in_chunks, pin_tensors, to_device_zero_copy, unpin_tensors
 
@@ -528,8 +528,8 @@ class OffloadedKVCache:
         hk, hv = self.k[i][j], self.v[i][j]
 
         def put(k_host, v_host):
-            hk[slots[real], real] = k_host[real]
-            hv[slots[real], real] = v_host[real]
+            put_rows(hk, slots[real], real, k_host)
+            put_rows(hv, slots[real], real, v_host)
         self._defer(i, j, k_new, v_new, put, set(real.tolist()))
         if j in self.gpu_parts:  # the guess for the next pass: one slot further
             nxt, upto = (i + 1, end) if i + 1 < self.n_layers else (0, min(end + 1, self.max_len))
@@ -590,8 +590,8 @@ class OffloadedKVCache:
                 hv[start:end] = vt
         if own_slots:
             rows = torch.arange(k.shape[0])
-            hk[write_slots_host(step), rows] = k_new
-            hv[write_slots_host(step), rows] = v_new
+            put_rows(hk, write_slots_host(step), rows, k_new)
+            put_rows(hv, write_slots_host(step), rows, v_new)
         self._count("d2h_cache_bytes", 2 * kt.numel() * kt.element_size())
         # One bias per mask and pass: layers may use different masks (Gemma 3's sliding and global).
         # With it, how many (slot, row) keys some query sees: the kernel reads only those (a
