@@ -308,3 +308,50 @@ def test_the_trial_keeps_the_cut_its_first_calls_timed_fastest(monkeypatch):
     assert len(set(ran[:trial_calls])) == len(cuts) > 1
     assert ran[trial_calls:] == [cpu_attention._cut(fast, 20, 6)] * 5
     assert fast in {c for c in cpu_attention.choices().values()}
+
+
+@pytest.mark.skipif("numba" not in cpu_attention.available_impls(), reason="the kernel's query and output dtypes")
+def test_a_float64_query_and_a_strided_out_are_converted_around_the_kernel():
+    """The kernel reads q and writes out as float16, bfloat16 or float32: a float64 query (which the
+    PyTorch path took) must still be answered, in float64, into a float64 or strided `out` too."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 1, 16, generator=g, dtype=torch.float64)
+    k, v = torch.randn(7, 2, 2, 16, generator=g), torch.randn(7, 2, 2, 16, generator=g)
+    mask = torch.zeros(2, 1, 2, 7)
+    mask[1, ..., :3] = -torch.inf
+    bias, scale = cpu_attention.bias_from_mask(mask, 7), 0.25
+    ref = reference(q, k, v, 7, mask, scale)
+    got = cpu_attention.attend(q, k, v, 7, bias, scale, impl="numba")
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    strided = torch.empty(2, 1, 4, 16, dtype=torch.float64).transpose(1, 2)  # q's shape, not contiguous
+    assert cpu_attention.attend(q, k, v, 7, bias, scale, impl="numba", out=strided) is strided
+    torch.testing.assert_close(strided, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cpu_attention.attend(q, k, v, 7, bias, scale), ref, rtol=1e-5, atol=1e-6)  # the trial's
+
+
+@pytest.mark.skipif("numba" not in cpu_attention.available_impls(), reason="the kernel's buffers")
+def test_two_threads_attending_one_shape_at_once_get_their_own_answers():
+    """The cpu_side worker and the engine's thread (a part that also has a prompt chunk stays on the
+    latter) can attend micro-batches of one shape at the same time: the kernel's kept buffers (its
+    query, partial results and scores) must not be shared between them."""
+    import threading
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(128, 4, 8, 64, generator=g), torch.randn(128, 4, 8, 64, generator=g)
+    queries = [torch.randn(4, 8, 1, 64, generator=g) for _ in range(2)]
+    bias = cpu_attention.bias_from_mask(None, 128, 4)
+    alone = [cpu_attention.attend(q, k, v, 128, bias, impl="numba") for q in queries]
+    buffers = {}
+
+    def attend_many(n):
+        buffers[n] = cpu_attention._workspace(2, 4, 128, 4, 8, 1, 64)
+        return sum(not torch.equal(cpu_attention.attend(queries[n], k, v, 128, bias, impl="numba"), alone[n])
+                   for _ in range(100))
+    wrong = {}
+    threads = [threading.Thread(target=lambda n=n: wrong.__setitem__(n, attend_many(n))) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not {id(a) for a in buffers[0]} & {id(a) for a in buffers[1]}
+    assert wrong == {0: 0, 1: 0}
