@@ -355,3 +355,20 @@ def test_two_threads_attending_one_shape_at_once_get_their_own_answers():
         t.join()
     assert not {id(a) for a in buffers[0]} & {id(a) for a in buffers[1]}
     assert wrong == {0: 0, 1: 0}
+
+
+def test_query_heads_that_are_not_a_multiple_of_the_kv_heads_are_refused():
+    """The kernel folds q [B, H, t, D] into [B, Hkv, H / Hkv * t, D] without a reshape: 3 query heads
+    over 2 KV heads wrote past its query buffer (the process then aborted, "double free or
+    corruption"). PyTorch's path raised a bare reshape error."""
+    q, k = torch.randn(1, 3, 1, 16), torch.randn(5, 1, 2, 16)
+    for impl in ["torch"] + [i for i in cpu_attention.available_impls() if i != "torch"]:  # torch first: no crash
+        with pytest.raises(ValueError, match="query heads must be a multiple of the 2 KV heads, not 3"):
+            cpu_attention.attend(q, k, k, 5, torch.zeros(5, 1, 1, 1), impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["numba2x8", "numba 2x", "numba 2 x8", "numba_fast"])
+def test_a_misspelt_implementation_or_cut_is_refused(impl):
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(5, 1, 2, 8)
+    with pytest.raises(ValueError, match="unknown CPU attention implementation"):
+        cpu_attention.attend(q, k, k, 5, torch.zeros(5, 1, 1, 1), impl=impl)

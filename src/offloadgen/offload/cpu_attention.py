@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import threading
 import time
 from types import SimpleNamespace
@@ -106,7 +107,10 @@ def kernel_cuts(threads: int) -> list[str]:
 def _cut(impl: str, end: int, items: int) -> tuple[int, int] | None:
     if impl == "numba":
         return None
-    s, i = (int(x) for x in impl.split()[1].split("x"))
+    cut = re.fullmatch(r"numba (\d+)x(\d+)", impl)
+    if cut is None:
+        raise ValueError(f"unknown CPU attention implementation {impl!r} (a cut is written \"numba 2x8\")")
+    s, i = int(cut[1]), int(cut[2])
     return max(1, min(s, end)), max(1, min(i, items))
 
 
@@ -178,6 +182,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: to
     writes directly: no new tensor, on each of a step's 1,536 calls at OPT-30B batch 256."""
     b, h, t, d = q.shape
     h_kv = k.shape[2] if quant is None else quant.kv_heads
+    if h % h_kv:  # the kernel folds q into [B, Hkv, R, D] unchecked: a remainder wrote past its buffer
+        raise ValueError(f"query heads must be a multiple of the {h_kv} KV heads, not {h}")
     if not 0 < end <= min(k.shape[0], v.shape[0], bias.shape[0]):  # the kernel would read past the arrays
         raise ValueError(f"end must be 1 to the cache's {min(k.shape[0], v.shape[0])} slots and the bias's "
                          f"{bias.shape[0]}; got {end}")
