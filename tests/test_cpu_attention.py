@@ -372,3 +372,17 @@ def test_a_misspelt_implementation_or_cut_is_refused(impl):
     q, k = torch.randn(1, 2, 1, 8), torch.randn(5, 1, 2, 8)
     with pytest.raises(ValueError, match="unknown CPU attention implementation"):
         cpu_attention.attend(q, k, k, 5, torch.zeros(5, 1, 1, 1), impl=impl)
+
+
+@pytest.mark.parametrize("impl", cpu_attention.available_impls() + ["sdpa"])
+def test_a_cache_or_bias_of_other_rows_or_head_size_than_q_is_refused(impl):
+    """The kernel indexes the cache and the bias by q's rows and head size, unchecked: a larger q read
+    past them (and PyTorch's paths broadcast one cache row over four query rows without a word)."""
+    q, k, bias = torch.randn(4, 2, 1, 16), torch.randn(5, 4, 2, 16), torch.zeros(5, 4, 1, 1)
+    with pytest.raises(ValueError, match=r"k must be \[slots, 4 rows \(q's\), 2, 16\], not \[5, 1, 2, 16\]"):
+        cpu_attention.attend(q, k[:, :1], k, 5, bias, impl=impl)
+    with pytest.raises(ValueError, match=r"v must be \[slots, 4 rows \(q's\), 2, 16\], not \[5, 4, 2, 8\]"):
+        cpu_attention.attend(q, k, k[..., :8].contiguous(), 5, bias, impl=impl)
+    with pytest.raises(ValueError, match="bias must have q's 4 rows, not 1"):
+        cpu_attention.attend(q, k, k, 5, bias[:, :1], impl=impl)
+    assert cpu_attention.attend(q, k, k, 5, bias, impl=impl).shape == q.shape

@@ -184,6 +184,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: to
     h_kv = k.shape[2] if quant is None else quant.kv_heads
     if h % h_kv:  # the kernel folds q into [B, Hkv, R, D] unchecked: a remainder wrote past its buffer
         raise ValueError(f"query heads must be a multiple of the {h_kv} KV heads, not {h}")
+    # The kernel indexes the cache by q's rows and head size: a larger q read past it, where
+    # PyTorch's paths broadcast one cache row over every query row without a word.
+    row = (h_kv, d) if quant is None else (quant.row_bytes,)
+    for name, x in (("k", k), ("v", v)):
+        if tuple(x.shape[1:]) != (b, *row):
+            raise ValueError(f"{name} must be [slots, {b} rows (q's), {', '.join(map(str, row))}], not {list(x.shape)}")
+    if bias.shape[1] != b:
+        raise ValueError(f"bias must have q's {b} rows, not {bias.shape[1]}")
     if not 0 < end <= min(k.shape[0], v.shape[0], bias.shape[0]):  # the kernel would read past the arrays
         raise ValueError(f"end must be 1 to the cache's {min(k.shape[0], v.shape[0])} slots and the bias's "
                          f"{bias.shape[0]}; got {end}")
