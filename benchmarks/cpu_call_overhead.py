@@ -4,8 +4,8 @@ The H100 host's kernel probe fits "a fixed cost per call plus the cache at the c
 OPT-30B's shape read 25.7 / 42.3 / 59.3 GB/s at 4 / 8 / 16 rows a call, and a Llama-2-70B-shaped
 call of 17.8 MB took 1.7 ms. This script takes one call apart, on the machine it runs on:
   - "launch": an empty Numba parallel loop over the threads (the thread pool's wake-up and join);
-  - "call, context 1": cpu_attention.attend over one slot (every fixed cost: PyTorch's q and
-    output conversions, the bias's ranges, the launch, the merge);
+  - "call, context 1": cpu_attention.attend over one slot (every fixed cost: the argument checks,
+    the bias's ranges, the query's preparation, the launch, the merge into the output's dtype);
   - "kernel only": cpu_attention_numba.attend with its arguments made once (no PyTorch at all);
   - the same at context 544 over layers cycled from RAM (about --gb GB), in GB/s of cache read,
     and the kernel alone with the work cut several ways (slot ranges x item ranges);

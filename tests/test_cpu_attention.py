@@ -332,3 +332,81 @@ def test_put_rows_refuses_indices_outside_the_cache():
         with pytest.raises(ValueError, match="must index the cache"):
             cpu_attention.put_rows(cache, torch.tensor(slots), torch.tensor(rows), new)
     assert not cache.any()
+
+
+@pytest.mark.skipif("numba" not in cpu_attention.available_impls(), reason="the kernel's query and output dtypes")
+def test_a_float64_query_and_a_strided_out_are_converted_around_the_kernel():
+    """The kernel reads q and writes out as float16, bfloat16 or float32: a float64 query (which the
+    PyTorch path took) must still be answered, in float64, into a float64 or strided `out` too."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 1, 16, generator=g, dtype=torch.float64)
+    k, v = torch.randn(7, 2, 2, 16, generator=g), torch.randn(7, 2, 2, 16, generator=g)
+    mask = torch.zeros(2, 1, 2, 7)
+    mask[1, ..., :3] = -torch.inf
+    bias, scale = cpu_attention.bias_from_mask(mask, 7), 0.25
+    ref = reference(q, k, v, 7, mask, scale)
+    got = cpu_attention.attend(q, k, v, 7, bias, scale, impl="numba")
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    strided = torch.empty(2, 1, 4, 16, dtype=torch.float64).transpose(1, 2)  # q's shape, not contiguous
+    assert cpu_attention.attend(q, k, v, 7, bias, scale, impl="numba", out=strided) is strided
+    torch.testing.assert_close(strided, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cpu_attention.attend(q, k, v, 7, bias, scale), ref, rtol=1e-5, atol=1e-6)  # the trial's
+
+
+@pytest.mark.skipif("numba" not in cpu_attention.available_impls(), reason="the kernel's buffers")
+def test_two_threads_attending_one_shape_at_once_get_their_own_answers():
+    """The cpu_side worker and the engine's thread (a part that also has a prompt chunk stays on the
+    latter) can attend micro-batches of one shape at the same time: the kernel's kept buffers (its
+    query, partial results and scores) must not be shared between them."""
+    import threading
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(128, 4, 8, 64, generator=g), torch.randn(128, 4, 8, 64, generator=g)
+    queries = [torch.randn(4, 8, 1, 64, generator=g) for _ in range(2)]
+    bias = cpu_attention.bias_from_mask(None, 128, 4)
+    alone = [cpu_attention.attend(q, k, v, 128, bias, impl="numba") for q in queries]
+    buffers = {}
+
+    def attend_many(n):
+        buffers[n] = cpu_attention._workspace(2, 4, 128, 4, 8, 1, 64)
+        return sum(not torch.equal(cpu_attention.attend(queries[n], k, v, 128, bias, impl="numba"), alone[n])
+                   for _ in range(100))
+    wrong = {}
+    threads = [threading.Thread(target=lambda n=n: wrong.__setitem__(n, attend_many(n))) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not {id(a) for a in buffers[0]} & {id(a) for a in buffers[1]}
+    assert wrong == {0: 0, 1: 0}
+
+
+def test_query_heads_that_are_not_a_multiple_of_the_kv_heads_are_refused():
+    """The kernel folds q [B, H, t, D] into [B, Hkv, H / Hkv * t, D] without a reshape: 3 query heads
+    over 2 KV heads wrote past its query buffer (the process then aborted, "double free or
+    corruption"). PyTorch's path raised a bare reshape error."""
+    q, k = torch.randn(1, 3, 1, 16), torch.randn(5, 1, 2, 16)
+    for impl in ["torch"] + [i for i in cpu_attention.available_impls() if i != "torch"]:  # torch first: no crash
+        with pytest.raises(ValueError, match="query heads must be a multiple of the 2 KV heads, not 3"):
+            cpu_attention.attend(q, k, k, 5, torch.zeros(5, 1, 1, 1), impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["numba2x8", "numba 2x", "numba 2 x8", "numba_fast"])
+def test_a_misspelt_implementation_or_cut_is_refused(impl):
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(5, 1, 2, 8)
+    with pytest.raises(ValueError, match="unknown CPU attention implementation"):
+        cpu_attention.attend(q, k, k, 5, torch.zeros(5, 1, 1, 1), impl=impl)
+
+
+@pytest.mark.parametrize("impl", cpu_attention.available_impls() + ["sdpa"])
+def test_a_cache_or_bias_of_other_rows_or_head_size_than_q_is_refused(impl):
+    """The kernel indexes the cache and the bias by q's rows and head size, unchecked: a larger q read
+    past them (and PyTorch's paths broadcast one cache row over four query rows without a word)."""
+    q, k, bias = torch.randn(4, 2, 1, 16), torch.randn(5, 4, 2, 16), torch.zeros(5, 4, 1, 1)
+    with pytest.raises(ValueError, match=r"k must be \[slots, 4 rows \(q's\), 2, 16\], not \[5, 1, 2, 16\]"):
+        cpu_attention.attend(q, k[:, :1], k, 5, bias, impl=impl)
+    with pytest.raises(ValueError, match=r"v must be \[slots, 4 rows \(q's\), 2, 16\], not \[5, 4, 2, 8\]"):
+        cpu_attention.attend(q, k, k[..., :8].contiguous(), 5, bias, impl=impl)
+    with pytest.raises(ValueError, match="bias must have q's 4 rows, not 1"):
+        cpu_attention.attend(q, k, k, 5, bias[:, :1], impl=impl)
+    assert cpu_attention.attend(q, k, k, 5, bias, impl=impl).shape == q.shape

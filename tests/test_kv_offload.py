@@ -125,3 +125,38 @@ def test_staged_row_writes_are_put_in_place_oldest_first_past_the_staging_limit(
     assert applied == [(0, 1), (0, 3)]
     assert cache.k[0][0][0, 0, 0, 0] == 3  # the later write is the one that stays
     assert cache.staged_bytes == 128 and set(cache.deferred) == {(1, 0), (2, 0)}
+
+
+def test_the_cpu_side_thread_waits_for_a_staged_write_another_thread_is_putting_in_place(monkeypatch):
+    """_bound_staging (on the engine's thread, staging a prompt chunk) may put in place the last
+    pass's writes to a part that the cpu_side worker attends in this one. The worker's
+    _landed_for_host must then wait until they are all in place, not find none left and read the
+    slots half written."""
+    import threading
+    from offloadgen.offload import kv_cache
+    cache = OffloadedKVCache(2, [slice(0, 1)], 4, 1, 2, torch.float32, CPU, KVOffload())
+    cache.k[0][0].zero_()
+    monkeypatch.setattr(kv_cache, "STAGING_LIMIT", 0)
+    landed = type("Landed", (), {"query": lambda self: True, "synchronize": lambda self: None})()
+    putting, finish = threading.Event(), threading.Event()
+
+    def put(k_host, v_host):  # a slow put, held half done until the test lets it go on
+        cache.k[0][0][:2] = k_host[:2]
+        putting.set()
+        finish.wait(10)
+        cache.k[0][0][2:] = k_host[2:]
+    row = torch.ones(4, 1, 1, 2)
+    cache.deferred[(0, 0)] = [(landed, row, row, put, {0})]
+    cache.staged_bytes = 64
+    bounding = threading.Thread(target=cache._bound_staging)
+    bounding.start()
+    assert putting.wait(10)
+    seen = []
+    reading = threading.Thread(target=lambda: (cache._landed_for_host(0, 0), seen.append(cache.k[0][0].clone())))
+    reading.start()
+    reading.join(0.5)  # what the worker would read, if it did not wait
+    finish.set()
+    bounding.join()
+    reading.join()
+    assert torch.equal(seen[0], torch.ones(4, 1, 1, 2))  # the whole write, not its first half
+    assert cache.staged_bytes == 0 and not cache.deferred

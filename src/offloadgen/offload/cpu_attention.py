@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+import threading
 import time
 from types import SimpleNamespace
 
@@ -40,6 +42,7 @@ _workspaces: dict[tuple, list] = {}
 _NO_LAYOUT = np.zeros(4, np.int64)  # the kernel's quantization layout argument, unused for dense caches
 _NO_SUMS = np.zeros(0, np.float32)  # nor are the sums of q's pieces of a group
 _NO_ORDER = np.zeros(0, np.int64)  # q and the output in the head's own order
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the kernel reads q as and writes out as
 clock = time.perf_counter  # what the trials time with (tests give a fake one)
 
 
@@ -104,7 +107,10 @@ def kernel_cuts(threads: int) -> list[str]:
 def _cut(impl: str, end: int, items: int) -> tuple[int, int] | None:
     if impl == "numba":
         return None
-    s, i = (int(x) for x in impl.split()[1].split("x"))
+    cut = re.fullmatch(r"numba (\d+)x(\d+)", impl)
+    if cut is None:
+        raise ValueError(f"unknown CPU attention implementation {impl!r} (a cut is written \"numba 2x8\")")
+    s, i = int(cut[1]), int(cut[2])
     return max(1, min(s, end)), max(1, min(i, items))
 
 
@@ -200,6 +206,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, bias: to
     writes directly: no new tensor, on each of a step's 1,536 calls at OPT-30B batch 256."""
     b, h, t, d = q.shape
     h_kv = k.shape[2] if quant is None else quant.kv_heads
+    if h % h_kv:  # the kernel folds q into [B, Hkv, R, D] unchecked: a remainder wrote past its buffer
+        raise ValueError(f"query heads must be a multiple of the {h_kv} KV heads, not {h}")
+    # The kernel indexes the cache by q's rows and head size: a larger q read past it, where
+    # PyTorch's paths broadcast one cache row over every query row without a word.
+    row = (h_kv, d) if quant is None else (quant.row_bytes,)
+    for name, x in (("k", k), ("v", v)):
+        if tuple(x.shape[1:]) != (b, *row):
+            raise ValueError(f"{name} must be [slots, {b} rows (q's), {', '.join(map(str, row))}], not {list(x.shape)}")
+    if bias.shape[1] != b:
+        raise ValueError(f"bias must have q's {b} rows, not {bias.shape[1]}")
     if not 0 < end <= min(k.shape[0], v.shape[0], bias.shape[0]):  # the kernel would read past the arrays
         raise ValueError(f"end must be 1 to the cache's {min(k.shape[0], v.shape[0])} slots and the bias's "
                          f"{bias.shape[0]}; got {end}")
@@ -249,7 +265,10 @@ def _workspace(slot_splits: int, item_splits: int, end: int, b: int, h: int, r: 
     most items a range holds (default: an even split)."""
     units, per_s = slot_splits * item_splits, -(-end // slot_splits)
     per_i = per_i or -(-(b * h) // item_splits)
-    key = (slot_splits, item_splits, per_s, per_i, b, h, r, d)
+    # Per thread: the cpu_side worker and the engine's own thread may attend micro-batches of one
+    # shape at once (a part with a prompt chunk stays on the engine's thread), and shared buffers
+    # mixed their results.
+    key = (threading.get_ident(), slot_splits, item_splits, per_s, per_i, b, h, r, d)
     if key not in _workspaces:
         if len(_workspaces) > 16:
             _workspaces.clear()
@@ -284,19 +303,25 @@ def _attend_numba(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end: int, b
     if quant is not None:
         layout, order = kernel_layout(quant), _kernel_order(quant)
         seg = int(layout[1])
-    q_in = q if q.dtype in (torch.float16, torch.bfloat16, torch.float32) else q.float()
+    q_in = q if q.dtype in _KERNEL_DTYPES else q.float()
     nb.prepare_query(_as_numpy(q_in.contiguous()).reshape(-1), np.float32(scale), d, seg, order, qk, qsum)
     flat = lambda x: x.reshape(-1)  # noqa: E731  (views: the caller's tensors are contiguous)
     nb.attend(qk, qsum, flat(_as_numpy(k)), flat(_as_numpy(v)), layout, np.array([*grouped, bias.shape[2]], np.int64),
               end, flat(bias_np), bounds, ends, *work)
-    target = out if out is not None and out.is_contiguous() else torch.empty(q.shape, dtype=q.dtype if out is None else out.dtype)
+    # The kernel writes float16, bfloat16 or float32, and only contiguously: anything else (a
+    # float64 query, a strided out) gets a float32 or contiguous result, converted after.
+    wanted_dtype = q.dtype if out is None else out.dtype
+    direct = out is not None and out.is_contiguous() and out.dtype in _KERNEL_DTYPES
+    target = out if direct else torch.empty(q.shape, dtype=wanted_dtype if wanted_dtype in _KERNEL_DTYPES else torch.float32)
     nb.merge(*work[:3], out32, d, order, flat(_as_numpy(target)))
     if torch.get_num_threads() != wanted:
         # Numba's OpenMP pool, started by its first parallel call, sets this thread's OpenMP count to
         # all the machine's cores: PyTorch's CPU work, and every later call here, would then use
         # them all, in every rank of a node (4 ranks x 64 threads on 64 cores).
         torch.set_num_threads(wanted)
-    return target if out is None or target is out else out.copy_(target)
+    if out is None:
+        return target.to(wanted_dtype)  # the same tensor unless q was float64
+    return target if target is out else out.copy_(target)
 
 
 _ranges_memo: dict = {}  # (id, heads, splits) -> (bias, bounds, ends, widest)

@@ -222,6 +222,10 @@ class OffloadedKVCache:
         self.staging: dict[tuple[int, str], torch.Tensor] = {}
         self.deferred: dict[tuple[int, int], list] = {}  # (layer, part) -> staged row writes, in order
         self.staged_bytes = 0  # pinned staging the deferred writes hold (bounded: _bound_staging)
+        # Held while staged writes are added or put in place: the cpu_side worker puts its parts'
+        # in place (_landed_for_host) while this thread stages others' and bounds them, which can
+        # put the worker's part's in place: it must not read those slots half written.
+        self._staging_lock = threading.Lock()
         self.row_stage: dict[tuple[int, int], tuple] = {}  # pinned buffers for rows' past slots, and their last use
         self._row_reads = (-1, 0)  # (layer, reads so far in it): picks a staging buffer
         # Host seconds too: where a decode step's host thread goes (issue 17's step was the host's).
@@ -268,8 +272,9 @@ class OffloadedKVCache:
     def close(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        self.deferred.clear()
-        self.staged_bytes = 0
+        with self._staging_lock:
+            self.deferred.clear()
+            self.staged_bytes = 0
         self.row_stage.clear()
         unpin_tensors(self._registered)
         self._registered = []
@@ -425,8 +430,9 @@ class OffloadedKVCache:
                 t.record_stream(stream)  # freed only once the side stream has read them
         event = torch.cuda.Event()
         event.record(stream)
-        self.deferred.setdefault((i, j), []).append((event, *staged, put, rows))
-        self.staged_bytes += sum(t.numel() * t.element_size() for t in staged)
+        with self._staging_lock:
+            self.deferred.setdefault((i, j), []).append((event, *staged, put, rows))
+            self.staged_bytes += sum(t.numel() * t.element_size() for t in staged)
         self._bound_staging()
 
     def _bound_staging(self) -> None:
@@ -435,8 +441,8 @@ class OffloadedKVCache:
         prefills a whole batch (96 prompts of 512 tokens, OPT-30B) staged every row of every layer
         at once, 67 GB of fresh pinned memory beside a 67 GB cache, and the process was killed on
         the 125 GiB H100 host. The oldest are a layer or more behind, long landed, so this rarely
-        waits; they touch parts no other thread reads in this pass (cpu_side takes only parts
-        without prompt chunks)."""
+        waits. They may be the last pass's writes to a part the cpu_side worker reads in this one:
+        the worker's _landed_for_host waits for them on _staging_lock."""
         for key in list(self.deferred):
             if self.staged_bytes <= STAGING_LIMIT:
                 return
@@ -446,20 +452,21 @@ class OffloadedKVCache:
         """Put (i, j)'s staged writes in place, in order: all of them, or those touching `rows` and
         those already landed. One pass's writes touch disjoint rows and older ones have landed, so
         what is left behind never overlaps what goes in before it."""
-        entries = self.deferred.pop((i, j), None)
-        if not entries:
-            return
-        keep = []
-        for entry in entries:
-            event, k_host, v_host, put, touched = entry
-            if rows is None or touched & rows or event.query():
-                event.synchronize()
-                put(k_host, v_host)
-                self.staged_bytes -= k_host.numel() * k_host.element_size() + v_host.numel() * v_host.element_size()
-            else:
-                keep.append(entry)
-        if keep:
-            self.deferred[(i, j)] = keep
+        with self._staging_lock:
+            entries = self.deferred.pop((i, j), None)
+            if not entries:
+                return
+            keep = []
+            for entry in entries:
+                event, k_host, v_host, put, touched = entry
+                if rows is None or touched & rows or event.query():
+                    event.synchronize()
+                    put(k_host, v_host)
+                    self.staged_bytes -= k_host.numel() * k_host.element_size() + v_host.numel() * v_host.element_size()
+                else:
+                    keep.append(entry)
+            if keep:
+                self.deferred[(i, j)] = keep
 
     def _rows_past_on_device(self, i: int, j: int, local: slice, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots [:upto] of rows `local` of part j as device tensors [rows, heads, upto, dim].
