@@ -16,7 +16,7 @@ out=$(realpath -m "${OUT:-out}"); mkdir -p "$out"
 # The console goes to $OUT as it comes: a call cut at its time limit still brings it back.
 exec > >(tee -a "$out/console.log") 2>&1
 step_limit=${STEP_TIMEOUT:-500}  # seconds per step; keep the steps of one call under its limit
-# (H100 host, measured: kv96 about 2 min, wq4kvq4 about 2.5, kv96real about 3.5; kvq4real took
+# (H100 host, measured: kv96 about 2 min, wq4kvq4 about 2.5, kv96real about 2.7; kvq4real took
 # more than 210 s, so give it about 400)
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 bench="python3 -m offloadgen.cli bench --model facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --prompt-len 512 --gen-len 32 --loops ${LOOPS:-1} --verbose 1 --json-file $out/offloadgen.jsonl"
