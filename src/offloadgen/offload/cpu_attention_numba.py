@@ -491,11 +491,11 @@ def prepare_query(q, scale, dim, seg, order, q_out, sums):
         else:
             for d in range(dim):
                 q_out[o + d] = to_f32(q[o + d]) * scale
-        if seg > 0:
+        if seg > 0:  # kernel order permutes within a piece, so q_out's pieces have q's sums
             for j in range(dim // seg):
                 total = np.float32(0)
                 for i in range(seg):
-                    total += to_f32(q[o + j * seg + i]) * scale
+                    total += q_out[o + j * seg + i]
                 sums[p * (dim // seg) + j] = total
 
 
