@@ -8,7 +8,7 @@ attention bandwidth and the bus's. Probes mislead (issue 17: 33.7 and 11.9 GB/s 
 the same machine kind), and the balance drifts as the context grows, so the split is corrected
 from each step's observed times:
 
-- cpu_s: seconds of CPU attention in the step; per CPU micro-batch, c = cpu_s / CPU parts;
+- cpu_s: seconds the CPU side worked in the step (below); per CPU micro-batch, c = cpu_s / CPU parts;
 - wait_s: seconds the CPU waited for the GPU side (for q, k, v to arrive) before attending;
 - issue_s: host seconds spent issuing the GPU-attended micro-batches (their attention and cache
   copies); per GPU micro-batch, i = issue_s / GPU parts. Cheap with a pinned cache (a few ms);
@@ -38,19 +38,21 @@ G is step_s when the CPU waited (the GPU side finished last); when it did not, t
 at this count, bus[0] + gpu * g, which is the least the GPU side can take (its compute comes on
 top): an estimate that may move too many, which the next step's wait undoes. The move is the k
 (at least one, in the direction above) with the shortest modelled step; towards the GPU, none
-while the model says no count would shorten it by more than the dead band (margin * c). So a split that starts far off reaches the
-balance in one or two steps, not one micro-batch a step (bench decodes ~31 steps; issue 17's
+while the model says no count would shorten it by more than the dead band (margin * c). So a
+split that starts far off reaches the balance in one or two steps, not one micro-batch a step (bench decodes ~31 steps; issue 17's
 4-bit run at batch 256 went 18 -> 0 of 32 over its whole run). Without `bus` (g unknown: 0), a
 move is one micro-batch, as the rules above alone say.
 
-c is the CPU side's whole time per CPU micro-batch less its waits (kv_cache passes it): staging q,
-k and v and copying the output out are the CPU side's too (0.025 of 0.175 s a part in issue 17's
+cpu_s is the CPU side's whole time less its waits (kv_cache passes it, not the attention alone):
+staging q, k and v and copying the output out are the CPU side's too (0.025 of 0.175 s a part in issue 17's
 4-bit run at batch 256; 0.8 of 2.24 s a step earlier, at parts of 8).
 
 Where the CPU side runs matters to the balance, and the controller sees it only through the
 times: on the host thread that also issues the GPU's work (the default), a step is bound by that
 thread's total as much as by the bus, and a part moved to the CPU lengthens it by c and shortens
-it by i. With `--kv-overlap` (offload/cpu_side.py) the CPU side has a thread of its own.
+it by i. With `--kv-overlap` (offload/cpu_side.py) the CPU side has a thread of its own; there
+the time that thread sits idle while the other one issues (the two meet at every layer) counts in
+C, not as a wait, so a step bound by issuing would read as CPU-bound.
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ class SplitController:
     hold: int = 8  # steps a count that proved too many for the bus is not tried again
     bus: tuple | None = None  # (weights' bus seconds a step, one GPU part's cache's): sizes moves
     history: list = field(default_factory=list)  # GPU micro-batches at each observed step
-    _per_part_s: float | None = None  # last seen CPU attention seconds per micro-batch
+    _per_part_s: float | None = None  # last seen CPU side seconds per micro-batch (c)
     _issue_per_part_s: float | None = None  # last seen host seconds issuing one GPU micro-batch
     _dear_steps: int = 0  # GPU-attending steps in a row where issuing a part cost the host >= attending it
     _pending: tuple = (0, 0)  # (direction, steps in a row)
