@@ -3,7 +3,7 @@
 # (16 GiB, prompt 512, gen 32, weights in CPU RAM) at large batches with the KV cache in CPU RAM:
 # fp16 cache at batch 96, a 4-bit cache at the larger batch it allows, 4-bit weights with it.
 # Records and console go to $OUT (or ./out); the report comes last.
-#   bash benchmarks/large_batch.sh [check] [kernel] [kv96] [kv96q8] [kvq4] [wq4kvq4] [kvq4triton] [wq4kvq4triton]
+#   bash benchmarks/large_batch.sh [check] [kernel] [kv96] [kv96q8] [kvq4] [wq4kvq4] [wq4kvq4overlap] [kvq4triton] [wq4kvq4triton]
 #                                  [kv96real] [kvq4real] ...
 # BIG (default 256) is the batch of the 4-bit cache runs, MB the micro-batch size (default 8 for the fp16
 # cache at 96, 32 for the 4-bit cache runs: at batch 256, 32 rows a part ran 178.6 tok/s where parts of 8
@@ -41,6 +41,12 @@ for what in "$@"; do
     kvq4real) (cd "$out" && timeout $step_limit $real $kvq --batch-size "$big" --num-requests "$big" \
                  --prefill-chunk $((big * 512)) --kv-quant-bits 4) ;;
     wq4kvq4) (cd "$out" && timeout $step_limit $bench $kvq --batch-size "$big" --kv-quant-bits 4 --quant-bits 4) ;;
+    # the same with the CPU-attended parts in a thread of their own (--kv-overlap, offload/cpu_side.py):
+    # on the one host thread (the default) session 10's step was that thread's (0.99 s busy of 1.076 s),
+    # so 5 of 8 GPU parts was its balance; with the CPU side off it, the bus and the CPU cores should
+    # balance at 3-4 GPU parts (kv_split's model: ~0.74 s), which the split should reach in a step or two
+    wq4kvq4overlap) (cd "$out" && timeout $step_limit $bench $kvq --batch-size "$big" --kv-quant-bits 4 --quant-bits 4 \
+                       --kv-overlap) ;;
     # the same with the GPU-attended parts read by the Triton decode attention (off by default)
     kvq4triton) (cd "$out" && OFFLOADGEN_KV_TRITON_ATTENTION=1 timeout $step_limit $bench $kvq --batch-size "$big" --kv-quant-bits 4) ;;
     wq4kvq4triton) (cd "$out" && OFFLOADGEN_KV_TRITON_ATTENTION=1 timeout $step_limit $bench $kvq --batch-size "$big" \

@@ -157,6 +157,9 @@ class KVOffload:
     quant_bits: int | None = None  # 4 or 8: keys and values stored quantized (quant/kv.py); None: dtype
     quant_group_size: int = 64
     overlap: bool = False  # CPU-attended micro-batches in a thread and stream of their own (offload/cpu_side.py)
+    # (seconds the streamed weights keep the bus a decode step, seconds one GPU-attended micro-batch's
+    # cache adds), from the plan: how many micro-batches the split moves at once (kv_split)
+    split_bus_s: tuple | None = None
 
     def __post_init__(self):
         if self.attention not in ("auto", "cpu", "gpu"):
@@ -238,7 +241,8 @@ class OffloadedKVCache:
                           h2d_cache_bytes=0, d2h_cache_bytes=0, cpu_side_host_s=0.0, gpu_attention_host_s=0.0)
         self._stats_lock = threading.Lock()  # CPU-attended micro-batches count from their own thread (cpu_side)
         adaptive = self.cuda and opts.attention == "auto" and opts.adaptive
-        self.split = SplitController(len(parts), n_gpu, opts.most_gpu_parts(len(parts))) if adaptive else None
+        self.split = SplitController(len(parts), n_gpu, opts.most_gpu_parts(len(parts)),
+                                     bus=opts.split_bus_s) if adaptive else None
         self._mark = None  # (time, stats) at the start of the last decode pass
 
     @property
@@ -293,16 +297,18 @@ class OffloadedKVCache:
         if self.split is None:
             return
         now = time.perf_counter()
+        names = ("cpu_attention_s", "wait_for_gpu_s", "gpu_attention_host_s", "cpu_side_host_s")
         if step.start > 0 and self._mark is not None:
-            t0, cpu_s, wait_s, issue_s = self._mark
-            n = self.split.observe(self.stats["cpu_attention_s"] - cpu_s, self.stats["wait_for_gpu_s"] - wait_s, now - t0,
-                                   self.stats["gpu_attention_host_s"] - issue_s)
+            t0, *marks = self._mark
+            attention, wait, issue, side = (self.stats[name] - mark for name, mark in zip(names, marks))
+            # the CPU side's cost is all its time but the waits: staging q, k and v and copying the
+            # output out are on it too, not only the attention (kv_split's c)
+            n = self.split.observe(max(attention, side - wait), wait, now - t0, issue)
             new = set(range(len(self.parts) - n, len(self.parts)))
             for j in self.gpu_parts - new:
                 self.prefetched.pop(j, None)  # fetched ahead for a part that now attends on the CPU
             self.gpu_parts = new
-        self._mark = (now, self.stats["cpu_attention_s"], self.stats["wait_for_gpu_s"],
-                      self.stats["gpu_attention_host_s"]) if step.start > 0 and not prefills else None
+        self._mark = (now, *(self.stats[name] for name in names)) if step.start > 0 and not prefills else None
 
     # -- pieces -------------------------------------------------------------------------------------
     def _pinned_like(self, part: int, name: str, t: torch.Tensor) -> torch.Tensor:

@@ -336,6 +336,9 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
                                fetch_ranks=fetch_ranks) if scratch else first
     placement.bytes["kv_host"] = kv_cache_bytes(cfg, batch, prompt_len + gen_len, elem_bytes, *kv_bits)
     if h2d_bytes_s:
+        # what the split needs to move several micro-batches at once (kv_split)
+        opts = dataclasses.replace(opts, split_bus_s=(placement.bus_bytes_per_step / h2d_bytes_s,
+                                                      cache_step / n_parts / h2d_bytes_s))
         x = n_gpu / n_parts
         bus = (placement.bus_bytes_per_step + x * cache_step) / h2d_bytes_s
         cpu = (1 - x) * cache_step / cpu_attention_bytes_s if cpu_attention_bytes_s else 0.0
