@@ -214,3 +214,43 @@ def test_a_batch_of_one_that_does_not_fit_is_not_told_to_shrink_the_batch():
     assert "--batch-size" not in str(e.value)
     with pytest.raises(OffloadgenError, match=r"smaller --batch-size \(e.g. 8\)"):
         plan_placement(cfg, 2, GiB // 8, 16, 1024, 1024)
+
+
+class _LayerShapes:
+    """A model family that records the hidden states' shapes its layers are called on."""
+
+    def __init__(self, family):
+        self.family, self.shapes = family, []
+
+    def __getattr__(self, name):
+        return getattr(self.family, name)
+
+    def layer(self, cfg, w, x, step, kv):
+        self.shapes.append(tuple(x.shape[:2]))
+        return self.family.layer(cfg, w, x, step, kv)
+
+
+def test_a_prefill_in_parts_of_rows_gives_the_tokens_of_one_whole_prefill(tiny):
+    """The plan may size the prefill's temporaries for parts of a few rows (Placement.prefill_tokens):
+    the prompt pass then runs its rows in parts, and decode steps still take the whole batch at once."""
+    _, path = tiny("opt")
+    ckpt = SafetensorsFolder(path)
+    ids, mask = ragged_batch(seed=3)  # 3 rows of 14 tokens
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    ref = Engine(ckpt.cfg, ResidentWeights(ckpt, CPU, torch.float32, progress=False), CPU, torch.float32)
+    ref.family = _LayerShapes(ref.family)
+    whole = ref.generate(ids, mask, params, set(), 0)
+    parts = Engine(ckpt.cfg, ResidentWeights(ckpt, CPU, torch.float32, progress=False), CPU, torch.float32,
+                   prefill_tokens=14)  # one 14-token prompt per part
+    parts.family = _LayerShapes(parts.family)
+    out = parts.generate(ids, mask, params, set(), 0)
+    assert out.tokens == whole.tokens
+    torch.testing.assert_close(out.last_logits, whole.last_logits, rtol=1e-5, atol=1e-5)
+    n = ckpt.cfg.n_layers
+    assert ref.family.shapes[:n] == [(3, 14)] * n  # without: one prefill of all rows
+    assert parts.family.shapes[:3 * n] == [(1, 14)] * 3 * n  # with: 3 parts of 1 row in every layer
+    assert set(parts.family.shapes[3 * n:]) == {(3, 1)}  # decode steps whole
+    assert parts.micro_batches(8, 512) == [slice(0, 1), slice(1, 2)] + [slice(i, i + 1) for i in range(2, 8)]
+    parts.prefill_tokens = 1024
+    assert parts.micro_batches(8, 512) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
+    assert parts.micro_batches(8) == [slice(0, 8)]  # a decode step

@@ -211,17 +211,18 @@ def test_plan_of_four_ranks_says_which_link_figures_it_assumed_and_uses_saved_on
     out = capsys.readouterr().out
     assert "host links assumed 4 x 54.8 GB/s" in out and "NVLink unmeasured: all-gather assumed 179 GB/s" in out
     [row] = rows_of(out)
-    # pooled, GB each link: 20 layers, not 22 (two landing buffers of a quarter layer each)
-    assert row[5:8] == ["0.250", "NVLink", "128.02"] and row[8:11] == ["20", "8.63", "44.40"]
+    # pooled, GB each link: 22 layers (20 with landing buffers and the prefill's rows at once, 24
+    # without either); the prefill in parts of 2 rows (test_a_prefill_in_parts_pools_two_more...)
+    assert row[5:8] == ["0.250", "NVLink", "128.02"] and row[8:11] == ["22", "8.02", "44.40"]
     assert main([*POOL, "--num-gpus-per-node", "1"]) == 0  # one rank: one GPU's plan
     one = capsys.readouterr().out
-    assert "NVLink" not in one and rows_of(one)[0][2] == "43"
+    assert "NVLink" not in one and rows_of(one)[0][2] == "42"
     save_link_figures(4, 100e9, 400e9, "H100 x 4, test")
     assert main(POOL) == 0
     out = capsys.readouterr().out
     assert "host links 100.0 GB/s together (measured by bench: H100 x 4, test)" in out
     [row] = rows_of(out)
-    assert row[6] == "bus" and float(row[11]) == pytest.approx(8.63e9 / 25e9, abs=1e-3)  # PCIe s at 100/4 GB/s each
+    assert row[6] == "bus" and float(row[11]) == pytest.approx(8.02e9 / 25e9, abs=1e-3)  # PCIe s at 100/4 GB/s each
     assert main([*POOL, "--allgather-bandwidth", "90GB"]) == 0
     out = capsys.readouterr().out
     assert "all-gather 90.0 GB/s received per GPU (given with --allgather-bandwidth)" in out
@@ -249,3 +250,31 @@ def test_a_links_file_with_a_figure_that_is_no_rate_is_not_used(capsys, monkeypa
     assert main(POOL) == 0
     out = capsys.readouterr().out
     assert "host links assumed 4 x 54.8 GB/s" in out and "edited" not in out
+
+
+def test_a_prefill_in_parts_pools_two_more_layers_on_four_ranks_and_stays_in_the_budget():
+    """OPT-30B, 16 GiB on each of 4 GPUs, 8 rows each, pooled with landing buffers: the prefill of
+    all 8 rows at once needs 1.18 GB of temporaries that a decode step does not; in parts of 2 rows
+    (1024 tokens) 0.34 GB, and the 0.84 GB left pool two more layers (22, not 20) with every part
+    of the modelled peak still within the budget. One GPU keeps one more layer (6, not 5)."""
+    from offloadgen.offload.placement import plan_prefill_parts
+    cfg = preset("opt-30b")
+    args = (cfg, 2, 16 * GiB, 8, 512, 32)
+    whole = plan_placement(*args, offload=True, pool_ranks=4, fetch_ranks=4)
+    parts = plan_prefill_parts(*args, offload=True, pool_ranks=4, fetch_ranks=4)
+    assert len(whole.pooled) == 20 and whole.prefill_tokens is None
+    assert len(parts.pooled) == 22 and parts.prefill_tokens == 1024 and len(parts.streamed) == 26
+    assert parts.bytes["activations"] == pytest.approx(0.342e9, rel=0.01)
+    assert whole.bytes["activations"] == pytest.approx(1.182e9, rel=0.01)
+    on_gpu = ("resident", "pooled_per_rank", "ring", "landing", "kv_cache", "activations")
+    peak = sum(parts.bytes[k] for k in on_gpu)
+    assert peak <= 16 * GiB and 16 * GiB - peak == pytest.approx(0.232e9, rel=0.02)
+    assert parts.bytes["kv_cache"] == whole.bytes["kv_cache"] == 8 * 544 * 48 * 2 * 7168 * 2  # this rank's rows only
+    assert "prefill in parts of 1024 tokens" in parts.describe()
+    one = plan_prefill_parts(*args, offload=True)
+    assert len(one.streamed) == 42 and len(plan_placement(*args, offload=True).streamed) == 43
+    # nothing gained, or the cache's parts fixed by other means: the prefill stays whole
+    assert plan_prefill_parts(*args, offload=True, fetch_ranks=4).prefill_tokens is None  # all-gather: 0.84 GB < a layer
+    short = plan_prefill_parts(*args[:-3], 8, 128, 32, offload=True, pool_ranks=4, fetch_ranks=4)
+    assert short.prefill_tokens is None  # 8 prompts of 128 tokens: parts of 4 rows would be under 1024 tokens
+    assert plan_prefill_parts(*args, 4, offload=True, pool_ranks=4, fetch_ranks=4).prefill_tokens is None  # --micro-batch-size

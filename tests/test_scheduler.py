@@ -319,3 +319,14 @@ def test_the_kv_split_is_told_which_passes_also_prefill(tiny, monkeypatch):
     run_batcher(engine, prompts(4), [greedy(n) for n in MAX_TOKENS], slots=3, prefill_chunk=6)
     assert all(said == had for said, had in told)
     assert {said for said, _ in told} == {True, False}  # both kinds of pass happened
+
+
+def test_a_pass_carries_no_more_prompt_tokens_than_the_plan_sized_a_prefill_part_for(tiny):
+    """With the prefill planned in parts (Placement.prefill_tokens) the activations are sized for
+    one part: a continuous batch's prompt chunks stay within it, whatever chunk was asked for."""
+    _, path = tiny("opt")
+    engine = engine_for(path, micro_batch=None)
+    assert ContinuousBatcher(engine, 2, 40, 64).prefill_chunk == 64
+    engine.prefill_tokens = 16
+    assert ContinuousBatcher(engine, 2, 40, 64).prefill_chunk == 16
+    assert ContinuousBatcher(engine, 2, 40, 8).prefill_chunk == 8

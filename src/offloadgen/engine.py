@@ -42,7 +42,7 @@ class GenerationOutput:
 class Engine:
     def __init__(self, cfg, weights: WeightSource, device: torch.device, dtype: torch.dtype,
                  micro_batch_size: int | None = None, kv_offload: KVOffload | None = None,
-                 kv_quant: tuple[int, int] | None = None):
+                 kv_quant: tuple[int, int] | None = None, prefill_tokens: int | None = None):
         self.cfg = cfg
         self.kv_offload = kv_offload
         self.kv_quant = kv_quant  # (bits, group size) of the cache on the device; KVOffload has its own
@@ -53,13 +53,20 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = dtype
         self.micro_batch_size = micro_batch_size
+        # prompt tokens a prefill part may hold (Placement.prefill_tokens): the plan sized the
+        # activations for one part, and left the rest of the budget to weights
+        self.prefill_tokens = prefill_tokens
         self.blocks = blocks(cfg)
         # A family whose cached keys go stale at some length (Phi-3's LongRoPE switching to its long
         # factors) names the slot; the pass that writes it recomputes the whole cache, as transformers does.
         self.recompute_at = getattr(self.family, "recompute_cache_at", lambda cfg: None)(cfg)
 
-    def micro_batches(self, batch: int) -> list[slice]:
+    def micro_batches(self, batch: int, tokens: int = 1) -> list[slice]:
+        """Row ranges of a pass of `batch` rows of `tokens` new tokens each: micro-batches, and with
+        a device KV cache a prompt pass in parts of at most prefill_tokens tokens."""
         size = self.micro_batch_size or batch
+        if tokens > 1 and self.prefill_tokens and self.kv_offload is None:
+            size = min(size, max(1, self.prefill_tokens // tokens))
         return [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
 
     def new_cache(self, batch: int, max_len: int) -> KVCache | OffloadedKVCache:
@@ -97,7 +104,7 @@ class Engine:
             raise
 
     def _forward(self, ids: torch.Tensor, steps: list[StepInputs], cache: KVCache) -> torch.Tensor:
-        parts = self.micro_batches(ids.shape[0])
+        parts = self.micro_batches(*ids.shape)  # as _steps split them
         batches = [MicroBatch(ids[rows], steps[j], j, rows) for j, rows in enumerate(parts)]
         return torch.cat(self._run(batches, cache))[:, -1].float()
 
@@ -173,7 +180,7 @@ class Engine:
 
     def _steps(self, start: int, positions: torch.Tensor, key_valid: torch.Tensor) -> list[StepInputs]:
         steps = []
-        for rows in self.micro_batches(positions.shape[0]):
+        for rows in self.micro_batches(*positions.shape):
             step = StepInputs(start=start, positions=positions[rows], key_valid=key_valid[rows])
             self.family.prepare(self.cfg, step, self.dtype)
             steps.append(step)

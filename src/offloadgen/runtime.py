@@ -23,7 +23,7 @@ from .machine import GiB, available_host_memory, default_gpu_budget, h2d_bandwid
 from .models import family_of, parse_dtype
 from .offload import ResidentWeights, WeightSource
 from .offload.kv_cache import KVOffload
-from .offload.placement import Placement, all_resident, disk_placement_on_cpu, plan_kv_offload, plan_placement
+from .offload.placement import Placement, all_resident, disk_placement_on_cpu, plan_kv_offload, plan_prefill_parts
 from .quant import QuantConfig
 from .quant.kv import KVQuant
 from .quant.groupwise import check_group_size
@@ -133,10 +133,10 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
             quant, kv, h2d_bytes_s, dtype, offload=config.offloaded, cpu_attention_bytes_s=cpu_attention_bytes_s,
             pool_ranks=pool_ranks, expert_streaming=experts, fetch_ranks=fetch_ranks)
     else:
-        plan.placement = plan_placement(model_cfg, elem, plan.budget, batch, prompt_len, gen_len,
-                                        config.micro_batch_size, config.prefetch_depth, offload=config.offloaded,
-                                        quant=quant, pool_ranks=pool_ranks, kv_bits=kv_bits, expert_streaming=experts,
-                                        fetch_ranks=fetch_ranks)
+        plan.placement = plan_prefill_parts(model_cfg, elem, plan.budget, batch, prompt_len, gen_len,
+                                            config.micro_batch_size, prefetch_depth=config.prefetch_depth,
+                                            offload=config.offloaded, quant=quant, pool_ranks=pool_ranks, kv_bits=kv_bits,
+                                            expert_streaming=experts, fetch_ranks=fetch_ranks)
     if config.disk_offload:
         plan.placement.bytes["weights_on_disk"] = True
     if plan.placement.streamed or plan.placement.pooled or kv is not None:
@@ -236,7 +236,8 @@ def build_runtime(config: RunConfig, world: World | None = None, checkpoint=None
     weights = make_weights(plan, checkpoint)
     try:
         engine = Engine(checkpoint.cfg, weights, device, plan.dtype, config.micro_batch_size, kv_offload=plan.kv,
-                        kv_quant=config.kv_quant())
+                        kv_quant=config.kv_quant(),
+                        prefill_tokens=plan.placement.prefill_tokens if plan.placement is not None else None)
     except BaseException:
         weights.close()  # its reader threads and pinned buffers would outlive the failed load
         raise

@@ -146,6 +146,8 @@ class ContinuousBatcher:
             raise OffloadgenError(f"this model was placed on the GPU for {limits[0]} sequences of at most {limits[1]} "
                                   f"tokens; {slots} slots of {max_len} tokens asked for: load with larger "
                                   "max_batch_size / max_seq_len")
+        # no more prompt tokens in a pass than the plan sized a prefill part's activations for
+        prefill_chunk = min(prefill_chunk, getattr(self.engine, "prefill_tokens", None) or prefill_chunk)
         self.slots, self.max_len, self.prefill_chunk = slots, max_len, prefill_chunk
         self.stats = BatcherStats(slots)
         self._lock = threading.Lock()

@@ -289,7 +289,7 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, probes, cop
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "gpu_budget_bytes": plan.budget,
         "placement": None if p is None else {**p.bytes, "resident_blocks": len(p.resident),
-                                             "streamed_blocks": len(p.streamed)},
+                                             "streamed_blocks": len(p.streamed), "prefill_tokens": p.prefill_tokens},
         "h2d_bandwidth_bytes_s": bandwidth and bandwidth["best"],
         "h2d_bandwidth_median_bytes_s": bandwidth and bandwidth["median"],
         "bus_limit_decode_step_s": bus_limit, "copy_only_step_s": copy_only,
