@@ -45,7 +45,10 @@ def run(gpus: int, path: Path, mode: str, ring: int, out: Path, device: str) -> 
            str(WORKER), str(path), str(out), mode]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if r.returncode:
-        raise SystemExit(f"{mode}: exit {r.returncode}\n{r.stderr[-3000:]}")
+        # the ranks' own traceback comes first; torchrun's summary after it says only "exit 1"
+        first = r.stderr.find("Traceback (most recent call last)")
+        print(f"{mode}: exit {r.returncode}\n{r.stderr[max(first, 0):][:4000]}\n...\n{r.stderr[-600:]}", flush=True)
+        return None  # the other modes still run: one failure should not hide whether the rest agree
     return json.loads(out.read_text())
 
 
@@ -64,9 +67,10 @@ def main() -> int:
         tokens = {m: run(args.gpus, path, m, args.ring, Path(tmp) / f"{m}.json", args.device) for m in modes}
     bad = 0
     for mode, rows in tokens.items():
-        same = rows == tokens[modes[0]]
+        same = rows is not None and rows == tokens[modes[0]]
         bad += not same
-        print(f"{args.gpus} GPUs {mode:>15}: {'same tokens as ' + modes[0] if same else 'DIFFERENT'} {rows[0]}")
+        verdict = 'same tokens as ' + modes[0] if same else 'FAILED' if rows is None else 'DIFFERENT'
+        print(f"{args.gpus} GPUs {mode:>15}: {verdict} {rows[0] if rows else ''}")
     return 1 if bad else 0
 
 

@@ -4,7 +4,7 @@
 # links probed first (benchmarks/link_probe.py). Records and console go to $OUT (or ./out); a table last,
 # with each run's step beside the one `offloadgen plan` predicts from the links that run probed.
 #   bash benchmarks/multi_gpu.sh [check] [probe] [one] [whole] [allgather] [pool] [allgather2] [pool2] [poolq4] [poolkv] [plan] ...
-# (check: the tokens of pooled layers gathered by NCCL, by pushed and by pulled copies agree, before poolpull's timing)
+# (check: the tokens of pooled layers gathered by NCCL, by pushed and by pulled copies agree with whole layers, before poolpull's timing)
 # (poolcopy, allgathercopy, poolq4copy: --weight-gather copy; poolpull, allgatherpull: the same with
 #  OFFLOADGEN_PEER_COPY=pull; poolcta: pool at NCCL_CTA_POLICY=1)
 # (allgather2, pool2: the same with --prefetch-depth 2; poolch: pool at NCCL_MAX_NCHANNELS=$CHANNELS,
@@ -26,7 +26,7 @@ for what in "$@"; do
   echo "== $what $(date -u +%H:%M:%S)"
   case $what in
     probe) timeout 300 python3 benchmarks/link_probe.py ;;
-    check) timeout 300 python3 benchmarks/gpu_dist_check.py --gpus $n --modes poolspread,poolspread+copy,poolspread+pull \
+    check) timeout 300 python3 benchmarks/gpu_dist_check.py --gpus $n --modes whole,poolspread,poolspread+copy,poolspread+pull \
              | tee "$out/dist_check.txt" ;;
     one) (cd "$out" && timeout $step_limit $bench --batch-size 8) ;;
     whole) (cd "$out" && timeout $step_limit $bench $many --weight-fetch whole) ;;
