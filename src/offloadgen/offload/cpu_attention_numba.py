@@ -327,7 +327,7 @@ def _add_row(acc, at, p, cache, row, h, heads, dim, layout):
 # rather than once per key, and the SLOTS dot products are independent sums the vector units work
 # on together instead of waiting on one reduction at a time. One key per pass read 10.6 GB/s on
 # one core of the 2-core development machine, whose plain read is 25 (benchmarks/cpu_attention_per_core.py).
-SLOTS = 4
+SLOTS = 4  # score_rows and add_rows are written out for 4
 
 
 def slots_per_pass(cache):
@@ -342,35 +342,37 @@ def _slots_per_pass(cache):
     return lambda cache: 1
 
 
-def dot_rows(x, at, cache, row, step, h, heads, dim, layout):
-    """x[at:at + D] . the keys of kv head h in cache rows row + j * step, j < SLOTS (the same
-    item in SLOTS consecutive slots), as a tuple of SLOTS float32."""
+def score_rows(x, at, xsum, pair, cache, row, step, h, heads, dim, layout, bias, bias_at, bias_step, sc, sc_at, gap):
+    """For j < SLOTS (the same item in SLOTS consecutive slots): sc[sc_at + j * gap] =
+    x[at:at + D] . (key of kv head h in cache row row + j * step) + bias[bias_at + j * bias_step],
+    or -inf where that bias is -inf (a hidden key may be any bits: its product is never added)."""
 
 
-@overload(dot_rows, inline="always")
-def _dot_rows(x, at, cache, row, step, h, heads, dim, layout):
+@overload(score_rows, inline="always")
+def _score_rows(x, at, xsum, pair, cache, row, step, h, heads, dim, layout, bias, bias_at, bias_step, sc, sc_at, gap):
     if cache.dtype in (types.float32, types.uint16, types.int16):
-        def dense(x, at, cache, row, step, h, heads, dim, layout):
+        def dense(x, at, xsum, pair, cache, row, step, h, heads, dim, layout, bias, bias_at, bias_step, sc, sc_at, gap):
             t0 = t1 = t2 = t3 = np.float32(0)
             at, dim = U(at), U(dim)
             c0 = U(row * heads + h) * dim
-            gap = U(step * heads) * dim
-            c1, c2, c3 = c0 + gap, c0 + gap + gap, c0 + gap + gap + gap
-            for d in range(dim):
+            c_gap = U(step * heads) * dim
+            c1, c2, c3 = c0 + c_gap, c0 + c_gap + c_gap, c0 + c_gap + c_gap + c_gap
+            for d in range(dim):  # one load of x for the 4 keys; 4 sums the vector units interleave
                 xd = x[at + d]
                 t0 += xd * to_f32(cache[c0 + d])
                 t1 += xd * to_f32(cache[c1 + d])
                 t2 += xd * to_f32(cache[c2 + d])
                 t3 += xd * to_f32(cache[c3 + d])
-            return t0, t1, t2, t3
+            for j, t in enumerate((t0, t1, t2, t3)):
+                add = bias[bias_at + j * bias_step]
+                sc[U(sc_at) + U(j) * U(gap)] = add if add == -np.inf else t + add
         return dense
-    if cache.dtype == types.uint8:  # never called (slots_per_pass is 1), but correct if it were
-        def quant(x, at, cache, row, step, h, heads, dim, layout):
-            empty = np.zeros(0, np.float32)
-            return (dot_row(x, at, empty, 0, cache, row, h, heads, dim, layout),
-                    dot_row(x, at, empty, 0, cache, row + step, h, heads, dim, layout),
-                    dot_row(x, at, empty, 0, cache, row + 2 * step, h, heads, dim, layout),
-                    dot_row(x, at, empty, 0, cache, row + 3 * step, h, heads, dim, layout))
+    if cache.dtype == types.uint8:  # not called (slots_per_pass is 1), but correct if it were
+        def quant(x, at, xsum, pair, cache, row, step, h, heads, dim, layout, bias, bias_at, bias_step, sc, sc_at, gap):
+            for j in range(SLOTS):
+                add = bias[bias_at + j * bias_step]
+                sc[U(sc_at) + U(j) * U(gap)] = add if add == -np.inf else \
+                    dot_row(x, at, xsum, pair, cache, row + j * step, h, heads, dim, layout) + add
         return quant
     return None
 
@@ -422,16 +424,9 @@ def _scores(q, qsum, k, layout, bias, shape, s0, s1, i0, i1, row32, sc):
         for it in range(i0, i1):  # one contiguous run of each slot's keys
             mask_h = h if mask_heads > 1 else 0
             if queries == 1 and n == SLOTS:
-                row, step = g * batch + b, batch
-                at, gap = U((g - s0) * items + it - i0), U(items)
-                a0, a1 = bias[row * mask_heads + mask_h], bias[(row + step) * mask_heads + mask_h]
-                a2, a3 = bias[(row + 2 * step) * mask_heads + mask_h], bias[(row + 3 * step) * mask_heads + mask_h]
-                t0, t1, t2, t3 = dot_rows(q, it * dim, k, row, step, h, heads, dim, layout)
-                # hidden keys may be any bits (never written): select, never add, their product
-                sc[at] = a0 if a0 == -np.inf else t0 + a0
-                sc[at + gap] = a1 if a1 == -np.inf else t1 + a1
-                sc[at + gap + gap] = a2 if a2 == -np.inf else t2 + a2
-                sc[at + gap + gap + gap] = a3 if a3 == -np.inf else t3 + a3
+                row = g * batch + b
+                score_rows(q, it * dim, qsum, it, k, row, batch, h, heads, dim, layout,
+                           bias, row * mask_heads + mask_h, batch * mask_heads, sc, (g - s0) * items + it - i0, items)
             else:
                 for s in range(g, g + n):
                     row = s * batch + b
