@@ -102,6 +102,25 @@ def test_every_split_of_the_work_gives_the_same_answer(c, slot_splits, item_spli
     torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("splits", [(1, 1), (2, 3), (5, 1)])
+def test_hidden_keys_are_never_read_into_the_result_whatever_their_bits(dtype, splits):
+    """A hidden key's slot may hold anything (a pad never written, NaN): its score is -inf and its
+    value is multiplied by nothing. Dense caches are read several slots at a pass (the group's
+    products computed together), so the pads cover whole groups, parts of groups and none."""
+    pads, end = [0, 5, 9, 4], 15
+    c = dict(kind="plain", batch=len(pads), kv_heads=2, group=1, end=end, slots=end, pads=pads,
+             head_dim=64, window=1, dtype=dtype, seed=3)
+    q, k, v, mask = make(c)
+    scale = c["head_dim"] ** -0.5
+    ref = reference(q, k, v, end, mask, scale)
+    for row, pad in enumerate(pads):
+        k[:pad, row], v[:pad, row] = float("nan"), float("inf")
+    out = cpu_attention._attend_numba(q, k, v, end, cpu_attention.bias_from_mask(mask, end), scale,
+                                      splits=splits, out=torch.empty(q.shape))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-3, atol=1e-3 * v[end - 1].double().abs().max().item())
+
+
 def test_a_mask_with_heads_other_than_the_kv_heads_is_refused():
     q, k, v = torch.randn(1, 4, 1, 8), torch.randn(5, 1, 2, 8), torch.randn(5, 1, 2, 8)
     with pytest.raises(ValueError, match="mask heads"):

@@ -14,7 +14,10 @@ long sequential runs (what lets the cores approach their plain read bandwidth; o
 per thread would read 256-byte pieces a slot apart). Item ranges are kept at several KB per slot;
 where there are too few items for that (grouped-query heads, small micro-batches), units also
 split the slots, and `merge` combines their partial results as flash-decoding does. Query heads
-that share a KV head are computed together, so the cache is read once.
+that share a KV head are computed together, so the cache is read once. A dense cache is walked
+SLOTS slots at a time (item by item within the group: SLOTS sequential streams), so that each
+item's query and accumulator are loaded once per group and its SLOTS products run side by side:
+one key at a time, a core was bound by its own arithmetic at half its plain read rate.
 """
 from __future__ import annotations
 
@@ -319,6 +322,85 @@ def _add_row(acc, at, p, cache, row, h, heads, dim, layout):
     return None
 
 
+# Dense caches are read SLOTS slots at a time: for one (row, kv head) item, its key (or value)
+# in each of SLOTS consecutive slots. The item's q (or accumulator) is then loaded once per group
+# rather than once per key, and the SLOTS dot products are independent sums the vector units work
+# on together instead of waiting on one reduction at a time. One key per pass read 10.6 GB/s on
+# one core of the 2-core development machine, whose plain read is 25 (benchmarks/cpu_attention_per_core.py).
+SLOTS = 4  # score_rows and add_rows are written out for 4
+
+
+def slots_per_pass(cache):
+    """How many slots a pass reads together from this cache: SLOTS for a dense one, 1 for a
+    quantized one (bound by unpacking codes, which grouping does not help)."""
+
+
+@overload(slots_per_pass, inline="always")
+def _slots_per_pass(cache):
+    if cache.dtype in (types.float32, types.uint16, types.int16):
+        return lambda cache: SLOTS
+    return lambda cache: 1
+
+
+def score_rows(x, at, xsum, pair, cache, row, step, h, heads, dim, layout, bias, bias_at, bias_step, sc, sc_at, gap):
+    """For j < SLOTS (the same item in SLOTS consecutive slots): sc[sc_at + j * gap] =
+    x[at:at + D] . (key of kv head h in cache row row + j * step) + bias[bias_at + j * bias_step],
+    or -inf where that bias is -inf (a hidden key may be any bits: its product is never added)."""
+
+
+@overload(score_rows, inline="always")
+def _score_rows(x, at, xsum, pair, cache, row, step, h, heads, dim, layout, bias, bias_at, bias_step, sc, sc_at, gap):
+    if cache.dtype in (types.float32, types.uint16, types.int16):
+        def dense(x, at, xsum, pair, cache, row, step, h, heads, dim, layout, bias, bias_at, bias_step, sc, sc_at, gap):
+            t0 = t1 = t2 = t3 = np.float32(0)
+            at, dim = U(at), U(dim)
+            c0 = U(row * heads + h) * dim
+            c_gap = U(step * heads) * dim
+            c1, c2, c3 = c0 + c_gap, c0 + c_gap + c_gap, c0 + c_gap + c_gap + c_gap
+            for d in range(dim):  # one load of x for the 4 keys; 4 sums the vector units interleave
+                xd = x[at + d]
+                t0 += xd * to_f32(cache[c0 + d])
+                t1 += xd * to_f32(cache[c1 + d])
+                t2 += xd * to_f32(cache[c2 + d])
+                t3 += xd * to_f32(cache[c3 + d])
+            for j, t in enumerate((t0, t1, t2, t3)):
+                add = bias[bias_at + j * bias_step]
+                sc[U(sc_at) + U(j) * U(gap)] = add if add == -np.inf else t + add
+        return dense
+    if cache.dtype == types.uint8:  # not called (slots_per_pass is 1), but correct if it were
+        def quant(x, at, xsum, pair, cache, row, step, h, heads, dim, layout, bias, bias_at, bias_step, sc, sc_at, gap):
+            for j in range(SLOTS):
+                add = bias[bias_at + j * bias_step]
+                sc[U(sc_at) + U(j) * U(gap)] = add if add == -np.inf else \
+                    dot_row(x, at, xsum, pair, cache, row + j * step, h, heads, dim, layout) + add
+        return quant
+    return None
+
+
+def add_rows(acc, at, p0, p1, p2, p3, cache, row, step, h, heads, dim, layout):
+    """acc[at:at + D] += sum over j < SLOTS of pj * (value of kv head h in cache row row + j * step)."""
+
+
+@overload(add_rows, inline="always")
+def _add_rows(acc, at, p0, p1, p2, p3, cache, row, step, h, heads, dim, layout):
+    if cache.dtype in (types.float32, types.uint16, types.int16):
+        def dense(acc, at, p0, p1, p2, p3, cache, row, step, h, heads, dim, layout):
+            at, dim = U(at), U(dim)
+            c0 = U(row * heads + h) * dim
+            gap = U(step * heads) * dim
+            c1, c2, c3 = c0 + gap, c0 + gap + gap, c0 + gap + gap + gap
+            for d in range(dim):
+                acc[at + d] += (p0 * to_f32(cache[c0 + d]) + p1 * to_f32(cache[c1 + d])
+                                + p2 * to_f32(cache[c2 + d]) + p3 * to_f32(cache[c3 + d]))
+        return dense
+    if cache.dtype == types.uint8:  # never called (slots_per_pass is 1), but correct if it were
+        def quant(acc, at, p0, p1, p2, p3, cache, row, step, h, heads, dim, layout):
+            for j, p in enumerate((p0, p1, p2, p3)):
+                add_row(acc, at, p, cache, row + j * step, h, heads, dim, layout)
+        return quant
+    return None
+
+
 @njit(fastmath=FAST, inline="always")
 def _dot(x, at, y):
     total = np.float32(0)
@@ -330,27 +412,34 @@ def _dot(x, at, y):
 
 @njit(fastmath=FAST, inline="always")
 def _scores(q, qsum, k, layout, bias, shape, s0, s1, i0, i1, row32, sc):
-    """Pass 1, streaming the keys once: sc[slot, item, r] = q . k + bias (-inf where hidden), in
-    the order the keys arrive, so that the scores too are written sequentially. Arrays are flat and
-    indexed by hand: slicing out rows in a loop this hot costs reference counting, atomic and
-    shared between threads."""
+    """Pass 1, streaming the keys once: sc[slot, item, r] = q . k + bias (-inf where hidden).
+    Slots are read in groups (slots_per_pass), within a group item by item, so that every slot
+    of the group is a sequential stream. Arrays are flat and indexed by hand: slicing out rows in
+    a loop this hot costs reference counting, atomic and shared between threads."""
     batch, heads, queries, dim, mask_heads = shape
-    at = U(0)
-    for s in range(s0, s1):
+    group, items = slots_per_pass(k), i1 - i0
+    for g in range(s0, s1, group):
+        n = min(group, s1 - g)
         b, h = i0 // heads, i0 % heads  # of item it, counted along rather than divided out per key
-        for it in range(i0, i1):  # one contiguous run of the slot's keys
-            row = s * batch + b
-            if queries == 1:  # no query heads share the row: read it straight into the product
-                add = bias[row * mask_heads + (h if mask_heads > 1 else 0)]
-                sc[at] = add if add == -np.inf else dot_row(q, it * dim, qsum, it, k, row, h, heads, dim, layout) + add
-                at += U(1)
+        for it in range(i0, i1):  # one contiguous run of each slot's keys
+            mask_h = h if mask_heads > 1 else 0
+            if queries == 1 and n == SLOTS:
+                row = g * batch + b
+                score_rows(q, it * dim, qsum, it, k, row, batch, h, heads, dim, layout,
+                           bias, row * mask_heads + mask_h, batch * mask_heads, sc, (g - s0) * items + it - i0, items)
             else:
-                widen(k, row, h, heads, row32, layout)  # once for every query head that shares it
-                at_bias = (row * mask_heads + (h if mask_heads > 1 else 0)) * queries
-                for r in range(queries):
-                    add = bias[at_bias + r]
-                    sc[at] = add if add == -np.inf else _dot(q, (it * queries + r) * dim, row32) + add
-                    at += U(1)
+                for s in range(g, g + n):
+                    row = s * batch + b
+                    at = U(((s - s0) * items + it - i0) * queries)
+                    if queries == 1:  # no query heads share the row: read it straight into the product
+                        add = bias[row * mask_heads + mask_h]
+                        sc[at] = add if add == -np.inf else dot_row(q, it * dim, qsum, it, k, row, h, heads, dim, layout) + add
+                    else:
+                        widen(k, row, h, heads, row32, layout)  # once for every query head that shares it
+                        at_bias = (row * mask_heads + mask_h) * queries
+                        for r in range(queries):
+                            add = bias[at_bias + r]
+                            sc[at + U(r)] = add if add == -np.inf else _dot(q, (it * queries + r) * dim, row32) + add
             h += 1
             if h == heads:
                 b, h = b + 1, 0
@@ -378,26 +467,37 @@ def _softmax(sc, n, pairs, m, l, at):
 
 @njit(fastmath=FAST, inline="always")
 def _values(v, layout, shape, s0, s1, i0, i1, row32, sc, acc, acc_at):
-    """Pass 2, streaming the values once: acc[item, r] += p * v."""
+    """Pass 2, streaming the values once, in the order of pass 1: acc[item, r] += p * v."""
     batch, heads, queries, dim, _ = shape
-    at = U(0)
-    for s in range(s0, s1):
+    group, items = slots_per_pass(v), i1 - i0
+    for g in range(s0, s1, group):
+        n = min(group, s1 - g)
         b, h = i0 // heads, i0 % heads
         for it in range(i0, i1):
-            if queries == 1:
-                p = sc[at]
-                at += U(1)
-                if p != 0:
-                    add_row(acc, acc_at + it * dim, p, v, s * batch + b, h, heads, dim, layout)
-            else:
-                widen(v, s * batch + b, h, heads, row32, layout)
-                for r in range(queries):
-                    p = sc[at]
-                    at += U(1)
-                    if p != 0:
-                        o = U(acc_at + (it * queries + r) * dim)
-                        for d in range(U(dim)):
-                            acc[o + d] += p * row32[d]
+            grouped = False
+            if queries == 1 and n == SLOTS:
+                at, gap = U((g - s0) * items + it - i0), U(items)
+                p0, p1, p2, p3 = sc[at], sc[at + gap], sc[at + gap + gap], sc[at + gap + gap + gap]
+                # a hidden key (p = 0) may be any bits, NaN included: it must not be multiplied in
+                grouped = p0 != 0 and p1 != 0 and p2 != 0 and p3 != 0
+                if grouped:
+                    add_rows(acc, acc_at + it * dim, p0, p1, p2, p3, v, g * batch + b, batch, h, heads, dim, layout)
+            if not grouped:
+                for s in range(g, g + n):
+                    row = s * batch + b
+                    at = U(((s - s0) * items + it - i0) * queries)
+                    if queries == 1:
+                        p = sc[at]
+                        if p != 0:
+                            add_row(acc, acc_at + it * dim, p, v, row, h, heads, dim, layout)
+                    else:
+                        widen(v, row, h, heads, row32, layout)
+                        for r in range(queries):
+                            p = sc[at + U(r)]
+                            if p != 0:
+                                o = U(acc_at + (it * queries + r) * dim)
+                                for d in range(U(dim)):
+                                    acc[o + d] += p * row32[d]
             h += 1
             if h == heads:
                 b, h = b + 1, 0
