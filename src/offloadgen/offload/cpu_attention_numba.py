@@ -423,11 +423,20 @@ def _scores(q, qsum, k, layout, bias, shape, s0, s1, i0, i1, row32, sc):
         b, h = i0 // heads, i0 % heads  # of item it, counted along rather than divided out per key
         for it in range(i0, i1):  # one contiguous run of each slot's keys
             mask_h = h if mask_heads > 1 else 0
+            hidden = -1  # how many of the group's slots are hidden; -1: not read as a group
             if queries == 1 and n == SLOTS:
                 row = g * batch + b
-                score_rows(q, it * dim, qsum, it, k, row, batch, h, heads, dim, layout,
-                           bias, row * mask_heads + mask_h, batch * mask_heads, sc, (g - s0) * items + it - i0, items)
-            else:
+                bias_at, bias_step = row * mask_heads + mask_h, batch * mask_heads
+                hidden = 0
+                for j in range(SLOTS):
+                    hidden += bias[bias_at + j * bias_step] == -np.inf
+                if hidden == 0:
+                    score_rows(q, it * dim, qsum, it, k, row, batch, h, heads, dim, layout,
+                               bias, bias_at, bias_step, sc, (g - s0) * items + it - i0, items)
+                elif hidden == SLOTS:  # left padding, a window's past: never read, as one key at a time never was
+                    for j in range(SLOTS):
+                        sc[U((g - s0 + j) * items + it - i0)] = -np.inf
+            if 0 < hidden < SLOTS or hidden == -1:  # one key at a time, each hidden key skipped
                 for s in range(g, g + n):
                     row = s * batch + b
                     at = U(((s - s0) * items + it - i0) * queries)
