@@ -429,3 +429,43 @@ def test_a_cache_or_bias_of_other_rows_or_head_size_than_q_is_refused(impl):
     with pytest.raises(ValueError, match="bias must have q's 4 rows, not 1"):
         cpu_attention.attend(q, k, k, 5, bias[:, :1], impl=impl)
     assert cpu_attention.attend(q, k, k, 5, bias, impl=impl).shape == q.shape
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_hidden_keys_of_any_mask_stay_unread_for_every_cut(seed):
+    """Random masks, not only the families' (per KV head, per query, holes anywhere, visible keys
+    whose weight underflows to 0), with every slot hidden from all of an item's queries and every
+    slot past `end` set to NaN: every cut the trial may pick (kernel_cuts) and a few others match
+    a float64 reference. The kernel reads dense caches 4 slots a pass, so holes fall across, inside
+    and at the ends of its groups, and cuts split slots at other than multiples of 4."""
+    import itertools
+    import random
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    b, hkv, grp, t = rng.randint(1, 5), rng.randint(1, 3), rng.choice([1, 1, 2, 3]), rng.choice([1, 1, 2])
+    h, r, d, end = hkv * grp, grp * t, rng.choice([4, 8, 16, 64]), rng.randint(1, 23)
+    mh, dtype = rng.choice([1, hkv]), rng.choice(list(DTYPES.values()))
+    k = (torch.randn(end + rng.randint(0, 3), b, hkv, d, generator=g) * 2).to(dtype)
+    v = torch.randn(k.shape, generator=g).to(dtype)
+    q = (torch.randn(b, h, t, d, generator=g) * 2).to(dtype)
+    bias = torch.randn(end, b, mh, r, generator=g) * rng.choice([0, 1, 50])
+    bias[torch.rand(end, b, mh, r, generator=g) < rng.choice([0, 0.3])] = -300.0  # exp underflows to 0
+    hidden = (torch.rand(end, b, mh, 1, generator=g) < rng.random()) | (torch.rand(end, b, mh, r, generator=g) < 0.1)
+    for row, m, x in itertools.product(range(b), range(mh), range(r)):
+        hidden[rng.randrange(end), row, m, x] = False  # every query sees a key
+    bias[hidden] = float("-inf")
+    scale = d ** -0.5
+    scores = (q.double().reshape(b, hkv, r, d) * scale) @ k[:end].double().permute(1, 2, 3, 0)
+    ref = ((scores + bias.double().permute(1, 2, 3, 0)).softmax(-1) @ v[:end].double().permute(1, 2, 0, 3))
+    unread = hidden.all(-1)  # [end, b, mh]: hidden from every query of the item
+    for s, row, head in itertools.product(range(end), range(b), range(hkv)):
+        if unread[s, row, head if mh > 1 else 0]:
+            k[s, row, head], v[s, row, head] = float("nan"), float("nan")
+    k[end:], v[end:] = float("nan"), float("nan")
+    cuts = {cpu_attention._cut(c, end, b * hkv) for n in (1, 2, 3, 8, 16) for c in cpu_attention.kernel_cuts(n)}
+    cuts |= {(rng.randint(1, end + 2), rng.randint(1, b * hkv + 2)) for _ in range(2)}
+    tol = tolerance(dtype)
+    for cut in cuts:
+        out = cpu_attention._attend_numba(q, k, v, end, bias, scale, splits=cut, out=torch.empty(q.shape))
+        torch.testing.assert_close(out.double(), ref.reshape(b, h, t, d), rtol=tol,
+                                   atol=tol * v[:end].double().nan_to_num().abs().max().item(), msg=f"cut {cut}")

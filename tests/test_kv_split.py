@@ -228,7 +228,8 @@ def test_on_one_host_thread_the_split_of_issue_17s_run_stays():
     default): that thread's step is 0.206 s of issuing, 0.175 s a CPU part and 0.052 s a GPU part
     (records: 0.99 s busy of 1.076 s at 5 GPU parts), the bus 1.1x its model. 5 is the best there,
     not 3-4 (those would give the host thread 1.11-1.24 s), and the split stays at 5 from the
-    plan's 6 or from 3."""
+    plan's 6 or from 3, but for a try of 6 after `hold` steps of the model's veto (a model that
+    is off must not hold the split all run), which the next step takes back."""
     host = lambda x: 0.206 + 0.175 * (8 - x) + 0.052 * x  # noqa: E731
     bus = lambda x: 1.1 * (0.215 + 0.129 * x)  # noqa: E731
     assert best_count(8, bus, host) == 5
@@ -239,7 +240,10 @@ def test_on_one_host_thread_the_split_of_issue_17s_run_stays():
             x = split.gpu
             seen.append(split.observe(cpu_s=0.175 * (8 - x), wait_s=max(0.0, bus(x) - host(x)),
                                       step_s=max(bus(x), host(x))))
-        assert set(seen[1:]) == {5}
+        assert set(seen[1:]) <= {5, 6} and seen.count(6) <= 2
+        tries = [n for n, x in enumerate(seen) if x == 6 and n > 0]
+        assert all(seen[n + 1] == 5 for n in tries if n + 1 < len(seen))
+        assert all(b - a > 2 * split.hold for a, b in zip(tries, tries[1:]))
 
 
 def test_the_cache_counts_the_cpu_sides_whole_time_less_its_waits():
@@ -265,3 +269,17 @@ def test_the_plan_gives_the_split_its_bus_model():
     weights_s, part_s = opts.split_bus_s
     assert weights_s == pytest.approx(placement.bus_bytes_per_step / 50e9)
     assert part_s == pytest.approx(model["cache_bytes_per_step"] / model["parts"] / 50e9)
+
+
+@pytest.mark.parametrize("start", [0, 1])
+def test_a_bandwidth_probe_that_read_low_does_not_hold_the_split_below_the_balance(start):
+    """The plan's bus model comes from a probe of the bus, and probes mislead (issue 17: 11.9 and
+    33.7 GB/s in two leases of one machine kind). With the bus read 3x slower than it is, the
+    model vetoed every move to the GPU from one part on (it said one more would make the bus the
+    longer side) while every step showed the CPU side the longer: held at 1 of 8 all run, 1.23 s
+    a step where 4 take 0.73 s. The steps overrule it: the split reaches the balance and stays."""
+    parts, gpu_side, cpu_side = EIGHT["parts"], EIGHT["gpu_side"], EIGHT["cpu_side"]
+    weights_s, part_s = EIGHT["bus"]
+    best = best_count(parts, gpu_side, cpu_side)
+    seen = simulate(SplitController(parts, start, parts, bus=(3 * weights_s, 3 * part_s)), gpu_side, cpu_side, 31)
+    assert best == 4 and seen[15:] == [best] * 16

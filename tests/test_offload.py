@@ -11,6 +11,7 @@ from offloadgen.offload.placement import GiB, Placement, plan_placement
 from offloadgen.offload.streaming import StreamingWeights
 from offloadgen.sampling import SamplingParams
 
+from conftest import VARIANTS
 from test_parity import ragged_batch
 
 CPU = torch.device("cpu")
@@ -254,3 +255,21 @@ def test_a_prefill_in_parts_of_rows_gives_the_tokens_of_one_whole_prefill(tiny):
     parts.prefill_tokens = 1024
     assert parts.micro_batches(8, 512) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]
     assert parts.micro_batches(8) == [slice(0, 8)]  # a decode step
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_family_prefilled_in_parts_of_rows_gives_the_tokens_of_one_whole_prefill(tiny, name):
+    """Each family prepares its own masks and positions per pass (sliding windows, ALiBi, Gemma 3's
+    two rope bases): in parts of one left-padded row each, the greedy tokens are one whole prefill's."""
+    _, path = tiny(name)
+    ckpt = SafetensorsFolder(path)
+    ids, mask = ragged_batch(seed=5)  # 3 rows of 14 tokens, two of them left-padded
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    outs = []
+    for prefill_tokens in (None, 14):
+        engine = Engine(ckpt.cfg, ResidentWeights(ckpt, CPU, torch.float32, progress=False), CPU, torch.float32,
+                        prefill_tokens=prefill_tokens)
+        assert len(engine.micro_batches(*ids.shape)) == (1 if prefill_tokens is None else 3)
+        outs.append(engine.generate(ids, mask, params, set(), 0))
+    assert outs[1].tokens == outs[0].tokens
+    torch.testing.assert_close(outs[1].last_logits, outs[0].last_logits, rtol=1e-4, atol=1e-4)

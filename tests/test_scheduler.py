@@ -8,6 +8,7 @@ from offloadgen.engine import Engine
 from offloadgen.offload import ResidentWeights
 from offloadgen.offload.kv_cache import KVOffload
 from offloadgen.sampling import SamplingParams
+from offloadgen.errors import OffloadgenError
 from offloadgen.scheduler import ContinuousBatcher
 
 from conftest import V, VARIANTS
@@ -330,3 +331,29 @@ def test_a_pass_carries_no_more_prompt_tokens_than_the_plan_sized_a_prefill_part
     engine.prefill_tokens = 16
     assert ContinuousBatcher(engine, 2, 40, 64).prefill_chunk == 16
     assert ContinuousBatcher(engine, 2, 40, 8).prefill_chunk == 8
+
+
+def test_the_llms_batcher_keeps_the_prefill_part_cap_and_says_when_it_cuts_a_chunk(tiny, capsys):
+    """LLM.batcher (the path of generate, jobs and serve) sets each call's chunk on the batcher it
+    keeps: that must not undo the cap, on the batcher it makes or on one it reuses, and a chunk
+    asked for above the cap is cut with a line on stderr, once."""
+    from offloadgen.api import LLM
+    from offloadgen.config import RunConfig
+    from offloadgen.runtime import Runtime, plan_run
+    from offloadgen.tokenizer import ByteTokenizer
+    _, path = tiny("opt")
+    engine = engine_for(path, micro_batch=None)
+    engine.prefill_tokens = 16
+    plan = plan_run(RunConfig(device="cpu", dtype="float32"), engine.cfg, CPU)
+    llm = LLM(Runtime(plan, SafetensorsFolder(path), ByteTokenizer(engine.cfg), engine.weights, engine, {}))
+    made = llm.batcher(2, 40, 64)
+    assert made.prefill_chunk == 16
+    assert capsys.readouterr().err.count("--prefill-chunk 64") == 1
+    assert llm.batcher(2, 40, 64) is made and made.prefill_chunk == 16  # reused
+    assert "--prefill-chunk" not in capsys.readouterr().err  # said once
+    assert llm.batcher(2, 40, 8).prefill_chunk == 8  # under the cap: as asked, and nothing said
+    assert "--prefill-chunk" not in capsys.readouterr().err
+    engine.prefill_tokens = None
+    assert llm.batcher(2, 40, 64).prefill_chunk == 64  # no cap without parts
+    with pytest.raises(OffloadgenError, match="prefill_chunk must be at least 1; got 0"):
+        llm.batcher(2, 40, 0)  # a reused batcher is checked too

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -146,8 +147,7 @@ class ContinuousBatcher:
             raise OffloadgenError(f"this model was placed on the GPU for {limits[0]} sequences of at most {limits[1]} "
                                   f"tokens; {slots} slots of {max_len} tokens asked for: load with larger "
                                   "max_batch_size / max_seq_len")
-        # no more prompt tokens in a pass than the plan sized a prefill part's activations for
-        prefill_chunk = min(prefill_chunk, getattr(self.engine, "prefill_tokens", None) or prefill_chunk)
+        self._told_chunk = None  # the last chunk asked for above the cap, said on stderr
         self.slots, self.max_len, self.prefill_chunk = slots, max_len, prefill_chunk
         self.stats = BatcherStats(slots)
         self._lock = threading.Lock()
@@ -160,6 +160,24 @@ class ContinuousBatcher:
         t0 = time.perf_counter()
         self._build()
         self.cache_seconds = time.perf_counter() - t0  # allocating (and pinning) the cache: start-up
+
+    @property
+    def prefill_chunk(self) -> int:
+        return self._prefill_chunk
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, n: int) -> None:
+        """At most the prompt tokens the plan sized a prefill part's activations for (a property:
+        LLM.batcher sets each call's chunk on the batcher it keeps, and a plain attribute let that
+        undo the cap). A chunk asked for above it is cut, and said once, on stderr."""
+        if n < 1:  # a reused batcher gets its chunk here, past __init__'s check
+            raise OffloadgenError(f"prefill_chunk must be at least 1; got {n}")
+        cap = getattr(self.engine, "prefill_tokens", None)
+        if cap and n > cap and n != self._told_chunk:
+            print(f"offloadgen: --prefill-chunk {n} cut to {cap} tokens: the GPU plan sized the prefill's "
+                  f"temporaries for parts of {cap} prompt tokens", file=sys.stderr)
+            self._told_chunk = n
+        self._prefill_chunk = min(n, cap or n)
 
     @torch.inference_mode()
     def _build(self) -> None:

@@ -38,7 +38,9 @@ G is step_s when the CPU waited (the GPU side finished last); when it did not, t
 at this count, bus[0] + gpu * g, which is the least the GPU side can take (its compute comes on
 top): an estimate that may move too many, which the next step's wait undoes. The move is the k
 (at least one, in the direction above) with the shortest modelled step; towards the GPU, none
-while the model says no count would shorten it by more than the dead band (margin * c). So a
+while the model says no count would shorten it by more than the dead band (margin * c), but one
+after `hold` such steps in a row, or at once where the model's bus alone is longer than the CPU
+side the step measured (the model is off: a probe that read the bus slow). So a
 split that starts far off reaches the balance in one or two steps, not one micro-batch a step (bench decodes ~31 steps; issue 17's
 4-bit run at batch 256 went 18 -> 0 of 32 over its whole run). Without `bus` (g unknown: 0), a
 move is one micro-batch, as the rules above alone say.
@@ -74,6 +76,7 @@ class SplitController:
     _dear_steps: int = 0  # GPU-attending steps in a row where issuing a part cost the host >= attending it
     _pending: tuple = (0, 0)  # (direction, steps in a row)
     _ceiling: tuple = (None, 0)  # (count not to reach, steps left)
+    _vetoes: int = 0  # CPU-bound steps in a row whose move to the GPU the bus model vetoed
 
     def observe(self, cpu_s: float, wait_s: float, step_s: float, issue_s: float = 0.0) -> int:
         """Take one decode step's times; return how many micro-batches attend on the GPU next."""
@@ -93,6 +96,8 @@ class SplitController:
         self._pending = (move, count)
         limit, left = self._ceiling
         self._ceiling = (limit, left - 1) if left > 1 else (None, 0)
+        if move <= 0:
+            self._vetoes = 0
         if move and count >= self.patience:
             before = self.gpu
             self.gpu += move * self._size(move, wait_s, step_s)
@@ -120,8 +125,9 @@ class SplitController:
     def _size(self, move: int, wait_s: float, step_s: float) -> int:
         """How many micro-batches to move in direction `move`: the count whose modelled step
         (module docstring) is shortest, the fewest of equals; at least one back to the CPU (the
-        wait showed one pays), none to the GPU where the bus model says it would not pay. One
-        without the bus model."""
+        wait showed one pays), none to the GPU where the bus model says it would not pay (but one
+        after `hold` such steps in a row, or where the model contradicts the step). One without
+        the bus model."""
         c = self._per_part_s
         if self.bus is None or c is None:
             return 1
@@ -131,8 +137,22 @@ class SplitController:
             gpu_side = step_s  # the CPU waited for it: it finished last
             options = range(1, self.gpu + 1)
         else:
-            gpu_side = min(cpu_side, weights_s + self.gpu * g)  # the bus's own time: the least it takes
+            gpu_side = weights_s + self.gpu * g  # the bus's own time: the least the GPU side takes
+            if gpu_side >= cpu_side:
+                # The CPU did not wait, so the GPU side took less than this: the model is off (a
+                # bandwidth probe read low; issue 17 saw 11.9 and 33.7 GB/s on one machine kind) and
+                # would veto every move for the whole run. One micro-batch, as without it; the next
+                # step's wait says whether it paid.
+                return 1
             options = range(0, self._room() - self.gpu + 1)
         # a move must shorten the modelled step by more than the dead band: the model is rough
         modelled = lambda k: max(gpu_side + move * k * g, cpu_side - move * k * c) + (self.margin * c if k else 0.0)  # noqa: E731
-        return min(options, key=lambda k: (modelled(k), k))
+        best = min(options, key=lambda k: (modelled(k), k))
+        self._vetoes = self._vetoes + 1 if best == 0 else 0
+        if self._vetoes > self.hold:
+            # Vetoed this long, a move is tried anyway, as a count that proved too many is after
+            # `hold` steps: a model whose g is too large (a probe read low) would otherwise hold
+            # the split below the balance all run; where it was right, the wait sends it back.
+            self._vetoes = 0
+            return 1
+        return best
