@@ -2,7 +2,7 @@
 with streamed weights (whole layers, or 1/N fetched and all-gathered) from shared host memory;
 rank 0 writes every row's tokens, gathered in order, to a JSON file.
 
-    torchrun --nproc-per-node N tests/dist_worker.py CHECKPOINT OUT.json {whole|allgather|pool|poolspread|poolall|die|shared}
+    torchrun --nproc-per-node N tests/dist_worker.py CHECKPOINT OUT.json {whole|allgather|pool|poolspread|poolall|die|shared|budget}
 
 In "poolspread" mode every other layer from the second is pooled (streamed and pooled layers
 alternate, as the planner spreads them: host copies run ahead past pooled layers); in "poolall"
@@ -65,7 +65,11 @@ for block in weights.order[:int(os.environ.get("DIST_RESET", "0"))]:
     weights.done(block)
 if "DIST_RESET" in os.environ:
     weights.reset()
-if mode == "shared":
+if mode == "budget":
+    # ranks whose GPUs have different free memory plan from one budget, the smallest
+    from offloadgen.runtime import agreed_budget
+    result = distributed.gather(agreed_budget(1000 - 10 * world.rank, world), world)
+elif mode == "shared":
     # the streamed blocks are one memory on the node: what rank 0 writes, the others read
     block = weights.order[0]
     if world.rank == 0:

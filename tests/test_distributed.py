@@ -138,6 +138,16 @@ def test_streamed_weights_are_one_memory_per_node(tiny, tmp_path):
     assert not [p for p in os.listdir("/dev/shm") if p.startswith(mine)]
 
 
+def test_ranks_plan_from_one_budget_the_smallest(tiny, tmp_path):
+    """Without --gpu-memory each rank's budget is its GPU's free memory, which differs by what else
+    holds each GPU; ranks planning from their own would place different layers."""
+    _, path = tiny("opt")
+    out = tmp_path / "budget.json"
+    r = torchrun(3, str(WORKER), str(path), str(out), "budget")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(out.read_text()) == [980] * 3  # ranks' own: 1000, 990, 980
+
+
 def test_a_dead_rank_ends_the_run_with_an_error(tiny, tmp_path):
     _, path = tiny("opt")
     r = torchrun(2, str(WORKER), str(path), str(tmp_path / "x.json"), "die", timeout=180)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .distributed import World, device_for
+from .distributed import World, control_group, device_for, gather
 from .checkpoint import open_checkpoint
 from .config import RunConfig
 from .engine import Engine
@@ -80,6 +80,16 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, model_cfg) -> 
     return parse_dtype(stored) if stored in ("float16", "bfloat16") else torch.float16
 
 
+def agreed_budget(own: int, world: World) -> int:
+    """The GPU budget every rank plans from when --gpu-memory is not given: the smallest of the
+    ranks' free memory. Each rank's own figure differs by what else holds its GPU; ranks that
+    planned from their own would pool or stream different layers and wait in different
+    collectives."""
+    if not world.active:
+        return own
+    return min(gather(own, world, control_group(world)))
+
+
 def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | None = None,
              h2d_bytes_s: float | None = None, host_available: int | None = None,
              cpu_attention_bytes_s: float | None = None) -> RunPlan:
@@ -118,7 +128,7 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
         elif quant is not None:
             plan.placement = all_resident(model_cfg)
         return plan
-    plan.budget = config.gpu_memory or default_gpu_budget(device)
+    plan.budget = config.gpu_memory or agreed_budget(default_gpu_budget(device), world)
     batch, gen_len = config.max_batch_size, max_len - prompt_len
     pool_ranks = world.size if config.weight_fetch == "pool" else 1
     fetch_ranks = world.size if config.weight_fetch in ("allgather", "pool") else 1
