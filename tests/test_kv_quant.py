@@ -190,3 +190,28 @@ def test_device_and_offloaded_quantized_caches_agree(tiny, variant, bits):
         # quantizing itself moves these logits by 1e-3 or more.
         torch.testing.assert_close(out.last_logits, device.last_logits, rtol=2e-4, atol=2e-4)
     assert (device.last_logits - plain.last_logits).abs().max() > 5e-4
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size, head_dim", [(64, 128), (128, 64), (32, 64)])
+@pytest.mark.parametrize("splits", [(1, 1), (2, 3), (5, 1)])
+def test_hidden_slots_of_a_quantized_cache_are_never_read(bits, group_size, head_dim, splits):
+    """A hidden key's packed row may hold anything: all bytes 0xFF make its float16 scales and
+    minimums NaN. Pieces of 64 are read 4 slots a pass (the group's products together), so the
+    pads cover whole groups of 4, parts of groups and none; other piece sizes go key by key."""
+    codec = KVQuant(bits, group_size, 2, head_dim)
+    pads, end = [0, 5, 9, 4, 8], 19
+    c = dict(codec=codec, kind="plain", group=1, batch=len(pads), end=end, slots=end, pads=pads, window=1, seed=5)
+    q, k, v, mask = make(c)
+    kq, vq = codec.encode(k), codec.encode(v)
+    ref, _ = attention64(q, codec.decode(kq, torch.float64), codec.decode(vq, torch.float64), end, mask, codec)
+    for row, pad in enumerate(pads):
+        kq[:pad, row], vq[:pad, row] = 0xFF, 0xFF
+    bias = cpu_attention.bias_from_mask(mask, end)
+    out = cpu_attention._attend_numba(q, kq, vq, end, bias, head_dim ** -0.5, splits=splits, quant=codec,
+                                      out=torch.empty(q.shape))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    kq[end - 1, 0, 0] ^= 0xFF  # a visible slot changed moves the result: the check is not blind
+    moved = cpu_attention._attend_numba(q, kq, vq, end, bias, head_dim ** -0.5, splits=splits, quant=codec,
+                                        out=torch.empty(q.shape))
+    assert not torch.allclose(moved, out)

@@ -15,7 +15,8 @@ per thread would read 256-byte pieces a slot apart). Item ranges are kept at sev
 where there are too few items for that (grouped-query heads, small micro-batches), units also
 split the slots, and `merge` combines their partial results as flash-decoding does. Query heads
 that share a KV head are computed together, so the cache is read once. A dense cache is walked
-SLOTS slots at a time (item by item within the group: SLOTS sequential streams), so that each
+SLOTS slots at a time (item by item within the group: SLOTS sequential streams; a quantized
+cache too, where its pieces are 64 elements, the default group), so that each
 item's query and accumulator are loaded once per group and its SLOTS products run side by side:
 one key at a time, a core was bound by its own arithmetic at half its plain read rate.
 """
@@ -25,6 +26,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.core.extending import intrinsic, overload
 
 # No nnan/ninf: masked keys are -inf and must stay -inf.
@@ -200,12 +202,214 @@ def _nibble(typingctx, byte, high):
 
 
 @njit(inline="always")
-def _piece(cache, row, h, j, dim, layout):
-    """(first code byte, scale, minimum) of piece j of head h in cache row `row`."""
+def _piece_at(row, h, j, dim, layout):
+    """(first code byte, byte of the scale) of piece j of head h in cache row `row`."""
     base, seg = U(row) * U(layout[_ROW]), U(layout[_SEG])
     first = (U(h) * U(dim) + U(j) * seg) * U(layout[_BITS]) >> U(3)  # its first element's byte
-    at = base + U(layout[U(_SCALE_AT) + U(h) * U(layout[_PIECES]) + U(j)])
-    return base + first, _load_f16(cache, at), _load_f16(cache, at + U(layout[_TO_MIN]))
+    return base + first, base + U(layout[U(_SCALE_AT) + U(h) * U(layout[_PIECES]) + U(j)])
+
+
+@njit(inline="always")
+def _piece(cache, row, h, j, dim, layout):
+    """(first code byte, scale, minimum) of piece j of head h in cache row `row`."""
+    c, at = _piece_at(row, h, j, dim, layout)
+    return c, _load_f16(cache, at), _load_f16(cache, at + U(layout[_TO_MIN]))
+
+
+# -- four slots of one piece of 64 at a time, written as vector IR --------------------------------
+# One key of a 4-bit cache left to the vectorizer read about 3 GB/s of packed bytes on a core of
+# the 2-core development machine, whose plain read is 25: a piece's 32 code bytes are fewer than
+# the 128 elements its main vector loop takes, so every piece ran the narrow remainder loop, with
+# a horizontal reduction, for each key. These intrinsics state the vector code instead: a piece's
+# bytes are one load, unpacked by a vector mask and shift and widened lane-wise, against q (or
+# the accumulator) loaded once for the 4 slots, and each slot's key reduced once per head rather
+# than once per piece. LLVM lowers the vector types to the host's own width (AVX-512, AVX2, NEON),
+# so nothing here is tied to one instruction set. The same core then reads about 6 GB/s of 4-bit
+# cache from its own cache, 8 with prefetching from RAM (below): still bound by arithmetic, as
+# every 16 codes cost a widening, a mask or shift, a conversion and an FMA, each pass.
+_FAST_FLAGS = tuple(sorted(FAST))
+
+
+def _splat(builder, value, lanes):
+    vector = builder.insert_element(ir.Constant(ir.VectorType(value.type, lanes), None), value,
+                                    ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+
+
+def _vector_at(context, builder, arytype, ary, at, lanes):
+    """Pointer to `lanes` elements of the flat array from element `at`, as one vector."""
+    data = context.make_array(arytype)(context, builder, ary).data
+    vt = ir.VectorType(context.get_data_type(arytype.dtype), lanes)
+    return builder.bitcast(builder.gep(data, [at]), vt.as_pointer()), vt
+
+
+def _piece_codes(context, builder, arytype, cache, at, bits, seg):
+    """The codes of a piece of `seg` elements from byte `at`, as float vectors, each with its
+    first element's offset in kernel order: for 4 bits the low nibbles, then the high ones. Bytes
+    are widened to 32-bit lanes first and the nibbles split there: one widening per byte rather
+    than one per nibble. Signed conversion: codes are small and positive, and x86 before
+    AVX-512 has no unsigned one."""
+    lanes = seg if bits == 8 else seg // 2
+    ptr, vt = _vector_at(context, builder, arytype, cache, at, lanes)
+    wide_t = ir.VectorType(ir.IntType(32), lanes)
+    wide = builder.zext(builder.load(ptr, typ=vt, align=1), wide_t)
+    f = ir.VectorType(ir.FloatType(), lanes)
+    if bits == 8:
+        return [(0, builder.sitofp(wide, f))]
+    low = builder.and_(wide, ir.Constant(wide_t, [15] * lanes))
+    high = builder.lshr(wide, ir.Constant(wide_t, [4] * lanes))
+    return [(0, builder.sitofp(low, f)), (lanes, builder.sitofp(high, f))]
+
+
+@intrinsic
+def _prefetch(typingctx, cache, at):
+    """Ask for the line holding byte `at` of the uint8 array ahead of its use (a hint: never
+    faults, even past the array)."""
+    if not (isinstance(cache, types.Array) and cache.dtype == types.uint8 and at == types.uint64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), i8p)
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.none(cache, types.uint64), codegen
+
+
+def _uint8_flat(cache):
+    return isinstance(cache, types.Array) and cache.dtype == types.uint8 and cache.ndim == 1
+
+
+def _fold(builder, v, lanes):
+    """v (a float vector) summed down to `lanes` lanes, halves added."""
+    while v.type.count > lanes:
+        n = v.type.count // 2
+        mask = lambda at: ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(at, at + n)))  # noqa: E731
+        v = builder.fadd(builder.shuffle_vector(v, v, mask(0)), builder.shuffle_vector(v, v, mask(n)), flags=_FAST_FLAGS)
+    return v
+
+
+def _sums4(builder, vectors):
+    """The sums of 4 float vectors of 16 lanes, as 4 floats: the 4 horizontal reductions done
+    together by shuffles that transpose as they add (5 adds in all rather than 4 x 4)."""
+    a, b, c, d = vectors
+    i32 = ir.IntType(32)
+
+    def add(x, y, lo, hi):
+        return builder.fadd(builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(i32, len(lo)), lo)),
+                            builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(i32, len(hi)), hi)), flags=_FAST_FLAGS)
+    # 16 + 16 lanes -> 16: lanes 0-7 a's partial sums, 8-15 b's
+    ab = add(a, b, list(range(0, 8)) + list(range(16, 24)), list(range(8, 16)) + list(range(24, 32)))
+    cd = add(c, d, list(range(0, 8)) + list(range(16, 24)), list(range(8, 16)) + list(range(24, 32)))
+    # -> 16: 4 lanes each of a, b, c, d
+    lo = [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27]
+    abcd = add(ab, cd, lo, [i + 4 for i in lo])
+    two = add(abcd, abcd, [0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15])  # 2 lanes each
+    one = add(two, two, [0, 2, 4, 6], [1, 3, 5, 7])
+    return [builder.extract_element(one, ir.Constant(i32, j)) for j in range(4)]
+
+
+def _make_head_dots4(bits, seg=64):
+    @intrinsic
+    def head_dots4(typingctx, x, xs, xsum, xsum_at, cache, c, sa, to_min, gap, pieces):
+        """x[xs:xs + pieces * seg] . the dequantized keys of one head in 4 slots, its pieces of
+        `seg` from byte c (codes, `seg * bits / 8` bytes a piece) with their float16 scales from
+        byte sa (2 bytes a piece) and minimums `to_min` bytes on, slot j at + j * gap: 4 float32
+        sums. Per piece scale * (x . codes) is added up lane-wise, and each slot's lanes are
+        reduced once at the end of the head; the minimums meet xsum[xsum_at + piece]."""
+        u64 = types.uint64
+        if not (_uint8_flat(cache) and isinstance(x, types.Array) and x.dtype == types.float32
+                and isinstance(xsum, types.Array) and xsum.dtype == types.float32
+                and all(a == u64 for a in (xs, xsum_at, c, sa, to_min, gap, pieces))):
+            return None
+
+        def codegen(context, builder, sig, args):
+            x, xs, xsum, xsum_at, cache, c, sa, to_min, gap, pieces = args
+            lanes = seg if bits == 8 else seg // 2
+            f, u = ir.VectorType(ir.FloatType(), lanes), ir.IntType(64)
+            half_t = ir.HalfType()
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(f, [0.0] * lanes)) for _ in range(SLOTS)]
+            lows = [cgutils.alloca_once_value(builder, ir.Constant(ir.FloatType(), 0.0)) for _ in range(SLOTS)]
+            cache_data = context.make_array(sig.args[4])(context, builder, cache).data
+            xsum_data = context.make_array(sig.args[2])(context, builder, xsum).data
+
+            def f16(at):
+                return builder.fpext(builder.load(builder.bitcast(builder.gep(cache_data, [at]), half_t.as_pointer()),
+                                                  typ=half_t, align=1), ir.FloatType())
+            with cgutils.for_range(builder, pieces) as loop:
+                j = loop.index
+                cj = builder.add(c, builder.mul(j, ir.Constant(u, seg * bits // 8)))
+                sj = builder.add(sa, builder.mul(j, ir.Constant(u, 2)))
+                xj = builder.add(xs, builder.mul(j, ir.Constant(u, seg)))
+                xsum_j = builder.load(builder.gep(xsum_data, [builder.add(xsum_at, j)]), typ=ir.FloatType())
+                xv = None
+                for slot in range(SLOTS):
+                    parts = _piece_codes(context, builder, sig.args[4], cache, cj, bits, seg)
+                    if xv is None:
+                        xv = []
+                        for offset, codes in parts:
+                            ptr, vt = _vector_at(context, builder, sig.args[0], x,
+                                                 builder.add(xj, ir.Constant(u, offset)), codes.type.count)
+                            xv.append(builder.load(ptr, typ=vt, align=4))
+                    prod = None
+                    for xp, (_, codes) in zip(xv, parts):
+                        term = builder.fmul(xp, codes, flags=_FAST_FLAGS)
+                        prod = term if prod is None else builder.fadd(prod, term, flags=_FAST_FLAGS)
+                    scaled = builder.fmul(_splat(builder, f16(sj), lanes), prod, flags=_FAST_FLAGS)
+                    acc = builder.fadd(builder.load(accs[slot], typ=f), scaled, flags=_FAST_FLAGS)
+                    builder.store(acc, accs[slot])
+                    low = builder.fmul(f16(builder.add(sj, to_min)), xsum_j, flags=_FAST_FLAGS)
+                    builder.store(builder.fadd(builder.load(lows[slot], typ=ir.FloatType()), low, flags=_FAST_FLAGS),
+                                  lows[slot])
+                    cj, sj = builder.add(cj, gap), builder.add(sj, gap)
+            sums = _sums4(builder, [_fold(builder, builder.load(a, typ=f), 16) for a in accs])
+            sums = [builder.fadd(t, builder.load(low, typ=ir.FloatType()), flags=_FAST_FLAGS) for t, low in zip(sums, lows)]
+            return context.make_tuple(builder, sig.return_type, sums)
+        return types.UniTuple(types.float32, SLOTS)(x, xs, xsum, xsum_at, cache, c, sa, to_min, gap, pieces), codegen
+    return head_dots4
+
+
+def _make_axpy4(bits, seg):
+    @intrinsic
+    def axpy4(typingctx, acc, a, cache, c, gap, w0, w1, w2, w3, low):
+        """acc[a:a + seg] += sum over j < 4 of wj * (the codes of the piece at byte c + j * gap)
+        + low: the accumulator loaded and stored once for the 4 slots."""
+        if not (_uint8_flat(cache) and isinstance(acc, types.Array) and acc.dtype == types.float32
+                and a == types.uint64 and c == types.uint64 and gap == types.uint64
+                and all(w == types.float32 for w in (w0, w1, w2, w3, low))):
+            return None
+
+        def codegen(context, builder, sig, args):
+            acc, a, cache, c, gap, *weights, low = args
+            total, ptrs, at = None, [], c
+            for j, w in enumerate(weights):
+                if j:
+                    at = builder.add(at, gap)
+                parts = _piece_codes(context, builder, sig.args[2], cache, at, bits, seg)
+                if total is None:
+                    total = []
+                    for offset, codes in parts:
+                        ptr, vt = _vector_at(context, builder, sig.args[0], acc,
+                                             builder.add(a, ir.Constant(a.type, offset)), codes.type.count)
+                        ptrs.append((ptr, vt))
+                        start = builder.fadd(builder.load(ptr, typ=vt, align=4), _splat(builder, low, vt.count),
+                                             flags=_FAST_FLAGS)
+                        total.append(start)
+                wv = _splat(builder, w, parts[0][1].type.count)
+                total = [builder.fadd(t, builder.fmul(wv, codes, flags=_FAST_FLAGS), flags=_FAST_FLAGS)
+                         for t, (_, codes) in zip(total, parts)]
+            for t, (ptr, _) in zip(total, ptrs):
+                builder.store(t, ptr, align=4)
+            return context.get_dummy_value()
+        return types.none(acc, a, cache, c, gap, w0, w1, w2, w3, low), codegen
+    return axpy4
+
+
+_head_dots4_4bit, _head_dots4_8bit = _make_head_dots4(4), _make_head_dots4(8)
+_axpy4_4bit, _axpy4_8bit = _make_axpy4(4, 64), _make_axpy4(8, 64)
 
 
 # Pieces of 64 (the default group size) are written by loops whose trip count the compiler knows:
@@ -331,15 +535,13 @@ SLOTS = 4  # score_rows and add_rows are written out for 4
 
 
 def slots_per_pass(cache):
-    """How many slots a pass reads together from this cache: SLOTS for a dense one, 1 for a
-    quantized one (bound by unpacking codes, which grouping does not help)."""
+    """How many slots a pass reads together from this cache: SLOTS for every cache (a quantized
+    one with pieces other than 64 reads the group's slots one key after the other)."""
 
 
 @overload(slots_per_pass, inline="always")
 def _slots_per_pass(cache):
-    if cache.dtype in (types.float32, types.uint16, types.int16):
-        return lambda cache: SLOTS
-    return lambda cache: 1
+    return lambda cache: SLOTS
 
 
 def score_rows(x, at, xsum, pair, cache, row, step, h, heads, dim, layout, bias, bias_at, bias_step, sc, sc_at, gap):
@@ -367,14 +569,59 @@ def _score_rows(x, at, xsum, pair, cache, row, step, h, heads, dim, layout, bias
                 add = bias[bias_at + j * bias_step]
                 sc[U(sc_at) + U(j) * U(gap)] = add if add == -np.inf else t + add
         return dense
-    if cache.dtype == types.uint8:  # not called (slots_per_pass is 1), but correct if it were
+    if cache.dtype == types.uint8:
         def quant(x, at, xsum, pair, cache, row, step, h, heads, dim, layout, bias, bias_at, bias_step, sc, sc_at, gap):
-            for j in range(SLOTS):
+            if U(layout[_SEG]) != U(_COMMON_SEG):  # one key at a time, as the vector code is written for 64
+                for j in range(SLOTS):
+                    add = bias[bias_at + j * bias_step]
+                    sc[U(sc_at) + U(j) * U(gap)] = add if add == -np.inf else \
+                        dot_row(x, at, xsum, pair, cache, row + j * step, h, heads, dim, layout) + add
+                return
+            t0, t1, t2, t3 = _quant_dots4(x, at, xsum, pair, cache, row, step, h, dim, layout)
+            for j, t in enumerate((t0, t1, t2, t3)):
                 add = bias[bias_at + j * bias_step]
-                sc[U(sc_at) + U(j) * U(gap)] = add if add == -np.inf else \
-                    dot_row(x, at, xsum, pair, cache, row + j * step, h, heads, dim, layout) + add
+                sc[U(sc_at) + U(j) * U(gap)] = add if add == -np.inf else t + add
         return quant
     return None
+
+
+# How far ahead of the item being read its slots' codes, scales and minimums are asked for. A
+# quantized row is three runs (codes, scales, minimums), so a group of 4 slots is 12 streams, more
+# than the hardware prefetchers follow: from RAM the kernel read a third below its rate on
+# cache-resident data.
+# Codes: 8 heads ahead, each of their lines; scales and minimums: a line ahead (16 heads of 2
+# pieces a line).
+_AHEAD_HEADS, _AHEAD_SCALES, _LINE = 8, 64, 64
+
+
+@njit(inline="always")
+def _prefetch4(cache, c, sa, to_min, gap, head_bytes, h):
+    """Prefetch for 4 slots, `gap` bytes apart, of head h: the codes 8 heads on, and every 8th
+    head the scales and minimums a line on (on a cache-resident layer each hint costs time)."""
+    ahead = U(_AHEAD_HEADS) * head_bytes
+    for j in range(SLOTS):
+        at = U(j) * gap
+        _prefetch(cache, c + at + ahead)
+        if head_bytes > U(_LINE):  # 8 bits: a head of 128 is two lines (more are left to the hardware)
+            _prefetch(cache, c + at + ahead + U(_LINE))
+        if h & 7 == 0:
+            _prefetch(cache, sa + at + U(_AHEAD_SCALES))
+            _prefetch(cache, sa + to_min + at + U(_AHEAD_SCALES))
+
+
+@njit(fastmath=FAST, inline="always")
+def _quant_dots4(x, at, xsum, pair, cache, row, step, h, dim, layout):
+    """x[at:at + D] (kernel order) . the dequantized keys of head h in cache rows row + j * step,
+    j < 4, pieces of 64: per piece, scale * (x . codes) + minimum * sum(x), as _quant_dot."""
+    pieces, to_min = U(layout[_PIECES]), U(layout[_TO_MIN])
+    row_gap = U(step) * U(layout[_ROW])
+    c, sa = _piece_at(row, h, 0, dim, layout)
+    _prefetch4(cache, c, sa, to_min, row_gap, U(dim) * U(layout[_BITS]) >> U(3), h)
+    if layout[_BITS] == 4:
+        t0, t1, t2, t3 = _head_dots4_4bit(x, U(at), xsum, U(pair) * pieces, cache, c, sa, to_min, row_gap, pieces)
+    else:
+        t0, t1, t2, t3 = _head_dots4_8bit(x, U(at), xsum, U(pair) * pieces, cache, c, sa, to_min, row_gap, pieces)
+    return t0, t1, t2, t3
 
 
 def add_rows(acc, at, p0, p1, p2, p3, cache, row, step, h, heads, dim, layout):
@@ -393,12 +640,38 @@ def _add_rows(acc, at, p0, p1, p2, p3, cache, row, step, h, heads, dim, layout):
                 acc[at + d] += (p0 * to_f32(cache[c0 + d]) + p1 * to_f32(cache[c1 + d])
                                 + p2 * to_f32(cache[c2 + d]) + p3 * to_f32(cache[c3 + d]))
         return dense
-    if cache.dtype == types.uint8:  # never called (slots_per_pass is 1), but correct if it were
+    if cache.dtype == types.uint8:
         def quant(acc, at, p0, p1, p2, p3, cache, row, step, h, heads, dim, layout):
-            for j, p in enumerate((p0, p1, p2, p3)):
-                add_row(acc, at, p, cache, row + j * step, h, heads, dim, layout)
+            if U(layout[_SEG]) != U(_COMMON_SEG):
+                for j, p in enumerate((p0, p1, p2, p3)):
+                    add_row(acc, at, p, cache, row + j * step, h, heads, dim, layout)
+                return
+            _quant_add4(acc, at, p0, p1, p2, p3, cache, row, step, h, dim, layout)
         return quant
     return None
+
+
+@njit(fastmath=FAST, inline="always")
+def _quant_add4(acc, at, p0, p1, p2, p3, cache, row, step, h, dim, layout):
+    """acc[at:at + D] (kernel order) += sum over j < 4 of pj * the dequantized value of head h in
+    cache row row + j * step, pieces of 64: each piece of the accumulator loaded and stored once."""
+    to_min = U(layout[_TO_MIN])
+    row_gap = U(step) * U(layout[_ROW])
+    c, sa = _piece_at(row, h, 0, dim, layout)
+    _prefetch4(cache, c, sa, to_min, row_gap, U(dim) * U(layout[_BITS]) >> U(3), h)
+    for j in range(U(layout[_PIECES])):
+        c, sa = _piece_at(row, h, j, dim, layout)
+        s1, s2 = sa + row_gap, sa + row_gap + row_gap
+        s3 = s2 + row_gap
+        w0, w1 = p0 * _load_f16(cache, sa), p1 * _load_f16(cache, s1)
+        w2, w3 = p2 * _load_f16(cache, s2), p3 * _load_f16(cache, s3)
+        low = (p0 * _load_f16(cache, sa + to_min) + p1 * _load_f16(cache, s1 + to_min)
+               + p2 * _load_f16(cache, s2 + to_min) + p3 * _load_f16(cache, s3 + to_min))
+        a = U(at) + j * U(_COMMON_SEG)
+        if layout[_BITS] == 4:
+            _axpy4_4bit(acc, a, cache, c, row_gap, w0, w1, w2, w3, low)
+        else:
+            _axpy4_8bit(acc, a, cache, c, row_gap, w0, w1, w2, w3, low)
 
 
 @njit(fastmath=FAST, inline="always")
