@@ -99,7 +99,9 @@ def test_every_split_of_the_work_gives_the_same_answer(c, slot_splits, item_spli
     one = cpu_attention._attend_numba(q, k, v, c["end"], bias, scale, splits=(1, 1), out=torch.empty(q.shape))
     split = cpu_attention._attend_numba(q, k, v, c["end"], bias, scale, splits=(slot_splits, item_splits),
                                         out=torch.empty(q.shape))
-    torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-6)
+    # a slot range of fewer than 4 slots reads one key at a time, whose products round in another
+    # order than a 4-slot group's; a range that skipped or repeated a slot would be off by far more
+    torch.testing.assert_close(split, one, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

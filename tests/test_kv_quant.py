@@ -148,7 +148,10 @@ def test_every_split_of_the_work_reads_the_quantized_cache_alike(c, slot_splits,
     one = cpu_attention._attend_numba(q, kq, vq, c["end"], bias, scale, splits=(1, 1), quant=codec, out=torch.empty(q.shape))
     split = cpu_attention._attend_numba(q, kq, vq, c["end"], bias, scale, splits=(slot_splits, item_splits), quant=codec,
                                         out=torch.empty(q.shape))
-    torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-6)
+    # A slot range of fewer than 4 slots reads one key at a time, whose sum over pieces rounds in
+    # another order than a 4-slot group's (6e-5 relative seen); a head given another head's scales
+    # would be off by a quantization step, 1e-2 or more.
+    torch.testing.assert_close(split, one, rtol=1e-4, atol=1e-5)
     ref, _ = attention64(q, codec.decode(kq, torch.float64), codec.decode(vq, torch.float64), c["end"], mask, codec)
     torch.testing.assert_close(split.double().reshape(ref.shape), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
