@@ -83,14 +83,21 @@ def _f32_to_f16_bits(typingctx, x):
     return types.uint16(types.float32), codegen
 
 
-@intrinsic
-def _f32_bits(typingctx, x):
-    if x != types.float32:
-        return None
+def _bitcast(source, target, target_ir):
+    """An intrinsic reading a `source` scalar's bits as a `target` one (no conversion)."""
+    @intrinsic
+    def cast(typingctx, x):
+        if x != source:
+            return None
 
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-    return types.uint32(types.float32), codegen
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], target_ir)
+        return target(source), codegen
+    return cast
+
+
+_f32_bits = _bitcast(types.float32, types.uint32, ir.IntType(32))
+_i32_as_f32 = _bitcast(types.int32, types.float32, ir.FloatType())
 
 
 def from_f32(x, like):
@@ -113,16 +120,6 @@ def _from_f32(x, like):
     if like == types.float32:
         return lambda x, like: x
     return None
-
-
-@intrinsic
-def _i32_as_f32(typingctx, x):
-    if x != types.int32:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
 
 
 @njit(fastmath=FAST, inline="always")

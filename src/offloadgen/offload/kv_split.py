@@ -40,9 +40,9 @@ top): an estimate that may move too many, which the next step's wait undoes. The
 (at least one, in the direction above) with the shortest modelled step; towards the GPU, none
 while the model says no count would shorten it by more than the dead band (margin * c), but one
 after `hold` such steps in a row, or at once where the model's bus alone is longer than the CPU
-side the step measured (the model is off: a probe that read the bus slow). So a
-split that starts far off reaches the balance in one or two steps, not one micro-batch a step (bench decodes ~31 steps; issue 17's
-4-bit run at batch 256 went 18 -> 0 of 32 over its whole run). Without `bus` (g unknown: 0), a
+side the step measured (the model is off: a probe that read the bus slow). So a split that
+starts far off reaches the balance in one or two steps, not one micro-batch a step (bench decodes
+~31 steps; issue 17's 4-bit run at batch 256 went 18 -> 0 of 32 over its whole run). Without `bus` (g unknown: 0), a
 move is one micro-batch, as the rules above alone say.
 
 cpu_s is the CPU side's whole time less its waits (kv_cache passes it, not the attention alone):
