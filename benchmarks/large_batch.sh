@@ -3,8 +3,8 @@
 # (16 GiB, prompt 512, gen 32, weights in CPU RAM) at large batches with the KV cache in CPU RAM:
 # fp16 cache at batch 96, a 4-bit cache at the larger batch it allows, 4-bit weights with it.
 # Records and console go to $OUT (or ./out); the report comes last.
-#   bash benchmarks/large_batch.sh [check] [kernel] [kv96] [kv96q8] [kvq4] [wq4kvq4] [wq4kvq4overlap] [kvq4triton] [wq4kvq4triton]
-#                                  [kv96real] [kvq4real] ...
+#   bash benchmarks/large_batch.sh [check] [kernel] [kv96] [kv96overlap] [kv96q8] [kvq4] [wq4kvq4] [wq4kvq4overlap] [kvq4triton] [wq4kvq4triton]
+#                                  [kv96real] [kv96realoverlap] [kvq4real] ...
 # BIG (default 256) is the batch of the 4-bit cache runs, MB the micro-batch size (default 8 for the fp16
 # cache at 96, 32 for the 4-bit cache runs: at batch 256, 32 rows a part ran 178.6 tok/s where parts of 8
 # had run 64-96 on earlier leases, since each CPU-attended call reads more rows at once and the host issues a quarter
@@ -32,12 +32,17 @@ for what in "$@"; do
     check) timeout 300 python3 tests/kv_quant_triton_check.py ;;
     kernel) timeout 300 python3 benchmarks/kv_cpu_attention.py 2>&1 | tee "$out/kv_cpu_attention.txt" ;;
     kv96) (cd "$out" && timeout $step_limit $bench $kv --batch-size 96) ;;
+    # batch 96 with the CPU-attended parts in their own thread (--kv-overlap): the fp16 step is the
+    # host thread's CPU side (0.90 s) plus the GPU parts it issues, beside 0.91 s of bus
+    kv96overlap) (cd "$out" && timeout $step_limit $bench $kv --batch-size 96 --kv-overlap) ;;
     kv96q8) (cd "$out" && timeout $step_limit $bench $kv --batch-size 96 --kv-quant-bits 8) ;;
     kvq4) (cd "$out" && timeout $step_limit $bench $kvq --batch-size "$big" --kv-quant-bits 4) ;;
     # The same batches over real prompts of 512 tokens (bench's fixed batch is the reference's
     # sentence left-padded and masked, and CPU attention skips the padding): through the batcher,
     # prefilled in one pass, then every pass decodes every row; decode tok/s = batch / decode-only pass.
     kv96real) (cd "$out" && timeout $step_limit $real $kv --batch-size 96 --num-requests 96 --prefill-chunk $((96 * 512))) ;;
+    kv96realoverlap) (cd "$out" && timeout $step_limit $real $kv --batch-size 96 --num-requests 96 --prefill-chunk $((96 * 512)) \
+                        --kv-overlap) ;;
     kvq4real) (cd "$out" && timeout $step_limit $real $kvq --batch-size "$big" --num-requests "$big" \
                  --prefill-chunk $((big * 512)) --kv-quant-bits 4) ;;
     wq4kvq4) (cd "$out" && timeout $step_limit $bench $kvq --batch-size "$big" --kv-quant-bits 4 --quant-bits 4) ;;

@@ -157,6 +157,7 @@ class Engine:
             return False
         if self.cpu_side is None:
             self.cpu_side = CpuSide(self.device)
+        cache.use_cpu_side(self.cpu_side)  # every CPU kernel in its one attention thread
         return True
 
     def _moe_layer(self, i: int, block: dict, batches: list[MicroBatch], hidden: list, cache) -> list:

@@ -20,6 +20,17 @@ between passes, in begin_pass), so each one's hidden state stays on one stream.
 
 Only whole-part decode micro-batches whose part has no other micro-batch in the pass go to the
 thread: a prompt chunk's rows of the same part write host slots that the CPU side would read.
+
+Two lanes, one attention thread. One worker running its micro-batches one after the other left the
+cores idle between kernels: each micro-batch waits for its q from the GPU, attends, then issues its
+output projection and MLP, and only then the next one's q, k and v. On the H100 host (16 cores) a
+pass over real prompts at batch 96 took 2.0 s where its CPU attention took 1.0 s and its weights
+0.87 s of bus. So the CPU-attended micro-batches of a layer go to two lanes, alternately, on the
+same side stream: while one lane's micro-batch attends, the other issues its projections and waits
+for its q, and attends as soon as the first is done. The kernels of both lanes run in one
+attention thread, one at a time (`attend`): an OpenMP pool belongs to the thread that starts it,
+so two calling threads would each keep a pool of their own, spinning on the same cores. The pool
+leaves a core to each lane.
 """
 from __future__ import annotations
 
@@ -30,19 +41,38 @@ import torch
 
 
 class CpuSide:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, lanes: int = 2):
         self.device = torch.device(device)
-        # On a CPU device (tests) the thread alone: there is no stream to order.
+        # On a CPU device (tests) the threads alone: there is no stream to order.
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="cpu-attention")
+        self.lanes = lanes
+        self.pool = ThreadPoolExecutor(lanes, thread_name_prefix="cpu-side")
+        self.kernels = ThreadPoolExecutor(1, thread_name_prefix="cpu-attention")
         self.layers = 0  # layers run with a CPU side (for the record)
+        self.threads = torch.get_num_threads()  # the engine thread's, as of its last layer
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        self.kernels.shutdown(wait=True)
+
+    def attend(self, kernel: Callable[[], object]) -> object:
+        """kernel() run in the attention thread, after any other lane's (see the module); its
+        result. Its OpenMP pool leaves a core to each lane (see run_layer)."""
+        threads = max(1, self.threads - self.lanes)
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        def run() -> object:
+            # OpenMP's thread count is per thread, and the kernel sizes its pool from it; so are
+            # inference and grad mode: the kernel writes the caller's pinned inference tensors
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return kernel()
+        return self.kernels.submit(run).result()
 
     def run_layer(self, on_cpu: list[int], on_gpu: list[int], hidden: list, run: Callable[[int], torch.Tensor]) -> None:
-        """hidden[j] = run(j) for every j of both lists: on_cpu's in the worker thread on the side
-        stream, on_gpu's here, at the same time."""
+        """hidden[j] = run(j) for every j of both lists: on_cpu's in the lanes on the side stream,
+        alternately, on_gpu's here, all at the same time."""
         cuda = self.stream is not None
         if cuda:
             compute = torch.cuda.current_stream(self.device)
@@ -52,30 +82,42 @@ class CpuSide:
                 # Made on the compute stream by the embedding, or by an MoE layer (those run there):
                 # freed only once the side stream has read it. Every layer, as MoE and dense layers mix.
                 hidden[j].record_stream(self.stream)
-        inference, grad, threads = torch.is_inference_mode_enabled(), torch.is_grad_enabled(), torch.get_num_threads()
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+        self.threads = torch.get_num_threads()
 
-        def side() -> dict:
+        def lane(mine: list[int]) -> dict:
             # The current stream, inference and grad mode, and OpenMP's thread count are each per
-            # thread. The CPU kernel sizes its pool from the last: one core fewer than the caller's,
-            # which is the core the caller's thread issues on. With every core in the pool, one of
-            # its threads shared a core with it and the whole pool waited for that one: CPU
-            # attention took 2.21 s a step against 1.56 s on one thread (2 x H100 host, 32 cores).
-            if torch.get_num_threads() != max(1, threads - 1):
-                torch.set_num_threads(max(1, threads - 1))
+            # thread. A lane issues GPU work and runs no CPU kernel: one thread, and a core of its
+            # own beside the attention thread's pool. With every core in the pool, one of its
+            # threads shared a core with the issuing thread and the whole pool waited for that
+            # one: CPU attention took 2.21 s a step against 1.56 s on one thread (2 x H100 host,
+            # 32 cores).
+            if torch.get_num_threads() != 1:
+                torch.set_num_threads(1)
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 if not cuda:
-                    return {j: run(j) for j in on_cpu}
+                    return {j: run(j) for j in mine}
                 with torch.cuda.stream(self.stream):
                     self.stream.wait_event(start)
-                    return {j: run(j) for j in on_cpu}
-        pending = self.pool.submit(side)
+                    return {j: run(j) for j in mine}
+        shares = [on_cpu[k::self.lanes] for k in range(self.lanes) if on_cpu[k::self.lanes]]
+        pending = [self.pool.submit(lane, mine) for mine in shares]
         try:
             for j in on_gpu:
                 hidden[j] = run(j)
         finally:
-            done = pending.result()  # the worker's error, if any, comes out here
-        for j, h in done.items():
-            hidden[j] = h
+            # every lane done before the layer ends, even when one failed; the first error comes out
+            done, errors = [], []
+            for p in pending:
+                try:
+                    done.append(p.result())
+                except BaseException as error:  # noqa: B036 (re-raised below)
+                    errors.append(error)
+            if errors:
+                raise errors[0]
+        for results in done:
+            for j, h in results.items():
+                hidden[j] = h
         if cuda:
             finished = torch.cuda.Event()
             finished.record(self.stream)
