@@ -1,0 +1,127 @@
+"""--kv-overlap's two lanes against one thread (KVOffload(overlap=False)): tokens and logits equal
+for several CPU-attended micro-batches a layer, ragged prompts, a GQA model, a 4-bit cache, an MoE
+model, and under the continuous batcher (decode parts beside prompt chunks); errors in one lane
+while the other runs; an interrupt while the engine waits for the lanes. On the CPU only the
+threads run (see test_cpu_side's fixture): what can go wrong in them is what these look for."""
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from offloadgen.checkpoint import SafetensorsFolder
+from offloadgen.engine import Engine
+from offloadgen.offload import ResidentWeights, cpu_side
+from offloadgen.offload.kv_cache import KVOffload, OffloadedKVCache
+from offloadgen.sampling import SamplingParams
+from offloadgen.scheduler import ContinuousBatcher
+
+from test_cpu_side import _cpu_side_anywhere
+from test_parity import ragged_batch
+from test_scheduler import MAX_TOKENS, greedy, prompts
+
+CPU = torch.device("cpu")
+OPTS = {"cpu": dict(attention="cpu"), "split": dict(gpu_fraction=0.5),
+        "cpu-4bit": dict(attention="cpu", quant_bits=4, quant_group_size=16)}
+
+
+@pytest.fixture
+def lanes_seen(monkeypatch):
+    """The engine takes the CPU side on the CPU too; the names of the threads that attended on the CPU."""
+    monkeypatch.setattr(Engine, "_cpu_side_for", _cpu_side_anywhere)
+    seen = set()
+    real = OffloadedKVCache.attend_on_cpu
+
+    def spy(self, *args):
+        seen.add(threading.current_thread().name)
+        return real(self, *args)
+    monkeypatch.setattr(OffloadedKVCache, "attend_on_cpu", spy)
+    return seen
+
+
+def engine_for(path, opts, micro_batch_size=1):
+    ckpt = SafetensorsFolder(path)
+    return Engine(ckpt.cfg, ResidentWeights(ckpt, CPU, torch.float32, progress=False), CPU, torch.float32,
+                  micro_batch_size, kv_offload=opts)
+
+
+def generate(engine, new_tokens=8):
+    ids, mask = ragged_batch(seed=5)
+    return engine.generate(ids, mask, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), set(), 0)
+
+
+@pytest.mark.parametrize("variant", ["opt", "llama3-gqa-rope-scaling", "qwen3-moe"])
+@pytest.mark.parametrize("kind", sorted(OPTS))
+def test_lanes_give_one_threads_tokens_and_logits(tiny, variant, kind, lanes_seen):
+    """One row a micro-batch: 3 parts, all (or, split, 2 of them) attended on the CPU, in two lanes."""
+    _, path = tiny(variant)
+    alone = generate(engine_for(path, KVOffload(**OPTS[kind], overlap=False)))
+    assert lanes_seen == {"MainThread"}
+    lanes_seen.clear()
+    engine = engine_for(path, KVOffload(**OPTS[kind], overlap=True))
+    out = generate(engine)
+    assert out.tokens == alone.tokens
+    torch.testing.assert_close(out.last_logits, alone.last_logits, rtol=1e-6, atol=1e-6)
+    if variant == "qwen3-moe":  # its layers are all MoE: attention and routing on the engine's thread
+        assert lanes_seen == {"MainThread"} and engine.cpu_side.layers == 0
+    else:
+        lanes = 2 if kind != "split" else 1  # split: 2 of 3 parts on the CPU, one a lane
+        assert len(lanes_seen) == lanes and all(n.startswith("cpu-side") for n in lanes_seen)
+    engine.close()
+
+
+@pytest.mark.parametrize("variant", ["opt", "llama3-gqa-rope-scaling"])
+@pytest.mark.parametrize("kind", ["cpu", "split"])
+def test_lanes_under_the_continuous_batcher_give_one_threads_tokens(tiny, variant, kind, lanes_seen):
+    """5 slots in parts of 1: decode parts in the lanes, beside prompt chunks of other parts on the
+    engine's thread; rows refilled as others end."""
+    _, path = tiny(variant)
+    reqs, params = prompts(1), [greedy(n) for n in MAX_TOKENS]
+
+    def run(overlap):
+        batcher = ContinuousBatcher(engine_for(path, KVOffload(**OPTS[kind], overlap=overlap)), 5, 40, 6)
+        handles = [batcher.submit(ids, p) for ids, p in zip(reqs, params)]
+        while batcher.has_work():
+            batcher.step()
+        batcher.engine.close()
+        return [h.output_ids for h in handles]
+    alone = run(False)
+    lanes_seen.clear()
+    assert run(True) == alone
+    assert {"cpu-side_0", "cpu-side_1"} <= lanes_seen
+
+
+def test_an_error_in_one_lane_waits_for_the_other_and_a_retry_gives_one_threads_tokens(tiny, lanes_seen, monkeypatch):
+    """Part 0's attention fails in one lane while part 1's, in the other, is still attending: the
+    error comes out of generate only once part 1's lane is done, and generating again gives the
+    single thread's tokens."""
+    _, path = tiny("llama3-gqa-rope-scaling")
+    alone = generate(engine_for(path, KVOffload(attention="cpu", overlap=False)))
+    real = OffloadedKVCache.attend_on_cpu
+    state = {"fail": True, "inside": 0, "inside_at_error": None}
+    lock = threading.Lock()
+
+    def flaky(self, i, j, *args):
+        with lock:
+            state["inside"] += 1
+        try:
+            if j == 1 and state["fail"]:
+                time.sleep(0.2)  # the other lane's part still attending when part 0 fails
+            if j == 0 and i == 1 and state["fail"]:
+                raise RuntimeError("attention failed in a lane")
+            return real(self, i, j, *args)
+        finally:
+            with lock:
+                state["inside"] -= 1
+    monkeypatch.setattr(OffloadedKVCache, "attend_on_cpu", flaky)
+    engine = engine_for(path, KVOffload(attention="cpu", overlap=True))
+    with pytest.raises(RuntimeError, match="failed in a lane"):
+        generate(engine)
+    assert state["inside"] == 0  # no lane still at work on the cache
+    state["fail"] = False
+    again = generate(engine)
+    assert again.tokens == alone.tokens
+    torch.testing.assert_close(again.last_logits, alone.last_logits, rtol=1e-6, atol=1e-6)
+    engine.close()
+    assert engine.cpu_side is None
