@@ -125,3 +125,30 @@ def test_an_error_in_one_lane_waits_for_the_other_and_a_retry_gives_one_threads_
     torch.testing.assert_close(again.last_logits, alone.last_logits, rtol=1e-6, atol=1e-6)
     engine.close()
     assert engine.cpu_side is None
+
+
+def test_an_interrupt_while_waiting_for_the_lanes_still_waits_for_them():
+    """Ctrl-C while the engine's thread waits for the lanes: the layer may not end, and a retry
+    begin, while a lane still writes the cache. The interrupt comes out once both are done."""
+    side = cpu_side.CpuSide(CPU)
+    running = [0]
+    lock = threading.Lock()
+
+    def run(j):
+        with lock:
+            running[0] += 1
+        time.sleep(0.6 if j == 0 else 0.05)
+        with lock:
+            running[0] -= 1
+        return torch.zeros(1)
+    main = threading.main_thread().ident
+    timer = threading.Timer(0.15, signal.pthread_kill, (main, signal.SIGINT))
+    hidden = [None, None]
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            side.run_layer([0, 1], [], hidden, run)
+        assert running[0] == 0
+    finally:
+        timer.cancel()
+        side.close()

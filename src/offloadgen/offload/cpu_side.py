@@ -34,7 +34,7 @@ leaves a core to each lane.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable
 
 import torch
@@ -106,15 +106,9 @@ class CpuSide:
             for j in on_gpu:
                 hidden[j] = run(j)
         finally:
-            # every lane done before the layer ends, even when one failed; the first error comes out
-            done, errors = [], []
-            for p in pending:
-                try:
-                    done.append(p.result())
-                except BaseException as error:  # noqa: B036 (re-raised below)
-                    errors.append(error)
-            if errors:
-                raise errors[0]
+            done, error = _drain(pending)
+        if error is not None:  # here, not in the finally: an error of this thread's own goes first
+            raise error
         for results in done:
             for j, h in results.items():
                 hidden[j] = h
@@ -123,6 +117,26 @@ class CpuSide:
             finished.record(self.stream)
             compute.wait_event(finished)
         self.layers += 1
+
+
+def _drain(pending: list) -> tuple[list, BaseException | None]:
+    """Every lane's result once all are done, and the first error (an interrupt first). Every lane
+    done before the layer ends, even when one failed or Ctrl-C came while waiting: a lane left
+    running would go on writing the cache and issuing on the side stream under the next pass."""
+    interrupted = None
+    while True:
+        try:
+            wait(pending)
+            break
+        except BaseException as error:  # noqa: B036 (KeyboardInterrupt: kept, raised once the lanes are done)
+            interrupted = interrupted or error
+    done, errors = [], [] if interrupted is None else [interrupted]
+    for p in pending:
+        if p.exception() is None:
+            done.append(p.result())
+        else:
+            errors.append(p.exception())
+    return done, errors[0] if errors else None
 
 
 def cpu_side_batches(batches: list, cache) -> list[int]:
