@@ -152,3 +152,38 @@ def test_an_interrupt_while_waiting_for_the_lanes_still_waits_for_them():
     finally:
         timer.cancel()
         side.close()
+
+
+@pytest.mark.parametrize("variant", ["qwen3-moe", "opt"])
+def test_the_split_counts_kernels_beside_lane_work_only_where_lanes_ran_them(tiny, variant, lanes_seen):
+    """An MoE layer attends every micro-batch on the engine's thread, one after the other: there
+    the CPU side's cost is its whole host time less its waits, as with one thread, not the longer
+    of its kernels and the rest (which would tell the split the CPU side is cheaper than it is,
+    and send it parts it cannot take). In the lanes, the longer of the two."""
+    from offloadgen.offload.kv_split import SplitController
+    _, path = tiny(variant)
+    engine = engine_for(path, KVOffload(attention="auto", gpu_fraction=0.0, overlap=True))
+    cache = engine.new_cache(3, 14 + 6)
+    cache.split = SplitController(3, 0, 0)  # on the CPU there is none: one that keeps every part on the CPU
+    seen, marks = [], []
+    observe, begin_pass = cache.split.observe, cache.begin_pass
+    names = ("cpu_attention_s", "wait_for_gpu_s", "cpu_side_host_s")
+
+    def spy(cpu_s, wait_s, step_s, issue_s=0.0):
+        attention, wait, side = (cache.stats[n] - m for n, m in zip(names, marks[-1]))
+        seen.append((cpu_s, attention, side - wait))
+        return observe(cpu_s, wait_s, step_s, issue_s)
+
+    def marking(step, prefills=False):
+        begin_pass(step, prefills)
+        marks.append([cache.stats[n] for n in names])
+    cache.split.observe, cache.begin_pass = spy, marking
+    generate(engine, new_tokens=6)
+    assert len(seen) == 6 - 2  # decode passes after the first
+    for cpu_s, attention, host in seen:
+        assert 0 < attention < host
+        if variant == "qwen3-moe":  # no lane ran: the kernels and the rest one after the other
+            assert cpu_s == pytest.approx(host)
+        else:
+            assert cpu_s == pytest.approx(max(attention, host - attention))
+    engine.close()

@@ -34,6 +34,7 @@ leaves a core to each lane.
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable
 
@@ -50,10 +51,15 @@ class CpuSide:
         self.kernels = ThreadPoolExecutor(1, thread_name_prefix="cpu-attention")
         self.layers = 0  # layers run with a CPU side (for the record)
         self.threads = torch.get_num_threads()  # the engine thread's, as of its last layer
+        self._here = threading.local()  # .lane: set in the lanes' threads (in_lane)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.kernels.shutdown(wait=True)
+
+    def in_lane(self) -> bool:
+        """Whether the calling thread is a lane: its kernels run beside the other lane's host work."""
+        return getattr(self._here, "lane", False)
 
     def attend(self, kernel: Callable[[], object]) -> object:
         """kernel() run in the attention thread, after any other lane's (see the module); its
@@ -94,6 +100,7 @@ class CpuSide:
             # 32 cores).
             if torch.get_num_threads() != 1:
                 torch.set_num_threads(1)
+            self._here.lane = True
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 if not cuda:
                     return {j: run(j) for j in mine}
