@@ -187,3 +187,26 @@ def test_the_split_counts_kernels_beside_lane_work_only_where_lanes_ran_them(tin
         else:
             assert cpu_s == pytest.approx(max(attention, host - attention))
     engine.close()
+
+
+def test_an_interrupt_while_waiting_for_a_kernel_still_waits_for_it():
+    """An MoE layer's CPU kernels are called from the engine's thread: Ctrl-C while it waits must
+    not leave the kernel writing its part's pinned output under a retry."""
+    side = cpu_side.CpuSide(CPU)
+    state = {"done": False}
+
+    def kernel():
+        time.sleep(0.5)
+        state["done"] = True
+    timer = threading.Timer(0.1, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            side.attend(kernel)
+        assert state["done"]
+        assert side.attend(lambda: 7) == 7
+        with pytest.raises(ZeroDivisionError):
+            side.attend(lambda: 1 / 0)
+    finally:
+        timer.cancel()
+        side.close()

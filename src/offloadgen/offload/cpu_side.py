@@ -74,7 +74,12 @@ class CpuSide:
                 torch.set_num_threads(threads)
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 return kernel()
-        return self.kernels.submit(run).result()
+        # waited for through a Ctrl-C too (an MoE layer's kernels are called from the engine's
+        # thread): the kernel writes the part's pinned output, which a retry would reuse
+        done, error = _drain([self.kernels.submit(run)])
+        if error is not None:
+            raise error
+        return done[0]
 
     def run_layer(self, on_cpu: list[int], on_gpu: list[int], hidden: list, run: Callable[[int], torch.Tensor]) -> None:
         """hidden[j] = run(j) for every j of both lists: on_cpu's in the lanes on the side stream,
@@ -108,8 +113,10 @@ class CpuSide:
                     self.stream.wait_event(start)
                     return {j: run(j) for j in mine}
         shares = [on_cpu[k::self.lanes] for k in range(self.lanes) if on_cpu[k::self.lanes]]
-        pending = [self.pool.submit(lane, mine) for mine in shares]
+        pending = []
         try:
+            for mine in shares:
+                pending.append(self.pool.submit(lane, mine))
             for j in on_gpu:
                 hidden[j] = run(j)
         finally:
