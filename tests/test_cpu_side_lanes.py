@@ -210,3 +210,27 @@ def test_an_interrupt_while_waiting_for_a_kernel_still_waits_for_it():
     finally:
         timer.cancel()
         side.close()
+
+
+def test_the_two_lanes_really_run_at_once(tiny, monkeypatch):
+    """Two lane names alone would pass with the lanes taking turns under one lock: here a CPU
+    attention's staging (the spy's sleep) in one lane overlaps the other's."""
+    monkeypatch.setattr(Engine, "_cpu_side_for", _cpu_side_anywhere)
+    _, path = tiny("opt")
+    real = OffloadedKVCache.attend_on_cpu
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def slow(self, *args):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.02)
+        with lock:
+            inside[0] -= 1
+        return real(self, *args)
+    monkeypatch.setattr(OffloadedKVCache, "attend_on_cpu", slow)
+    engine = engine_for(path, KVOffload(attention="cpu", overlap=True))
+    generate(engine, new_tokens=3)
+    engine.close()
+    assert most[0] == 2
