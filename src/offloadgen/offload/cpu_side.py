@@ -34,7 +34,8 @@ leaves a core to each lane.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable
 
 import torch
@@ -50,10 +51,15 @@ class CpuSide:
         self.kernels = ThreadPoolExecutor(1, thread_name_prefix="cpu-attention")
         self.layers = 0  # layers run with a CPU side (for the record)
         self.threads = torch.get_num_threads()  # the engine thread's, as of its last layer
+        self._here = threading.local()  # .lane: set in the lanes' threads (in_lane)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
         self.kernels.shutdown(wait=True)
+
+    def in_lane(self) -> bool:
+        """Whether the calling thread is a lane: its kernels run beside the other lane's host work."""
+        return getattr(self._here, "lane", False)
 
     def attend(self, kernel: Callable[[], object]) -> object:
         """kernel() run in the attention thread, after any other lane's (see the module); its
@@ -68,7 +74,12 @@ class CpuSide:
                 torch.set_num_threads(threads)
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 return kernel()
-        return self.kernels.submit(run).result()
+        # waited for through a Ctrl-C too (an MoE layer's kernels are called from the engine's
+        # thread): the kernel writes the part's pinned output, which a retry would reuse
+        done, error = _drain([self.kernels.submit(run)])
+        if error is not None:
+            raise error
+        return done[0]
 
     def run_layer(self, on_cpu: list[int], on_gpu: list[int], hidden: list, run: Callable[[int], torch.Tensor]) -> None:
         """hidden[j] = run(j) for every j of both lists: on_cpu's in the lanes on the side stream,
@@ -94,6 +105,7 @@ class CpuSide:
             # 32 cores).
             if torch.get_num_threads() != 1:
                 torch.set_num_threads(1)
+            self._here.lane = True
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 if not cuda:
                     return {j: run(j) for j in mine}
@@ -101,20 +113,16 @@ class CpuSide:
                     self.stream.wait_event(start)
                     return {j: run(j) for j in mine}
         shares = [on_cpu[k::self.lanes] for k in range(self.lanes) if on_cpu[k::self.lanes]]
-        pending = [self.pool.submit(lane, mine) for mine in shares]
+        pending = []
         try:
+            for mine in shares:
+                pending.append(self.pool.submit(lane, mine))
             for j in on_gpu:
                 hidden[j] = run(j)
         finally:
-            # every lane done before the layer ends, even when one failed; the first error comes out
-            done, errors = [], []
-            for p in pending:
-                try:
-                    done.append(p.result())
-                except BaseException as error:  # noqa: B036 (re-raised below)
-                    errors.append(error)
-            if errors:
-                raise errors[0]
+            done, error = _drain(pending)
+        if error is not None:  # here, not in the finally: an error of this thread's own goes first
+            raise error
         for results in done:
             for j, h in results.items():
                 hidden[j] = h
@@ -123,6 +131,26 @@ class CpuSide:
             finished.record(self.stream)
             compute.wait_event(finished)
         self.layers += 1
+
+
+def _drain(pending: list) -> tuple[list, BaseException | None]:
+    """Every lane's result once all are done, and the first error (an interrupt first). Every lane
+    done before the layer ends, even when one failed or Ctrl-C came while waiting: a lane left
+    running would go on writing the cache and issuing on the side stream under the next pass."""
+    interrupted = None
+    while True:
+        try:
+            wait(pending)
+            break
+        except BaseException as error:  # noqa: B036 (KeyboardInterrupt: kept, raised once the lanes are done)
+            interrupted = interrupted or error
+    done, errors = [], [] if interrupted is None else [interrupted]
+    for p in pending:
+        if p.exception() is None:
+            done.append(p.result())
+        else:
+            errors.append(p.exception())
+    return done, errors[0] if errors else None
 
 
 def cpu_side_batches(batches: list, cache) -> list[int]:

@@ -232,26 +232,30 @@ class OffloadedKVCache:
         self.row_stage: dict[tuple[int, int], tuple] = {}  # pinned buffers for rows' past slots, and their last use
         self._row_reads = (-1, 0)  # (layer, reads so far in it): picks a staging buffer
         # Host seconds too: where a decode step's host thread goes (issue 17's step was the host's).
-        # cpu_side_host_s: all of attend_on_cpu (waits and attention included); gpu_attention_host_s:
+        # cpu_side_host_s: all of attend_on_cpu (waits and attention included, not time queued
+        # behind another lane's kernel); cpu_lane_attention_s: of cpu_attention_s, the kernels
+        # run from the cpu_side lanes (beside the other lane's host time); gpu_attention_host_s:
         # issuing a GPU-attended decode micro-batch's attention and its cache copies (not GPU time).
         # cpu_cache_read_bytes: the slots [:end] of the CPU-attended rows (what SDPA reads);
         # cpu_cache_visible_bytes: of those, the keys some query sees (all the Numba kernel reads:
         # the reference workload's prompts are 28 tokens left-padded to prompt_len, so about a tenth).
         self.stats = dict(cpu_attention_s=0.0, wait_for_gpu_s=0.0, cpu_cache_read_bytes=0, cpu_cache_visible_bytes=0,
-                          h2d_cache_bytes=0, d2h_cache_bytes=0, cpu_side_host_s=0.0, gpu_attention_host_s=0.0)
+                          h2d_cache_bytes=0, d2h_cache_bytes=0, cpu_side_host_s=0.0, gpu_attention_host_s=0.0,
+                          cpu_lane_attention_s=0.0)
         self._stats_lock = threading.Lock()  # CPU-attended micro-batches count from their own thread (cpu_side)
         adaptive = self.cuda and opts.attention == "auto" and opts.adaptive
         self.split = SplitController(len(parts), n_gpu, opts.most_gpu_parts(len(parts)),
                                      bus=opts.split_bus_s) if adaptive else None
         self._mark = None  # (time, stats) at the start of the last decode pass
-        # Runs a CPU attention kernel (a callable) and returns its result, and how many lanes issue
-        # CPU-attended micro-batches at once: see use_cpu_side. None, 1: here, on the calling thread.
+        # Runs a CPU attention kernel (a callable) and returns its result, and whether the calling
+        # thread is one of the lanes that issue CPU-attended micro-batches side by side: see
+        # use_cpu_side. None: here, on the calling thread, one micro-batch after the other.
         self.kernel_runner = None
-        self.cpu_lanes = 1
+        self.in_lane = lambda: False
 
     def use_cpu_side(self, side) -> None:
         """CPU attention kernels run in side's attention thread, fed by its lanes (offload/cpu_side.py)."""
-        self.kernel_runner, self.cpu_lanes = side.attend, side.lanes
+        self.kernel_runner, self.in_lane = side.attend, side.in_lane
 
     @property
     def nbytes(self) -> int:
@@ -305,17 +309,17 @@ class OffloadedKVCache:
         if self.split is None:
             return
         now = time.perf_counter()
-        names = ("cpu_attention_s", "wait_for_gpu_s", "gpu_attention_host_s", "cpu_side_host_s")
+        names = ("cpu_attention_s", "cpu_lane_attention_s", "wait_for_gpu_s", "gpu_attention_host_s", "cpu_side_host_s")
         if step.start > 0 and self._mark is not None:
             t0, *marks = self._mark
-            attention, wait, issue, side = (self.stats[name] - mark for name, mark in zip(names, marks))
+            attention, in_lanes, wait, issue, side = (self.stats[name] - mark for name, mark in zip(names, marks))
             # the CPU side's cost is all its time but the waits: staging q, k and v and copying the
-            # output out are on it too, not only the attention (kv_split's c). With lanes the host
-            # time is summed over them and runs beside the attention thread's kernels: the longer
-            # of the two is the cost (summed, the lanes' 2.2 s of a 1.8 s pass on the H100 moved
-            # parts to the GPU and back)
-            staging = side - wait - (attention if self.cpu_lanes > 1 else 0.0)
-            n = self.split.observe(max(attention, staging), wait, now - t0, issue)
+            # output out are on it too, not only the attention (kv_split's c). The kernels of
+            # micro-batches in the lanes run beside the lanes' host time, summed over them: the
+            # longer of the two is the cost (summed, the lanes' 2.2 s of a 1.8 s pass on the H100
+            # moved parts to the GPU and back). Those attended on the engine's thread (an MoE
+            # layer's, a part's beside a prompt chunk) run one after the other: all counted.
+            n = self.split.observe(max(attention, side - wait - in_lanes), wait, now - t0, issue)
             new = set(range(len(self.parts) - n, len(self.parts)))
             for j in self.gpu_parts - new:
                 self.prefetched.pop(j, None)  # fetched ahead for a part that now attends on the CPU
@@ -638,6 +642,8 @@ class OffloadedKVCache:
         out, seconds = kernel() if self.kernel_runner is None else self.kernel_runner(kernel)
         queued = time.perf_counter() - t0 - seconds  # behind another lane's kernel: not this one's cost
         self._count("cpu_attention_s", seconds)
+        if self.in_lane():
+            self._count("cpu_lane_attention_s", seconds)  # beside the other lane's host time (begin_pass)
         self._count("cpu_cache_read_bytes", 2 * hk[:end].numel() * hk.element_size())
         self._count("cpu_cache_visible_bytes", 2 * visible * hk[0, 0].numel() * hk.element_size())
         out = to_device_zero_copy(out, self.device) if self.cuda else out
