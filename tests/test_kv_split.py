@@ -281,6 +281,35 @@ def test_with_lanes_the_cache_counts_the_longer_of_attention_and_the_lanes_other
     assert per_part == pytest.approx([(2.7 - 0.3) / 3, 1.5 / 3])
 
 
+def test_with_lanes_the_wait_the_split_sees_is_at_most_what_the_pass_left_the_cpu_side(monkeypatch):
+    """A lane waits for its q while the other lane's kernel keeps the cores busy, and the lanes'
+    waits are summed. In a CPU-bound pass of 2.0 s with 1.9 s of lane kernels, 0.8 s of summed
+    waits would say the CPU waited on the GPU (more than a part's cost) and send parts back to the
+    CPU; the split is told at most the 0.1 s the pass left. Without lanes the wait is as measured."""
+    from offloadgen.offload import kv_cache as kv_module
+    clock = {"now": 100.0}
+    monkeypatch.setattr(kv_module.time, "perf_counter", lambda: clock["now"])
+    seen = []
+    for in_lanes in (False, True):
+        cache = OffloadedKVCache(2, [slice(i, i + 1) for i in range(4)], 16, 2, 8, torch.float32,
+                                 torch.device("cpu"), KVOffload(gpu_fraction=0.25))
+        cache.split = SplitController(4, 1, 3)
+        cache.gpu_parts = {3}
+        observe = cache.split.observe
+        cache.split.observe = lambda cpu_s, wait_s, step_s, issue_s=None: seen.append(wait_s) or observe(
+            cpu_s, wait_s, step_s, issue_s)
+        cache.begin_pass(decode_step(4))
+        clock["now"] += 2.0
+        cache.stats["cpu_attention_s"] += 1.9
+        cache.stats["cpu_lane_attention_s"] += 1.9 if in_lanes else 0.0
+        cache.stats["wait_for_gpu_s"] += 0.8
+        cache.stats["cpu_side_host_s"] += 3.0  # both lanes: 1.9 attending, 0.8 waiting, 0.3 the rest
+        cache.begin_pass(decode_step(5))
+        if in_lanes:
+            assert cache.gpu_parts == {3}  # not sent back to the CPU
+    assert seen == pytest.approx([0.8, 0.1])
+
+
 def test_the_plan_gives_the_split_its_bus_model():
     from offloadgen.models import preset
     from offloadgen.offload.placement import plan_kv_offload

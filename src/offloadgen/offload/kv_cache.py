@@ -319,7 +319,14 @@ class OffloadedKVCache:
             # longer of the two is the cost (summed, the lanes' 2.2 s of a 1.8 s pass on the H100
             # moved parts to the GPU and back). Those attended on the engine's thread (an MoE
             # layer's, a part's beside a prompt chunk) run one after the other: all counted.
-            n = self.split.observe(max(attention, side - wait - in_lanes), wait, now - t0, issue)
+            cost, step_s = max(attention, side - wait - in_lanes), now - t0
+            if in_lanes > 0:
+                # A lane waits for its q while the other lane's kernel keeps the cores busy, and
+                # the two lanes' waits are summed: not the CPU side's idle time, which is at most
+                # what the pass left it. Counted in full, a CPU-bound pass read as waiting on the
+                # GPU and the split sent parts back to the CPU.
+                wait = min(wait, max(0.0, step_s - cost))
+            n = self.split.observe(cost, wait, step_s, issue)
             new = set(range(len(self.parts) - n, len(self.parts)))
             for j in self.gpu_parts - new:
                 self.prefetched.pop(j, None)  # fetched ahead for a part that now attends on the CPU
