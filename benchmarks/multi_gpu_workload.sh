@@ -5,7 +5,11 @@
 # prompts 32:256 tokens, outputs 8:32 tokens (EOS ignored: dummy weights). N GPUs get N times the
 # requests (one GPU's share each), so both runs take about as many passes. Records and console go
 # to $OUT (or ./out); a table last.
-#   bash benchmarks/multi_gpu_workload.sh [one] [allgather] [whole] [pool]
+#   bash benchmarks/multi_gpu_workload.sh [one] [allgather] [whole] [pool] [serve1] [serve]
+# "serve1" and "serve": `offloadgen serve` under load (benchmarks/serve_load.py, streaming clients of
+# the official openai client, as many as the slots) with 8 slots on one GPU, then 8 on each of N
+# ranks pooling their memory, each mode compared with `generate` over the same requests. They need
+# the server's and the client's wheels in .whl/ (carry it), installed here as run_peers.sh does.
 # About 4-5 minutes on 4 H100s for "one allgather" (start-up 40-100 s for one GPU, 25-80 s for four).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,12 +22,22 @@ n=${GPUS:-$(nvidia-smi -L | wc -l)}
 per=${REQUESTS_PER_GPU:-24}
 bench="python3 -m offloadgen.cli bench --model facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --verbose 1
        --workload synthetic --input-len 32:256 --output-len 8:32 --json-file $out/workload.jsonl"
+if ls .whl/*.whl >/dev/null 2>&1 && [[ " $* " == *" serve"* ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+model="facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --max-seq-len 320"
+load="python3 benchmarks/serve_load.py --input-len 32:256 --output-len 8:32 --compare-generate --json $out/serve.jsonl"
 for what in "$@"; do
   echo "== $what $(date -u +%H:%M:%S)"
   case $what in
     one) (cd "$out" && timeout $step_limit $bench --batch-size 8 --num-requests $per) ;;
     allgather|whole|pool) (cd "$out" && timeout $step_limit $bench --batch-size $((8 * n)) --num-requests $((per * n)) \
                              --num-gpus-per-node $n --weight-fetch $what) ;;
+    serve1) timeout $step_limit $load --model-args "$model" --slots 8 --concurrency 8 --num-requests $per ;;
+    serve) timeout $step_limit $load --model-args "$model --num-gpus-per-node $n --weight-fetch pool" --slots 8 \
+             --generate-args "--num-gpus-per-node $n --weight-fetch pool" --concurrency $((8 * n)) \
+             --num-requests $((per * n)) ;;
   esac
 done
 python3 - "$out/workload.jsonl" <<'PY'
