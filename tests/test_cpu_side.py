@@ -169,3 +169,32 @@ def test_the_attention_thread_writes_the_callers_inference_tensors():
         assert side.attend(torch.is_inference_mode_enabled) is False
     finally:
         side.close()
+
+
+def test_overlap_turned_off_between_runs_puts_the_kernels_back_on_the_calling_thread(tiny):
+    """benchmarks/kv_overlap.py turns --kv-overlap off and on in one process; off, the cache must
+    not keep sending its kernels to the last CPU side's attention thread."""
+    _, path = tiny("opt")
+    _, engine = generate(path, KVOffload(attention="cpu", overlap=False), new_tokens=2, micro_batch_size=1)
+    cache = engine.offloaded_cache
+    side = cpu_side.CpuSide(CPU)
+    try:
+        cache.use_cpu_side(side)
+        assert cache.kernel_runner is not None
+        assert engine._cpu_side_for(cache) is False  # overlap off (and no GPU)
+        assert cache.kernel_runner is None and cache.in_lane() is False
+    finally:
+        side.close()
+
+
+def test_a_cpu_side_needs_a_lane_and_its_pool_leaves_the_cores_asked_for():
+    with pytest.raises(ValueError, match="at least one lane"):
+        cpu_side.CpuSide(CPU, lanes=0)
+    side = cpu_side.CpuSide(CPU, lanes=2, spare_cores=1)
+    try:
+        side.threads = 16
+        assert side.attend(torch.get_num_threads) == 15
+        side.spare_cores = 2
+        assert side.attend(torch.get_num_threads) == 14
+    finally:
+        side.close()

@@ -154,6 +154,8 @@ class Engine:
     def _cpu_side_for(self, cache) -> bool:
         """Whether CPU-attended micro-batches get a thread of their own (offload/cpu_side.py)."""
         if not (isinstance(cache, OffloadedKVCache) and cache.cuda and cache.opts.overlap):
+            if isinstance(cache, OffloadedKVCache):
+                cache.use_cpu_side(None)  # overlap turned off between runs (benchmarks/kv_overlap.py)
             return False
         if self.cpu_side is None:
             self.cpu_side = CpuSide(self.device)

@@ -42,11 +42,16 @@ import torch
 
 
 class CpuSide:
-    def __init__(self, device: torch.device, lanes: int = 2):
+    def __init__(self, device: torch.device, lanes: int = 2, spare_cores: int | None = None):
+        if lanes < 1:
+            raise ValueError(f"a CPU side needs at least one lane, not {lanes}")
         self.device = torch.device(device)
         # On a CPU device (tests) the threads alone: there is no stream to order.
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.lanes = lanes
+        # cores the attention thread's pool leaves to the threads that issue (one a lane unless
+        # told otherwise: benchmarks/kv_overlap.py compares)
+        self.spare_cores = lanes if spare_cores is None else spare_cores
         self.pool = ThreadPoolExecutor(lanes, thread_name_prefix="cpu-side")
         self.kernels = ThreadPoolExecutor(1, thread_name_prefix="cpu-attention")
         self.layers = 0  # layers run with a CPU side (for the record)
@@ -64,7 +69,7 @@ class CpuSide:
     def attend(self, kernel: Callable[[], object]) -> object:
         """kernel() run in the attention thread, after any other lane's (see the module); its
         result. Its OpenMP pool leaves a core to each lane (see run_layer)."""
-        threads = max(1, self.threads - self.lanes)
+        threads = max(1, self.threads - self.spare_cores)
         inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
         def run() -> object:

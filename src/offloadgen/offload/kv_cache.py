@@ -254,8 +254,12 @@ class OffloadedKVCache:
         self.in_lane = lambda: False
 
     def use_cpu_side(self, side) -> None:
-        """CPU attention kernels run in side's attention thread, fed by its lanes (offload/cpu_side.py)."""
-        self.kernel_runner, self.in_lane = side.attend, side.in_lane
+        """CPU attention kernels run in side's attention thread, fed by its lanes (offload/cpu_side.py);
+        side None: on the calling thread again."""
+        if side is None:
+            self.kernel_runner, self.in_lane = None, lambda: False
+        else:
+            self.kernel_runner, self.in_lane = side.attend, side.in_lane
 
     @property
     def nbytes(self) -> int:
