@@ -40,8 +40,10 @@ def one_generation(llm, ids, gen_len: int, variant: str, first_split: int) -> di
     engine.kv_offload.overlap = overlap == "on"  # the cache holds the same KVOffload object
     if engine.cpu_side is not None:
         engine.cpu_side.close()
-    lanes = int(shape[0]) if shape else 2
-    engine.cpu_side = CpuSide(engine.device, lanes, int(shape[1]) if len(shape) > 1 else None) if overlap == "on" else None
+    engine.cpu_side = None  # off; on: made here, with the lanes and spare cores asked for
+    if overlap == "on":
+        lanes, spare = int(shape[0]) if shape else 2, int(shape[1]) if len(shape) > 1 else None
+        engine.cpu_side = CpuSide(engine.device, lanes, spare)
     cache = engine.offloaded_cache
     if cache is not None and cache.split is not None:  # the same start for each variant
         cache.split.gpu, cache.split.history = first_split, []
