@@ -9,6 +9,8 @@
 # cache at 96, 32 for the 4-bit cache runs: at batch 256, 32 rows a part ran 178.6 tok/s where parts of 8
 # had run 64-96 on earlier leases, since each CPU-attended call reads more rows at once and the host issues a quarter
 # as many calls).
+# RESIDENT=last (or spread, the default) places the layers kept on the GPU with --resident-layers, e.g.
+#   bash benchmarks/large_batch.sh kv96 && RESIDENT=last bash benchmarks/large_batch.sh kv96
 # "check": the Triton KV encoder, decoder and decode attention, compiled, against PyTorch on this GPU (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,12 +21,12 @@ step_limit=${STEP_TIMEOUT:-500}  # seconds per step; keep the steps of one call 
 # (H100 host, measured: kv96 about 2 min, wq4kvq4 about 2.5, kv96real about 2.7; kvq4real took
 # more than 210 s, so give it about 400)
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-bench="python3 -m offloadgen.cli bench --model facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --prompt-len 512 --gen-len 32 --loops ${LOOPS:-1} --verbose 1 --json-file $out/offloadgen.jsonl"
+bench="python3 -m offloadgen.cli bench --model facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --prompt-len 512 --gen-len 32 --loops ${LOOPS:-1} --verbose 1 --json-file $out/offloadgen.jsonl ${RESIDENT:+--resident-layers $RESIDENT}"
 kv="--kv-offload --pin-kv-cache --async-kv-offload --micro-batch-size ${MB:-8}"
 kvq="--kv-offload --pin-kv-cache --async-kv-offload --micro-batch-size ${MB:-32}"
 big=${BIG:-256}
 real="python3 -m offloadgen.cli bench --model facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --workload synthetic
-      --input-len 512:512 --output-len 32:32 --workload-seed 0 --verbose 1 --json-file $out/real.jsonl"
+      --input-len 512:512 --output-len 32:32 --workload-seed 0 --verbose 1 --json-file $out/real.jsonl ${RESIDENT:+--resident-layers $RESIDENT}"
 free -g | head -2
 for what in "$@"; do
   echo "== $what $(date -u +%H:%M:%S)"

@@ -7,7 +7,8 @@ from offloadgen.engine import Engine
 from offloadgen.errors import OffloadgenError
 from offloadgen.models import block_nbytes, blocks, preset
 from offloadgen.offload import ResidentWeights
-from offloadgen.offload.placement import GiB, Placement, plan_placement
+from offloadgen.offload.kv_cache import KVOffload
+from offloadgen.offload.placement import GiB, Placement, plan_kv_offload, plan_placement, spread_layers
 from offloadgen.offload.streaming import StreamingWeights
 from offloadgen.sampling import SamplingParams
 
@@ -80,6 +81,38 @@ def test_placement_fills_the_budget_with_resident_layers():
         assert used <= budget < used + layer + 1  # under budget, and not one more layer would fit
         assert p.streamed_bytes == sum(block_nbytes(cfg, b, 2) for b in p.streamed)
         assert p.resident[-1] == cfg.n_layers - 1 or p.resident[-1] == "head"
+
+
+def test_resident_layers_are_spread_through_the_pass_unless_asked_for_last():
+    # With the kept layers as one run at the end, the ring's two buffers fill while the first two of
+    # them compute and the bus idles through the rest; spread, each sits between streamed layers.
+    cfg = preset("opt-30b")
+    spread = plan_placement(cfg, 2, 16 * GiB, 8, 512, 32, offload=True)
+    last = plan_placement(cfg, 2, 16 * GiB, 8, 512, 32, offload=True, resident_layers="last")
+    kept = [b for b in spread.resident if isinstance(b, int)]
+    n = len(kept)
+    assert 2 <= n < cfg.n_layers // 2
+    assert [b for b in last.resident if isinstance(b, int)] == list(range(cfg.n_layers - n, cfg.n_layers))
+    assert kept != list(range(cfg.n_layers - n, cfg.n_layers))
+    assert kept[-1] == cfg.n_layers - 1 and kept[0] >= cfg.n_layers // n - 1
+    gaps = [b - a for a, b in zip(kept, kept[1:])]
+    assert min(gaps) >= cfg.n_layers // n and max(gaps) <= -(-cfg.n_layers // n)  # evenly spaced
+    # the same memory and the same bytes on the bus either way
+    assert spread.bytes == last.bytes and spread.streamed_bytes == last.streamed_bytes
+    assert sorted(spread.streamed, key=str) != sorted(last.streamed, key=str)
+    # with the KV cache in CPU RAM too
+    p, _, _ = plan_kv_offload(cfg, 2, 16 * GiB, 96, 512, 32, 8, 1, None, KVOffload(), None, torch.float16)
+    assert [b for b in p.resident if isinstance(b, int)] == spread_layers(cfg.n_layers, len(
+        [b for b in p.resident if isinstance(b, int)]))
+    p, _, _ = plan_kv_offload(cfg, 2, 16 * GiB, 96, 512, 32, 8, 1, None, KVOffload(), None, torch.float16,
+                              resident_layers="last")
+    assert p.resident[-2:] == [cfg.n_layers - 1, "head"] and p.resident[-3] == cfg.n_layers - 2
+
+
+@pytest.mark.parametrize("n_layers,n", [(48, 11), (48, 40), (48, 47), (5, 1), (7, 3)])
+def test_spread_layers_picks_n_distinct_layers_ending_with_the_last(n_layers, n):
+    kept = spread_layers(n_layers, n)
+    assert len(kept) == n and kept == sorted(set(kept)) and kept[-1] == n_layers - 1 and kept[0] >= 0
 
 
 def test_placement_counts_every_micro_batch_hidden_state():

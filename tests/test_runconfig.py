@@ -51,6 +51,7 @@ CASES = {
     "fp16": ([], {}),
     "4-bit": (["--quant-bits", "4"], {"quant_bits": 4}),
     "kv-offload": (["--kv-offload", "--micro-batch-size", "8"], {"kv_offload": True, "micro_batch_size": 8}),
+    "resident-last": (["--resident-layers", "last"], {"resident_layers": "last"}),
     "disk": (["--disk-offload", "--offload-dir", "/nonexistent/offload"],
              {"disk_offload": True, "offload_dir": "/nonexistent/offload"}),
 }
@@ -86,6 +87,11 @@ def test_plan_bench_and_load_plan_the_same_run(spy, case, tmp_path, monkeypatch,
         assert planned.kv_model["parts"] == 4 and "kv_host" in planned.placement.bytes
     if case == "disk":
         assert planned.placement.bytes["weights_on_disk"]
+    kept = [b for b in planned.placement.resident if isinstance(b, int)]
+    if case == "resident-last":  # the flag reaches the planner: one run at the end, not spread
+        assert kept == list(range(48 - len(kept), 48))
+    elif case in ("fp16", "kv-offload"):
+        assert kept != list(range(48 - len(kept), 48))
 
 
 def test_generate_plans_a_gpu_run_under_the_budget_even_without_offloading(spy, capsys):
@@ -114,6 +120,7 @@ def main_raising(argv):
     ({"kv_attention": "disk"}, "kv_attention must be one of auto, cpu, gpu"),
     ({"weight_fetch": "p2p"}, "weight_fetch must be one of whole, allgather"),
     ({"weight_gather": "ipc"}, "weight_gather must be one of nccl, copy"),
+    ({"resident_layers": "first"}, "resident_layers must be one of spread, last"),
     ({"weight_gather": "copy"}, "with --weight-fetch whole each rank copies whole blocks and gathers nothing"),
     ({"pin_kv_cache": True}, "add --kv-offload"),
     ({"async_kv_offload": True}, "add --kv-offload"),

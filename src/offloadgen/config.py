@@ -16,6 +16,7 @@ from .errors import OffloadgenError
 KV_ATTENTION = ("auto", "cpu", "gpu")
 WEIGHT_FETCH = ("whole", "allgather", "pool")
 WEIGHT_GATHER = ("nccl", "copy")
+RESIDENT_LAYERS = ("spread", "last")
 EXPERT_STREAMING = ("auto", "on", "off")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
 MAX_GPU_MEMORY = 1 << 50  # 1 PiB: anything larger is a typo, not a GPU
@@ -35,6 +36,9 @@ class RunConfig:
     gpu_memory: int | None = None  # bytes the run may use on the GPU; None: the card's free memory less a margin
     pin_memory: bool = True  # streamed weights in page-locked memory (else staged through pinned buffers)
     prefetch_depth: int = 1  # streamed blocks in flight ahead of the one computing
+    # layers kept on the GPU when not all fit: spread evenly through the pass, so the bus copies the
+    # streamed layers while they compute, or last, as one run at the end (offload/placement.py)
+    resident_layers: str = "spread"
     # MoE models streamed from CPU RAM: each layer's trunk ahead, then only its routed experts, with
     # an expert cache in what the budget leaves (docs/moe-streaming.md). auto: where the plan
     # expects fewer bytes per decode step than streaming whole layers; off: whole layers
@@ -105,6 +109,7 @@ class RunConfig:
         _choice("kv_attention", self.kv_attention, KV_ATTENTION)
         _choice("weight_fetch", self.weight_fetch, WEIGHT_FETCH)
         _choice("weight_gather", self.weight_gather, WEIGHT_GATHER)
+        _choice("resident_layers", self.resident_layers, RESIDENT_LAYERS)
         if self.weight_gather != "nccl" and self.weight_fetch == "whole":
             raise OffloadgenError(f"--weight-gather {self.weight_gather} gathers the parts of a block that "
                                   "--weight-fetch allgather or pool splits over the ranks; with --weight-fetch whole "

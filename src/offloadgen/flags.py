@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from .config import EXPERT_STREAMING, KV_ATTENTION, WEIGHT_FETCH, WEIGHT_GATHER, RunConfig, parse_bytes
+from .config import EXPERT_STREAMING, KV_ATTENTION, RESIDENT_LAYERS, WEIGHT_FETCH, WEIGHT_GATHER, RunConfig, parse_bytes
 
 
 def flag(p, name: str, **kw):
@@ -75,6 +75,9 @@ def add_placement_flags(p) -> None:
     flag(g, "--pin-memory", type=int, default=1, choices=[0, 1],
          help="1: streamed weights in pinned CPU memory (default); 0: pageable, staged through pinned buffers")
     flag(g, "--prefetch-depth", type=int, default=1, help="layers copied ahead of the one computing (default 1)")
+    flag(g, "--resident-layers", default="spread", choices=list(RESIDENT_LAYERS),
+         help="layers kept on the GPU when not all fit: spread through the pass, so the bus copies the streamed "
+              "ones while they compute (default), or the last ones, as one run")
     flag(g, "--micro-batch-size", type=int, default=None, help="rows per layer pass; shrinks activations")
     flag(g, "--expert-streaming", default="auto", choices=list(EXPERT_STREAMING),
          help="MoE models: copy only the routed experts of each layer, with an expert cache in the budget left "
@@ -136,6 +139,7 @@ def config_from_args(args, **planned) -> RunConfig:
         model=getattr(args, "model", None), dummy=getattr(args, "dummy", False), device=args.device, dtype=args.dtype,
         cpu_offload=args.cpu_offload, disk_offload=args.disk_offload, offload_dir=args.offload_dir,
         gpu_memory=args.gpu_memory, pin_memory=bool(args.pin_memory), prefetch_depth=args.prefetch_depth,
+        resident_layers=args.resident_layers,
         micro_batch_size=args.micro_batch_size, quant_bits=args.quant_bits, quant_group_size=args.quant_group_size,
         kv_offload=args.kv_offload, pin_kv_cache=args.pin_kv_cache, async_kv_offload=args.async_kv_offload,
         kv_attention=args.kv_attention, kv_overlap=args.kv_overlap, kv_quant_bits=args.kv_quant_bits,

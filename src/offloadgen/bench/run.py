@@ -289,7 +289,8 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, probes, cop
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "gpu_budget_bytes": plan.budget,
         "placement": None if p is None else {**p.bytes, "resident_blocks": len(p.resident),
-                                             "streamed_blocks": len(p.streamed), "prefill_tokens": p.prefill_tokens},
+                                             "streamed_blocks": len(p.streamed), "prefill_tokens": p.prefill_tokens,
+                                             "resident_layers": [b for b in p.resident if isinstance(b, int)]},
         "h2d_bandwidth_bytes_s": bandwidth and bandwidth["best"],
         "h2d_bandwidth_median_bytes_s": bandwidth and bandwidth["median"],
         "bus_limit_decode_step_s": bus_limit, "copy_only_step_s": copy_only,
@@ -305,7 +306,7 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, probes, cop
         "log_file": str(log_path), "kv": kv_record, "world_size": plan.world.size, "weight_fetch": run.weight_fetch,
         # the copies' direction where they ran (None where nothing was gathered: one rank, no streaming)
         "weight_gather": run.weight_gather, "peer_copy": getattr(getattr(rt.weights, "peers", None), "mode", None),
-        "prefetch_depth": run.prefetch_depth, "nccl_max_nchannels": os.environ.get("NCCL_MAX_NCHANNELS"),
+        "prefetch_depth": run.prefetch_depth, "resident_at": run.resident_layers, "nccl_max_nchannels": os.environ.get("NCCL_MAX_NCHANNELS"),
         "nccl_cta_policy": os.environ.get("NCCL_CTA_POLICY"),
         "per_rank": per_rank, "disk_offload": run.disk_offload, "disk": disk_record, "host_memory": host_memory,
         "experts": _expert_record(rt, timed, w.gen_len, m), **_prediction(rt, run, bandwidth, links, m),

@@ -134,7 +134,8 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
                    micro_batch: int | None = None, prefetch_depth: int = 1, offload: bool = True,
                    kv_on_gpu: bool = True, max_resident_layers: int | None = None, quant=None,
                    kv_scratch: int = 0, pool_ranks: int = 1, kv_bits: tuple = (None, 64),
-                   expert_streaming: str = "off", fetch_ranks: int = 1, prefill_rows: int | None = None) -> Placement:
+                   expert_streaming: str = "off", fetch_ranks: int = 1, prefill_rows: int | None = None,
+                   resident_layers: str = "spread") -> Placement:
     """Place blocks under `budget` bytes of GPU memory; refuse, saying what would fit, if impossible.
 
     With the KV cache offloaded (kv_on_gpu=False) the GPU holds only `kv_scratch` bytes of it: the
@@ -143,7 +144,9 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
     (all-gather or pool) each ring slot has a landing buffer of 1/N of a layer beside it
     (offload/streaming.py, _copy_ahead). For an MoE model,
     expert_streaming "on" streams trunks and routed experts (_expert_placement), "auto" does so
-    where that moves fewer bytes per decode step than whole layers, "off" never."""
+    where that moves fewer bytes per decode step than whole layers, "off" never. resident_layers
+    says which layers stay on the GPU when not all fit: "spread" evenly through the pass (the last
+    among them), or "last" as one run at the end (see spread_layers)."""
     max_len = prompt_len + gen_len
     kv = kv_cache_bytes(cfg, batch, max_len, elem_bytes, *kv_bits) if kv_on_gpu else kv_scratch
     act = planned_activations(cfg, batch, micro_batch, prefill_rows, prompt_len, max_len, elem_bytes)
@@ -193,9 +196,9 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
         return plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
                               offload=False, kv_on_gpu=kv_on_gpu, quant=quant, kv_scratch=kv_scratch, kv_bits=kv_bits,
                               prefill_rows=prefill_rows)
-    # Keep the last layers resident: the copy of the next pass's first layers then overlaps them.
-    resident_layers = list(range(cfg.n_layers - n_resident, cfg.n_layers))
-    resident = [b for b in blocks(cfg) if b in ends or b in resident_layers]
+    kept = spread_layers(cfg.n_layers, n_resident) if resident_layers == "spread" else \
+        list(range(cfg.n_layers - n_resident, cfg.n_layers))
+    resident = [b for b in blocks(cfg) if b in ends or b in kept]
     streamed = [b for b in blocks(cfg) if b not in resident]
     streamed_bytes = sum(sizes[b] for b in streamed)
     resident_bytes = sum(sizes[b] for b in resident) - (shared if "embed" in resident else 0)
@@ -287,6 +290,18 @@ def _expert_placement(cfg, elem_bytes: int, quant, sizes: dict, ends: list, free
     return Placement(resident, streamed, whole.ring_slots, b, expert_streaming=True, expert_slots=slots)
 
 
+def spread_layers(n_layers: int, n: int) -> list[int]:
+    """n of n_layers layers, evenly spaced through the pass, the last layer among them.
+
+    Why layers kept on the GPU are spread rather than kept as one run at the end: the ring holds
+    prefetch_depth + 1 streamed layers, so while a run of kept layers computes, the bus can copy
+    only that many of the next pass's layers and then idles for the rest of the run (OPT-30B at
+    batch 96 on one H100: 11 kept layers of about 17 ms each against two copies of about 25 ms,
+    some 0.14 s of a 1.02 s step). One kept layer between streamed ones computes while the bus
+    copies the streamed layers after it."""
+    return sorted({n_layers - 1 - k * n_layers // n for k in range(n)}) if n else []
+
+
 def _pool_layers(cfg, sizes: dict, ends: list, free: int, ranks: int, slots: int, shared: int, parts: dict) -> Placement:
     """Ranks pool their GPU memory: a pooled layer costs each rank 1/ranks of its bytes, and is
     all-gathered over NVLink into the ring every pass, so the pool holds ranks times the layers
@@ -303,7 +318,7 @@ def _pool_layers(cfg, sizes: dict, ends: list, free: int, ranks: int, slots: int
         pooled.insert(0, i)
         room -= share(i)
     n, layers = len(pooled), cfg.n_layers
-    spread = sorted({layers - 1 - k * layers // n for k in range(n)}) if n else []
+    spread = spread_layers(layers, n)
     if len(spread) == n and sum(share(i) for i in spread) <= free:  # layers of unequal sizes: keep the run
         pooled = spread
     resident = [b for b in blocks(cfg) if b in ends]
@@ -332,7 +347,8 @@ def kv_cache_bytes(cfg, batch: int, seq: int, elem_bytes: int, bits: int | None 
 def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: int, gen_len: int,
                     micro_batch: int | None, prefetch_depth: int, quant, opts, h2d_bytes_s: float | None,
                     dtype: torch.dtype, offload: bool = True, cpu_attention_bytes_s: float | None = None,
-                    pool_ranks: int = 1, expert_streaming: str = "off", fetch_ranks: int = 1):
+                    pool_ranks: int = 1, expert_streaming: str = "off", fetch_ranks: int = 1,
+                    resident_layers: str = "spread"):
     """Placement with the KV cache in CPU memory, and the share of micro-batches that attend on the
     GPU. With attention "auto" the share comes from the step model (kv_cache.gpu_fraction): the
     cache read in a decode step at the average context length, against the bus time the streamed
@@ -352,7 +368,7 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
     n_parts = -(-batch // rows)
     first = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
                            offload=offload, kv_on_gpu=False, quant=quant, pool_ranks=pool_ranks,
-                           expert_streaming=expert_streaming, fetch_ranks=fetch_ranks)
+                           expert_streaming=expert_streaming, fetch_ranks=fetch_ranks, resident_layers=resident_layers)
     kv_bits = (opts.quant_bits, opts.quant_group_size)
     cache_step = kv_cache_bytes(cfg, batch, prompt_len + gen_len // 2, elem_bytes, *kv_bits)  # read per decode step
     fraction = opts.gpu_fraction
@@ -379,7 +395,7 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
     placement = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
                                offload=offload, kv_on_gpu=False, quant=quant, kv_scratch=scratch,
                                pool_ranks=pool_ranks, expert_streaming=expert_streaming,
-                               fetch_ranks=fetch_ranks) if scratch else first
+                               fetch_ranks=fetch_ranks, resident_layers=resident_layers) if scratch else first
     placement.bytes["kv_host"] = kv_cache_bytes(cfg, batch, prompt_len + gen_len, elem_bytes, *kv_bits)
     if h2d_bytes_s:
         # what the split needs to move several micro-batches at once (kv_split)
