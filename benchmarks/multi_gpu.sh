@@ -11,6 +11,7 @@
 #  default "12 16 24", ~60 s each on 4 H100s)
 # RESIDENT=last (or spread, the default) places the layers each GPU keeps whole with --resident-layers:
 #   bash benchmarks/multi_gpu.sh one allgather && RESIDENT=last bash benchmarks/multi_gpu.sh one allgather
+# LANDING=n gives allgather and pool n landing buffers (--landing-buffers), e.g. LANDING=4 ... allgather
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${OUT:-out}"); mkdir -p "$out"
@@ -21,6 +22,8 @@ step_limit=${STEP_TIMEOUT:-600}  # seconds per step; keep the steps of one call 
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 n=${GPUS:-$(nvidia-smi -L | wc -l)}  # GPUS=2 with CUDA_VISIBLE_DEVICES=0,1 uses two of them
 bench="python3 -m offloadgen.cli bench --model facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --prompt-len 512 --gen-len 32 --loops ${LOOPS:-1} --verbose 1 --json-file $out/offloadgen.jsonl ${RESIDENT:+--resident-layers $RESIDENT}"
+# LANDING=n: n landing buffers for allgather and pool (--landing-buffers; default one per ring slot)
+land=${LANDING:+--landing-buffers $LANDING}
 many="--num-gpus-per-node $n --batch-size $((8 * n))"
 nvidia-smi topo -m; free -g | head -2
 python3 -c "import torch; print('torch', torch.__version__, 'NCCL', torch.cuda.nccl.version())"
@@ -32,8 +35,8 @@ for what in "$@"; do
              | tee "$out/dist_check.txt" ;;
     one) (cd "$out" && timeout $step_limit $bench --batch-size 8) ;;
     whole) (cd "$out" && timeout $step_limit $bench $many --weight-fetch whole) ;;
-    allgather) (cd "$out" && timeout $step_limit $bench $many --weight-fetch allgather) ;;
-    pool) (cd "$out" && timeout $step_limit $bench $many --weight-fetch pool) ;;
+    allgather) (cd "$out" && timeout $step_limit $bench $many --weight-fetch allgather $land) ;;
+    pool) (cd "$out" && timeout $step_limit $bench $many --weight-fetch pool $land) ;;
     # a third ring buffer: one more layer in flight, to hide compute behind both links
     allgather2) (cd "$out" && timeout $step_limit $bench $many --weight-fetch allgather --prefetch-depth 2) ;;
     pool2) (cd "$out" && timeout $step_limit $bench $many --weight-fetch pool --prefetch-depth 2) ;;
@@ -70,14 +73,14 @@ def sec(v):
 def ram(r, key):  # the node's RAM the run took, and docs/distributed.md's model of it
     v = (r.get("host_memory") or {}).get(key)
     return f"{v / 2**30:.1f}" if v is not None else "-"
-print(f"{'gpus':>4} {'fetch':>9} {'gath':>4} {'ahead':>5} {'kept':>6} {'ch':>3} {'bits':>4} {'kv':>3} {'batch':>5} {'pooled':>6} {'tok/s':>8} {'step s':>7} {'vs 1':>6} "
+print(f"{'gpus':>4} {'fetch':>9} {'gath':>4} {'ahead':>5} {'kept':>6} {'land':>4} {'ch':>3} {'bits':>4} {'kv':>3} {'batch':>5} {'pooled':>6} {'tok/s':>8} {'step s':>7} {'vs 1':>6} "
       f"{'PCIe GB/rank':>12} {'NVLink GB/rank':>14} {'start s':>7} {'H2D GB/s':>8} {'NV GB/s':>7} {'pred s':>7} "
       f"{'PCIe s':>7} {'NVLink s':>8} {'copy s':>7} {'bound':>8} {'RAM GiB':>7} {'model':>6}")
 for r in rows:
     ratio = r["decode_throughput"] / one if one else float("nan")
     # H2D: the N links together where probed, else one link alone; NV: the all-gather rate a rank receives
     h2d = r.get("h2d_aggregate_bytes_s") or r.get("h2d_bandwidth_bytes_s")
-    print(f"{r['world_size']:4d} {r['weight_fetch']:>9} {r.get('peer_copy') or r.get('weight_gather', 'nccl'):>4} {r.get('prefetch_depth', 1):5d} {r.get('resident_at', 'last'):>6} {r.get('nccl_max_nchannels') or '-':>3} {r['quant_bits']:4d} {'y' if r['kv_offload'] else 'n':>3} {r['batch_size']:5d} "
+    print(f"{r['world_size']:4d} {r['weight_fetch']:>9} {r.get('peer_copy') or r.get('weight_gather', 'nccl'):>4} {r.get('prefetch_depth', 1):5d} {r.get('resident_at', 'last'):>6} {r.get('landing_buffers') or '-':>4} {r.get('nccl_max_nchannels') or '-':>3} {r['quant_bits']:4d} {'y' if r['kv_offload'] else 'n':>3} {r['batch_size']:5d} "
           f"{r.get('pooled_blocks', 0):6d} {r['decode_throughput']:8.2f} {r['decode_step_s']:7.3f} {ratio:6.2f} "
           f"{r.get('pcie_bytes_per_step_per_rank', 0) / 1e9:12.2f} {r.get('nvlink_bytes_per_step_per_rank', 0) / 1e9:14.2f} {r['startup_s']:7.1f} "
           f"{gbs(h2d):>8} {gbs(r.get('nvlink_allgather_bytes_s')):>7} {sec(r.get('predicted_step_s')):>7} "

@@ -10,6 +10,7 @@
 # the official openai client, as many as the slots) with 8 slots on one GPU, then 8 on each of N
 # ranks pooling their memory, each mode compared with `generate` over the same requests. They need
 # the server's and the client's wheels in .whl/ (carry it), installed here as run_peers.sh does.
+# CONCURRENCY (default: the slots, 8 per GPU) sets "serve"'s clients: N x 24 sends every request at once.
 # About 4-5 minutes on 4 H100s for "one allgather" (start-up 40-100 s for one GPU, 25-80 s for four).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,11 +37,11 @@ for what in "$@"; do
                              --num-gpus-per-node $n --weight-fetch $what) ;;
     serve1) timeout $step_limit $load --model-args "$model" --slots 8 --concurrency 8 --num-requests $per ;;
     serve) timeout $step_limit $load --model-args "$model --num-gpus-per-node $n --weight-fetch pool" --slots 8 \
-             --generate-args "--num-gpus-per-node $n --weight-fetch pool" --concurrency $((8 * n)) \
+             --generate-args "--num-gpus-per-node $n --weight-fetch pool" --concurrency ${CONCURRENCY:-$((8 * n))} \
              --num-requests $((per * n)) ;;
   esac
 done
-python3 - "$out/workload.jsonl" <<'PY'
+[ -f "$out/workload.jsonl" ] && python3 - "$out/workload.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 one = next((r["output_throughput"] for r in rows if r.get("world_size", 1) == 1), None)

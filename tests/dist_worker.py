@@ -11,6 +11,7 @@ In "pool" mode the last two layers are pooled (each rank keeps 1/N of them and a
 rest), the others stream from shared host memory. DIST_RESET=k: k blocks of a pass are fetched
 and used, then the schedule is reset (as after a pass that failed midway) before generating.
 DIST_DIE=1: the last rank dies at the start, as in "die" mode, whatever the mode.
+DIST_LANDING=n: n landing buffers (placement.landing_slots), whatever the ring's slots.
 DIST_GATHER=copy: the ranks read each other's parts from shared memory (--weight-gather copy); the
 all-gather then refuses to run, so a pass that still used it fails. With DIST_DEVICE=cuda it runs the same on the
 ranks' GPUs over NCCL (benchmarks/gpu_dist_check.py), where the copies and gathers overlap.
@@ -46,6 +47,8 @@ pooled = {"pool": layers[-2:], "poolspread": layers[1::2], "poolall": layers}.ge
 if pooled:
     streamed = [i for i in layers if i not in pooled]
     placement = Placement(["embed", "head"], streamed, placement.ring_slots, dict(streamed_per_pass=0), pooled=pooled)
+if "DIST_LANDING" in os.environ:  # landing buffers beyond the ring's slots: copies run further ahead
+    placement.landing_slots = int(os.environ["DIST_LANDING"])
 gather = os.environ.get("DIST_GATHER", "nccl")
 if gather == "copy":
     def no_all_gather(*args, **kwargs):
@@ -59,7 +62,10 @@ expected_copy = "shared memory" if DEVICE_TYPE == "cpu" else os.environ.get("OFF
 assert weights.peers is None or weights.peers.mode == expected_copy, (weights.peers.mode, expected_copy)
 if pooled:
     assert set(weights.host) == set(streamed) and set(weights.pool_shard) == set(pooled)
-    assert len(weights.landing) == (placement.ring_slots if streamed else 0)
+    assert len(weights.landing) == (placement.landings if streamed else 0)
+if mode == "allgather":  # every block streams: a pass begins with the ring's gathers and every landing buffer's copy
+    assert len(weights.landing) == placement.landings
+    assert weights.next_copy == len(weights.ring) + placement.landings, (weights.next_copy, placement.landings)
 for block in weights.order[:int(os.environ.get("DIST_RESET", "0"))]:
     weights.get(block)
     weights.done(block)

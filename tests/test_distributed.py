@@ -108,6 +108,18 @@ def test_a_ring_of_three_reset_midway_gives_the_tokens_of_one_process(tiny, tmp_
     assert json.loads(out.read_text()) == one_process_tokens(path)
 
 
+@pytest.mark.parametrize("mode,gather", [("allgather", "nccl"), ("poolspread", "copy")])
+def test_landing_buffers_beyond_the_ring_give_the_tokens_of_one_process(tiny, tmp_path, mode, gather):
+    """Four landing buffers beside a ring of two: each rank's host copies run four blocks ahead of
+    the gathers (the worker checks how far), round the buffers and across passes, and the tokens
+    stay those of one process; with --weight-gather copy the other ranks read the extra buffers too."""
+    _, path = tiny("llama3-gqa-rope-scaling")
+    out = tmp_path / "tokens.json"
+    r = torchrun(2, str(WORKER), str(path), str(out), mode, DIST_RING="2", DIST_LANDING="4", DIST_GATHER=gather)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(out.read_text()) == one_process_tokens(path)
+
+
 def test_pooled_ranks_hold_more_layers_and_stream_fewer_bytes():
     from offloadgen.models import block_nbytes, blocks, preset
     from offloadgen.offload.placement import GiB, plan_placement

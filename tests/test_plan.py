@@ -169,6 +169,23 @@ def test_pooled_layers_are_spread_through_the_pass_and_landing_buffers_are_count
     assert gathered.bytes["landing"] == landed.bytes["landing"] and not gathered.pooled
 
 
+def test_more_landing_buffers_than_ring_slots_are_counted_and_cost_what_they_take():
+    """--landing-buffers 4 beside a ring of two: four quarter layers on 4 ranks, taken from what
+    the ranks keep (pooled layers, or whole layers with all-gather), and the ring unchanged."""
+    cfg = preset("opt-30b")
+    args = (cfg, 2, 16 * GiB, 8, 512, 32)
+    two = plan_placement(*args, offload=True, pool_ranks=4, fetch_ranks=4)
+    four = plan_placement(*args, offload=True, pool_ranks=4, fetch_ranks=4, landing_slots=4)
+    quarter = -(-block_nbytes(cfg, 0, 2) // 4)
+    assert (two.landings, four.landings) == (2, 4) and four.ring_slots == two.ring_slots == 2
+    assert four.bytes["landing"] == 4 * quarter == 2 * two.bytes["landing"]
+    assert len(four.pooled) == len(two.pooled) - 2  # two more quarter layers: two fewer pooled
+    assert "4 landing buffers" in four.describe()
+    gathered = plan_placement(*args, offload=True, fetch_ranks=4, landing_slots=4)
+    assert gathered.landings == 4 and gathered.bytes["landing"] == 4 * quarter
+    assert plan_placement(*args, offload=True, landing_slots=4).bytes["landing"] == 0  # one rank lands nothing
+
+
 def test_a_budget_short_of_ring_and_landing_buffers_is_refused_saying_both():
     """With the ring alone fitting but not its landing buffers beside it, the refusal names each
     part of what is needed, not a ring that looks larger than two layers."""

@@ -121,6 +121,8 @@ def main_raising(argv):
     ({"weight_fetch": "p2p"}, "weight_fetch must be one of whole, allgather"),
     ({"weight_gather": "ipc"}, "weight_gather must be one of nccl, copy"),
     ({"resident_layers": "first"}, "resident_layers must be one of spread, last"),
+    ({"landing_buffers": 0, "weight_fetch": "allgather"}, "landing_buffers must be a whole number of at least 1"),
+    ({"landing_buffers": 4}, "with --weight-fetch whole each rank copies whole layers into its ring"),
     ({"weight_gather": "copy"}, "with --weight-fetch whole each rank copies whole blocks and gathers nothing"),
     ({"pin_kv_cache": True}, "add --kv-offload"),
     ({"async_kv_offload": True}, "add --kv-offload"),

@@ -66,6 +66,9 @@ class RunConfig:
     # how the ranks gather a block's parts (allgather, pool): NCCL's all-gather, or copies from the other
     # ranks' GPU memory by the copy engines, which leave the SMs to the layers (offload/peer_copy.py)
     weight_gather: str = "nccl"
+    # allgather, pool: buffers of 1/N layer that a rank's host copies land in before the gathers, so
+    # that its PCIe copies run this many layers ahead of them; None: one per ring slot
+    landing_buffers: int | None = None
     # -- output -----------------------------------------------------------------------------------------
     progress: bool = True
 
@@ -92,7 +95,7 @@ class RunConfig:
         _whole("max_batch_size", self.max_batch_size, 1)
         _whole("prefetch_depth", self.prefetch_depth, 1)
         _whole("quant_group_size", self.quant_group_size, 1)
-        for name in ("max_seq_len", "max_prompt_len", "micro_batch_size"):
+        for name in ("max_seq_len", "max_prompt_len", "micro_batch_size", "landing_buffers"):
             if getattr(self, name) is not None:
                 _whole(name, getattr(self, name), 1)
         if self.max_prompt_len is not None and self.max_seq_len is not None and self.max_prompt_len > self.max_seq_len:
@@ -114,6 +117,9 @@ class RunConfig:
             raise OffloadgenError(f"--weight-gather {self.weight_gather} gathers the parts of a block that "
                                   "--weight-fetch allgather or pool splits over the ranks; with --weight-fetch whole "
                                   "each rank copies whole blocks and gathers nothing")
+        if self.landing_buffers is not None and self.weight_fetch == "whole":
+            raise OffloadgenError("--landing-buffers sizes where --weight-fetch allgather or pool lands each rank's "
+                                  "part of a layer; with --weight-fetch whole each rank copies whole layers into its ring")
         _choice("expert_streaming", self.expert_streaming, EXPERT_STREAMING)
         if self.expert_streaming == "on" and (self.disk_offload or not self.pin_memory or self.weight_fetch != "whole"):
             raise OffloadgenError("--expert-streaming on copies experts from pinned CPU memory: it cannot be combined "

@@ -121,6 +121,9 @@ def add_world_flags(p) -> None:
          help="with --weight-fetch allgather or pool: gather a block's parts with NCCL's all-gather (nccl), or copy "
               "them from the other ranks' GPU memory with the copy engines, leaving the SMs to the layers (copy; one "
               "node)")
+    flag(p, "--landing-buffers", type=int, default=None,
+         help="with --weight-fetch allgather or pool: buffers of 1/N layer that each rank's host copies land in, so "
+              "its PCIe copies run that many layers ahead of the gathers (default: one per ring slot)")
 
 
 def add_run_flags(p, reference_defaults: bool = False) -> None:
@@ -144,6 +147,6 @@ def config_from_args(args, **planned) -> RunConfig:
         kv_offload=args.kv_offload, pin_kv_cache=args.pin_kv_cache, async_kv_offload=args.async_kv_offload,
         kv_attention=args.kv_attention, kv_overlap=args.kv_overlap, kv_quant_bits=args.kv_quant_bits,
         kv_quant_group_size=args.kv_quant_group_size, weight_fetch=args.weight_fetch,
-        weight_gather=args.weight_gather,
+        weight_gather=args.weight_gather, landing_buffers=args.landing_buffers,
         expert_streaming=args.expert_streaming)
     return RunConfig(**{**settings, **planned})

@@ -142,13 +142,14 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
             model_cfg, elem, plan.budget, batch, prompt_len, gen_len, config.micro_batch_size, config.prefetch_depth,
             quant, kv, h2d_bytes_s, dtype, offload=config.offloaded, cpu_attention_bytes_s=cpu_attention_bytes_s,
             pool_ranks=pool_ranks, expert_streaming=experts, fetch_ranks=fetch_ranks,
-            resident_layers=config.resident_layers)
+            resident_layers=config.resident_layers, landing_slots=config.landing_buffers)
     else:
         plan.placement = plan_prefill_parts(model_cfg, elem, plan.budget, batch, prompt_len, gen_len,
                                             config.micro_batch_size, prefetch_depth=config.prefetch_depth,
                                             offload=config.offloaded, quant=quant, pool_ranks=pool_ranks, kv_bits=kv_bits,
                                             expert_streaming=experts, fetch_ranks=fetch_ranks,
-                                            resident_layers=config.resident_layers)
+                                            resident_layers=config.resident_layers,
+                                            landing_slots=config.landing_buffers)
     if config.disk_offload:
         plan.placement.bytes["weights_on_disk"] = True
     if plan.placement.streamed or plan.placement.pooled or kv is not None:

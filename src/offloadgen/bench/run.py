@@ -306,7 +306,9 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, probes, cop
         "log_file": str(log_path), "kv": kv_record, "world_size": plan.world.size, "weight_fetch": run.weight_fetch,
         # the copies' direction where they ran (None where nothing was gathered: one rank, no streaming)
         "weight_gather": run.weight_gather, "peer_copy": getattr(getattr(rt.weights, "peers", None), "mode", None),
-        "prefetch_depth": run.prefetch_depth, "resident_at": run.resident_layers, "nccl_max_nchannels": os.environ.get("NCCL_MAX_NCHANNELS"),
+        "prefetch_depth": run.prefetch_depth, "resident_at": run.resident_layers,
+        "landing_buffers": None if p is None or not p.bytes.get("landing") else p.landings,
+        "nccl_max_nchannels": os.environ.get("NCCL_MAX_NCHANNELS"),
         "nccl_cta_policy": os.environ.get("NCCL_CTA_POLICY"),
         "per_rank": per_rank, "disk_offload": run.disk_offload, "disk": disk_record, "host_memory": host_memory,
         "experts": _expert_record(rt, timed, w.gen_len, m), **_prediction(rt, run, bandwidth, links, m),

@@ -41,6 +41,14 @@ class Placement:
     # The prefill runs in parts of at most this many prompt tokens (rows x prompt length), and the
     # activations are sized for one part (plan_prefill_parts); None: the whole batch (or micro-batch) at once
     prefill_tokens: int | None = None
+    # Several ranks fetching 1/N of each streamed block (allgather, pool): the buffers of 1/N block
+    # that host copies land in before the gather, so PCIe copies run this many blocks ahead of the
+    # gathers; None: as many as the ring has slots
+    landing_slots: int | None = None
+
+    @property
+    def landings(self) -> int:
+        return self.ring_slots if self.landing_slots is None else self.landing_slots
 
     @property
     def streamed_bytes(self) -> int:
@@ -61,7 +69,7 @@ class Placement:
         b = {"resident": 0, "ring": 0, "landing": 0, "kv_cache": 0, "activations": 0, **self.bytes}
         pooled = (f"{len(self.pooled)} pooled across ranks ({b['pooled_per_rank'] / GiB:.2f} GiB on each), "
                   if self.pooled else "")
-        landing = f" and {self.ring_slots} landing buffers ({b['landing'] / GiB:.2f} GiB)" if b["landing"] else ""
+        landing = f" and {self.landings} landing buffers ({b['landing'] / GiB:.2f} GiB)" if b["landing"] else ""
         return (f"{len(self.resident)} blocks resident ({b['resident'] / GiB:.2f} GiB), {pooled}{len(self.streamed)} streamed "
                 f"({b['streamed_per_pass'] / GiB:.2f} GiB per pass through {self.ring_slots} buffers of "
                 f"{b['ring'] / self.ring_slots / GiB if self.ring_slots else 0:.2f} GiB{landing}), "
@@ -135,14 +143,14 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
                    kv_on_gpu: bool = True, max_resident_layers: int | None = None, quant=None,
                    kv_scratch: int = 0, pool_ranks: int = 1, kv_bits: tuple = (None, 64),
                    expert_streaming: str = "off", fetch_ranks: int = 1, prefill_rows: int | None = None,
-                   resident_layers: str = "spread") -> Placement:
+                   resident_layers: str = "spread", landing_slots: int | None = None) -> Placement:
     """Place blocks under `budget` bytes of GPU memory; refuse, saying what would fit, if impossible.
 
     With the KV cache offloaded (kv_on_gpu=False) the GPU holds only `kv_scratch` bytes of it: the
     device buffers of the micro-batches that attend on the GPU. With pool_ranks N > 1 the budget is
     each of N ranks' and the layers are pooled across them (_pool_layers); with fetch_ranks N > 1
-    (all-gather or pool) each ring slot has a landing buffer of 1/N of a layer beside it
-    (offload/streaming.py, _copy_ahead). For an MoE model,
+    (all-gather or pool) host copies land in buffers of 1/N of a layer, landing_slots of them (None:
+    one per ring slot), before the gathers (offload/streaming.py, _copy_ahead). For an MoE model,
     expert_streaming "on" streams trunks and routed experts (_expert_placement), "auto" does so
     where that moves fewer bytes per decode step than whole layers, "off" never. resident_layers
     says which layers stay on the GPU when not all fit: "spread" evenly through the pass (the last
@@ -164,13 +172,14 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
         return Placement(list(blocks(cfg)), [], 0, dict(resident=everything, kv_cache=kv, activations=act,
                                                          ring=0, streamed_per_pass=0))
     slots = prefetch_depth + 1
+    landings = slots if landing_slots is None else landing_slots
     layer_bytes = max(sizes[i] for i in range(cfg.n_layers))
     # The embedding and head (one tensor when tied) are wanted resident; if they cannot be, they
     # stream like a layer and the ring must hold the largest block.
     ends = ["head", "embed"]
     ends_bytes = sizes["head"] + sizes["embed"] - shared
-    # with fetch_ranks N > 1, each ring slot's landing buffer: 1/N of the largest streamed block
-    landing_of = lambda largest: slots * -(-largest // fetch_ranks) if fetch_ranks > 1 else 0  # noqa: E731
+    # with fetch_ranks N > 1, the landing buffers: 1/N of the largest streamed block each
+    landing_of = lambda largest: landings * -(-largest // fetch_ranks) if fetch_ranks > 1 else 0  # noqa: E731
     ring, landing = slots * layer_bytes, landing_of(layer_bytes)
     if fixed + ring + landing + ends_bytes > budget:
         ring, landing = slots * max(sizes.values()), landing_of(max(sizes.values()))
@@ -178,7 +187,7 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
     if fixed + ring + landing > budget:
         # batch 1 cannot be smaller: the sequence must be shorter instead
         smaller = f"a smaller --batch-size (e.g. {batch // 2})" if batch > 1 else "a shorter --max-seq-len"
-        landed = f" + {slots} landing buffers of 1/{fetch_ranks} layer {landing / GiB:.1f} GiB" if landing else ""
+        landed = f" + {landings} landing buffers of 1/{fetch_ranks} layer {landing / GiB:.1f} GiB" if landing else ""
         raise OffloadgenError(
             f"batch {batch} does not fit a {budget / GiB:.1f} GiB GPU budget: KV cache {kv / GiB:.1f} GiB + "
             f"activations {act / GiB:.1f} GiB + {slots} layer buffers {ring / GiB:.1f} GiB{landed} = "
@@ -187,7 +196,7 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
             + (", or --weight-fetch whole (no landing buffers)" if landing and fixed + ring <= budget else ""))
     free = budget - fixed - ring - landing - ends_bytes
     if pool_ranks > 1:
-        return _pool_layers(cfg, sizes, ends, free, pool_ranks, slots, shared,
+        return _pool_layers(cfg, sizes, ends, free, pool_ranks, slots, landings, shared,
                             dict(kv_cache=kv, activations=act, ring=ring, landing=landing))
     n_resident = min(cfg.n_layers, int(free // layer_bytes))
     if max_resident_layers is not None:
@@ -203,7 +212,8 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
     streamed_bytes = sum(sizes[b] for b in streamed)
     resident_bytes = sum(sizes[b] for b in resident) - (shared if "embed" in resident else 0)
     whole = Placement(resident, streamed, slots, dict(resident=resident_bytes, kv_cache=kv, activations=act, ring=ring,
-                                                      landing=landing, streamed_per_pass=streamed_bytes))
+                                                      landing=landing, streamed_per_pass=streamed_bytes),
+                      landing_slots=landings if fetch_ranks > 1 else None)
     if expert_streaming == "off" or not is_expert_streamable(cfg):
         return whole
     routed = _expert_placement(cfg, elem_bytes, quant, sizes, ends, free, batch, whole)
@@ -302,7 +312,8 @@ def spread_layers(n_layers: int, n: int) -> list[int]:
     return sorted({n_layers - 1 - k * n_layers // n for k in range(n)}) if n else []
 
 
-def _pool_layers(cfg, sizes: dict, ends: list, free: int, ranks: int, slots: int, shared: int, parts: dict) -> Placement:
+def _pool_layers(cfg, sizes: dict, ends: list, free: int, ranks: int, slots: int, landings: int, shared: int,
+                 parts: dict) -> Placement:
     """Ranks pool their GPU memory: a pooled layer costs each rank 1/ranks of its bytes, and is
     all-gathered over NVLink into the ring every pass, so the pool holds ranks times the layers
     that one GPU would; only the layers it cannot hold cross PCIe (1/ranks of each on every link).
@@ -328,7 +339,8 @@ def _pool_layers(cfg, sizes: dict, ends: list, free: int, ranks: int, slots: int
         parts = dict(parts, landing=0)
     return Placement(resident, streamed, slots, dict(parts, resident=resident_bytes,
                                                      pooled_per_rank=sum(share(b) for b in pooled),
-                                                     streamed_per_pass=sum(sizes[b] for b in streamed)), pooled)
+                                                     streamed_per_pass=sum(sizes[b] for b in streamed)), pooled,
+                     landing_slots=landings)
 
 
 def kv_bytes_per_token(cfg, elem_bytes: int, bits: int | None = None, group_size: int = 64) -> int:
@@ -348,7 +360,7 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
                     micro_batch: int | None, prefetch_depth: int, quant, opts, h2d_bytes_s: float | None,
                     dtype: torch.dtype, offload: bool = True, cpu_attention_bytes_s: float | None = None,
                     pool_ranks: int = 1, expert_streaming: str = "off", fetch_ranks: int = 1,
-                    resident_layers: str = "spread"):
+                    resident_layers: str = "spread", landing_slots: int | None = None):
     """Placement with the KV cache in CPU memory, and the share of micro-batches that attend on the
     GPU. With attention "auto" the share comes from the step model (kv_cache.gpu_fraction): the
     cache read in a decode step at the average context length, against the bus time the streamed
@@ -368,7 +380,8 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
     n_parts = -(-batch // rows)
     first = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
                            offload=offload, kv_on_gpu=False, quant=quant, pool_ranks=pool_ranks,
-                           expert_streaming=expert_streaming, fetch_ranks=fetch_ranks, resident_layers=resident_layers)
+                           expert_streaming=expert_streaming, fetch_ranks=fetch_ranks, resident_layers=resident_layers,
+                           landing_slots=landing_slots)
     kv_bits = (opts.quant_bits, opts.quant_group_size)
     cache_step = kv_cache_bytes(cfg, batch, prompt_len + gen_len // 2, elem_bytes, *kv_bits)  # read per decode step
     fraction = opts.gpu_fraction
@@ -395,7 +408,8 @@ def plan_kv_offload(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: i
     placement = plan_placement(cfg, elem_bytes, budget, batch, prompt_len, gen_len, micro_batch, prefetch_depth,
                                offload=offload, kv_on_gpu=False, quant=quant, kv_scratch=scratch,
                                pool_ranks=pool_ranks, expert_streaming=expert_streaming,
-                               fetch_ranks=fetch_ranks, resident_layers=resident_layers) if scratch else first
+                               fetch_ranks=fetch_ranks, resident_layers=resident_layers,
+                               landing_slots=landing_slots) if scratch else first
     placement.bytes["kv_host"] = kv_cache_bytes(cfg, batch, prompt_len + gen_len, elem_bytes, *kv_bits)
     if h2d_bytes_s:
         # what the split needs to move several micro-batches at once (kv_split)

@@ -168,7 +168,7 @@ class StreamingWeights:
 
     def _make_arenas(self) -> None:
         """This rank's arena for --weight-gather copy: its part of every pooled block, then its
-        landing buffers (as many as the ring has slots, when some block streams), at the same
+        landing buffers (placement.landings of them, when some block streams), at the same
         offsets on every rank; and every other rank's arena, opened here."""
         from .peer_copy import PeerArenas
         self.arena_offset, offset = {}, 0
@@ -178,7 +178,7 @@ class StreamingWeights:
         streamed = [b for b in self.order if b not in self.placement.pooled]
         self.landing_offset, self.landing_numel = [], self._part_bytes(max(
             (self.layouts[b].nbytes for b in self.order), default=0))
-        for _ in range(self.placement.ring_slots if streamed else 0):
+        for _ in range(self.placement.landings if streamed else 0):
             self.landing_offset.append(offset)
             offset += self.landing_numel
         self.peers = PeerArenas(offset, self.world, self.device)
@@ -243,16 +243,18 @@ class StreamingWeights:
             part_numel = self._part_bytes(ring_numel)
             ring_numel = self.shards * part_numel
             # This rank's 1/N of each streamed block lands in a buffer of its own, not in its place
-            # in the ring slot: the host copies (PCIe) then run up to `slots` blocks ahead of the
-            # gathers, past pooled blocks and layers still computing. Landing in the slot itself, a
-            # copy waited for the slot, and PCIe idled while pooled layers were gathered (4 H100s:
-            # step 1.28x the planned PCIe time).
+            # in the ring slot: the host copies (PCIe) then run up to placement.landings blocks ahead
+            # of the gathers, past pooled blocks and layers still computing. Landing in the slot
+            # itself, a copy waited for the slot, and PCIe idled while pooled layers were gathered
+            # (4 H100s: step 1.28x the planned PCIe time). Each gather waits for the slowest rank's
+            # part; landing buffers beyond the ring's slots let the other ranks' copies go on
+            # meanwhile, so that a late copy costs the step once rather than every link's time.
             # Every fetched block pooled: nothing lands (the planner counts none then either).
             if self.peer_copy:  # in this rank's arena, where the other ranks read them
                 self.landing = [self.peers.view(self.world.rank, o, part_numel) for o in self.landing_offset]
             else:
                 self.landing = [torch.empty(part_numel, dtype=torch.uint8, device=self.device)
-                                for _ in range(slots if self.host else 0)]
+                                for _ in range(self.placement.landings if self.host else 0)]
         if self.disk is not None and not self.cuda:
             self.ring = [aligned_buffer(ring_numel) for _ in range(slots)]
         else:
