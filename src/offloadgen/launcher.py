@@ -5,7 +5,7 @@ traceback, sends every rank the signal, kills them 30 s later (cutting a server'
 short) and exits 1 whatever the ranks did. Here torchrun's agent is told not to handle the two
 (`--signals-to-handle`); this process passes them to rank 0 instead, which stops as one process
 does (a server drains and tells the other ranks to stop; a job stops admitting on every rank,
-ranks.py), and torchrun waits for the ranks as for any run. The exit status is then the ranks':
+ranks.py), and torchrun waits for the ranks as for any run; a second signal kills every rank. The exit status is then the ranks':
 0 for a server stopped on purpose, 128 + the signal for a job cut short or a rank the signal
 ended (as one process exits), and nothing but the ranks' own lines is printed. A failure that no
 signal asked for is reported by torchrun as before.
@@ -25,17 +25,19 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 AGENT_SIGNALS = "SIGHUP,SIGQUIT"
 
 
-def rank_0_pid(parent: int) -> int | None:
-    """The process of local rank 0 among parent's children (torchrun starts the ranks itself)."""
+def rank_pids(parent: int) -> dict[int, int]:
+    """{local rank: process} of the ranks among parent's children (torchrun starts them itself)."""
+    found = {}
     for task in Path(f"/proc/{parent}/task").iterdir():
-        for child in (task / "children").read_text().split():
+        for child in map(int, (task / "children").read_text().split()):
             try:
                 env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
             except OSError:  # it has just exited
                 continue
-            if b"LOCAL_RANK=0" in env:
-                return int(child)
-    return None
+            rank = [v for v in env if v.startswith(b"LOCAL_RANK=")]
+            if rank:
+                found[int(rank[0].split(b"=")[1])] = child
+    return found
 
 
 def main(argv: list[str]) -> int:
@@ -49,10 +51,17 @@ def main(argv: list[str]) -> int:
         stopped.append(signum)
         # the stop is asked for: torchrun's lines about ranks that exit with its signal are noise
         logging.disable(logging.CRITICAL)
-        pid = rank_0_pid(os.getpid())
-        if pid is None:  # no rank started yet: nothing to finish; the agent stops as torchrun does
+        ranks = rank_pids(os.getpid())
+        if 0 not in ranks:  # no rank started yet: nothing to finish; the agent stops as torchrun does
             raise SignalException(f"stopped by {signal.Signals(signum).name}", signal.Signals(signum))
-        os.kill(pid, signum)
+        # The first to rank 0, which stops every rank. A second ends one process at once; here
+        # every rank must end at once (one alone would leave the others' collectives to fail
+        # loudly, and a rank that has not had the first would take this one as a first).
+        for pid, sig in [(ranks[0], signum)] if len(stopped) == 1 else [(p, signal.SIGKILL) for p in ranks.values()]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:  # it has just exited; torchrun will see how
+                pass
 
     for s in STOP_SIGNALS:
         signal.signal(s, stop)
@@ -66,6 +75,8 @@ def main(argv: list[str]) -> int:
     except ChildFailedError as e:
         if not stopped:
             raise
+        if len(stopped) > 1:  # the ranks were killed because the user asked twice
+            return 128 + stopped[-1]
         code = e.get_first_failure()[1].exitcode
         return 128 - code if code < 0 else code  # a rank a signal ended: as a shell reports it
 
