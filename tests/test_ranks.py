@@ -381,7 +381,10 @@ def test_a_server_on_ranks_stopped_by_its_user_drains_and_exits_0_without_torchr
     cmd = [sys.executable, "-m", "offloadgen.cli", "serve", "opt-125m", "--dummy", "--device", "cpu", "--dtype",
            "float32", "--slots", "2", "--max-seq-len", "64", "--port", str(port), "--log-level", "warning",
            "--shutdown-grace", "60", "--num-gpus-per-node", "2"]
-    proc = subprocess.Popen(cmd, env=ENV, stderr=subprocess.PIPE, text=True)
+    # torchrun's own stop kills the ranks this long after its signal (30 s unless set): with 0 any
+    # stream still running when torchrun itself acts on the stop would be cut off at once
+    env = {**ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "0"}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     try:
         lines = []
         for line in proc.stderr:
@@ -392,7 +395,7 @@ def test_a_server_on_ranks_stopped_by_its_user_drains_and_exits_0_without_torchr
         run = descendants(proc.pid)
         assert len(run) >= 3, run  # torchrun and its two ranks
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
-        stream = iter(client.completions.create(model="opt-125m", prompt="1, 2, 3,", max_tokens=24, temperature=0,
+        stream = iter(client.completions.create(model="opt-125m", prompt="1, 2, 3,", max_tokens=40, temperature=0,
                                                 stream=True))
         first = next(stream)
         proc.send_signal(getattr(signal, sig))
