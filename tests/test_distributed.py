@@ -237,26 +237,33 @@ def test_generate_under_torchrun_scatters_prompts_and_gathers_them_in_order(tmp_
     assert [json.loads(line)["id"] for line in (tmp_path / "2.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 4]
 
 
-def test_relaunch_exits_as_one_process_does_when_stopped_by_a_signal(monkeypatch):
-    """Ctrl-C reaches torchrun through the launcher, the ranks stop, torchrun exits 1: the launcher
-    says 130, as `generate` in one process does; a run that ends on its own keeps its code."""
+def test_relaunch_passes_a_signal_to_the_launcher_once_and_exits_with_its_code(monkeypatch):
+    """Ctrl-C reaches the launcher (launcher.py, which hands it to rank 0) through relaunch, once;
+    relaunch then exits with the launcher's code, which says what the ranks did (0 for a server
+    stopped on purpose, 130 for a job cut short); the handlers are put back."""
     import os
     import signal
 
     from offloadgen import distributed
 
-    class FakeTorchrun:
-        def __init__(self, *a, **k):
-            self.sent = []
+    sent = []
+
+    class FakeLauncher:
+        def __init__(self, cmd, **k):
+            assert cmd[1:3] == ["-m", "offloadgen.launcher"] and k["start_new_session"]
 
         def send_signal(self, signum):
-            self.sent.append(signum)
+            sent.append(signum)
 
         def wait(self):
             if interrupt:
                 os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, in the main thread
             return code
 
-    for interrupt, code, expected in ((True, 1, 130), (False, 1, 1), (False, 0, 0)):
-        monkeypatch.setattr(distributed.subprocess, "Popen", FakeTorchrun)
-        assert distributed.relaunch(["generate"], 2) == expected
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(distributed.subprocess, "Popen", FakeLauncher)
+    for interrupt, code in ((True, 0), (True, 130), (False, 1), (False, 0)):
+        sent.clear()
+        assert distributed.relaunch(["generate"], 2) == code
+        assert sent == ([signal.SIGINT] if interrupt else [])
+        assert signal.getsignal(signal.SIGINT) is before

@@ -2,7 +2,8 @@
 that step in lockstep, each request gets exactly the tokens of its prompt run alone, a rank with
 far less work keeps joining the passes (empty passes) without a hang, resume and bad lines work,
 rank 0 alone writes; the workload bench combines the ranks' figures; `serve` deals its requests to
-the ranks' slots, each answer the tokens of its prompt alone, and stops every rank on SIGTERM."""
+the ranks' slots, each answer the tokens of its prompt alone, and stops every rank on SIGTERM;
+a server or job started with --num-gpus-per-node and stopped by its user exits as one process does."""
 import json
 import os
 import subprocess
@@ -349,3 +350,103 @@ def test_a_client_leaving_cancels_its_request_on_rank_1(tiny, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (the launcher's torchrun, its ranks)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in map(int, (task / "children").read_text().split()):
+            found += [child, *descendants(child)]
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_server_on_ranks_stopped_by_its_user_drains_and_exits_0_without_torchrun_noise(tmp_path, sig):
+    """`offloadgen serve --num-gpus-per-node 2` as a user starts it, then SIGTERM (systemd, docker
+    stop) or SIGINT (Ctrl-C) to that process, with a stream in flight: the stream still finishes,
+    the command exits 0 as one process does, stderr has our lines and no torchrun traceback, and no
+    process of the run is left."""
+    import signal
+
+    import openai
+    port = free_port()
+    cmd = [sys.executable, "-m", "offloadgen.cli", "serve", "opt-125m", "--dummy", "--device", "cpu", "--dtype",
+           "float32", "--slots", "2", "--max-seq-len", "64", "--port", str(port), "--log-level", "warning",
+           "--shutdown-grace", "60", "--num-gpus-per-node", "2"]
+    # torchrun's own stop kills the ranks this long after its signal (30 s unless set): with 0 any
+    # stream still running when torchrun itself acts on the stop would be cut off at once
+    env = {**ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "0"}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving" in line:
+                break
+        assert "2 slots on each of 2 ranks" in "".join(lines), "".join(lines)[-3000:]
+        run = descendants(proc.pid)
+        assert len(run) >= 3, run  # torchrun and its two ranks
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        stream = iter(client.completions.create(model="opt-125m", prompt="1, 2, 3,", max_tokens=40, temperature=0,
+                                                stream=True))
+        first = next(stream)
+        proc.send_signal(getattr(signal, sig))
+        rest = list(stream)  # the request in flight gets the grace period, not a cut
+        assert rest[-1].choices[0].finish_reason == "length"
+        assert first.choices[0].text + "".join(c.choices[0].text for c in rest)
+        code = proc.wait(120)
+        err = "".join(lines) + proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, err[-3000:]
+    for noise in ("Traceback", "SignalException", "ChildFailedError", "death signal"):
+        assert noise not in err, err[-3000:]
+    assert "rank 1 answered 1 requests" in err or "rank 1 answered 0 requests" in err, err[-3000:]
+    import time
+    deadline = time.time() + 10
+    while any(map(running, run)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in run if running(p)], "processes of the run outlived it"
+
+
+def test_a_job_on_ranks_stopped_midway_exits_as_one_process_without_torchrun_noise(tmp_path):
+    """`generate --input ... --num-gpus-per-node 2` and SIGTERM to that process midway: the
+    requests in flight are written, the command exits 143 as one process does, stderr says to
+    resume and has no torchrun traceback, and no process of the run is left."""
+    import signal
+    import time
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "x" * (1 + i % 37)}) + "\n" for i in range(400)))
+    cmd = [sys.executable, "-m", "offloadgen.cli", "generate", "opt-125m", "--dummy", "--device", "cpu", "--dtype",
+           "float32", "--input", str(src), "--output", str(dst), "--max-new-tokens", "6", "--batch-size", "4",
+           "--num-gpus-per-node", "2"]
+    proc = subprocess.Popen(cmd, env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (dst.exists() and dst.read_text().count("\n") >= 8):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        run = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Run the same command again to resume" in err and err.count("finishing the requests in flight") == 1
+    for noise in ("Traceback", "SignalException", "ChildFailedError", "death signal"):
+        assert noise not in err, err[-3000:]
+    assert 8 <= dst.read_text().count("\n") < 400, "the stop came after the job finished: the test proved nothing"
+    time.sleep(1)
+    assert not [p for p in run if running(p)], "processes of the run outlived it"

@@ -202,7 +202,10 @@ def barrier(world: World) -> None:
 
 def relaunch(argv: list[str], nproc: int) -> int:
     """Start this command again under torchrun with nproc processes on this node."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    # torchrun through launcher.py: a SIGTERM or Ctrl-C goes to rank 0, which stops as one process
+    # does, and the exit status is the ranks' (0 for a server stopped on purpose), without
+    # torchrun's traceback
+    cmd = [sys.executable, "-m", "offloadgen.launcher", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "offloadgen.cli", *argv]
     # torchrun gives every rank OMP_NUM_THREADS=1 unless it is set; a rank that attends over an
     # offloaded KV cache on the CPU then reads it on one core (4 ranks of 64 cores read 4 GB/s
@@ -210,21 +213,16 @@ def relaunch(argv: list[str], nproc: int) -> int:
     threads = str(max(1, (os.cpu_count() or nproc) // nproc))
     env = {"OMP_NUM_THREADS": threads, **os.environ, **NCCL_ENV, "OFFLOADGEN_RELAUNCHED": "1"}
     # torchrun runs in a session of its own, so that a Ctrl-C reaches it once, from here: it then
-    # sends its ranks SIGTERM and waits for them (a job's ranks finish the requests in flight).
-    # Without this the terminal's SIGINT would also end this process's wait, and kill torchrun.
+    # passes it to rank 0 and waits for the ranks (a server drains, a job's ranks finish the
+    # requests in flight). Without this the terminal's SIGINT would also reach every rank at once.
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    received = []
 
     def forward(signum, frame):
-        received.append(signum)
         proc.send_signal(signum)
     in_main = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
-        code = proc.wait()
-        # Stopped by a signal, the ranks exit 130/143 and torchrun calls that a failure (1): say
-        # what one process says, 128 + the signal, so that scripts see the same either way.
-        return 128 + received[0] if received and code != 0 else code
+        return proc.wait()  # launcher.py exits as one process would have (128 + a signal that ended it)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -1,0 +1,85 @@
+"""torchrun for `--num-gpus-per-node N` (distributed.relaunch), with a stop that is no failure.
+
+Plain torchrun takes SIGTERM/SIGINT as its own death: it raises SignalException, prints its
+traceback, sends every rank the signal, kills them 30 s later (cutting a server's grace period
+short) and exits 1 whatever the ranks did. Here torchrun's agent is told not to handle the two
+(`--signals-to-handle`); this process passes them to rank 0 instead, which stops as one process
+does (a server drains and tells the other ranks to stop; a job stops admitting on every rank,
+ranks.py), and torchrun waits for the ranks as for any run; a second signal kills every rank. The exit status is then the ranks':
+0 for a server stopped on purpose, 128 + the signal for a job cut short or a rank the signal
+ended (as one process exits), and nothing but the ranks' own lines is printed. A failure that no
+signal asked for is reported by torchrun as before.
+
+    python -m offloadgen.launcher TORCHRUN_ARGS...  (what distributed.relaunch runs)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# torchrun's default less ours: a hang-up or SIGQUIT still ends the agent and its ranks at once
+AGENT_SIGNALS = "SIGHUP,SIGQUIT"
+
+
+def rank_pids(parent: int) -> dict[int, int]:
+    """{local rank: process} of the ranks among parent's children (torchrun starts them itself)."""
+    found = {}
+    for task in Path(f"/proc/{parent}/task").iterdir():
+        for child in map(int, (task / "children").read_text().split()):
+            try:
+                env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:  # it has just exited
+                continue
+            rank = [v for v in env if v.startswith(b"LOCAL_RANK=")]
+            if rank:
+                found[int(rank[0].split(b"=")[1])] = child
+    return found
+
+
+def main(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    stopped: list[int] = []
+
+    def stop(signum, frame):
+        stopped.append(signum)
+        # the stop is asked for: torchrun's lines about ranks that exit with its signal are noise
+        logging.disable(logging.CRITICAL)
+        ranks = rank_pids(os.getpid())
+        if 0 not in ranks:  # no rank started yet: nothing to finish; the agent stops as torchrun does
+            raise SignalException(f"stopped by {signal.Signals(signum).name}", signal.Signals(signum))
+        # The first to rank 0, which stops every rank. A second ends one process at once; here
+        # every rank must end at once (one alone would leave the others' collectives to fail
+        # loudly, and a rank that has not had the first would take this one as a first).
+        for pid, sig in [(ranks[0], signum)] if len(stopped) == 1 else [(p, signal.SIGKILL) for p in ranks.values()]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:  # it has just exited; torchrun will see how
+                pass
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, stop)
+    try:
+        torchrun(["--signals-to-handle", AGENT_SIGNALS, *argv])
+        return 0
+    except SignalException as e:
+        if not stopped:  # SIGHUP or SIGQUIT: torchrun's own way
+            raise
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        if not stopped:
+            raise
+        if len(stopped) > 1:  # the ranks were killed because the user asked twice
+            return 128 + stopped[-1]
+        code = e.get_first_failure()[1].exitcode
+        return 128 - code if code < 0 else code  # a rank a signal ended: as a shell reports it
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
