@@ -267,3 +267,22 @@ def test_relaunch_passes_a_signal_to_the_launcher_once_and_exits_with_its_code(m
         assert distributed.relaunch(["generate"], 2) == code
         assert sent == ([signal.SIGINT] if interrupt else [])
         assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_the_launcher_runs_an_older_torchrun_as_it_is(monkeypatch):
+    """A torchrun without --signals-to-handle gets the arguments unchanged (its own handling of a
+    stop), where a newer one is told to leave SIGINT/SIGTERM to the launcher."""
+    import argparse
+
+    import torch.distributed.run as torchrun_module
+
+    from offloadgen import launcher
+    seen = []
+    monkeypatch.setattr(torchrun_module, "main", lambda argv: seen.append(list(argv)))
+    # main installs its own SIGINT/SIGTERM handlers, as the process it is meant to be; not in pytest's
+    monkeypatch.setattr(launcher.signal, "signal", lambda *a: None)
+    launcher.main(["--standalone", "x.py"])
+    assert seen[-1][:2] == ["--signals-to-handle", launcher.AGENT_SIGNALS]
+    monkeypatch.setattr(torchrun_module, "get_args_parser", argparse.ArgumentParser)
+    assert launcher.main(["--standalone", "x.py"]) == 0
+    assert seen[-1] == ["--standalone", "x.py"]

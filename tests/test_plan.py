@@ -4,7 +4,7 @@ import pytest
 from offloadgen.cli import main
 from offloadgen.errors import OffloadgenError
 from offloadgen.models import block_nbytes, preset
-from offloadgen.offload.placement import GiB, plan_placement
+from offloadgen.offload.placement import ALLGATHER_LANDINGS, GiB, plan_placement
 from offloadgen.machine import Calibration
 from offloadgen.plan import predict
 from offloadgen.runtime import check_host_memory
@@ -166,7 +166,7 @@ def test_pooled_layers_are_spread_through_the_pass_and_landing_buffers_are_count
     assert landed.bytes["ring"] == p.bytes["ring"] and p.bytes["landing"] == 0
     assert "2 landing buffers (0.57 GiB)" in landed.describe() and "landing" not in p.describe()
     gathered = plan_placement(*args, offload=True, fetch_ranks=4)  # all-gather: landing buffers, nothing pooled
-    assert gathered.bytes["landing"] == landed.bytes["landing"] and not gathered.pooled
+    assert gathered.bytes["landing"] == 3 * landed.bytes["landing"] and not gathered.pooled  # 6 by default
 
 
 def test_more_landing_buffers_than_ring_slots_are_counted_and_cost_what_they_take():
@@ -183,6 +183,9 @@ def test_more_landing_buffers_than_ring_slots_are_counted_and_cost_what_they_tak
     assert "4 landing buffers" in four.describe()
     gathered = plan_placement(*args, offload=True, fetch_ranks=4, landing_slots=4)
     assert gathered.landings == 4 and gathered.bytes["landing"] == 4 * quarter
+    assert plan_placement(*args, offload=True, fetch_ranks=4).landings == ALLGATHER_LANDINGS
+    deep = plan_placement(cfg, 2, 32 * GiB, 8, 512, 32, offload=True, fetch_ranks=4, prefetch_depth=7)
+    assert deep.landings == 8  # never fewer than the ring's slots
     assert plan_placement(*args, offload=True, landing_slots=4).bytes["landing"] == 0  # one rank lands nothing
 
 

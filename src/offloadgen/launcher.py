@@ -5,7 +5,8 @@ traceback, sends every rank the signal, kills them 30 s later (cutting a server'
 short) and exits 1 whatever the ranks did. Here torchrun's agent is told not to handle the two
 (`--signals-to-handle`); this process passes them to rank 0 instead, which stops as one process
 does (a server drains and tells the other ranks to stop; a job stops admitting on every rank,
-ranks.py), and torchrun waits for the ranks as for any run; a second signal kills every rank. The exit status is then the ranks':
+ranks.py), and torchrun waits for the ranks as for any run; a second signal kills every rank.
+The exit status is then the ranks':
 0 for a server stopped on purpose, 128 + the signal for a job cut short or a rank the signal
 ended (as one process exits), and nothing but the ranks' own lines is printed. A failure that no
 signal asked for is reported by torchrun as before.
@@ -40,10 +41,21 @@ def rank_pids(parent: int) -> dict[int, int]:
     return found
 
 
+def agent_leaves_stop_signals() -> bool:
+    """Whether this torch's torchrun takes --signals-to-handle (newer releases); an older one is
+    run as it is, with its own handling of a stop and its traceback."""
+    from torch.distributed.run import get_args_parser
+    return any("--signals-to-handle" in action.option_strings for action in get_args_parser()._actions)
+
+
 def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
+
+    if not agent_leaves_stop_signals():
+        torchrun(argv)
+        return 0
 
     stopped: list[int] = []
 

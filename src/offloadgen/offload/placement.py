@@ -20,6 +20,14 @@ from .packed import PackedBlock
 GiB = 1 << 30
 
 
+# Landing buffers --weight-fetch allgather gets by default. Every layer's all-gather waits for
+# the slowest rank's part, and with two the other ranks' copies stopped with it: on 4 H100s
+# (OPT-30B fp16, 8 rows a GPU, one lease) 2 gave 56.0 and 69.8 tok/s, 4 gave 76.6, 6 gave 79.3-83.6.
+# With pool, 4 instead of 2 cost two pooled layers and ran slower (106.7 against 111.3): one per
+# ring slot stays its default.
+ALLGATHER_LANDINGS = 6
+
+
 def pass_position(block) -> float:
     """Where a block comes in a pass: embed, the layers in order, head."""
     return -1 if block == "embed" else float("inf") if block == "head" else block
@@ -150,7 +158,7 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
     device buffers of the micro-batches that attend on the GPU. With pool_ranks N > 1 the budget is
     each of N ranks' and the layers are pooled across them (_pool_layers); with fetch_ranks N > 1
     (all-gather or pool) host copies land in buffers of 1/N of a layer, landing_slots of them (None:
-    one per ring slot), before the gathers (offload/streaming.py, _copy_ahead). For an MoE model,
+    ALLGATHER_LANDINGS for all-gather, one per ring slot for pool), before the gathers (offload/streaming.py, _copy_ahead). For an MoE model,
     expert_streaming "on" streams trunks and routed experts (_expert_placement), "auto" does so
     where that moves fewer bytes per decode step than whole layers, "off" never. resident_layers
     says which layers stay on the GPU when not all fit: "spread" evenly through the pass (the last
@@ -172,7 +180,10 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
         return Placement(list(blocks(cfg)), [], 0, dict(resident=everything, kv_cache=kv, activations=act,
                                                          ring=0, streamed_per_pass=0))
     slots = prefetch_depth + 1
-    landings = slots if landing_slots is None else landing_slots
+    if landing_slots is not None:
+        landings = landing_slots
+    else:  # all-gather lands further ahead than pool, whose landing buffers cost pooled layers
+        landings = max(slots, ALLGATHER_LANDINGS) if fetch_ranks > 1 and pool_ranks == 1 else slots
     layer_bytes = max(sizes[i] for i in range(cfg.n_layers))
     # The embedding and head (one tensor when tied) are wanted resident; if they cannot be, they
     # stream like a layer and the ring must hold the largest block.
