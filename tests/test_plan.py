@@ -184,6 +184,11 @@ def test_more_landing_buffers_than_ring_slots_are_counted_and_cost_what_they_tak
     gathered = plan_placement(*args, offload=True, fetch_ranks=4, landing_slots=4)
     assert gathered.landings == 4 and gathered.bytes["landing"] == 4 * quarter
     assert plan_placement(*args, offload=True, fetch_ranks=4).landings == ALLGATHER_LANDINGS
+    # a budget with room for the ring and two quarter layers, not six: all-gather's default falls back to two
+    bare = plan_placement(*args, offload=True, fetch_ranks=4, landing_slots=2, max_resident_layers=0)
+    need = sum(v for k, v in bare.bytes.items() if k != "streamed_per_pass")  # no layer kept
+    tight = plan_placement(cfg, 2, need + quarter, 8, 512, 32, offload=True, fetch_ranks=4)
+    assert tight.landings == 2 and "head" in tight.resident
     deep = plan_placement(cfg, 2, 32 * GiB, 8, 512, 32, offload=True, fetch_ranks=4, prefetch_depth=7)
     assert deep.landings == 8  # never fewer than the ring's slots
     assert plan_placement(*args, offload=True, landing_slots=4).bytes["landing"] == 0  # one rank lands nothing

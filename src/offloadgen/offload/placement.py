@@ -192,6 +192,9 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
     # with fetch_ranks N > 1, the landing buffers: 1/N of the largest streamed block each
     landing_of = lambda largest: landings * -(-largest // fetch_ranks) if fetch_ranks > 1 else 0  # noqa: E731
     ring, landing = slots * layer_bytes, landing_of(layer_bytes)
+    if landing_slots is None and landings > slots and fixed + ring + landing + ends_bytes > budget:
+        landings = slots  # all-gather's default lands further ahead only where the budget has room
+        landing = landing_of(layer_bytes)
     if fixed + ring + landing + ends_bytes > budget:
         ring, landing = slots * max(sizes.values()), landing_of(max(sizes.values()))
         ends, ends_bytes = [], 0
