@@ -10,7 +10,9 @@ running one with --url. Requests are drawn once (seeded): prompt and output leng
 the given ranges; output is held to its length (ignore_eos, greedy), so every mode does the same
 work. Reported per mode: aggregate output tokens/s over the wall time of the run, time to first
 token (TTFT) and time per output token after the first (TPOT) percentiles, and the ratio to
-`generate`'s output tokens/s (its own figure, model loading excluded). Every request has a
+`generate`'s output tokens/s (its own figure, model loading excluded), and each mode's passes
+over the weights and their mean duration (the server's /metrics; generate's summary line), which
+tell a slower pass from more of them. Every request has a
 timeout and the whole run a deadline, so nothing hangs.
 
 `generate` runs the same Batch API lines through the same continuous batcher (--batch-size =
@@ -63,6 +65,8 @@ class Row:
     elapsed: float
     ttft: list = field(default_factory=list)
     tpot: list = field(default_factory=list)
+    passes: int | None = None  # passes over the weights the mode ran (the server's /metrics, generate's summary)
+    pass_s: float | None = None  # their mean duration
 
     @property
     def tokens_s(self) -> float:
@@ -151,6 +155,18 @@ def summarize(mode: str, results: list[Result], elapsed: float) -> Row:
     return row
 
 
+def scrape_passes(url: str, key: str) -> tuple[int | None, float | None]:
+    """(passes, their seconds) so far, from the server's /metrics; (None, None) where unreadable."""
+    req = urllib.request.Request(url.removesuffix("/v1") + "/metrics", headers={"Authorization": f"Bearer {key}"})
+    try:
+        text = urllib.request.urlopen(req, timeout=10).read().decode()
+    except OSError:
+        return None, None
+    value = lambda name: float(m.group(1)) if (m := re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)) else None  # noqa: E731
+    count, total = value("offloadgen_pass_seconds_count"), value("offloadgen_pass_seconds_sum")
+    return (None, None) if count is None else (int(count), total)
+
+
 def start_server(args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "offloadgen.cli", "serve", *shlex.split(args.model_args), "--slots", str(args.slots),
            "--port", str(args.port), "--max-queue", str(args.num_requests), "--served-model-name", "bench",
@@ -193,7 +209,10 @@ def run_generate(args, reqs: list[Req]) -> Row:
         m = re.search(r"(\d+) tokens in ([0-9.]+) s", done.stderr)
         if done.returncode != 0 or not m:
             return Row("generate (failed)", len(reqs), len(reqs), 0, 0.0)
-        return Row("generate", len(reqs), 0, int(m.group(1)), float(m.group(2)))
+        row = Row("generate", len(reqs), 0, int(m.group(1)), float(m.group(2)))
+        if p := re.search(r"(\d+) passes of ([0-9.]+) s", done.stderr):
+            row.passes, row.pass_s = int(p.group(1)), float(p.group(2))
+        return row
 
 
 def pct(values: list[float], q: float) -> str:
@@ -206,7 +225,7 @@ def pct(values: list[float], q: float) -> str:
 def print_table(rows: list[Row]) -> None:
     base = next((r.tokens_s for r in rows if r.mode == "generate" and r.tokens_s), None)
     head = (f"{'mode':<24}{'reqs':>6}{'fail':>6}{'out tok':>9}{'secs':>8}{'out tok/s':>11}{'vs gen':>8}"
-            f"{'TTFT ms p50/p90/p99':>22}{'TPOT ms p50/p90/p99':>22}")
+            f"{'TTFT ms p50/p90/p99':>22}{'TPOT ms p50/p90/p99':>22}{'passes':>8}{'pass s':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -214,7 +233,8 @@ def print_table(rows: list[Row]) -> None:
         ttft = "/".join(pct(r.ttft, q) for q in (0.5, 0.9, 0.99))
         tpot = "/".join(pct(r.tpot, q) for q in (0.5, 0.9, 0.99))
         print(f"{r.mode:<24}{r.requests:>6}{r.failed:>6}{r.output_tokens:>9}{r.elapsed:>8.1f}{r.tokens_s:>11.1f}"
-              f"{ratio:>8}{ttft:>22}{tpot:>22}")
+              f"{ratio:>8}{ttft:>22}{tpot:>22}{r.passes if r.passes is not None else '-':>8}"
+              f"{f'{r.pass_s:.3f}' if r.pass_s else '-':>8}")
     if any(r.tpot for r in rows):
         means = ", ".join(f"{r.mode}: {statistics.mean(r.tpot) * 1000:.0f}" for r in rows if r.tpot)
         print(f"mean TPOT ms: {means}")
@@ -256,11 +276,16 @@ def main(argv=None) -> int:
         # one untimed request first: the first pass pays one-off costs (kernels, allocator, caches)
         asyncio.run(run_load(url, args.api_key, model, [Req(reqs[0].prompt, 4)], 1, None, args.request_timeout, 0))
         for level in [int(c) for c in args.concurrency.split(",")]:
+            before = scrape_passes(url, args.api_key)
             results, elapsed = asyncio.run(asyncio.wait_for(
                 run_load(url, args.api_key, model, reqs, level, args.request_rate, args.request_timeout, args.seed),
                 args.deadline))
             mode = f"serve c={level}" + (f" rate={args.request_rate:g}/s" if args.request_rate else "")
             rows.append(summarize(mode, results, elapsed))
+            after = scrape_passes(url, args.api_key)
+            if None not in before and None not in after and after[0] > before[0]:  # this mode's passes alone
+                rows[-1].passes = after[0] - before[0]
+                rows[-1].pass_s = (after[1] - before[1]) / rows[-1].passes
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

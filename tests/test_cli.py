@@ -1,5 +1,6 @@
 """The command line: good input gives text on stdout; bad input a one-line error, exit 2."""
 import json
+import re
 import subprocess
 import sys
 
@@ -82,6 +83,9 @@ def test_jsonl_in_and_out(capsys, tmp_path):
     assert [r["id"] for r in rows] == ["a", 2, 7] and [r["line"] for r in rows] == [1, 2, 3]
     assert all(r["tokens"] == 4 and r["finish_reason"] == "length" for r in rows)
     assert "3 prompts answered" in err
+    # the passes over the weights: 12 tokens in 2 slots take at least 6 (benchmarks/serve_load.py reads them)
+    passes = re.search(r"(\d+) passes of ([0-9.]+) s\)", err)
+    assert passes and 6 <= int(passes.group(1)) <= 12 and float(passes.group(2)) > 0
 
 
 def test_input_without_output_is_refused(capsys, tmp_path):

@@ -194,7 +194,8 @@ def _run_job_on_ranks(llm, args, sampling, world) -> int:
 def _job_summary(s, args) -> int:
     rate = s.tokens / s.seconds if s.seconds else 0.0
     print(f"offloadgen: {s.done} prompts answered this run ({s.skipped} already done earlier), {s.errors} bad lines, "
-          f"{s.tokens} tokens in {s.seconds:.1f} s ({rate:.1f} tokens/s) -> {args.output}", file=sys.stderr)
+          f"{s.tokens} tokens in {s.seconds:.1f} s ({rate:.1f} tokens/s, {s.passes} passes"
+          f"{f' of {s.seconds / s.passes:.3f} s' if s.passes else ''}) -> {args.output}", file=sys.stderr)
     if s.interrupted:
         print(f"offloadgen: stopped by {s.interrupted}; finished work is in {args.output}. "
               f"Run the same command again to resume.", file=sys.stderr)

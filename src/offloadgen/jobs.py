@@ -80,6 +80,7 @@ class JobSummary:
     errors: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    passes: int = 0  # passes over the weights (across ranks: the same on every rank)
     interrupted: str | None = None
     retries: list = field(default_factory=list)
 
@@ -458,6 +459,7 @@ def answer_continuously(llm, items: list[JobItem], sampling: SamplingParams, slo
         if stopping():
             batcher.stop_admitting()
         ended = _ended(_step_with_retry(llm, batcher, summary), by_line)
+        summary.passes += 1
         if ended:
             on_done(ended)
 
@@ -536,6 +538,7 @@ def answer_job_on_ranks(llm, job: Job | None, sampling: SamplingParams, world, b
         finally:
             bar.close()
     summary.seconds = time.perf_counter() - start
+    summary.passes = result["passes"]
     if result["stopped_by"] is not None:
         summary.interrupted = signal.Signals(result["stopped_by"]).name
     elif world.is_main and job.ordered:
