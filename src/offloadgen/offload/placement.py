@@ -158,7 +158,8 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
     device buffers of the micro-batches that attend on the GPU. With pool_ranks N > 1 the budget is
     each of N ranks' and the layers are pooled across them (_pool_layers); with fetch_ranks N > 1
     (all-gather or pool) host copies land in buffers of 1/N of a layer, landing_slots of them (None:
-    ALLGATHER_LANDINGS for all-gather, one per ring slot for pool), before the gathers (offload/streaming.py, _copy_ahead). For an MoE model,
+    ALLGATHER_LANDINGS for all-gather, one per ring slot for pool), before the gathers
+    (offload/streaming.py, _copy_ahead). For an MoE model,
     expert_streaming "on" streams trunks and routed experts (_expert_placement), "auto" does so
     where that moves fewer bytes per decode step than whole layers, "off" never. resident_layers
     says which layers stay on the GPU when not all fit: "spread" evenly through the pass (the last
@@ -199,15 +200,7 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
         ring, landing = slots * max(sizes.values()), landing_of(max(sizes.values()))
         ends, ends_bytes = [], 0
     if fixed + ring + landing > budget:
-        # batch 1 cannot be smaller: the sequence must be shorter instead
-        smaller = f"a smaller --batch-size (e.g. {batch // 2})" if batch > 1 else "a shorter --max-seq-len"
-        landed = f" + {landings} landing buffers of 1/{fetch_ranks} layer {landing / GiB:.1f} GiB" if landing else ""
-        raise OffloadgenError(
-            f"batch {batch} does not fit a {budget / GiB:.1f} GiB GPU budget: KV cache {kv / GiB:.1f} GiB + "
-            f"activations {act / GiB:.1f} GiB + {slots} layer buffers {ring / GiB:.1f} GiB{landed} = "
-            f"{(fixed + ring + landing) / GiB:.1f} GiB. Try {smaller}, a larger --gpu-memory, "
-            f"or --micro-batch-size to shrink activations" + ("" if not kv_on_gpu else ", or --kv-offload")
-            + (", or --weight-fetch whole (no landing buffers)" if landing and fixed + ring <= budget else ""))
+        raise _ring_does_not_fit(batch, budget, kv, act, slots, ring, landings, landing, fetch_ranks, kv_on_gpu)
     free = budget - fixed - ring - landing - ends_bytes
     if pool_ranks > 1:
         return _pool_layers(cfg, sizes, ends, free, pool_ranks, slots, landings, shared,
@@ -232,6 +225,20 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
         return whole
     routed = _expert_placement(cfg, elem_bytes, quant, sizes, ends, free, batch, whole)
     return routed if expert_streaming == "on" or routed.bus_bytes_per_step < whole.bus_bytes_per_step else whole
+
+
+def _ring_does_not_fit(batch, budget, kv, act, slots, ring, landings, landing, fetch_ranks, kv_on_gpu) -> OffloadgenError:
+    """The refusal of a budget that holds not even the ring (and its landing buffers) beside the KV
+    cache and activations: what each part needs, and what to change."""
+    # batch 1 cannot be smaller: the sequence must be shorter instead
+    smaller = f"a smaller --batch-size (e.g. {batch // 2})" if batch > 1 else "a shorter --max-seq-len"
+    landed = f" + {landings} landing buffers of 1/{fetch_ranks} layer {landing / GiB:.1f} GiB" if landing else ""
+    return OffloadgenError(
+        f"batch {batch} does not fit a {budget / GiB:.1f} GiB GPU budget: KV cache {kv / GiB:.1f} GiB + "
+        f"activations {act / GiB:.1f} GiB + {slots} layer buffers {ring / GiB:.1f} GiB{landed} = "
+        f"{(kv + act + ring + landing) / GiB:.1f} GiB. Try {smaller}, a larger --gpu-memory, "
+        f"or --micro-batch-size to shrink activations" + ("" if not kv_on_gpu else ", or --kv-offload")
+        + (", or --weight-fetch whole (no landing buffers)" if landing and kv + act + ring <= budget else ""))
 
 
 # A prefill part of fewer tokens than this is not worth its slower matmuls; and a continuous batch's
