@@ -4,7 +4,7 @@ import pytest
 from offloadgen.cli import main
 from offloadgen.errors import OffloadgenError
 from offloadgen.models import block_nbytes, preset
-from offloadgen.offload.placement import ALLGATHER_LANDINGS, GiB, plan_placement
+from offloadgen.offload.placement import GiB, plan_placement
 from offloadgen.machine import Calibration
 from offloadgen.plan import predict
 from offloadgen.runtime import check_host_memory
@@ -183,7 +183,8 @@ def test_more_landing_buffers_than_ring_slots_are_counted_and_cost_what_they_tak
     assert "4 landing buffers" in four.describe()
     gathered = plan_placement(*args, offload=True, fetch_ranks=4, landing_slots=4)
     assert gathered.landings == 4 and gathered.bytes["landing"] == 4 * quarter
-    assert plan_placement(*args, offload=True, fetch_ranks=4).landings == ALLGATHER_LANDINGS
+    assert plan_placement(*args, offload=True, fetch_ranks=4).landings == 6  # 1.5 layers of quarter layers
+    assert plan_placement(*args, offload=True, fetch_ranks=2).landings == 3  # of half layers
     # a budget with room for the ring and two quarter layers, not six: all-gather's default falls back to two
     bare = plan_placement(*args, offload=True, fetch_ranks=4, landing_slots=2, max_resident_layers=0)
     need = sum(v for k, v in bare.bytes.items() if k != "streamed_per_pass")  # no layer kept

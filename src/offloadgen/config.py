@@ -67,8 +67,8 @@ class RunConfig:
     # ranks' GPU memory by the copy engines, which leave the SMs to the layers (offload/peer_copy.py)
     weight_gather: str = "nccl"
     # allgather, pool: buffers of 1/N layer that a rank's host copies land in before the gathers, so
-    # that its PCIe copies run this many layers ahead of them; None: 6 with allgather, one per ring
-    # slot with pool (offload/placement.py, ALLGATHER_LANDINGS)
+    # that its PCIe copies run this many layers ahead of them; None: 1.5 x N with allgather (6 on 4
+    # ranks), one per ring slot with pool (offload/placement.py, allgather_landings)
     landing_buffers: int | None = None
     # -- output -----------------------------------------------------------------------------------------
     progress: bool = True

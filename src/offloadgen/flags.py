@@ -123,8 +123,8 @@ def add_world_flags(p) -> None:
               "node)")
     flag(p, "--landing-buffers", type=int, default=None,
          help="with --weight-fetch allgather or pool: buffers of 1/N layer that each rank's host copies land in, so "
-              "its PCIe copies run that many layers ahead of the gathers (default: 6 with allgather, one per ring slot "
-              "with pool)")
+              "its PCIe copies run that many layers ahead of the gathers (default: 1.5 x N with allgather, 6 on 4 ranks; "
+              "one per ring slot with pool)")
 
 
 def add_run_flags(p, reference_defaults: bool = False) -> None:

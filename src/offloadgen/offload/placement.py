@@ -7,6 +7,7 @@ as many as fit: the head and embeddings first (needed every pass, shared when ti
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -20,12 +21,18 @@ from .packed import PackedBlock
 GiB = 1 << 30
 
 
-# Landing buffers --weight-fetch allgather gets by default. Every layer's all-gather waits for
-# the slowest rank's part, and with two the other ranks' copies stopped with it: on 4 H100s
-# (OPT-30B fp16, 8 rows a GPU, one lease) 2 gave 56.0 and 69.8 tok/s, 4 gave 76.6, 6 gave 79.3-83.6.
-# With pool, 4 instead of 2 cost two pooled layers and ran slower (106.7 against 111.3): one per
-# ring slot stays its default.
-ALLGATHER_LANDINGS = 6
+# Landing buffers --weight-fetch allgather gets by default, in layers: 1.5 layers' worth, that is
+# 1.5 x N buffers of 1/N layer on N ranks (6 on 4). Every layer's all-gather waits for the slowest
+# rank's part, and with two buffers the other ranks' copies stopped with it: on 4 H100s (OPT-30B
+# fp16, 8 rows a GPU, one lease) 2 gave 56.0 and 69.8 tok/s, 4 gave 76.6, 6 gave 79.3-83.6. In
+# layers the memory and the time a rank's copies run ahead (about 40 ms of PCIe Gen5) stay the same
+# for any N; only N = 4 was measured. With pool, 4 instead of 2 cost two pooled layers and ran
+# slower (106.7 against 111.3): one per ring slot stays its default.
+ALLGATHER_LANDING_LAYERS = 1.5
+
+
+def allgather_landings(ranks: int) -> int:
+    return math.ceil(ALLGATHER_LANDING_LAYERS * ranks)
 
 
 def pass_position(block) -> float:
@@ -158,7 +165,7 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
     device buffers of the micro-batches that attend on the GPU. With pool_ranks N > 1 the budget is
     each of N ranks' and the layers are pooled across them (_pool_layers); with fetch_ranks N > 1
     (all-gather or pool) host copies land in buffers of 1/N of a layer, landing_slots of them (None:
-    ALLGATHER_LANDINGS for all-gather, one per ring slot for pool), before the gathers
+    allgather_landings(N) for all-gather, one per ring slot for pool), before the gathers
     (offload/streaming.py, _copy_ahead). For an MoE model,
     expert_streaming "on" streams trunks and routed experts (_expert_placement), "auto" does so
     where that moves fewer bytes per decode step than whole layers, "off" never. resident_layers
@@ -184,7 +191,7 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
     if landing_slots is not None:
         landings = landing_slots
     else:  # all-gather lands further ahead than pool, whose landing buffers cost pooled layers
-        landings = max(slots, ALLGATHER_LANDINGS) if fetch_ranks > 1 and pool_ranks == 1 else slots
+        landings = max(slots, allgather_landings(fetch_ranks)) if fetch_ranks > 1 and pool_ranks == 1 else slots
     layer_bytes = max(sizes[i] for i in range(cfg.n_layers))
     # The embedding and head (one tensor when tied) are wanted resident; if they cannot be, they
     # stream like a layer and the ring must hold the largest block.
