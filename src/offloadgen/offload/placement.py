@@ -202,6 +202,10 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
         # batch 1 cannot be smaller: the sequence must be shorter instead
         smaller = f"a smaller --batch-size (e.g. {batch // 2})" if batch > 1 else "a shorter --max-seq-len"
         landed = f" + {landings} landing buffers of 1/{fetch_ranks} layer {landing / GiB:.1f} GiB" if landing else ""
+        # landing buffers the user asked for, where fewer would fit: say so first
+        room = (budget - fixed - ring) // (landing // landings) if landing and landing_slots is not None else 0
+        if room >= 1:
+            smaller = f"fewer --landing-buffers (at most {room} fit), " + smaller
         raise OffloadgenError(
             f"batch {batch} does not fit a {budget / GiB:.1f} GiB GPU budget: KV cache {kv / GiB:.1f} GiB + "
             f"activations {act / GiB:.1f} GiB + {slots} layer buffers {ring / GiB:.1f} GiB{landed} = "
