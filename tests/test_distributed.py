@@ -267,6 +267,10 @@ def test_relaunch_passes_a_signal_to_the_launcher_once_and_exits_with_its_code(m
         assert distributed.relaunch(["generate"], 2) == code
         assert sent == ([signal.SIGINT] if interrupt else [])
         assert signal.getsignal(signal.SIGINT) is before
+    # A stop that reaches the launcher before it has set its handlers (it is still importing torch)
+    # ends it by the signal: exit as a shell reports that, 128 + the signal, not 256 - the signal.
+    for interrupt, code, expected in ((True, -signal.SIGINT, 130), (False, -signal.SIGTERM, 143)):
+        assert distributed.relaunch(["generate"], 2) == expected
 
 
 def test_the_launcher_runs_an_older_torchrun_as_it_is(monkeypatch):
