@@ -450,3 +450,16 @@ def test_a_job_on_ranks_stopped_midway_exits_as_one_process_without_torchrun_noi
     assert 8 <= dst.read_text().count("\n") < 400, "the stop came after the job finished: the test proved nothing"
     time.sleep(1)
     assert not [p for p in run if running(p)], "processes of the run outlived it"
+
+
+def test_an_error_every_rank_finds_is_one_line_and_exit_2_as_in_one_process(tmp_path):
+    """A setting refused only once the ranks plan (here --cpu-offload on the CPU): rank 0 says it in
+    one line and the command exits 2, as one process does, not 1 under torchrun's FAILED report and
+    ChildFailedError traceback; a rank that crashes is still reported by torchrun (test_distributed)."""
+    cmd = [sys.executable, "-m", "offloadgen.cli", "generate", "opt-125m", "--dummy", "--device", "cpu", "--dtype",
+           "float32", "--prompt", "x", "--max-new-tokens", "2", "--cpu-offload"]
+    one = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    two = subprocess.run([*cmd, "--num-gpus-per-node", "2"], env=ENV, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 2 and "--cpu-offload streams weights to a GPU" in one.stderr, one.stderr[-3000:]
+    assert two.returncode == 2, two.stderr[-3000:]
+    assert two.stderr.strip() == one.stderr.strip(), two.stderr[-3000:]

@@ -8,8 +8,10 @@ does (a server drains and tells the other ranks to stop; a job stops admitting o
 ranks.py), and torchrun waits for the ranks as for any run; a second signal kills every rank.
 The exit status is then the ranks':
 0 for a server stopped on purpose, 128 + the signal for a job cut short or a rank the signal
-ended (as one process exits), and nothing but the ranks' own lines is printed. A failure that no
-signal asked for is reported by torchrun as before.
+ended (as one process exits), and nothing but the ranks' own lines is printed. An error that
+rank 0 has said in its one line (exit status 2: bad input that every rank finds once they plan)
+exits 2 as one process does, without torchrun's report; any other failure that no signal asked
+for is reported by torchrun as before.
 
     python -m offloadgen.launcher TORCHRUN_ARGS...  (what distributed.relaunch runs)
 """
@@ -22,6 +24,7 @@ import sys
 from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SAID = 2  # the exit status of a rank that printed `offloadgen: error: ...` (cli.main; rank 0 prints it)
 # torchrun's default less ours: a hang-up or SIGQUIT still ends the agent and its ranks at once
 AGENT_SIGNALS = "SIGHUP,SIGQUIT"
 
@@ -39,6 +42,11 @@ def rank_pids(parent: int) -> dict[int, int]:
             if rank:
                 found[int(rank[0].split(b"=")[1])] = child
     return found
+
+
+def _not_rank_0_said(record: logging.LogRecord) -> bool:
+    """Drop torchrun's 'failed (exitcode: 2) local_rank: 0' line: rank 0 has said why."""
+    return not (str(record.msg).startswith("failed (exitcode") and tuple(record.args or ())[:2] == (SAID, 0))
 
 
 def agent_leaves_stop_signals() -> bool:
@@ -77,6 +85,7 @@ def main(argv: list[str]) -> int:
 
     for s in STOP_SIGNALS:
         signal.signal(s, stop)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_not_rank_0_said)
     try:
         torchrun(["--signals-to-handle", AGENT_SIGNALS, *argv])
         return 0
@@ -85,6 +94,8 @@ def main(argv: list[str]) -> int:
             raise
         return 128 + int(e.sigval)
     except ChildFailedError as e:
+        if not stopped and getattr(e.failures.get(0), "exitcode", None) == SAID:
+            return SAID
         if not stopped:
             raise
         if len(stopped) > 1:  # the ranks were killed because the user asked twice
