@@ -463,3 +463,38 @@ def test_an_error_every_rank_finds_is_one_line_and_exit_2_as_in_one_process(tmp_
     assert one.returncode == 2 and "--cpu-offload streams weights to a GPU" in one.stderr, one.stderr[-3000:]
     assert two.returncode == 2, two.stderr[-3000:]
     assert two.stderr.strip() == one.stderr.strip(), two.stderr[-3000:]
+
+
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_bench_on_ranks_stopped_midway_ends_every_rank_quietly(tmp_path, sig, code):
+    """`bench --num-gpus-per-node 2` has no stop of its own (unlike a server or a job, rank 0 does
+    not stop the others): a SIGTERM or Ctrl-C midway ends every rank at once, as it ends one process,
+    exit 128 + the signal, rather than rank 0 alone and rank 1's collective failing with a gloo traceback."""
+    import signal
+    import time
+    cmd = [sys.executable, "-m", "offloadgen.cli", "bench", "--model", "opt-125m", "--dummy", "--device", "cpu",
+           "--dtype", "float32", "--batch-size", "2", "--prompt-len", "4", "--gen-len", "2", "--loops", "2000",
+           "--num-gpus-per-node", "2", "--json-file", str(tmp_path / "b.jsonl")]
+    proc = subprocess.Popen(cmd, env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if sum("model ready" in x for x in lines) == 2:  # both ranks loaded: the timed loops begin
+                break
+        time.sleep(1.5)
+        assert proc.poll() is None, "".join(lines)[-3000:]
+        run = descendants(proc.pid)
+        proc.send_signal(getattr(signal, sig))
+        err = "".join(lines) + proc.stderr.read()
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err[-3000:]
+    for noise in ("Traceback", "SignalException", "ChildFailedError", "Connection reset", "Connection closed"):
+        assert noise not in err, err[-3000:]
+    assert not (tmp_path / "b.jsonl").exists()  # stopped before its record
+    time.sleep(1)
+    assert not [p for p in run if running(p)], "processes of the run outlived it"
