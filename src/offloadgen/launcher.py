@@ -51,7 +51,7 @@ def _not_rank_0_said(record: logging.LogRecord) -> bool:
     return not (str(record.msg).startswith("failed (exitcode") and tuple(record.args or ())[:2] == (SAID, 0))
 
 
-def stops_the_others(pid: int) -> bool:
+def catches_sigterm(pid: int) -> bool:
     """Whether a rank catches SIGTERM: a server's or a job's rank 0 does, and stops every rank itself
     (serve/ranked.py, ranks.py). A bench, prompts from the command line or a rank still loading
     would die of the signal alone, and the other ranks' next collective would fail loudly."""
@@ -93,11 +93,14 @@ def main(argv: list[str]) -> int:
         # every rank must end at once (one alone would leave the others' collectives to fail
         # loudly, and a rank that has not had the first would take this one as a first). A run
         # with no stop of its own ends as one process does, every rank at once, by SIGTERM.
-        if len(stopped) == 1 and stops_the_others(ranks[0]):
+        if len(stopped) == 1 and catches_sigterm(ranks[0]):
             targets = [(ranks[0], signum)]
         else:
             ended.append(signum)
-            targets = [(p, signal.SIGKILL if len(stopped) > 1 else signal.SIGTERM) for p in ranks.values()]
+            # (a rank that catches SIGTERM without rank 0, say one following a server still
+            # loading, would wait for rank 0 and fail loudly when it is gone: killed instead)
+            targets = [(p, signal.SIGKILL if len(stopped) > 1 or catches_sigterm(p) else signal.SIGTERM)
+                       for p in ranks.values()]
         for pid, sig in targets:
             try:
                 os.kill(pid, sig)
