@@ -5,7 +5,11 @@ pooled layers (the last two, and every other one), and with the parts copied fro
 GPUs' memory instead of all-gathered (+copy: --weight-gather copy); the tokens must be identical (the same rows on
 the same GPU run the same kernels on the same bytes). Prints one line per mode, exit 1 on a difference.
 
-    PYTHONPATH=src python benchmarks/gpu_dist_check.py [--gpus N] [--ring 3]
+    PYTHONPATH=src python benchmarks/gpu_dist_check.py [--gpus N] [--ring 3] [--keep 2,5] [--landing 6] [--reset 3]
+
+--keep: layers every rank keeps whole in every mode (as plan_placement spreads them), fetched
+layers on both sides of them; --landing: landing buffers for allgather/pool (placement.landing_slots),
+fewer or more than the ring's slots; --reset: a reset that many blocks into a pass before generating.
 """
 import argparse
 import json
@@ -34,10 +38,10 @@ def make_model(path: Path) -> None:
     model.save_pretrained(path)
 
 
-def run(gpus: int, path: Path, mode: str, ring: int, out: Path, device: str) -> list:
+def run(gpus: int, path: Path, mode: str, ring: int, out: Path, device: str, placed: dict) -> list:
     # "+copy": --weight-gather copy (peer copies, no NCCL all-gather); "+pull": the same, read by this GPU
     mode, _, gather = mode.partition("+")
-    env = {**os.environ, "DIST_DEVICE": device, "DIST_GATHER": "copy" if gather else "nccl",
+    env = {**os.environ, **placed, "DIST_DEVICE": device, "DIST_GATHER": "copy" if gather else "nccl",
            "OFFLOADGEN_PEER_COPY": "pull" if gather == "pull" else "push",
            "DIST_RING": str(ring), "DIST_ROWS": str(4 * gpus), "NCCL_NVLS_ENABLE": "0",
            "PYTHONPATH": f"{HERE.parent / 'src'}:{HERE.parent / 'tests'}"}
@@ -59,18 +63,23 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", help="cpu: the same ranks on gloo (to try the script without GPUs)")
     ap.add_argument("--modes", default="whole,allgather,pool,poolspread,poolall,allgather+copy,poolspread+copy,poolall+copy",
                     help="comma-separated; the first is the reference (poolall: no landing buffers at all)")
+    ap.add_argument("--keep", help="layers kept whole on every rank in every mode, e.g. 2,5 (dist_worker DIST_KEEP)")
+    ap.add_argument("--landing", type=int, help="landing buffers for allgather and pool (DIST_LANDING)")
+    ap.add_argument("--reset", type=int, help="blocks of a pass fetched before a reset (DIST_RESET)")
     args = ap.parse_args()
+    placed = {k: str(v) for k, v in (("DIST_KEEP", args.keep), ("DIST_LANDING", args.landing),
+                                      ("DIST_RESET", args.reset)) if v is not None}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model"
         make_model(path)
         modes = args.modes.split(",")
-        tokens = {m: run(args.gpus, path, m, args.ring, Path(tmp) / f"{m}.json", args.device) for m in modes}
+        tokens = {m: run(args.gpus, path, m, args.ring, Path(tmp) / f"{m}.json", args.device, placed) for m in modes}
     bad = 0
     for mode, rows in tokens.items():
         same = rows is not None and rows == tokens[modes[0]]
         bad += not same
         verdict = 'same tokens as ' + modes[0] if same else 'FAILED' if rows is None else 'DIFFERENT'
-        print(f"{args.gpus} GPUs {mode:>15}: {verdict} {rows[0] if rows else ''}")
+        print(f"{args.gpus} GPUs {mode:>15}{' ' + str(placed) if placed else ''}: {verdict} {rows[0] if rows else ''}")
     return 1 if bad else 0
 
 

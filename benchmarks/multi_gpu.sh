@@ -22,7 +22,7 @@ step_limit=${STEP_TIMEOUT:-600}  # seconds per step; keep the steps of one call 
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 n=${GPUS:-$(nvidia-smi -L | wc -l)}  # GPUS=2 with CUDA_VISIBLE_DEVICES=0,1 uses two of them
 bench="python3 -m offloadgen.cli bench --model facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --prompt-len 512 --gen-len 32 --loops ${LOOPS:-1} --verbose 1 --json-file $out/offloadgen.jsonl ${RESIDENT:+--resident-layers $RESIDENT}"
-# LANDING=n: n landing buffers for allgather and pool (--landing-buffers; default one per ring slot)
+# LANDING=n: n landing buffers for allgather and pool (--landing-buffers; default 6 for allgather where the budget has room, one per ring slot for pool)
 land=${LANDING:+--landing-buffers $LANDING}
 many="--num-gpus-per-node $n --batch-size $((8 * n))"
 nvidia-smi topo -m; free -g | head -2

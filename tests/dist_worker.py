@@ -12,6 +12,8 @@ rest), the others stream from shared host memory. DIST_RESET=k: k blocks of a pa
 and used, then the schedule is reset (as after a pass that failed midway) before generating.
 DIST_DIE=1: the last rank dies at the start, as in "die" mode, whatever the mode.
 DIST_LANDING=n: n landing buffers (placement.landing_slots), whatever the ring's slots.
+DIST_KEEP=i,j: layers i and j stay resident (kept whole on every rank, as plan_placement spreads
+them), taken out of the streamed and pooled ones, so that kept layers sit between fetched ones.
 DIST_GATHER=copy: the ranks read each other's parts from shared memory (--weight-gather copy); the
 all-gather then refuses to run, so a pass that still used it fails. With DIST_DEVICE=cuda it runs the same on the
 ranks' GPUs over NCCL (benchmarks/gpu_dist_check.py), where the copies and gathers overlap.
@@ -47,6 +49,12 @@ pooled = {"pool": layers[-2:], "poolspread": layers[1::2], "poolall": layers}.ge
 if pooled:
     streamed = [i for i in layers if i not in pooled]
     placement = Placement(["embed", "head"], streamed, placement.ring_slots, dict(streamed_per_pass=0), pooled=pooled)
+if "DIST_KEEP" in os.environ:
+    kept = [int(i) for i in os.environ["DIST_KEEP"].split(",")]
+    placement = Placement(["embed", *kept, "head"], [b for b in placement.streamed if b not in kept],
+                          placement.ring_slots, dict(streamed_per_pass=0), pooled=[b for b in placement.pooled
+                                                                                    if b not in kept])
+    pooled, streamed = placement.pooled, [b for b in placement.streamed if isinstance(b, int)]
 if "DIST_LANDING" in os.environ:  # landing buffers beyond the ring's slots: copies run further ahead
     placement.landing_slots = int(os.environ["DIST_LANDING"])
 gather = os.environ.get("DIST_GATHER", "nccl")
@@ -60,6 +68,8 @@ assert (weights.peers is not None) == (gather == "copy" and mode != "whole")
 # what a bench record says ran: shared memory between CPU ranks, the environment's direction on GPUs
 expected_copy = "shared memory" if DEVICE_TYPE == "cpu" else os.environ.get("OFFLOADGEN_PEER_COPY", "push")
 assert weights.peers is None or weights.peers.mode == expected_copy, (weights.peers.mode, expected_copy)
+if "DIST_KEEP" in os.environ:  # kept whole on this rank, never fetched
+    assert set(kept) <= set(weights.resident) and not set(kept) & set(weights.order), weights.order
 if pooled:
     assert set(weights.host) == set(streamed) and set(weights.pool_shard) == set(pooled)
     assert len(weights.landing) == (placement.landings if streamed else 0)

@@ -267,6 +267,10 @@ def test_relaunch_passes_a_signal_to_the_launcher_once_and_exits_with_its_code(m
         assert distributed.relaunch(["generate"], 2) == code
         assert sent == ([signal.SIGINT] if interrupt else [])
         assert signal.getsignal(signal.SIGINT) is before
+    # A stop that reaches the launcher before it has set its handlers (it is still importing torch)
+    # ends it by the signal: exit as a shell reports that, 128 + the signal, not 256 - the signal.
+    for interrupt, code, expected in ((True, -signal.SIGINT, 130), (False, -signal.SIGTERM, 143)):
+        assert distributed.relaunch(["generate"], 2) == expected
 
 
 def test_the_launcher_runs_an_older_torchrun_as_it_is(monkeypatch):
@@ -286,3 +290,41 @@ def test_the_launcher_runs_an_older_torchrun_as_it_is(monkeypatch):
     monkeypatch.setattr(torchrun_module, "get_args_parser", argparse.ArgumentParser)
     assert launcher.main(["--standalone", "x.py"]) == 0
     assert seen[-1] == ["--standalone", "x.py"]
+
+
+def test_a_stop_while_rank_0_has_no_stop_of_its_own_ends_ranks_that_ignore_sigterm_too(tmp_path):
+    """Rank 0 still loading (no SIGTERM handler) while rank 1 already follows it with SIGTERM
+    ignored (serve/ranked.py's follow): a stop ends both at once, exit 143 with nothing printed,
+    not rank 1's collective failing on rank 0's death with a gloo traceback."""
+    import signal
+    import time
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import os, signal, time\n"
+        "import torch.distributed as dist\n"
+        "dist.init_process_group('gloo')\n"
+        "if dist.get_rank() == 1:\n"
+        "    signal.signal(signal.SIGTERM, lambda *_: None)\n"
+        "open(os.environ['READY'] + str(dist.get_rank()), 'w').close()\n"
+        "time.sleep(60) if dist.get_rank() == 0 else None\n"
+        "dist.barrier()\n")
+    ready = tmp_path / "ready-"
+    cmd = [sys.executable, "-m", "offloadgen.launcher", "--standalone", "--nproc-per-node=2", str(script)]
+    proc = subprocess.Popen(cmd, env={**ENV, "READY": str(ready)}, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 120
+        while not all(Path(f"{ready}{r}").exists() for r in (0, 1)):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        time.sleep(0.5)  # rank 1 waits in its barrier
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "Connection" not in err, err[-3000:]
+    assert time.time() - t0 < 20  # not torchrun's 30 s wait for a rank that ignores SIGTERM

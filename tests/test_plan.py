@@ -215,6 +215,26 @@ def test_a_budget_short_of_ring_and_landing_buffers_is_refused_saying_both():
     assert layer * 2 / GiB == pytest.approx(2.3, abs=0.05)
 
 
+def test_too_many_landing_buffers_asked_for_are_refused_naming_the_flag():
+    """--landing-buffers 40 on 4 ranks: 10 layers of landing buffers cannot fit 16 GiB beside the
+    KV cache and the ring; the refusal says that fewer landing buffers would fit, not only a smaller
+    batch (the budget has room for the run with the default)."""
+    cfg = preset("opt-30b")
+    args = (cfg, 2, 16 * GiB, 8, 512, 32)
+    plan_placement(*args, offload=True, fetch_ranks=4)  # the default fits
+    with pytest.raises(OffloadgenError) as refused:
+        plan_placement(*args, offload=True, fetch_ranks=4, landing_slots=40)
+    msg = str(refused.value)
+    assert "40 landing buffers of 1/4 layer" in msg and "\n" not in msg
+    assert "Try fewer --landing-buffers (at most 24 fit), a smaller --batch-size" in msg, msg
+    assert plan_placement(*args, offload=True, fetch_ranks=4, landing_slots=24).landings == 24  # as it says
+    with pytest.raises(OffloadgenError, match="at most 24 fit"):
+        plan_placement(*args, offload=True, fetch_ranks=4, landing_slots=25)
+    with pytest.raises(OffloadgenError) as refused:  # the default's landing buffers are not the user's to change
+        plan_placement(cfg, 2, 8 * GiB, 8, 512, 32, offload=True, fetch_ranks=4)
+    assert "--landing-buffers" not in str(refused.value)
+
+
 def test_every_layer_pooled_needs_no_landing_buffers():
     """Nothing crosses PCIe when every fetched block is pooled: no host copy lands anywhere, and
     the plan counts no buffer for one (StreamingWeights makes none)."""

@@ -450,3 +450,51 @@ def test_a_job_on_ranks_stopped_midway_exits_as_one_process_without_torchrun_noi
     assert 8 <= dst.read_text().count("\n") < 400, "the stop came after the job finished: the test proved nothing"
     time.sleep(1)
     assert not [p for p in run if running(p)], "processes of the run outlived it"
+
+
+def test_an_error_every_rank_finds_is_one_line_and_exit_2_as_in_one_process(tmp_path):
+    """A setting refused only once the ranks plan (here --cpu-offload on the CPU): rank 0 says it in
+    one line and the command exits 2, as one process does, not 1 under torchrun's FAILED report and
+    ChildFailedError traceback; a rank that crashes is still reported by torchrun (test_distributed)."""
+    cmd = [sys.executable, "-m", "offloadgen.cli", "generate", "opt-125m", "--dummy", "--device", "cpu", "--dtype",
+           "float32", "--prompt", "x", "--max-new-tokens", "2", "--cpu-offload"]
+    one = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    two = subprocess.run([*cmd, "--num-gpus-per-node", "2"], env=ENV, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 2 and "--cpu-offload streams weights to a GPU" in one.stderr, one.stderr[-3000:]
+    assert two.returncode == 2, two.stderr[-3000:]
+    assert two.stderr.strip() == one.stderr.strip(), two.stderr[-3000:]
+
+
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_bench_on_ranks_stopped_midway_ends_every_rank_quietly(tmp_path, sig, code):
+    """`bench --num-gpus-per-node 2` has no stop of its own (unlike a server or a job, rank 0 does
+    not stop the others): a SIGTERM or Ctrl-C midway ends every rank at once, as it ends one process,
+    exit 128 + the signal, rather than rank 0 alone and rank 1's collective failing with a gloo traceback."""
+    import signal
+    import time
+    cmd = [sys.executable, "-m", "offloadgen.cli", "bench", "--model", "opt-125m", "--dummy", "--device", "cpu",
+           "--dtype", "float32", "--batch-size", "2", "--prompt-len", "4", "--gen-len", "2", "--loops", "2000",
+           "--num-gpus-per-node", "2", "--json-file", str(tmp_path / "b.jsonl")]
+    proc = subprocess.Popen(cmd, env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if sum("model ready" in x for x in lines) == 2:  # both ranks loaded: the timed loops begin
+                break
+        time.sleep(1.5)
+        assert proc.poll() is None, "".join(lines)[-3000:]
+        run = descendants(proc.pid)
+        proc.send_signal(getattr(signal, sig))
+        err = "".join(lines) + proc.stderr.read()
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err[-3000:]
+    for noise in ("Traceback", "SignalException", "ChildFailedError", "Connection reset", "Connection closed"):
+        assert noise not in err, err[-3000:]
+    assert not (tmp_path / "b.jsonl").exists()  # stopped before its record
+    time.sleep(1)
+    assert not [p for p in run if running(p)], "processes of the run outlived it"

@@ -222,7 +222,10 @@ def relaunch(argv: list[str], nproc: int) -> int:
     in_main = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
-        return proc.wait()  # launcher.py exits as one process would have (128 + a signal that ended it)
+        # launcher.py exits as one process would have (128 + a signal that ended it); a signal that
+        # came before its handlers were set (while it imports torch) ends it, and Popen says -signal
+        code = proc.wait()
+        return 128 - code if code < 0 else code
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

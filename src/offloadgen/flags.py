@@ -77,7 +77,8 @@ def add_placement_flags(p) -> None:
     flag(g, "--prefetch-depth", type=int, default=1, help="layers copied ahead of the one computing (default 1)")
     flag(g, "--resident-layers", default="spread", choices=list(RESIDENT_LAYERS),
          help="layers kept on the GPU when not all fit: spread through the pass, so the bus copies the streamed "
-              "ones while they compute (default), or the last ones, as one run")
+              "ones while they compute (default), or the last ones, as one run (--weight-fetch pool keeps no layer "
+              "whole: its pooled layers are spread either way)")
     flag(g, "--micro-batch-size", type=int, default=None, help="rows per layer pass; shrinks activations")
     flag(g, "--expert-streaming", default="auto", choices=list(EXPERT_STREAMING),
          help="MoE models: copy only the routed experts of each layer, with an expert cache in the budget left "

@@ -5,11 +5,15 @@ traceback, sends every rank the signal, kills them 30 s later (cutting a server'
 short) and exits 1 whatever the ranks did. Here torchrun's agent is told not to handle the two
 (`--signals-to-handle`); this process passes them to rank 0 instead, which stops as one process
 does (a server drains and tells the other ranks to stop; a job stops admitting on every rank,
-ranks.py), and torchrun waits for the ranks as for any run; a second signal kills every rank.
+ranks.py), and torchrun waits for the ranks as for any run; a second signal kills every rank. A
+run whose rank 0 has no stop of its own (bench, prompts on the command line, a rank still loading:
+it does not catch SIGTERM) is ended rank by rank at once with SIGTERM, as one process would be.
 The exit status is then the ranks':
 0 for a server stopped on purpose, 128 + the signal for a job cut short or a rank the signal
-ended (as one process exits), and nothing but the ranks' own lines is printed. A failure that no
-signal asked for is reported by torchrun as before.
+ended (as one process exits), and nothing but the ranks' own lines is printed. An error that
+rank 0 has said in its one line (exit status 2: bad input that every rank finds once they plan)
+exits 2 as one process does, without torchrun's report; any other failure that no signal asked
+for is reported by torchrun as before.
 
     python -m offloadgen.launcher TORCHRUN_ARGS...  (what distributed.relaunch runs)
 """
@@ -22,6 +26,7 @@ import sys
 from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SAID = 2  # the exit status of a rank that printed `offloadgen: error: ...` (cli.main; rank 0 prints it)
 # torchrun's default less ours: a hang-up or SIGQUIT still ends the agent and its ranks at once
 AGENT_SIGNALS = "SIGHUP,SIGQUIT"
 
@@ -41,6 +46,23 @@ def rank_pids(parent: int) -> dict[int, int]:
     return found
 
 
+def _not_rank_0_said(record: logging.LogRecord) -> bool:
+    """Drop torchrun's 'failed (exitcode: 2) local_rank: 0' line: rank 0 has said why."""
+    return not (str(record.msg).startswith("failed (exitcode") and tuple(record.args or ())[:2] == (SAID, 0))
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether a rank catches SIGTERM: a server's or a job's rank 0 does, and stops every rank itself
+    (serve/ranked.py, ranks.py). A bench, prompts from the command line or a rank still loading
+    would die of the signal alone, and the other ranks' next collective would fail loudly."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # it has just exited
+        return False
+    caught = next((line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0")
+    return bool(int(caught, 16) >> (signal.SIGTERM - 1) & 1)
+
+
 def agent_leaves_stop_signals() -> bool:
     """Whether this torch's torchrun takes --signals-to-handle (newer releases); an older one is
     run as it is, with its own handling of a stop and its traceback."""
@@ -58,6 +80,7 @@ def main(argv: list[str]) -> int:
         return 0
 
     stopped: list[int] = []
+    ended: list[int] = []  # the signals on which this process ended every rank itself
 
     def stop(signum, frame):
         stopped.append(signum)
@@ -66,10 +89,19 @@ def main(argv: list[str]) -> int:
         ranks = rank_pids(os.getpid())
         if 0 not in ranks:  # no rank started yet: nothing to finish; the agent stops as torchrun does
             raise SignalException(f"stopped by {signal.Signals(signum).name}", signal.Signals(signum))
-        # The first to rank 0, which stops every rank. A second ends one process at once; here
+        # The first to rank 0, where it stops every rank. A second ends one process at once; here
         # every rank must end at once (one alone would leave the others' collectives to fail
-        # loudly, and a rank that has not had the first would take this one as a first).
-        for pid, sig in [(ranks[0], signum)] if len(stopped) == 1 else [(p, signal.SIGKILL) for p in ranks.values()]:
+        # loudly, and a rank that has not had the first would take this one as a first). A run
+        # with no stop of its own ends as one process does, every rank at once, by SIGTERM.
+        if len(stopped) == 1 and catches_sigterm(ranks[0]):
+            targets = [(ranks[0], signum)]
+        else:
+            ended.append(signum)
+            # (a rank that catches SIGTERM without rank 0, say one following a server still
+            # loading, would wait for rank 0 and fail loudly when it is gone: killed instead)
+            targets = [(p, signal.SIGKILL if len(stopped) > 1 or catches_sigterm(p) else signal.SIGTERM)
+                       for p in ranks.values()]
+        for pid, sig in targets:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:  # it has just exited; torchrun will see how
@@ -77,6 +109,7 @@ def main(argv: list[str]) -> int:
 
     for s in STOP_SIGNALS:
         signal.signal(s, stop)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_not_rank_0_said)
     try:
         torchrun(["--signals-to-handle", AGENT_SIGNALS, *argv])
         return 0
@@ -85,10 +118,14 @@ def main(argv: list[str]) -> int:
             raise
         return 128 + int(e.sigval)
     except ChildFailedError as e:
+        if not stopped and getattr(e.failures.get(0), "exitcode", None) == SAID:
+            return SAID
         if not stopped:
             raise
-        if len(stopped) > 1:  # the ranks were killed because the user asked twice
-            return 128 + stopped[-1]
+        if ended:  # the ranks were ended here: the user asked twice, or they have no stop of their own
+            if ended[0] == signal.SIGINT and len(stopped) == 1:
+                print("offloadgen: interrupted", file=sys.stderr)  # as cli.main says it
+            return 128 + ended[-1]
         code = e.get_first_failure()[1].exitcode
         return 128 - code if code < 0 else code  # a rank a signal ended: as a shell reports it
 

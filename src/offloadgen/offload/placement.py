@@ -207,7 +207,7 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
         ring, landing = slots * max(sizes.values()), landing_of(max(sizes.values()))
         ends, ends_bytes = [], 0
     if fixed + ring + landing > budget:
-        raise _ring_does_not_fit(batch, budget, kv, act, slots, ring, landings, landing, fetch_ranks, kv_on_gpu)
+        raise _too_small(budget, batch, kv, act, slots, ring, landing, landings, landing_slots, fetch_ranks, kv_on_gpu)
     free = budget - fixed - ring - landing - ends_bytes
     if pool_ranks > 1:
         return _pool_layers(cfg, sizes, ends, free, pool_ranks, slots, landings, shared,
@@ -234,18 +234,24 @@ def plan_placement(cfg, elem_bytes: int, budget: int, batch: int, prompt_len: in
     return routed if expert_streaming == "on" or routed.bus_bytes_per_step < whole.bus_bytes_per_step else whole
 
 
-def _ring_does_not_fit(batch, budget, kv, act, slots, ring, landings, landing, fetch_ranks, kv_on_gpu) -> OffloadgenError:
-    """The refusal of a budget that holds not even the ring (and its landing buffers) beside the KV
-    cache and activations: what each part needs, and what to change."""
+def _too_small(budget: int, batch: int, kv: int, act: int, slots: int, ring: int, landing: int, landings: int,
+               asked_landings: int | None, fetch_ranks: int, kv_on_gpu: bool) -> OffloadgenError:
+    """The refusal of a budget short of the KV cache, activations, ring and landing buffers, with
+    what each takes and what would make the run fit."""
+    fixed = kv + act
     # batch 1 cannot be smaller: the sequence must be shorter instead
     smaller = f"a smaller --batch-size (e.g. {batch // 2})" if batch > 1 else "a shorter --max-seq-len"
     landed = f" + {landings} landing buffers of 1/{fetch_ranks} layer {landing / GiB:.1f} GiB" if landing else ""
+    # landing buffers the user asked for, where fewer would fit: say so first
+    room = (budget - fixed - ring) // (landing // landings) if landing and asked_landings is not None else 0
+    if room >= 1:
+        smaller = f"fewer --landing-buffers (at most {room} fit), " + smaller
     return OffloadgenError(
         f"batch {batch} does not fit a {budget / GiB:.1f} GiB GPU budget: KV cache {kv / GiB:.1f} GiB + "
         f"activations {act / GiB:.1f} GiB + {slots} layer buffers {ring / GiB:.1f} GiB{landed} = "
-        f"{(kv + act + ring + landing) / GiB:.1f} GiB. Try {smaller}, a larger --gpu-memory, "
+        f"{(fixed + ring + landing) / GiB:.1f} GiB. Try {smaller}, a larger --gpu-memory, "
         f"or --micro-batch-size to shrink activations" + ("" if not kv_on_gpu else ", or --kv-offload")
-        + (", or --weight-fetch whole (no landing buffers)" if landing and kv + act + ring <= budget else ""))
+        + (", or --weight-fetch whole (no landing buffers)" if landing and fixed + ring <= budget else ""))
 
 
 # A prefill part of fewer tokens than this is not worth its slower matmuls; and a continuous batch's
