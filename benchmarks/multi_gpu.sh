@@ -22,7 +22,8 @@ step_limit=${STEP_TIMEOUT:-600}  # seconds per step; keep the steps of one call 
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 n=${GPUS:-$(nvidia-smi -L | wc -l)}  # GPUS=2 with CUDA_VISIBLE_DEVICES=0,1 uses two of them
 bench="python3 -m offloadgen.cli bench --model facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --prompt-len 512 --gen-len 32 --loops ${LOOPS:-1} --verbose 1 --json-file $out/offloadgen.jsonl ${RESIDENT:+--resident-layers $RESIDENT}"
-# LANDING=n: n landing buffers for allgather and pool (--landing-buffers; default 6 for allgather where the budget has room, one per ring slot for pool)
+# LANDING=n: n landing buffers for allgather and pool (--landing-buffers; default 1.5 x N for allgather where the budget
+# has room, 6 on 4 GPUs; one per ring slot for pool)
 land=${LANDING:+--landing-buffers $LANDING}
 many="--num-gpus-per-node $n --batch-size $((8 * n))"
 nvidia-smi topo -m; free -g | head -2
@@ -80,7 +81,7 @@ for r in rows:
     ratio = r["decode_throughput"] / one if one else float("nan")
     # H2D: the N links together where probed, else one link alone; NV: the all-gather rate a rank receives
     h2d = r.get("h2d_aggregate_bytes_s") or r.get("h2d_bandwidth_bytes_s")
-    print(f"{r['world_size']:4d} {r['weight_fetch']:>9} {r.get('peer_copy') or r.get('weight_gather', 'nccl'):>4} {r.get('prefetch_depth', 1):5d} {r.get('resident_at', 'last'):>6} {r.get('landing_buffers') or '-':>4} {r.get('nccl_max_nchannels') or '-':>3} {r['quant_bits']:4d} {'y' if r['kv_offload'] else 'n':>3} {r['batch_size']:5d} "
+    print(f"{r['world_size']:4d} {r['weight_fetch']:>9} {r.get('peer_copy') or r.get('weight_gather', 'nccl'):>4} {r.get('prefetch_depth', 1):5d} {r.get('resident_at') or '-':>6} {r.get('landing_buffers') or '-':>4} {r.get('nccl_max_nchannels') or '-':>3} {r['quant_bits']:4d} {'y' if r['kv_offload'] else 'n':>3} {r['batch_size']:5d} "
           f"{r.get('pooled_blocks', 0):6d} {r['decode_throughput']:8.2f} {r['decode_step_s']:7.3f} {ratio:6.2f} "
           f"{r.get('pcie_bytes_per_step_per_rank', 0) / 1e9:12.2f} {r.get('nvlink_bytes_per_step_per_rank', 0) / 1e9:14.2f} {r['startup_s']:7.1f} "
           f"{gbs(h2d):>8} {gbs(r.get('nvlink_allgather_bytes_s')):>7} {sec(r.get('predicted_step_s')):>7} "

@@ -306,7 +306,8 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, probes, cop
         "log_file": str(log_path), "kv": kv_record, "world_size": plan.world.size, "weight_fetch": run.weight_fetch,
         # the copies' direction where they ran (None where nothing was gathered: one rank, no streaming)
         "weight_gather": run.weight_gather, "peer_copy": getattr(getattr(rt.weights, "peers", None), "mode", None),
-        "prefetch_depth": run.prefetch_depth, "resident_at": run.resident_layers,
+        "prefetch_depth": run.prefetch_depth,
+        "resident_at": None if run.weight_fetch == "pool" else run.resident_layers,  # pool keeps no layer whole
         "landing_buffers": None if p is None or not p.bytes.get("landing") else p.landings,
         "nccl_max_nchannels": os.environ.get("NCCL_MAX_NCHANNELS"),
         "nccl_cta_policy": os.environ.get("NCCL_CTA_POLICY"),
