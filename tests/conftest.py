@@ -117,3 +117,20 @@ def tiny(tmp_path_factory):
             made[name] = (make_checkpoint(name, path), path)
         return made[name]
     return get
+
+
+def fail_at_layer_call(monkeypatch, engine, call: int, run) -> None:
+    """run() with the engine's `call`-th layer call (1-based, over every pass) raising a simulated
+    CUDA out-of-memory error, which run() must let out; the real layer is back afterwards."""
+    real_layer, calls = engine.family.layer, []
+
+    def failing_layer(cfg, w, x, step, kv):
+        calls.append(1)
+        if len(calls) == call:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_layer(cfg, w, x, step, kv)
+
+    monkeypatch.setattr(engine.family, "layer", failing_layer)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run()
+    monkeypatch.setattr(engine.family, "layer", real_layer)

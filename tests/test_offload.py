@@ -12,7 +12,7 @@ from offloadgen.offload.placement import GiB, Placement, plan_kv_offload, plan_p
 from offloadgen.offload.streaming import StreamingWeights
 from offloadgen.sampling import SamplingParams
 
-from conftest import VARIANTS
+from conftest import VARIANTS, fail_at_layer_call
 from test_parity import ragged_batch
 
 CPU = torch.device("cpu")
@@ -153,18 +153,8 @@ def test_a_pass_that_fails_midway_leaves_the_schedule_usable(tiny, monkeypatch):
     weights = StreamingWeights(ckpt, CPU, torch.float32, streamed_placement(ckpt.cfg, ("head",), 1), progress=False)
     engine = Engine(ckpt.cfg, weights, CPU, torch.float32)
     before = engine.generate(ids, mask, params, set(), 0)
-    real_layer, calls = engine.family.layer, []
-
-    def failing_layer(cfg, w, x, step, kv):
-        calls.append(1)
-        if len(calls) == 2:  # the second layer of the prefill: mid-pass
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_layer(cfg, w, x, step, kv)
-
-    monkeypatch.setattr(engine.family, "layer", failing_layer)
-    with pytest.raises(torch.cuda.OutOfMemoryError):
-        engine.generate(ids, mask, params, set(), 0)
-    monkeypatch.setattr(engine.family, "layer", real_layer)
+    # the second layer of the prefill: mid-pass
+    fail_at_layer_call(monkeypatch, engine, 2, lambda: engine.generate(ids, mask, params, set(), 0))
     after = engine.generate(ids, mask, params, set(), 0)
     assert after.tokens == before.tokens and torch.equal(after.last_logits, before.last_logits)
 

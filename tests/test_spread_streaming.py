@@ -15,6 +15,7 @@ from offloadgen.offload.streaming import StreamingWeights
 from offloadgen.quant import QuantConfig
 from offloadgen.sampling import SamplingParams
 
+from conftest import fail_at_layer_call
 from test_parity import ragged_batch
 
 CPU = torch.device("cpu")
@@ -139,18 +140,8 @@ def test_a_pass_failing_midway_among_spread_kept_layers_leaves_the_schedule_usab
     engine = Engine(deep.cfg, w, CPU, torch.float32)
     ids, mask = ragged_batch(seed=5)
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
-    real_layer, seen = engine.family.layer, []
-
-    def failing_layer(cfg, weights, x, step, kv):
-        seen.append(1)
-        if len(seen) == LAYERS + layer + 1:  # the second pass (first decode step), at that layer
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_layer(cfg, weights, x, step, kv)
-
-    monkeypatch.setattr(engine.family, "layer", failing_layer)
-    with pytest.raises(torch.cuda.OutOfMemoryError):
-        engine.generate(ids, mask, params, set(), 0)
-    monkeypatch.setattr(engine.family, "layer", real_layer)
+    # the second pass (first decode step), at that layer
+    fail_at_layer_call(monkeypatch, engine, LAYERS + layer + 1, lambda: engine.generate(ids, mask, params, set(), 0))
     assert engine.generate(ids, mask, params, set(), 0).tokens == reference.tokens
 
 
