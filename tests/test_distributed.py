@@ -328,3 +328,28 @@ def test_a_stop_while_rank_0_has_no_stop_of_its_own_ends_ranks_that_ignore_sigte
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err and "Connection" not in err, err[-3000:]
     assert time.time() - t0 < 20  # not torchrun's 30 s wait for a rank that ignores SIGTERM
+
+
+def test_the_launcher_finds_its_ranks_without_the_kernels_children_files(monkeypatch):
+    """Where /proc/PID/task/TID/children is missing (some kernels and sandboxes), the ranks are
+    found by their parent in /proc/PID/stat: the same {local rank: pid} either way."""
+    from pathlib import Path
+
+    from offloadgen import launcher
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                              env={**os.environ, "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    try:
+        expected = {0: procs[0].pid, 1: procs[1].pid}
+        assert launcher.rank_pids(os.getpid()) == expected
+        real_read_text = Path.read_text
+
+        def no_children_files(self, *a, **k):
+            if self.name == "children":
+                raise FileNotFoundError(self)
+            return real_read_text(self, *a, **k)
+        monkeypatch.setattr(Path, "read_text", no_children_files)
+        assert launcher.rank_pids(os.getpid()) == expected
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -31,18 +31,37 @@ SAID = 2  # the exit status of a rank that printed `offloadgen: error: ...` (cli
 AGENT_SIGNALS = "SIGHUP,SIGQUIT"
 
 
+def children_of(parent: int) -> list[int]:
+    """parent's child processes: from /proc/PID/task/TID/children where the kernel has it, else
+    from every process's parent in /proc/PID/stat (kernels and sandboxes without the first)."""
+    try:
+        return [int(c) for task in Path(f"/proc/{parent}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:  # pid (comm) state ppid ...: the comm may hold spaces and parentheses
+                ppid = int(entry.joinpath("stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):  # gone meanwhile
+                continue
+            if ppid == parent:
+                found.append(int(entry.name))
+    return found
+
+
 def rank_pids(parent: int) -> dict[int, int]:
     """{local rank: process} of the ranks among parent's children (torchrun starts them itself)."""
     found = {}
-    for task in Path(f"/proc/{parent}/task").iterdir():
-        for child in map(int, (task / "children").read_text().split()):
-            try:
-                env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-            except OSError:  # it has just exited
-                continue
-            rank = [v for v in env if v.startswith(b"LOCAL_RANK=")]
-            if rank:
-                found[int(rank[0].split(b"=")[1])] = child
+    for child in children_of(parent):
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:  # it has just exited
+            continue
+        rank = [v for v in env if v.startswith(b"LOCAL_RANK=")]
+        if rank:
+            found[int(rank[0].split(b"=")[1])] = child
     return found
 
 
