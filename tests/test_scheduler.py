@@ -357,3 +357,23 @@ def test_the_llms_batcher_keeps_the_prefill_part_cap_and_says_when_it_cuts_a_chu
     assert llm.batcher(2, 40, 64).prefill_chunk == 64  # no cap without parts
     with pytest.raises(OffloadgenError, match="prefill_chunk must be at least 1; got 0"):
         llm.batcher(2, 40, 0)  # a reused batcher is checked too
+
+
+@pytest.mark.parametrize("kv", [None, "cpu-attention"])
+def test_a_warmed_up_batcher_answers_as_a_fresh_one_and_counts_from_zero(tiny, kv):
+    """warm_up (what `serve` runs before its first client): every slot prefilled in one pass of a
+    whole chunk, one decode pass, then nothing left behind: no rows, no queue, zero stats, and the
+    same tokens afterwards as a batcher that never warmed up."""
+    _, path = tiny("llama3-gqa-rope-scaling")
+    engine = engine_for(path, KV.get(kv))
+    reqs, params = prompts(), [greedy(n) for n in MAX_TOKENS]
+    fresh, _ = run_batcher(engine, reqs, params)
+    batcher = ContinuousBatcher(engine, 3, 40, 8)
+    assert batcher.warm_up() == 2
+    assert not batcher.has_work() and batcher.active_slots == 0 and batcher.queue_length == 0
+    assert batcher.stats.passes == 0 and batcher.stats.output_tokens == 0
+    handles = [batcher.submit(ids, p) for ids, p in zip(reqs, params)]
+    while batcher.has_work():
+        batcher.step()
+    assert [h.output_ids for h in handles] == [h.output_ids for h in fresh]
+    assert batcher.stats.output_tokens == sum(MAX_TOKENS)

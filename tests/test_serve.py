@@ -295,9 +295,12 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
     proc = subprocess.Popen(_serve_command(port, "--shutdown-grace", "60"), stderr=subprocess.PIPE, text=True,
                             env=env)
     try:
+        said = []
         for line in proc.stderr:
+            said.append(line)
             if "serving" in line:
                 break
+        assert any("warmed up in" in line for line in said), said  # before it says it serves
         server = {"url": f"http://127.0.0.1:{port}"}
         assert request(server, "GET", "/v1/models", key=None).status_code == 401
         assert request(server, "GET", "/health", key=None).status_code == 200

@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 from ..errors import OffloadgenError
@@ -114,9 +115,15 @@ def _max_len(args, cfg) -> int:
 
 
 def _batcher(llm, args):
+    """The server's batcher, warmed up (ContinuousBatcher.warm_up) before any client comes."""
     from ..scheduler import ContinuousBatcher
-    return ContinuousBatcher(llm, slots=args.slots, max_len=_max_len(args, llm.cfg),
-                             prefill_chunk=args.prefill_chunk or 512)
+    batcher = ContinuousBatcher(llm, slots=args.slots, max_len=_max_len(args, llm.cfg),
+                                prefill_chunk=args.prefill_chunk or 512)
+    t0 = time.perf_counter()
+    passes = batcher.warm_up()
+    if os.environ.get("RANK", "0") == "0":
+        print(f"offloadgen: warmed up in {time.perf_counter() - t0:.1f} s ({passes} passes)", file=sys.stderr, flush=True)
+    return batcher
 
 
 def build_context(args, llm, world=None, bandwidth: float | None = None, group=None):
