@@ -1,6 +1,8 @@
 """Tiny random checkpoints of every family and variant we claim, made with transformers' own
 config classes and save_pretrained, so parity is checked against the reference implementation."""
+import contextlib
 import os
+import time
 import zlib
 
 import pytest
@@ -134,3 +136,22 @@ def fail_at_layer_call(monkeypatch, engine, call: int, run) -> None:
     with pytest.raises(torch.cuda.OutOfMemoryError):
         run()
     monkeypatch.setattr(engine.family, "layer", real_layer)
+
+
+@contextlib.contextmanager
+def reaped(proc):
+    """proc never outlives the block: killed and waited for if it still runs at the end."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def wait_while_running(proc, ready, timeout: float) -> None:
+    """Poll ready() until true; fail with proc's stderr if it exits or timeout seconds pass first."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import reaped, wait_while_running
 from dist_batch import fixed_batch
 from offloadgen.checkpoint import SafetensorsFolder
 from offloadgen.engine import Engine
@@ -312,19 +313,12 @@ def test_a_stop_while_rank_0_has_no_stop_of_its_own_ends_ranks_that_ignore_sigte
     cmd = [sys.executable, "-m", "offloadgen.launcher", "--standalone", "--nproc-per-node=2", str(script)]
     proc = subprocess.Popen(cmd, env={**ENV, "READY": str(ready)}, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
-    try:
-        deadline = time.time() + 120
-        while not all(Path(f"{ready}{r}").exists() for r in (0, 1)):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.05)
+    with reaped(proc):
+        wait_while_running(proc, lambda: all(Path(f"{ready}{r}").exists() for r in (0, 1)), 120)
         time.sleep(0.5)  # rank 1 waits in its barrier
         t0 = time.time()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err and "Connection" not in err, err[-3000:]
     assert time.time() - t0 < 20  # not torchrun's 30 s wait for a rank that ignores SIGTERM

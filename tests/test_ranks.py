@@ -15,6 +15,8 @@ import torch
 
 from offloadgen.ranks import deal, request_cost
 
+from conftest import reaped, wait_while_running
+
 WORKER = Path(__file__).with_name("dist_jobs.py")
 ENV = {**os.environ, "OFFLOADGEN_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
@@ -431,18 +433,11 @@ def test_a_job_on_ranks_stopped_midway_exits_as_one_process_without_torchrun_noi
            "float32", "--input", str(src), "--output", str(dst), "--max-new-tokens", "6", "--batch-size", "4",
            "--num-gpus-per-node", "2"]
     proc = subprocess.Popen(cmd, env=ENV, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 240
-        while not (dst.exists() and dst.read_text().count("\n") >= 8):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.05)
+    with reaped(proc):
+        wait_while_running(proc, lambda: dst.exists() and dst.read_text().count("\n") >= 8, 240)
         run = descendants(proc.pid)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 143, err[-3000:]
     assert "Run the same command again to resume" in err and err.count("finishing the requests in flight") == 1
     for noise in ("Traceback", "SignalException", "ChildFailedError", "death signal"):
