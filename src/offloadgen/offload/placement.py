@@ -339,10 +339,10 @@ def spread_layers(n_layers: int, n: int) -> list[int]:
 
     Why layers kept on the GPU are spread rather than kept as one run at the end: the ring holds
     prefetch_depth + 1 streamed layers, so while a run of kept layers computes, the bus can copy
-    only that many of the next pass's layers and then idles for the rest of the run (OPT-30B at
-    batch 96 on one H100: 11 kept layers of about 17 ms each against two copies of about 25 ms,
-    some 0.14 s of a 1.02 s step). One kept layer between streamed ones computes while the bus
-    copies the streamed layers after it."""
+    only that many of the next pass's layers and then idles for the rest of the run. One kept layer
+    between streamed ones computes while the bus copies the streamed layers after it. (OPT-30B at
+    batch 96 on one H100, 11 kept layers: the model said 0.14 s of a 1.1 s step; one A/B measured
+    0.027 s, 88.70 against 86.60 tok/s. At batch 8, and with all-gather on 4 GPUs, no difference.)"""
     return sorted({n_layers - 1 - k * n_layers // n for k in range(n)}) if n else []
 
 
