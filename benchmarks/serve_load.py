@@ -205,12 +205,12 @@ def run_generate(args, reqs: list[Req]) -> Row:
                *shlex.split(args.generate_args)]
         print("serve_load: " + shlex.join(cmd), file=sys.stderr)
         done = subprocess.run(cmd, env=_env(), stderr=subprocess.PIPE, text=True, timeout=args.deadline)
-        sys.stderr.write(done.stderr[-2000:])
+        sys.stderr.write(done.stderr[-3000:])
         m = re.search(r"(\d+) tokens in ([0-9.]+) s", done.stderr)
         if done.returncode != 0 or not m:
             return Row("generate (failed)", len(reqs), len(reqs), 0, 0.0)
         row = Row("generate", len(reqs), 0, int(m.group(1)), float(m.group(2)))
-        if p := re.search(r"(\d+) passes of ([0-9.]+) s", done.stderr):
+        if p := re.search(r"tokens/s, (\d+) passes of ([0-9.]+) s", done.stderr):
             row.passes, row.pass_s = int(p.group(1)), float(p.group(2))
         return row
 

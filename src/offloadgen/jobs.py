@@ -539,6 +539,7 @@ def answer_job_on_ranks(llm, job: Job | None, sampling: SamplingParams, world, b
             bar.close()
     summary.seconds = time.perf_counter() - start
     summary.passes = result["passes"]
+    result["clock"].say(world.rank)
     if result["stopped_by"] is not None:
         summary.interrupted = signal.Signals(result["stopped_by"]).name
     elif world.is_main and job.ordered:

@@ -15,6 +15,9 @@ Each rank runs its own ContinuousBatcher over its own slots and its own share of
 """
 from __future__ import annotations
 
+import sys
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 from . import distributed
@@ -38,6 +41,21 @@ def deal(costs: list[int], ranks: int) -> list[list[int]]:
     return [sorted(s) for s in shares]
 
 
+@dataclass
+class LockstepClock:
+    """Where one rank's time went in lockstep: in the exchanges (which wait for the slowest rank
+    to arrive) and in its own passes. A rank whose passes are slow makes the others wait at the
+    exchange; every rank's passes slow alike shows in pass time everywhere."""
+    exchange_s: float = 0.0
+    pass_s: float = 0.0
+    passes: int = 0
+
+    def say(self, rank: int, what: str = "") -> None:
+        mean = self.pass_s / self.passes if self.passes else 0.0
+        print(f"offloadgen: rank {rank}{what}: {self.passes} passes of {mean:.3f} s, {self.pass_s:.1f} s in "
+              f"passes, {self.exchange_s:.1f} s at the exchanges", file=sys.stderr, flush=True)
+
+
 def sharded(engine) -> bool:
     """Whether every pass joins collectives (each rank fetches 1/N of a layer and all-gathers)."""
     return getattr(engine.weights, "shards", 1) > 1
@@ -51,14 +69,17 @@ def run_in_lockstep(batcher, world: World, step: Callable | None = None, report:
     rank 0 should get of them (picklable; None: nothing); on_gathered(list): rank 0 gets every
     rank's reports of a pass, in rank order, before the next pass starts. stopping(): a signal
     number once this rank is asked to stop, else None; the first one asked stops every rank's
-    admission. Returns {"passes": passes run (the same on every rank), "stopped_by": the signal}."""
+    admission. Returns {"passes": passes run (the same on every rank), "stopped_by": the signal,
+    "clock": this rank's LockstepClock}."""
     group = distributed.control_group(world)
     batcher.empty_passes = sharded(batcher.engine)
     step = step or batcher.step
-    sent, passes, stopped_by = None, 0, None
+    sent, stopped_by, clock = None, None, LockstepClock()
     while True:
         mine = (batcher.has_work(), batcher.active_slots > 0, stopping(), sent)
+        t0 = time.perf_counter()
         every = distributed.gather(mine, world, group)
+        clock.exchange_s += time.perf_counter() - t0
         if on_gathered is not None and world.is_main:
             on_gathered([m[3] for m in every if m[3] is not None])
         asked = [m[2] for m in every if m[2] is not None]
@@ -68,7 +89,9 @@ def run_in_lockstep(batcher, world: World, step: Callable | None = None, report:
         # a stop agreed now leaves waiting requests waiting: then only rows in flight are work
         busy = any(m[1] for m in every) if stopped_by is not None else any(m[0] for m in every)
         if not busy:
-            return {"passes": passes, "stopped_by": stopped_by}
+            return {"passes": clock.passes, "stopped_by": stopped_by, "clock": clock}
+        t0 = time.perf_counter()
         outputs = step()
         sent = report(outputs) if report is not None else None
-        passes += 1
+        clock.pass_s += time.perf_counter() - t0
+        clock.passes += 1

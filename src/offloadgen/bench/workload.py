@@ -118,7 +118,9 @@ def run_continuous(llm, items: list[WorkItem], slots: int, prefill_chunk: int, i
     reqs = [batcher.submit(it.prompt_ids, SamplingParams(max_new_tokens=it.output_len, ignore_eos=ignore_eos))
             for it in items]
     if world is not None and world.active:
-        passes = run_in_lockstep(batcher, world)["passes"]
+        lockstep = run_in_lockstep(batcher, world)
+        passes = lockstep["passes"]
+        lockstep["clock"].say(world.rank)
     else:
         while batcher.has_work():
             batcher.step()

@@ -26,7 +26,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from .. import distributed
-from ..ranks import request_cost, sharded
+from ..ranks import LockstepClock, request_cost, sharded
 from ..sampling import SamplingParams
 from .worker import Event, Worker, recover
 
@@ -107,22 +107,29 @@ def follow(batcher, world, group=None) -> Report:
     every_pass = batcher.empty_passes = sharded(batcher.engine)
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
     live: dict = {}
-    report, dealt = Report(), 0
+    report, dealt, clock = Report(), 0, LockstepClock()
     try:
         while True:
+            t0 = time.perf_counter()
             every = distributed.gather((None, report), world, group)
+            clock.exchange_s += time.perf_counter() - t0
             order = every[0][0]
             if order.stop:
                 break
             apply_order(batcher, order, world.rank, live)
             dealt += sum(r == world.rank for r, *_ in order.new)
-            report = run_pass(batcher, live, world.rank, must_run(batcher, order, [r for _, r in every], every_pass))
+            run = must_run(batcher, order, [r for _, r in every], every_pass)
+            t0 = time.perf_counter()
+            report = run_pass(batcher, live, world.rank, run)
+            clock.pass_s += time.perf_counter() - t0
+            clock.passes += run
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     s = batcher.stats
     print(f"offloadgen: rank {world.rank} answered {dealt} requests ({s.output_tokens} tokens) in {s.passes} "
           f"passes, and ran {s.empty_passes} empty ones", file=sys.stderr, flush=True)
+    clock.say(world.rank)
     return report
 
 
@@ -160,7 +167,7 @@ class RankedWorker(Worker):
     # --- the device side -----------------------------------------------------------------------
     def _run(self) -> None:
         live: dict = {}
-        report = Report()
+        report, clock = Report(), LockstepClock()
         try:
             while True:
                 self._end_grace_period()
@@ -170,13 +177,19 @@ class RankedWorker(Worker):
                 order.stop = self._stop
                 start = time.perf_counter()
                 every = distributed.gather((order, report), self.world, self.group)
+                clock.exchange_s += time.perf_counter() - start
                 reports = [r for _, r in every]
                 tokens = sum(self._settle(rank, r) for rank, r in enumerate(reports) if rank > 0)
                 self._seen[1:] = reports[1:]
                 if order.stop:
+                    clock.say(0)
                     return
                 apply_order(self.batcher, order, 0, live)
-                report = run_pass(self.batcher, live, 0, must_run(self.batcher, order, reports, self.every_pass))
+                run = must_run(self.batcher, order, reports, self.every_pass)
+                t0 = time.perf_counter()
+                report = run_pass(self.batcher, live, 0, run)
+                clock.pass_s += time.perf_counter() - t0
+                clock.passes += run
                 tokens += self._settle(0, report)
                 self._seen[0] = report
                 self._busy = any(r.busy for r in reports[1:]) or report.busy
