@@ -11,6 +11,8 @@
 # ranks pooling their memory, each mode compared with `generate` over the same requests. They need
 # the server's and the client's wheels in .whl/ (carry it), installed here as run_peers.sh does.
 # CONCURRENCY (default: the slots, 8 per GPU) sets "serve"'s clients: N x 24 sends every request at once.
+# SERVE_ARGS (default --admission=fifo) go to the server, e.g. SERVE_ARGS=--admission=longest;
+# COMPARE= (empty) skips the `generate` run of the same requests.
 # About 4-5 minutes on 4 H100s for "one allgather" (start-up 40-100 s for one GPU, 25-80 s for four).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +29,13 @@ if ls .whl/*.whl >/dev/null 2>&1 && [[ " $* " == *" serve"* ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+if [ -n "${SWITCH_INTERVAL:-}" ]; then  # an experiment: Python's GIL hand-over interval (default 0.005 s) in every process
+  mkdir -p /tmp/switch && printf 'import sys\nsys.setswitchinterval(%s)\n' "$SWITCH_INTERVAL" > /tmp/switch/sitecustomize.py
+  export PYTHONPATH=/tmp/switch:$PYTHONPATH
+fi
 model="facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --max-seq-len 320"
-load="python3 benchmarks/serve_load.py --input-len 32:256 --output-len 8:32 --compare-generate --json $out/serve.jsonl"
+load="python3 benchmarks/serve_load.py --input-len 32:256 --output-len 8:32 --json $out/serve.jsonl
+      ${COMPARE:---compare-generate} --serve-args=${SERVE_ARGS:---admission=fifo}"
 for what in "$@"; do
   echo "== $what $(date -u +%H:%M:%S)"
   case $what in

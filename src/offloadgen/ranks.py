@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from . import distributed
@@ -49,11 +49,14 @@ class LockstepClock:
     exchange_s: float = 0.0
     pass_s: float = 0.0
     passes: int = 0
+    cpu_start: float = field(default_factory=time.thread_time)  # this thread's CPU time when made
 
-    def say(self, rank: int, what: str = "") -> None:
+    def say(self, rank: int) -> None:
+        """One line on stderr; the CPU time is the calling thread's since the clock was made."""
         mean = self.pass_s / self.passes if self.passes else 0.0
-        print(f"offloadgen: rank {rank}{what}: {self.passes} passes of {mean:.3f} s, {self.pass_s:.1f} s in "
-              f"passes, {self.exchange_s:.1f} s at the exchanges", file=sys.stderr, flush=True)
+        print(f"offloadgen: rank {rank}: {self.passes} passes of {mean:.3f} s, {self.pass_s:.1f} s in passes, "
+              f"{self.exchange_s:.1f} s at the exchanges, {time.thread_time() - self.cpu_start:.1f} s of CPU",
+              file=sys.stderr, flush=True)
 
 
 def sharded(engine) -> bool:

@@ -252,6 +252,16 @@ class ContinuousBatcher:
         """Let the rows in flight finish; waiting requests stay queued (a job stopping on a signal)."""
         self._admitting = False
 
+    def outstanding_passes(self) -> int:
+        """Passes the rows and waiting requests still hold a slot for, at most: prompt chunks left
+        to prefill, then a pass per token left (serve's ranks deal new requests by it)."""
+        def left(req: Request) -> int:
+            new = min(req.sampling.max_new_tokens, self.max_len - len(req.prompt_ids)) - len(req.output_ids)
+            return -(-(len(fill_ids(req)) - req.prefilled) // self.prefill_chunk) + max(new, 0)
+        with self._lock:
+            waiting = list(self._waiting)
+        return sum(left(r) for r in self.rows if r is not None) + sum(left(r) for r in waiting)
+
     @property
     def queue_length(self) -> int:
         return len(self._waiting)

@@ -26,6 +26,10 @@ def add_serve(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; beyond it the server answers 429 (default 64)")
     p.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens prefilled per pass (default 512)")
+    p.add_argument("--admission", choices=("fifo", "longest"), default="fifo",
+                   help="which waiting request takes a free slot: fifo, first come first served (default), or "
+                        "longest, the largest max_tokens first: a burst of requests ends on full slots, as a "
+                        "job's does, but a long request overtakes short ones that wait. See docs/serve.md")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $OFFLOADGEN_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: from MODEL)")
@@ -118,7 +122,7 @@ def _batcher(llm, args):
     """The server's batcher, warmed up (ContinuousBatcher.warm_up) before any client comes."""
     from ..scheduler import ContinuousBatcher
     batcher = ContinuousBatcher(llm, slots=args.slots, max_len=_max_len(args, llm.cfg),
-                                prefill_chunk=args.prefill_chunk or 512)
+                                prefill_chunk=args.prefill_chunk or 512, admission=args.admission)
     t0 = time.perf_counter()
     passes = batcher.warm_up()
     if os.environ.get("RANK", "0") == "0":
@@ -159,11 +163,14 @@ def run_server(app, ctx, sock: socket.socket, log_level: str = "info") -> int:
     # uvicorn re-raises the signal it caught once it has shut down, so that the process ends "as
     # the signal would"; a server stopped on purpose has done its job and exits 0 instead.
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    cpu = time.thread_time()
     try:
         server.run(sockets=[sock])
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    # beside the batcher thread's own figures: the HTTP side shares the process's GIL with it
+    print(f"offloadgen: the HTTP side used {time.thread_time() - cpu:.1f} s of CPU", file=sys.stderr, flush=True)
     return 0 if server.started else 1
 
 
