@@ -35,7 +35,7 @@ if [ -n "${SWITCH_INTERVAL:-}" ]; then  # an experiment: Python's GIL hand-over 
 fi
 model="facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --max-seq-len 320"
 load="python3 benchmarks/serve_load.py --input-len 32:256 --output-len 8:32 --json $out/serve.jsonl
-      ${COMPARE:---compare-generate} --serve-args=${SERVE_ARGS:---admission=fifo}"
+      ${COMPARE---compare-generate} --serve-args=${SERVE_ARGS:---admission=fifo}"
 for what in "$@"; do
   echo "== $what $(date -u +%H:%M:%S)"
   case $what in

@@ -1,0 +1,59 @@
+"""Fold py-spy's raw samples (`py-spy record --subprocesses --threads --idle --format raw`) of a
+server on ranks into where each serving loop spends its time: rank 0's batcher thread
+(RankedWorker._run), rank 0's HTTP side (run_server) and every other rank's loop (follow). Samples
+outside those loops (start-up, loading) are left out. For each loop: its samples, then the
+functions they were in (inclusive: a function counts once per sample, with whatever it called),
+the most first, and the innermost frames (where the thread was when sampled).
+
+    python benchmarks/fold_profile.py out/profile.txt [--top 25]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter, defaultdict
+
+LOOPS = {"RankedWorker._run": "batcher thread", "run_server": "HTTP side", "follow": "loop"}
+
+
+def fold(path: str) -> dict:
+    loops: dict = defaultdict(lambda: {"samples": 0, "inclusive": Counter(), "leaf": Counter()})
+    for line in open(path, encoding="utf-8", errors="replace"):
+        stack, _, count = line.rstrip("\n").rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack.split(";")
+        procs = [f for f in frames if f.startswith("process ")]
+        names = [re.sub(r" \(.*\)$", "", f) for f in frames if not f.startswith(("process ", "thread "))]
+        role = next((LOOPS[n] for n in names if n in LOOPS), None)
+        if role is None or not procs:
+            continue
+        pid = procs[-1].split(":")[0].split()[1]
+        loop = loops[(pid, role)]
+        loop["samples"] += int(count)
+        for name in set(names):
+            loop["inclusive"][name] += int(count)
+        loop["leaf"][frames[-1]] += int(count)
+    return loops
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("profile")
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args()
+    loops = fold(args.profile)
+    for (pid, role), loop in sorted(loops.items(), key=lambda kv: (kv[0][1] == "loop", kv[0][0])):
+        total = loop["samples"]
+        print(f"\n== process {pid}, {role}: {total} samples")
+        for name, n in loop["inclusive"].most_common(args.top):
+            if n == total:
+                continue  # the frames every sample has: the loop itself and what called it
+            print(f"  {n / total:6.1%}  {name}")
+        print("  -- innermost frames")
+        for name, n in loop["leaf"].most_common(8):
+            print(f"  {n / total:6.1%}  {name}")
+
+
+if __name__ == "__main__":
+    main()
