@@ -18,10 +18,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
+model=${MODEL_ARGS:-facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --weight-fetch pool}
 spy=$(command -v py-spy || echo "$PWD/.whl/py-spy")
 port=${PORT:-8123}
-$spy record --nonblocking --subprocesses --idle --threads --rate ${RATE:-100} --format raw -o "$out/profile.txt" -- \
-  python3 -m offloadgen.cli serve ${MODEL_ARGS:-facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --weight-fetch pool} --max-seq-len 320 \
+$spy record --nonblocking --subprocesses --idle --threads --rate ${RATE:-25} --format raw -o "$out/profile.txt" -- \
+  python3 -m offloadgen.cli serve $model --max-seq-len 320 \
   --num-gpus-per-node $n --slots 8 --port $port --max-queue $((24 * n)) --served-model-name bench \
   --log-level warning ${SERVE_ARGS:-} &
 spy_pid=$!
@@ -30,7 +31,7 @@ for _ in $(seq 300); do
   kill -0 $spy_pid 2>/dev/null || { echo "serve_profile: the server ended while starting"; exit 1; }
   sleep 1
 done
-python3 benchmarks/serve_load.py --url http://127.0.0.1:$port/v1 --model bench --input-len 32:256 --output-len 8:32 \
+python3 benchmarks/serve_load.py --url http://127.0.0.1:$port/v1 --model bench --model-args "$model" --input-len 32:256 --output-len 8:32 \
   --concurrency $((24 * n)) --num-requests $((24 * n)) --json "$out/serve.jsonl" --deadline ${DEADLINE:-120}
 pkill -TERM -P $spy_pid  # the serve command, which hands it to rank 0: the server drains and stops
 wait $spy_pid
