@@ -26,6 +26,10 @@ bench="python3 -m offloadgen.cli bench --model facebook/opt-30b --dummy --cpu-of
 # has room, 6 on 4 GPUs; one per ring slot for pool)
 land=${LANDING:+--landing-buffers $LANDING}
 many="--num-gpus-per-node $n --batch-size $((8 * n))"
+if [ -n "${TORCHRUN:-}" ]; then  # TORCHRUN=1: the ranks under plain torchrun instead of offloadgen's launcher (an A/B)
+  export OMP_NUM_THREADS=$(( $(nproc) / n ))
+  bench=${bench/python3 -m offloadgen.cli bench/python3 -m torch.distributed.run --standalone --nproc-per-node $n -m offloadgen.cli bench}
+fi
 nvidia-smi topo -m; free -g | head -2
 python3 -c "import torch; print('torch', torch.__version__, 'NCCL', torch.cuda.nccl.version())"
 for what in "$@"; do
