@@ -148,6 +148,12 @@ def test_generate_job_with_num_gpus_per_node_writes_what_one_process_writes(tmp_
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stderr.count("4 prompts answered this run (0 already done earlier), 1 bad lines") == 1  # rank 0 says it
+    # every rank says where its time went; the lockstep gives each the job's passes
+    import re
+    passes = int(re.search(r"tokens/s, (\d+) passes", two.stderr).group(1))
+    clocks = dict(re.findall(r"rank (\d): (\d+) passes of [0-9.]+ s, [0-9.]+ s in passes, [0-9.]+ s at the exchanges",
+                             two.stderr))
+    assert clocks == {"0": str(passes), "1": str(passes)} and passes > 0, two.stderr[-2000:]
     lines = [sorted((tmp_path / f"{n}.jsonl").read_text().splitlines()) for n in (1, 2)]
     assert lines[0] == lines[1] and len(lines[0]) == 5
 
@@ -251,8 +257,11 @@ def test_serve_across_ranks_deals_requests_and_each_gets_its_tokens_alone(tiny, 
     answered, tokens, passes, empty = map(int, m.groups())
     assert answered == 5 and tokens == sum(n for _, n in shorts)
     assert len(want_long) > passes, "rank 1 should have run out of work long before rank 0"
+    clocks = dict(re.findall(r"rank (\d): (\d+) passes of [0-9.]+ s, .* at the exchanges, [0-9.]+ s of CPU", out))
+    assert set(clocks) == {"0", "1"} and "the HTTP side used" in out
     if mode == "allgather":  # rank 1 kept joining every layer's all-gather while rank 0 went on
         assert empty > 0
+        assert clocks["0"] == clocks["1"] == str(passes + empty)  # lockstep: the same passes on both
     else:  # with whole layers an idle rank only joins the exchange
         assert empty == 0
 
