@@ -3,7 +3,10 @@ server on ranks into where each serving loop spends its time: rank 0's batcher t
 (RankedWorker._run), rank 0's HTTP side (run_server) and every other rank's loop (follow). Samples
 outside those loops (start-up, loading) are left out. For each loop: its samples, then the
 functions they were in (inclusive: a function counts once per sample, with whatever it called),
-the most first, and the innermost frames (where the thread was when sampled).
+the most first, and the innermost frames (where the thread was when sampled). With native frames
+(`py-spy record --native`) each loop's samples are also split by what the thread was waiting for:
+Python's GIL (taking it back after a call that released it), the GPU (a CUDA synchronize), or
+neither.
 
     python benchmarks/fold_profile.py out/profile.txt [--top 25]
 """
@@ -14,10 +17,27 @@ import re
 from collections import Counter, defaultdict
 
 LOOPS = {"RankedWorker._run": "batcher thread", "run_server": "HTTP side", "follow": "loop"}
+# what a thread waits for, from the native frames of its stack (innermost first wins). CPython
+# waits for the GIL in pthread_cond_timedwait (take_gil itself is inlined away in the samples);
+# its locks and events wait on semaphores, and CUDA's synchronize spins or yields, so that frame
+# marks a GIL wait.
+WAITS = [("the GIL", ("take_gil", "PyEval_RestoreThread", "PyEval_AcquireThread", "pthread_cond_timedwait")),
+         ("the GPU (synchronize)", ("Synchronize", "synchronize")),
+         ("the CUDA driver", ("libcuda.so",)),
+         ("gloo", ("gloo::",)),
+         ("NCCL", ("nccl", "NCCL"))]
+
+
+def waiting_for(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for what, marks in WAITS:
+            if any(m in frame for m in marks):
+                return what
+    return "none of these"
 
 
 def fold(path: str) -> dict:
-    loops: dict = defaultdict(lambda: {"samples": 0, "inclusive": Counter(), "leaf": Counter()})
+    loops: dict = defaultdict(lambda: {"samples": 0, "inclusive": Counter(), "leaf": Counter(), "waits": Counter()})
     for line in open(path, encoding="utf-8", errors="replace"):
         stack, _, count = line.rstrip("\n").rpartition(" ")
         if not count.isdigit():
@@ -34,6 +54,7 @@ def fold(path: str) -> dict:
         for name in set(names):
             loop["inclusive"][name] += int(count)
         loop["leaf"][frames[-1]] += int(count)
+        loop["waits"][waiting_for(frames)] += int(count)
     return loops
 
 
@@ -52,7 +73,10 @@ def main() -> None:
             print(f"  {n / total:6.1%}  {name}")
         print("  -- innermost frames")
         for name, n in loop["leaf"].most_common(8):
-            print(f"  {n / total:6.1%}  {name}")
+            print(f"  {n / total:6.1%}  {name[:160]}")
+        print("  -- waiting for (native frames only)")
+        for what, n in loop["waits"].most_common():
+            print(f"  {n / total:6.1%}  {what}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 # server's and client's wheels in .whl/ (carry it). Records and console go to $OUT (or ./out).
 # MODEL_ARGS and GPUS change the model and ranks (on a CPU: MODEL_ARGS="facebook/opt-125m --dummy
 # --device cpu" GPUS=2).
-#   SERVE_ARGS=--admission=longest bash benchmarks/serve_profile.sh
+#   SERVE_ARGS=--admission=longest [NATIVE=1] bash benchmarks/serve_profile.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${OUT:-out}"); mkdir -p "$out"
@@ -21,7 +21,10 @@ fi
 model=${MODEL_ARGS:-facebook/opt-30b --dummy --cpu-offload --gpu-memory 16GiB --weight-fetch pool}
 spy=$(command -v py-spy || echo "$PWD/.whl/py-spy")
 port=${PORT:-8123}
-$spy record --nonblocking --subprocesses --idle --threads --rate ${RATE:-25} --format raw -o "$out/profile.txt" -- \
+# NATIVE=1 adds C/C++ frames (then py-spy pauses each process to sample it): the fold then tells
+# waits for the GIL from waits for the GPU
+sampling=--nonblocking; [ -n "${NATIVE:-}" ] && sampling=--native
+$spy record $sampling --subprocesses --idle --threads --rate ${RATE:-25} --format raw -o "$out/profile.txt" -- \
   python3 -m offloadgen.cli serve $model --max-seq-len 320 \
   --num-gpus-per-node $n --slots 8 --port $port --max-queue $((24 * n)) --served-model-name bench \
   --log-level warning ${SERVE_ARGS:-} &
