@@ -237,7 +237,9 @@ class RankedWorker(Worker):
                 clock.passes += run
                 tokens += self._settle(0, report)
                 self._seen[0] = report
-                self._busy = any(r.busy for r in reports[1:]) or report.busy
+                # the shared queue is work too: requests rank 0 got and finished in this one pass
+                # (max_tokens 1, an EOS first) leave every report idle while others still wait
+                self._busy = any(r.busy for r in reports[1:]) or report.busy or bool(self._queue.waiting)
                 report = replace(report, events=[], failed=[], error=None)  # delivered already
                 if self.metrics is not None and (tokens or any(r.busy for r in reports)):
                     self.metrics.observe_pass(time.perf_counter() - start, tokens)
