@@ -288,3 +288,17 @@ def test_a_drain_answers_the_shared_queue_or_cancels_it_with_an_error_and_never_
     else:
         for tokens, reason, error in answers.values():
             assert reason == "cancelled" and "shutting down" in error
+
+
+def test_metrics_count_requests_that_arrived_since_the_last_exchange_as_waiting(engines):
+    """Between two exchanges (a pass may take seconds) new requests wait in rank 0's next Order:
+    /metrics' queue_length counts them, as one process counts a request the moment it comes,
+    and not those cancelled meanwhile."""
+    worker = RankedWorker(batchers(engines, 1)[0], 1, 16, World(0, 2))
+
+    async def arrive():
+        handles = [worker.submit(prompt(4, i), SamplingParams(max_new_tokens=3)) for i in range(5)]
+        assert worker.batcher_stats()["queue_length"] == 5
+        worker.cancel(handles[2])
+        assert worker.batcher_stats()["queue_length"] == 4
+    asyncio.run(arrive())

@@ -256,11 +256,15 @@ class RankedWorker(Worker):
 
     def batcher_stats(self) -> dict:
         """Rank 0's batcher's figures, but slots held summed over every rank (as of each rank's
-        last pass) and requests waiting in the shared queue."""
+        last pass) and requests waiting: in the shared queue, or arrived since the last exchange
+        (a burst during a pass of seconds is waiting too, as one process counts it at once)."""
         stats = super().batcher_stats()
         seen = list(self._seen)
+        with self._lock:
+            arrived, gone = [key for key, *_ in self._order.new], set(self._order.cancel)
+        waiting = [key for key, *_ in list(self._queue.waiting)] + arrived
         stats["active_slots"] = sum(r.active for r in seen)
-        stats["queue_length"] = sum(r.queued for r in seen) + len(self._queue.waiting)
+        stats["queue_length"] = sum(r.queued for r in seen) + sum(key not in gone for key in waiting)
         return stats
 
     def _wait_while_idle(self) -> None:
