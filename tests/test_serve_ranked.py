@@ -302,3 +302,39 @@ def test_metrics_count_requests_that_arrived_since_the_last_exchange_as_waiting(
         worker.cancel(handles[2])
         assert worker.batcher_stats()["queue_length"] == 4
     asyncio.run(arrive())
+
+
+# --- --admission on one process -------------------------------------------------------------------
+def test_serve_admission_flag_reaches_the_batcher_and_orders_one_process_too(engines):
+    """`serve --admission longest` makes the batcher every rank builds (cli._batcher) longest-first;
+    on one process (the plain Worker) a slot that frees then goes to the most new tokens, where
+    fifo gives it to the first come: the answers end in another order."""
+    from offloadgen.cli import build_parser
+    from offloadgen.serve.cli import _batcher
+    from offloadgen.serve.worker import Worker
+    lengths = [2, 9, 3, 7]
+    finished = {}
+    for admission in ("fifo", "longest"):
+        flag = ["--admission", admission] if admission != "fifo" else []  # fifo: the default
+        args = build_parser().parse_args(["serve", "m", "--slots", "1", "--max-seq-len", str(MAX_LEN),
+                                          "--prefill-chunk", str(CHUNK), *flag])
+        batcher = _batcher(engines[0], args)
+        assert batcher.admission == admission
+        worker, order = Worker(batcher, 1, 16), []
+
+        async def answer(handle, n):
+            while not (await asyncio.wait_for(handle.queue.get(), 60)).finished:
+                pass
+            order.append(n)
+
+        async def serve():
+            # submitted before the worker runs: all wait together for the one slot
+            handles = [worker.submit(prompt(4, i), SamplingParams(max_new_tokens=n)) for i, n in enumerate(lengths)]
+            worker.start()
+            await asyncio.gather(*(answer(h, n) for h, n in zip(handles, lengths)))
+        try:
+            asyncio.run(serve())
+        finally:
+            worker.stop()
+        finished[admission] = order
+    assert finished == {"fifo": [2, 9, 3, 7], "longest": [9, 7, 3, 2]}
