@@ -338,3 +338,43 @@ def test_serve_admission_flag_reaches_the_batcher_and_orders_one_process_too(eng
             worker.stop()
         finished[admission] = order
     assert finished == {"fifo": [2, 9, 3, 7], "longest": [9, 7, 3, 2]}
+
+
+def test_a_pass_failing_on_rank_1_ends_its_request_with_the_error_and_the_shared_queue_goes_on(engines,
+                                                                                                 monkeypatch):
+    """Rank 1's first pass raises while it holds the second request: that one is answered with
+    the error; the slot it frees (at its next pass) takes its turn again, so the three still
+    waiting in the shared queue are answered as alone, none lost, none twice."""
+    requests = [(prompt(4, i), SamplingParams(max_new_tokens=5)) for i in range(5)]
+    bs = batchers(engines, 1)
+    step, failed = bs[1].step, []
+
+    def failing():
+        if not failed and bs[1].has_work():
+            failed.append(True)
+            raise RuntimeError("injected failure")
+        return step()
+    bs[1].step = failing
+    answers, _, records = serve_on_threads(monkeypatch, bs, requests)
+    keys = list(answers)
+    tokens, reason, error = answers[keys[1]]
+    assert reason == "cancelled" and error == "generation failed on rank 1: RuntimeError: injected failure"
+    rest = [i for i in range(5) if i != 1]
+    check_alone(engines[0], [requests[i] for i in rest], {keys[i]: answers[keys[i]] for i in rest})
+    assert sorted(k for *_, k in records) == sorted(keys)  # each dealt once
+    assert {r for _, r, k in records if k != keys[1]} == {0, 1}  # rank 1 served again after
+
+
+def test_the_queue_limit_counts_every_ranks_slots_then_max_queue_then_answers_429(engines):
+    """Two ranks of one slot and --max-queue 2: four requests may be in the server (two running,
+    two in the shared queue); the fifth is refused (the app's 429); a cancel makes room again."""
+    from offloadgen.serve.worker import QueueFull
+    worker = RankedWorker(batchers(engines, 1)[0], 1, 2, World(0, 2))
+
+    async def arrive():
+        handles = [worker.submit(prompt(4, i), SamplingParams(max_new_tokens=3)) for i in range(4)]
+        with pytest.raises(QueueFull):
+            worker.submit(prompt(4, 9), SamplingParams(max_new_tokens=3))
+        worker.cancel(handles[0])
+        worker.submit(prompt(4, 9), SamplingParams(max_new_tokens=3))
+    asyncio.run(arrive())
