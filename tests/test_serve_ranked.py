@@ -378,3 +378,23 @@ def test_the_queue_limit_counts_every_ranks_slots_then_max_queue_then_answers_42
         worker.cancel(handles[0])
         worker.submit(prompt(4, 9), SamplingParams(max_new_tokens=3))
     asyncio.run(arrive())
+
+
+# --- where a rank's time went -----------------------------------------------------------------------
+def test_the_lockstep_clock_counts_the_passes_run_and_says_them_in_one_line(engines, capsys):
+    """run_in_lockstep (one process here: each exchange is with itself) returns its clock: one pass
+    per step run, their time, and the line each rank prints at the end."""
+    import re
+
+    from offloadgen.ranks import run_in_lockstep
+    b = ContinuousBatcher(engines[0], 2, MAX_LEN, CHUNK)
+    for i, n in enumerate([3, 6]):
+        b.submit(prompt(4, i), SamplingParams(max_new_tokens=n))
+    result = run_in_lockstep(b, World())
+    clock = result["clock"]
+    assert result["passes"] == clock.passes == b.stats.passes == 6 and clock.pass_s > 0
+    clock.say(3)
+    line = capsys.readouterr().err
+    m = re.fullmatch(r"offloadgen: rank 3: 6 passes of (\S+) s, (\S+) s in passes, (\S+) s at the exchanges, "
+                     r"(\S+) s of CPU\n", line)
+    assert m and abs(float(m[1]) - clock.pass_s / 6) < 1e-3, line
