@@ -7,9 +7,14 @@ offers on GPUs only), through serve.cli.serve_loaded as `offloadgen serve` runs 
 With FAIL_PROMPT, rank 1's first pass that holds that prompt raises (a stand-in for a pass that
 runs out of memory or meets a bad kernel), so that the test sees how a failed pass is answered.
 
+DIST_SERVE_ARGS in the environment: more `serve` options (e.g. "--slots 1 --admission longest");
+DIST_SERVE_HEARTBEAT: rank 0's idle sleep in seconds (serve.ranked.HEARTBEAT_S), made long so that
+a request left waiting through it shows as a stall.
+
 The tokenizer reads bytes and writes token ids as text ("17 301 5"), so that an answer's text is
 exactly the tokens generated.
 """
+import os
 import sys
 
 from dist_jobs import tiny_llm
@@ -41,7 +46,10 @@ if __name__ == "__main__":
     path, mode, port = sys.argv[1:4]
     args = build_parser().parse_args(["serve", path, "--device", "cpu", "--port", port, "--slots", "6",
                                       "--max-seq-len", "256", "--served-model-name", "tiny", "--log-level", "warning",
-                                      "--shutdown-grace", "30"])
+                                      "--shutdown-grace", "30", *os.environ.get("DIST_SERVE_ARGS", "").split()])
+    if "DIST_SERVE_HEARTBEAT" in os.environ:
+        from offloadgen.serve import ranked
+        ranked.HEARTBEAT_S = float(os.environ["DIST_SERVE_HEARTBEAT"])
     world = distributed.init("cpu")
     if len(sys.argv) > 4:
         fail_once_on_rank_1(sys.argv[4], world)

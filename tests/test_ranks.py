@@ -170,10 +170,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_torchrun(log: Path, *args) -> subprocess.Popen:
+def start_torchrun(log: Path, *args, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
     with open(log, "w") as f:
-        return subprocess.Popen(cmd, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, env={**ENV, **(env or {})}, stdout=f, stderr=subprocess.STDOUT)
 
 
 def wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -264,6 +264,47 @@ def test_serve_across_ranks_deals_requests_and_each_gets_its_tokens_alone(tiny, 
         assert clocks["0"] == clocks["1"] == str(passes + empty)  # lockstep: the same passes on both
     else:  # with whole layers an idle rank only joins the exchange
         assert empty == 0
+
+
+@pytest.mark.parametrize("mode,admission", [("whole", "fifo"), ("allgather", "fifo"), ("allgather", "longest")])
+def test_serve_across_ranks_with_more_requests_than_slots_answers_each_once_and_never_stalls(tiny, tmp_path,
+                                                                                             mode, admission):
+    """Two ranks of one slot and a burst of ten requests, some of one token: the eight left
+    waiting are dealt from the shared queue as slots free, on both ranks, each answered once with
+    its prompt's tokens alone; and none sits out rank 0's idle sleep (20 s here) meanwhile."""
+    import time
+
+    import openai
+    from concurrent.futures import ThreadPoolExecutor
+    _, ckpt = tiny("llama2-mha")
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = start_torchrun(log, str(SERVE), str(ckpt), mode, str(port),
+                          env={"DIST_SERVE_ARGS": f"--slots 1 --admission {admission}", "DIST_SERVE_HEARTBEAT": "20"})
+    asks = [(SHORT[i % 5] + str(i), (1, 1, 4, 1, 7)[i % 5]) for i in range(10)]
+    try:
+        wait_for_line(log, "serving", proc)
+        assert "1 slots on each of 2 ranks" in log.read_text()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+
+        def ask(prompt_and_n):
+            r = client.completions.create(model="tiny", prompt=prompt_and_n[0], max_tokens=prompt_and_n[1],
+                                          temperature=0)
+            return r.choices[0].text
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(10) as pool:
+            got = list(pool.map(ask, asks))
+        seconds = time.perf_counter() - t0
+        for (prompt, n), text in zip(asks, got):
+            assert text == " ".join(map(str, alone(ckpt, prompt, n))), prompt
+        assert seconds < 15, f"requests waited out rank 0's idle sleep: {seconds:.1f} s"
+        counters = rank_counters(port)
+        assert counters[("offloadgen_rank_requests", 0)] + counters[("offloadgen_rank_requests", 1)] == 10
+        assert min(counters[("offloadgen_rank_requests", r)] for r in (0, 1)) >= 1
+        stop_rank_0(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_serve_command_across_ranks_answers_as_one_process(tmp_path):

@@ -237,7 +237,9 @@ class RankedWorker(Worker):
                 clock.passes += run
                 tokens += self._settle(0, report)
                 self._seen[0] = report
-                self._busy = any(r.busy for r in reports[1:]) or report.busy
+                # the shared queue is work too: requests rank 0 got and finished in this one pass
+                # (max_tokens 1, an EOS first) leave every report idle while others still wait
+                self._busy = any(r.busy for r in reports[1:]) or report.busy or bool(self._queue.waiting)
                 report = replace(report, events=[], failed=[], error=None)  # delivered already
                 if self.metrics is not None and (tokens or any(r.busy for r in reports)):
                     self.metrics.observe_pass(time.perf_counter() - start, tokens)
@@ -254,11 +256,15 @@ class RankedWorker(Worker):
 
     def batcher_stats(self) -> dict:
         """Rank 0's batcher's figures, but slots held summed over every rank (as of each rank's
-        last pass) and requests waiting in the shared queue."""
+        last pass) and requests waiting: in the shared queue, or arrived since the last exchange
+        (a burst during a pass of seconds is waiting too, as one process counts it at once)."""
         stats = super().batcher_stats()
         seen = list(self._seen)
+        with self._lock:
+            arrived, gone = [key for key, *_ in self._order.new], set(self._order.cancel)
+        waiting = [key for key, *_ in list(self._queue.waiting)] + arrived
         stats["active_slots"] = sum(r.active for r in seen)
-        stats["queue_length"] = sum(r.queued for r in seen) + len(self._queue.waiting)
+        stats["queue_length"] = sum(r.queued for r in seen) + sum(key not in gone for key in waiting)
         return stats
 
     def _wait_while_idle(self) -> None:
