@@ -239,7 +239,9 @@ class RankedWorker(Worker):
                 self._seen[0] = report
                 # the shared queue is work too: requests rank 0 got and finished in this one pass
                 # (max_tokens 1, an EOS first) leave every report idle while others still wait
-                self._busy = any(r.busy for r in reports[1:]) or report.busy or bool(self._queue.waiting)
+                # the other ranks' reports predate this deal: what it gave them is their work now
+                self._busy = (any(r.busy for r in reports[1:]) or report.busy or bool(self._queue.waiting)
+                              or any(rank > 0 for rank, *_ in dealt))
                 report = replace(report, events=[], failed=[], error=None)  # delivered already
                 if self.metrics is not None and (tokens or any(r.busy for r in reports)):
                     self.metrics.observe_pass(time.perf_counter() - start, tokens)
