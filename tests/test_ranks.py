@@ -493,3 +493,27 @@ def test_a_bench_on_ranks_stopped_midway_ends_every_rank_quietly(tmp_path, sig, 
     assert not (tmp_path / "b.jsonl").exists()  # stopped before its record
     time.sleep(1)
     assert not [p for p in run if running(p)], "processes of the run outlived it"
+
+
+def test_rank_0_cut_by_a_broken_pipe_leaves_the_other_rank_one_line_not_a_gloo_traceback():
+    """`offloadgen generate --prompt ... --num-gpus-per-node 2 | true`: rank 0 prints the answers to a
+    pipe its reader has closed and ends with its one line (exit 2, as one process does). Rank 1,
+    already in distributed.finish()'s barrier, used to print gloo's 'Connection closed by peer'
+    traceback; it says one line and stops instead. torchrun looks at its ranks every 0.1 s and then
+    SIGTERMs the rest, which sometimes came before rank 1's traceback: a 5 s look-out (PET_ is
+    torchrun's own environment prefix) lets rank 1 always reach its end by itself."""
+    cmd = [sys.executable, "-m", "offloadgen.cli", "generate", "opt-125m", "--dummy", "--device", "cpu", "--dtype",
+           "float32", "--max-new-tokens", "2", "--prompt", "a", "--prompt", "b", "--num-gpus-per-node", "2"]
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone: rank 0's first print meets EPIPE
+    try:
+        r = subprocess.run(cmd, env={**ENV, "PET_MONITOR_INTERVAL": "5"}, stdout=write, stderr=subprocess.PIPE,
+                           text=True, timeout=240)
+    finally:
+        os.close(write)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.count("offloadgen: error: Broken pipe") == 1, r.stderr[-3000:]
+    said = "offloadgen: rank 1: another rank ended before this one (its own message says why); stopping"
+    assert r.stderr.count(said) == 1, r.stderr[-3000:]
+    for noise in ("Traceback", "Connection closed", "RuntimeError", "ChildFailedError"):
+        assert noise not in r.stderr, r.stderr[-3000:]

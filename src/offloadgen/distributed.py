@@ -273,8 +273,25 @@ def _raise_exit(signum, frame):
     raise SystemExit(128 + signum)
 
 
+# What a collective says when the process of a rank it waits for has ended (gloo's TCP pair; NCCL's
+# remote error): this rank's own work is not at fault, and the rank that ended says why itself (or
+# torchrun reports the signal that ended it).
+_PEER_ENDED = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+PEER_ENDED_EXIT = 1  # the exit status of a rank that stops because another ended: the run did fail
+
+
+def peer_ended_message(error: BaseException, rank: str) -> str | None:
+    """The one line a rank says when a collective failed because another rank's process had ended
+    (rank 0 closed by a broken pipe, or failing with an error it has said), or None for any other
+    error, which keeps its traceback: a timeout (a rank that hangs), a bad tensor, a bug here."""
+    if not isinstance(error, RuntimeError) or not any(m in str(error) for m in _PEER_ENDED):
+        return None
+    return f"offloadgen: rank {rank}: another rank ended before this one (its own message says why); stopping"
+
+
 def finish(world: World) -> None:
-    """Leave the process group in order (gloo aborts at exit if its threads are left running)."""
+    """Leave the process group in order (gloo aborts at exit if its threads are left running).
+    When another rank has ended without it, the barrier fails at once (cli.main says so in one line)."""
     if world.active and dist.is_initialized():
         barrier(world)
         dist.destroy_process_group()
