@@ -517,3 +517,23 @@ def test_rank_0_cut_by_a_broken_pipe_leaves_the_other_rank_one_line_not_a_gloo_t
     assert r.stderr.count(said) == 1, r.stderr[-3000:]
     for noise in ("Traceback", "Connection closed", "RuntimeError", "ChildFailedError"):
         assert noise not in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("code", [2, 3])
+def test_torchrun_stopping_the_other_ranks_is_said_only_when_rank_0_has_not(tmp_path, code):
+    """Rank 0 ends while rank 1 still runs: torchrun SIGTERMs rank 1 and logs 'Sending process N
+    closing signal SIGTERM'. After rank 0's one-line error (exit 2) that line is noise and the
+    launcher drops it; after any other failure it still comes, with torchrun's report."""
+    script = tmp_path / "ranks.py"
+    script.write_text("import os, sys, time\n"
+                      "if os.environ['RANK'] == '0':\n"
+                      "    time.sleep(1)\n"
+                      f"    print('offloadgen: error: said by rank 0', file=sys.stderr, flush=True)\n"
+                      f"    os._exit({code})\n"
+                      "time.sleep(60)\n")
+    r = subprocess.run([sys.executable, "-m", "offloadgen.launcher", "--standalone", "--nproc-per-node=2", str(script)],
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == (2 if code == 2 else 1), r.stderr[-3000:]
+    assert r.stderr.count("offloadgen: error: said by rank 0") == 1
+    assert ("closing signal SIGTERM" in r.stderr) == (code != 2), r.stderr[-3000:]
+    assert ("ChildFailedError" in r.stderr) == (code != 2), r.stderr[-3000:]
