@@ -13,8 +13,7 @@ The exit status is then the ranks':
 ended (as one process exits), and nothing but the ranks' own lines is printed. An error that
 rank 0 has said in its one line (exit status 2: bad input that every rank finds once they plan)
 exits 2 as one process does, without torchrun's report or its line about stopping the other
-ranks; any other failure that no signal asked
-for is reported by torchrun as before.
+ranks; any other failure that no signal asked for is reported by torchrun as before.
 
     python -m offloadgen.launcher TORCHRUN_ARGS...  (what distributed.relaunch runs)
 """
