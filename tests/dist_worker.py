@@ -11,6 +11,10 @@ In "pool" mode the last two layers are pooled (each rank keeps 1/N of them and a
 rest), the others stream from shared host memory. DIST_RESET=k: k blocks of a pass are fetched
 and used, then the schedule is reset (as after a pass that failed midway) before generating.
 DIST_DIE=1: the last rank dies at the start, as in "die" mode, whatever the mode.
+DIST_KILL=r:function: rank r SIGKILLs itself in the first barrier that `function`
+(shared_host_buffers or _open_shared_files) calls, once the node's shared memory is made and
+mapped but before the ranks are done with it; every rank first prints the port in MASTER_PORT
+(which the old /dev/shm names carried).
 DIST_LANDING=n: n landing buffers (placement.landing_slots), whatever the ring's slots.
 DIST_KEEP=i,j: layers i and j stay resident (kept whole on every rank, as plan_placement spreads
 them), taken out of the streamed and pooled ones, so that kept layers sit between fetched ones.
@@ -40,6 +44,17 @@ if (mode == "die" or "DIST_DIE" in os.environ) and world.rank == world.size - 1:
     import time
     time.sleep(2)  # the others are waiting in a collective (rank 0 holding shared-memory files)
     os._exit(3)
+if "DIST_KILL" in os.environ:
+    import signal
+    killed_rank, killed_in = os.environ["DIST_KILL"].split(":")
+    print(f"MASTER_PORT={os.environ['MASTER_PORT']}", flush=True)
+    plain_barrier = distributed.barrier
+
+    def killing_barrier(w):
+        if w.rank == int(killed_rank) and sys._getframe(1).f_code.co_name == killed_in:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return plain_barrier(w)
+    distributed.barrier = killing_barrier
 ckpt = SafetensorsFolder(path)
 ids, mask = fixed_batch(int(os.environ.get("DIST_ROWS", "6")))
 rows = distributed.local_rows(ids.shape[0], world)

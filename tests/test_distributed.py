@@ -69,6 +69,23 @@ def test_ranks_copying_parts_leave_no_shared_arenas_when_a_rank_dies(tiny, tmp_p
     assert not list(Path("/dev/shm").glob("offloadgen-arenas-*")), "shared arenas left behind"
 
 
+@pytest.mark.parametrize("mode,killed", [("poolspread", "1:_open_shared_files"), ("shared", "0:shared_host_buffers")])
+def test_a_rank_sigkilled_while_sharing_memory_leaves_nothing_in_dev_shm(tiny, tmp_path, mode, killed):
+    """SIGKILL (no handler, no finally) to a rank in the middle of a node's shared-memory setup, once
+    the memory is made and mapped by every rank: rank 1 while the ranks map each other's copy
+    arenas (--weight-gather copy), rank 0 while it shares the streamed weights it made. The run
+    fails, and no file stays in /dev/shm (the files there were named after torchrun's port, and the
+    killed rank's own stayed, taking its RAM)."""
+    _, path = tiny("llama3-gqa-rope-scaling")
+    before = set(os.listdir("/dev/shm"))
+    r = torchrun(2, str(WORKER), str(path), str(tmp_path / "x.json"), mode, DIST_GATHER="copy", DIST_KILL=killed,
+                 timeout=180)
+    assert r.returncode != 0 and "Signal 9 (SIGKILL)" in r.stderr, r.stderr[-3000:]
+    port = r.stdout.split("MASTER_PORT=")[1].split()[0]
+    new = set(os.listdir("/dev/shm")) - before
+    assert not [p for p in new if p.endswith(f"-{port}")], f"left in /dev/shm: {new}"
+
+
 def test_copying_parts_refuses_ranks_on_several_nodes_and_an_unknown_copy_direction(monkeypatch):
     """Refused before any arena is made: ranks that cannot map each other's memory, and an
     OFFLOADGEN_PEER_COPY that is neither push nor pull (a typo ran push, and the record said the typo)."""

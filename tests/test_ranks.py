@@ -543,3 +543,47 @@ def test_a_bench_on_ranks_stopped_midway_ends_every_rank_quietly(tmp_path, sig, 
     assert not (tmp_path / "b.jsonl").exists()  # stopped before its record
     time.sleep(1)
     assert not [p for p in run if running(p)], "processes of the run outlived it"
+
+
+def test_rank_0_cut_by_a_broken_pipe_leaves_the_other_rank_one_line_not_a_gloo_traceback():
+    """`offloadgen generate --prompt ... --num-gpus-per-node 2 | true`: rank 0 prints the answers to a
+    pipe its reader has closed and ends with its one line (exit 2, as one process does). Rank 1,
+    already in distributed.finish()'s barrier, used to print gloo's 'Connection closed by peer'
+    traceback; it says one line and stops instead. torchrun looks at its ranks every 0.1 s and then
+    SIGTERMs the rest, which sometimes came before rank 1's traceback: a 5 s look-out (PET_ is
+    torchrun's own environment prefix) lets rank 1 always reach its end by itself."""
+    cmd = [sys.executable, "-m", "offloadgen.cli", "generate", "opt-125m", "--dummy", "--device", "cpu", "--dtype",
+           "float32", "--max-new-tokens", "2", "--prompt", "a", "--prompt", "b", "--num-gpus-per-node", "2"]
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone: rank 0's first print meets EPIPE
+    try:
+        r = subprocess.run(cmd, env={**ENV, "PET_MONITOR_INTERVAL": "5"}, stdout=write, stderr=subprocess.PIPE,
+                           text=True, timeout=240)
+    finally:
+        os.close(write)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.count("offloadgen: error: Broken pipe") == 1, r.stderr[-3000:]
+    said = "offloadgen: rank 1: another rank ended before this one (its own message says why); stopping"
+    assert r.stderr.count(said) == 1, r.stderr[-3000:]
+    for noise in ("Traceback", "Connection closed", "RuntimeError", "ChildFailedError"):
+        assert noise not in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("code", [2, 3])
+def test_torchrun_stopping_the_other_ranks_is_said_only_when_rank_0_has_not(tmp_path, code):
+    """Rank 0 ends while rank 1 still runs: torchrun SIGTERMs rank 1 and logs 'Sending process N
+    closing signal SIGTERM'. After rank 0's one-line error (exit 2) that line is noise and the
+    launcher drops it; after any other failure it still comes, with torchrun's report."""
+    script = tmp_path / "ranks.py"
+    script.write_text("import os, sys, time\n"
+                      "if os.environ['RANK'] == '0':\n"
+                      "    time.sleep(1)\n"
+                      f"    print('offloadgen: error: said by rank 0', file=sys.stderr, flush=True)\n"
+                      f"    os._exit({code})\n"
+                      "time.sleep(60)\n")
+    r = subprocess.run([sys.executable, "-m", "offloadgen.launcher", "--standalone", "--nproc-per-node=2", str(script)],
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == (2 if code == 2 else 1), r.stderr[-3000:]
+    assert r.stderr.count("offloadgen: error: said by rank 0") == 1
+    assert ("closing signal SIGTERM" in r.stderr) == (code != 2), r.stderr[-3000:]
+    assert ("ChildFailedError" in r.stderr) == (code != 2), r.stderr[-3000:]

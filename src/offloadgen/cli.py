@@ -362,6 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("offloadgen: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:  # under torchrun: a collective whose peer had ended (rank 0 cut by a broken pipe)
+        from .distributed import PEER_ENDED_EXIT, peer_ended_message
+        said = peer_ended_message(e, rank)
+        if said is None:
+            raise
+        print(said, file=sys.stderr)
+        return PEER_ENDED_EXIT
 
 
 def entry() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -232,31 +231,46 @@ def relaunch(argv: list[str], nproc: int) -> int:
 
 
 def shared_host_buffers(sizes: dict, world: World, tag: str, fill) -> dict:
-    """One host buffer per block, shared by the ranks of a node: local rank 0 creates and fills
-    files in /dev/shm (fill(block, tensor)), every rank maps them, and they are unlinked once all
-    have (the mappings stay valid; nothing is left behind if a rank dies later)."""
-    folder = f"/dev/shm/offloadgen-{tag}-{os.environ.get('MASTER_PORT', '0')}"
-    paths = {b: f"{folder}/block-{b}" for b in sizes}
+    """One host buffer per block, shared by the ranks of a node: local rank 0 makes each an
+    anonymous shared-memory file and fills it (fill(block, tensor)), every rank maps it; see
+    shared_memory for why no rank's end, a SIGKILL included, can leave one behind."""
     owner = world.local_rank == 0
-    # torchrun stops the other ranks with SIGTERM when one dies: turn it into an exception for the
-    # time the files have names, so that the owner removes them instead of leaving them in RAM.
-    previous = signal.signal(signal.SIGTERM, _raise_exit) if owner else None
+    mine = {b: shared_memory(n, f"offloadgen-{tag}-{b}") for b, n in sizes.items()} if owner else {}
     try:
-        if owner:
-            os.makedirs(folder, exist_ok=True)
-            for b, n in sizes.items():
-                with open(paths[b], "wb") as f:
-                    f.truncate(n)
-        barrier(world)
-        host = {b: torch.from_file(paths[b], shared=True, size=n, dtype=torch.uint8) for b, n in sizes.items()}
+        pid, fds = gather((os.getpid(), mine), world)[world.rank - world.local_rank]  # the node's local rank 0
+        host = {b: map_shared_memory(pid, fds[b], n) for b, n in sizes.items()}
         if owner:
             fill_in_parallel(host, fill)
         barrier(world)  # every rank has mapped and the owner has filled
     finally:
-        if owner:
-            shutil.rmtree(folder, ignore_errors=True)
-            signal.signal(signal.SIGTERM, previous)
+        for fd in mine.values():
+            os.close(fd)
     return host
+
+
+def shared_memory(nbytes: int, name: str) -> int:
+    """A file of nbytes in shared memory with no name in any folder (memfd_create; `name` is what
+    /proc/PID/fd shows), open as the returned descriptor. The other ranks of the node map it through
+    /proc/PID/fd/FD (map_shared_memory) while this process holds it open; the memory then lives while
+    any mapping does and goes with the last process, however every one ends. A file in /dev/shm
+    stayed, taking its RAM, when a rank was SIGKILLed before it was unlinked."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, nbytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def map_shared_memory(pid: int, fd: int, nbytes: int) -> torch.Tensor:
+    """The shared memory that process pid (of this node) holds open as fd, mapped here as uint8."""
+    try:
+        return torch.from_file(f"/proc/{pid}/fd/{fd}", shared=True, size=nbytes, dtype=torch.uint8)
+    except RuntimeError as e:
+        raise OffloadgenError(f"the ranks of a node share host memory through /proc/PID/fd, and this rank "
+                              f"cannot open /proc/{pid}/fd/{fd} ({e}); run every rank as one user with /proc "
+                              f"readable (not mounted hidepid)") from None
 
 
 def fill_in_parallel(host: dict, fill, threads: int | None = None) -> None:
@@ -269,12 +283,25 @@ def fill_in_parallel(host: dict, fill, threads: int | None = None) -> None:
         list(pool.map(lambda item: fill(*item), host.items()))
 
 
-def _raise_exit(signum, frame):
-    raise SystemExit(128 + signum)
+# What a collective says when the process of a rank it waits for has ended (gloo's TCP pair; NCCL's
+# remote error): this rank's own work is not at fault, and the rank that ended says why itself (or
+# torchrun reports the signal that ended it).
+_PEER_ENDED = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+PEER_ENDED_EXIT = 1  # the exit status of a rank that stops because another ended: the run did fail
+
+
+def peer_ended_message(error: BaseException, rank: str) -> str | None:
+    """The one line a rank says when a collective failed because another rank's process had ended
+    (rank 0 closed by a broken pipe, or failing with an error it has said), or None for any other
+    error, which keeps its traceback: a timeout (a rank that hangs), a bad tensor, a bug here."""
+    if not isinstance(error, RuntimeError) or not any(m in str(error) for m in _PEER_ENDED):
+        return None
+    return f"offloadgen: rank {rank}: another rank ended before this one (its own message says why); stopping"
 
 
 def finish(world: World) -> None:
-    """Leave the process group in order (gloo aborts at exit if its threads are left running)."""
+    """Leave the process group in order (gloo aborts at exit if its threads are left running).
+    When another rank has ended without it, the barrier fails at once (cli.main says so in one line)."""
     if world.active and dist.is_initialized():
         barrier(world)
         dist.destroy_process_group()

@@ -12,8 +12,8 @@ The exit status is then the ranks':
 0 for a server stopped on purpose, 128 + the signal for a job cut short or a rank the signal
 ended (as one process exits), and nothing but the ranks' own lines is printed. An error that
 rank 0 has said in its one line (exit status 2: bad input that every rank finds once they plan)
-exits 2 as one process does, without torchrun's report; any other failure that no signal asked
-for is reported by torchrun as before.
+exits 2 as one process does, without torchrun's report or its line about stopping the other
+ranks; any other failure that no signal asked for is reported by torchrun as before.
 
     python -m offloadgen.launcher TORCHRUN_ARGS...  (what distributed.relaunch runs)
 """
@@ -68,6 +68,28 @@ def rank_pids(parent: int) -> dict[int, int]:
 def _not_rank_0_said(record: logging.LogRecord) -> bool:
     """Drop torchrun's 'failed (exitcode: 2) local_rank: 0' line: rank 0 has said why."""
     return not (str(record.msg).startswith("failed (exitcode") and tuple(record.args or ())[:2] == (SAID, 0))
+
+
+class HeldClosingLines(logging.Filter):
+    """Holds torchrun's 'Sending process N closing signal SIGTERM' (the other ranks stopped once one
+    has failed) until the run's outcome is known: after rank 0 has said its error in one line, the
+    other ranks have nothing to add, and the line is dropped; after any other failure it is let
+    through (release), late."""
+
+    def __init__(self, logger: logging.Logger):
+        super().__init__()
+        self.logger, self.held = logger, []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Sending process"):
+            self.held.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        for record in self.held:
+            self.logger.callHandlers(record)  # past this filter, to where torchrun's lines go
+        self.held.clear()
 
 
 def catches_sigterm(pid: int) -> bool:
@@ -128,18 +150,23 @@ def main(argv: list[str]) -> int:
 
     for s in STOP_SIGNALS:
         signal.signal(s, stop)
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_not_rank_0_said)
+    agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    agent_log.addFilter(_not_rank_0_said)
+    closing = HeldClosingLines(agent_log)
+    agent_log.addFilter(closing)
     try:
         torchrun(["--signals-to-handle", AGENT_SIGNALS, *argv])
         return 0
     except SignalException as e:
         if not stopped:  # SIGHUP or SIGQUIT: torchrun's own way
+            closing.release()
             raise
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         if not stopped and getattr(e.failures.get(0), "exitcode", None) == SAID:
             return SAID
-        if not stopped:
+        if not stopped:  # (when a stop was asked, torchrun's lines are off: logging.disable in stop)
+            closing.release()
             raise
         if ended:  # the ranks were ended here: the user asked twice, or they have no stop of their own
             if ended[0] == signal.SIGINT and len(stopped) == 1:

@@ -15,7 +15,7 @@ other arenas in this GPU's own context instead (CUDA maps them over NVLink, as
 cudaIpcMemLazyEnablePeerAccess allows), so the copies are this GPU's reads on its own queues and no
 process opens a context on another GPU. Not yet run on a GPU: `multi_gpu.sh poolpull` is the A/B.
 
-On CPUs (gloo ranks: the tests) the arenas are files in /dev/shm that every rank of the node maps,
+On CPUs (gloo ranks: the tests) the arenas are anonymous shared memory that every rank of the node maps,
 and the copies are plain copies: the same layout and the same synchronization, on the CPU.
 
 Pooled parts never change after start-up: gathering them needs no synchronization. A landing buffer
@@ -26,7 +26,6 @@ waits for them; they take a few microseconds of one SM, not the whole transfer's
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 
@@ -159,32 +158,16 @@ def _open_over_ipc(own: torch.Tensor, world, pull: bool) -> list[torch.Tensor]:
 
 
 def _open_shared_files(nbytes: int, world) -> list[torch.Tensor]:
-    """Every rank's arena as a file in /dev/shm, mapped by every rank of the node and unlinked once
-    all have mapped it (the mappings stay; nothing is left behind). A rank that dies before then
-    leaves the others in a barrier, which fails or is stopped by torchrun's SIGTERM (turned into an
-    exception while the files have names): each rank still removes its own file, and the last one
-    out the folder."""
-    import signal
-    import threading
-
-    from ..distributed import _raise_exit, barrier
-    folder = f"/dev/shm/offloadgen-arenas-{os.environ.get('MASTER_PORT', '0')}"
-    path = f"{folder}/rank-{world.rank}"
-    in_main = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    previous = signal.signal(signal.SIGTERM, _raise_exit) if in_main else None
+    """Every rank's arena as anonymous shared memory (distributed.shared_memory), mapped by every
+    rank of the node: each rank makes its own, the ranks exchange their (pid, descriptor), map every
+    one and close their own once all have mapped. No arena has a name in /dev/shm, so a rank that
+    dies at any point, SIGKILLed included, leaves none behind."""
+    from ..distributed import barrier, gather, map_shared_memory, shared_memory
+    fd = shared_memory(nbytes, f"offloadgen-arena-{world.rank}")
     try:
-        os.makedirs(folder, exist_ok=True)
-        with open(path, "wb") as f:
-            f.truncate(nbytes)
-        barrier(world)
-        arenas = [torch.from_file(f"{folder}/rank-{r}", shared=True, size=nbytes, dtype=torch.uint8)
-                  for r in range(world.size)]
-        barrier(world)
+        where = gather((os.getpid(), fd), world)
+        arenas = [map_shared_memory(pid, theirs, nbytes) for pid, theirs in where]
+        barrier(world)  # every rank has mapped every arena: the descriptors may go
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        with contextlib.suppress(OSError):  # not empty: a rank yet to unlink its file removes it
-            os.rmdir(folder)
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        os.close(fd)
     return arenas
