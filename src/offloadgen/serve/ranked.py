@@ -128,15 +128,26 @@ def must_run(batcher, dealt: list, order: Order, reports: list, every_pass: bool
     return batcher.has_work()
 
 
-def run_pass(batcher, live: dict, rank: int, run: bool) -> Report:
+class PassFailedApart(Exception):
+    """A pass failed on one rank where every pass joins the others' collectives (all-gathered
+    weights): the other ranks are inside that pass's all-gathers, waiting for this rank's part,
+    and no rank can go on alone. The server stops, at once, rather than hang until the collective
+    timeout (OFFLOADGEN_DIST_TIMEOUT, 600 s)."""
+
+
+def run_pass(batcher, live: dict, rank: int, run: bool, every_pass: bool = False) -> Report:
     """This rank's pass if it is to run one; what rank 0 should know of it. A failed pass ends this
-    rank's requests (rank 0 answers them with the error) and rebuilds the batcher's rows."""
+    rank's requests (rank 0 answers them with the error) and rebuilds the batcher's rows; where
+    every pass joins the other ranks' (every_pass) it raises PassFailedApart instead."""
     if not run:
         return state(batcher)
     try:
         outputs = batcher.step()
     except Exception as e:  # noqa: BLE001 - the server outlives a failed pass
         traceback.print_exc(file=sys.stderr)
+        if every_pass:
+            raise PassFailedApart(f"generation failed on rank {rank}: {type(e).__name__}: {e}; with all-gathered "
+                                  "weights every rank's pass joins the others', so the server stops") from e
         failed = list(live)
         for req in live.values():
             batcher.cancel(req)
@@ -149,6 +160,14 @@ def run_pass(batcher, live: dict, rank: int, run: bool) -> Report:
         if o.new_token_ids or o.finished:
             events.append((o.request.id, list(o.new_token_ids), o.finished, o.finish_reason))
     return state(batcher, events=events)
+
+
+def _why_apart(e: PassFailedApart, rank: int) -> str:
+    """What a rank whose sharded pass failed says: its own failure, or that another rank's process
+    ended inside the pass's collective (that rank says why)."""
+    if distributed.peer_ended_message(e.__cause__, str(rank)) is not None:
+        return "another rank of the server stopped during a pass (its own message says why); the server stops"
+    return str(e)
 
 
 def follow(batcher, world, group=None) -> Report:
@@ -173,7 +192,11 @@ def follow(batcher, world, group=None) -> Report:
             answered += sum(r == world.rank for r, *_ in dealt)
             run = must_run(batcher, dealt, order, reports, every_pass)
             t0 = time.perf_counter()
-            report = run_pass(batcher, live, world.rank, run)
+            try:
+                report = run_pass(batcher, live, world.rank, run, every_pass)
+            except PassFailedApart as e:  # rank 0's collective then fails too, and it answers every request
+                print(f"offloadgen: rank {world.rank}: {_why_apart(e, world.rank)}", file=sys.stderr)
+                distributed.exit_process(1)
             clock.pass_s += time.perf_counter() - t0
             clock.passes += run
     finally:
@@ -232,7 +255,7 @@ class RankedWorker(Worker):
                 dealt = self._count_deal(apply_order(self.batcher, order, 0, live, self._queue, reports))
                 run = must_run(self.batcher, dealt, order, reports, self.every_pass)
                 t0 = time.perf_counter()
-                report = run_pass(self.batcher, live, 0, run)
+                report = run_pass(self.batcher, live, 0, run, self.every_pass)
                 clock.pass_s += time.perf_counter() - t0
                 clock.passes += run
                 tokens += self._settle(0, report)
@@ -245,6 +268,8 @@ class RankedWorker(Worker):
                 report = replace(report, events=[], failed=[], error=None)  # delivered already
                 if self.metrics is not None and (tokens or any(r.busy for r in reports)):
                     self.metrics.observe_pass(time.perf_counter() - start, tokens)
+        except PassFailedApart as e:  # run_pass has printed the traceback
+            self._give_up(_why_apart(e, 0))
         except Exception as e:  # noqa: BLE001 - an exchange failed: another rank is gone
             traceback.print_exc(file=sys.stderr)
             self._give_up(f"a rank of the server stopped: {type(e).__name__}: {e}")
