@@ -250,7 +250,6 @@ class RankedWorker(Worker):
                 tokens = sum(self._settle(rank, r) for rank, r in enumerate(reports) if rank > 0)
                 self._seen[1:] = reports[1:]
                 if order.stop:
-                    clock.say(0)
                     return
                 dealt = self._count_deal(apply_order(self.batcher, order, 0, live, self._queue, reports))
                 run = must_run(self.batcher, dealt, order, reports, self.every_pass)
@@ -273,6 +272,8 @@ class RankedWorker(Worker):
         except Exception as e:  # noqa: BLE001 - an exchange failed: another rank is gone
             traceback.print_exc(file=sys.stderr)
             self._give_up(f"a rank of the server stopped: {type(e).__name__}: {e}")
+        finally:  # however the loop ended, where its time went
+            clock.say(0)
 
     def _count_deal(self, dealt: list) -> list:
         """Count this exchange's deal in /metrics' requests per rank."""
