@@ -409,6 +409,53 @@ def test_a_pass_failing_on_rank_1_with_allgather_stops_the_server_at_once_with_t
            "weights every rank's pass joins the others', so the server stops" in out, out[-3000:]
 
 
+@pytest.mark.parametrize("rank,inside", [(0, False), (0, True), (1, True)])
+def test_a_pass_failing_with_allgather_answers_every_request_with_the_failing_ranks_error(tiny, tmp_path, rank,
+                                                                                           inside):
+    """A pass failing on either rank, as it starts or midway (after some of its all-gathers, as an
+    out-of-memory in a layer would): every request is answered with that rank's error, the failing
+    rank prints its traceback and one line, the other rank one line that another rank stopped (no
+    gloo traceback), and the server exits 1 in seconds. Before, a failure midway let the engine's
+    reset() issue the next pass's gathers against the other rank's gathers of this pass: gloo
+    aborted the healthy rank (rank 0: requests cut off; rank 1: rank 0 blamed another rank), and
+    a failure on rank 0 left rank 1 printing gloo's traceback of the closed connection."""
+    import time
+
+    import openai
+    _, ckpt = tiny("llama2-mha")
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {"DIST_SERVE_FAIL_RANK": str(rank), "DIST_SERVE_FAIL_INSIDE": "1" if inside else "0"}
+    proc = start_torchrun(log, str(SERVE), str(ckpt), "allgather", str(port), "boom", env=env)
+    why = f"generation failed on rank {rank}: RuntimeError: injected failure"
+    try:
+        wait_for_line(log, "serving", proc)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=50)
+        streams = []
+        for _ in range(2 - rank):  # the long ones first: "boom" goes to the failing rank, the least work
+            streams.append(iter(client.completions.create(model="tiny", prompt=LONG, max_tokens=200, temperature=0,
+                                                          stream=True, extra_body={"ignore_eos": True})))
+            next(streams[-1])
+        started = time.time()
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.completions.create(model="tiny", prompt="boom", max_tokens=5, temperature=0)
+        if rank == 0:  # rank 1's failure reaches rank 0 as another rank having stopped
+            assert failed.value.status_code == 503 and why in str(failed.value), str(failed.value)
+        for stream in streams:
+            with pytest.raises(openai.APIError):
+                sum(1 for _ in stream)
+        assert proc.wait(40) == 1
+        assert time.time() - started < 40
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = log.read_text()
+    assert f"offloadgen: rank {rank}: {why}" in out, out[-3000:]
+    assert f"offloadgen: rank {1 - rank}: another rank of the server stopped during a pass" in out, out[-3000:]
+    assert "Fatal Python error" not in out and "Connection closed by peer" not in out \
+        and "Connection reset by peer" not in out, out[-3000:]
+
+
 def test_a_client_leaving_cancels_its_request_on_rank_1(tiny, tmp_path):
     """A stream dealt to rank 1 whose client hangs up after one chunk: the cancel crosses to rank 1
     at the next exchange and its slot is freed long before the 250 tokens it would have run to."""

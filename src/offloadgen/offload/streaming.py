@@ -97,6 +97,7 @@ class StreamingWeights:
         self._pin_host(pinned)
         self.timings["pin_s"] = time.perf_counter() - t0
         self._make_ring()
+        self.restart = False  # set by reset() with all-gathered weights: wait_copy starts the pass
         self._start()
 
     def _block_parts(self, checkpoint, b) -> dict[str, torch.Tensor]:
@@ -324,6 +325,12 @@ class StreamingWeights:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self.pool_used.clear()
+        if self.shards > 1:
+            # the first blocks' all-gathers wait for the next pass: issued now, they would meet the
+            # other ranks' gathers of the pass still under way there (other blocks and sizes: gloo
+            # aborts the healthy rank's process, NCCL mixes the blocks)
+            self.restart = True
+            return
         self._start()
 
     # -- the schedule ------------------------------------------------------------------------------
@@ -562,6 +569,9 @@ class StreamingWeights:
 
     def wait_copy(self, block) -> None:
         """Make the compute stream wait until a streamed block has arrived in its ring slot."""
+        if self.restart:  # the first pass after a reset (with all-gathered weights) starts here
+            self.restart = False
+            self._start()
         expected = self.order[self.next_use % len(self.order)]
         assert block == expected, f"streamed blocks must be asked for in pass order: got {block}, expected {expected}"
         if self.cuda:

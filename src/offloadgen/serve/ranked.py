@@ -144,7 +144,8 @@ def run_pass(batcher, live: dict, rank: int, run: bool, every_pass: bool = False
     try:
         outputs = batcher.step()
     except Exception as e:  # noqa: BLE001 - the server outlives a failed pass
-        traceback.print_exc(file=sys.stderr)
+        if not (every_pass and distributed.peer_ended_message(e, str(rank))):  # that rank says why
+            traceback.print_exc(file=sys.stderr)
         if every_pass:
             raise PassFailedApart(f"generation failed on rank {rank}: {type(e).__name__}: {e}; with all-gathered "
                                   "weights every rank's pass joins the others', so the server stops") from e
@@ -267,8 +268,10 @@ class RankedWorker(Worker):
                 report = replace(report, events=[], failed=[], error=None)  # delivered already
                 if self.metrics is not None and (tokens or any(r.busy for r in reports)):
                     self.metrics.observe_pass(time.perf_counter() - start, tokens)
-        except PassFailedApart as e:  # run_pass has printed the traceback
-            self._give_up(_why_apart(e, 0))
+        except PassFailedApart as e:  # run_pass has printed the traceback of a failure of its own
+            why = _why_apart(e, 0)
+            print(f"offloadgen: rank 0: {why}", file=sys.stderr, flush=True)
+            self._give_up(why)
         except Exception as e:  # noqa: BLE001 - an exchange failed: another rank is gone
             traceback.print_exc(file=sys.stderr)
             self._give_up(f"a rank of the server stopped: {type(e).__name__}: {e}")
