@@ -371,52 +371,17 @@ def test_a_pass_failing_on_rank_1_answers_its_requests_with_the_error_and_servin
     assert "RuntimeError: injected failure" in log.read_text()  # rank 1's traceback, in the server's log
 
 
-def test_a_pass_failing_on_rank_1_with_allgather_stops_the_server_at_once_with_the_error(tiny, tmp_path):
-    """With all-gathered weights rank 0 is inside the failed pass's all-gathers, waiting for rank
-    1's part: no rank can go on alone. Rank 1 says why in one line and ends; rank 0 answers every
-    request with an error, and the server exits non-zero in seconds. Before, rank 1 rebuilt its rows
-    and went on to the next exchange: on gloo ranks the mismatched collectives crashed both with
-    gloo's traceback and no word of the cause; on GPUs (NCCL gathers, a gloo exchange) rank 0
-    waited in the all-gather for the collective timeout."""
-    import time
-
-    import openai
-    _, ckpt = tiny("llama2-mha")
-    port, log = free_port(), tmp_path / "serve.log"
-    proc = start_torchrun(log, str(SERVE), str(ckpt), "allgather", str(port), "boom")
-    try:
-        wait_for_line(log, "serving", proc)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=50)
-        stream = iter(client.completions.create(model="tiny", prompt=LONG, max_tokens=200, temperature=0,
-                                                stream=True, extra_body={"ignore_eos": True}))
-        next(stream)  # on rank 0: rank 1 has the least work for what follows
-        started = time.time()
-        with pytest.raises((openai.APIStatusError, openai.APIConnectionError)):
-            client.completions.create(model="tiny", prompt="boom", max_tokens=5, temperature=0)
-        try:  # the stream on rank 0 ends in an error event or a cut connection, not its 200 tokens
-            chunks, failed = sum(1 for _ in stream), None
-        except Exception as e:  # noqa: BLE001 - openai's APIError or httpx's cut connection
-            failed = e
-        assert failed is not None, f"the stream on rank 0 ran to its end ({chunks} more chunks)"
-        assert proc.wait(40) != 0
-        assert time.time() - started < 40
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    out = log.read_text()
-    assert "offloadgen: rank 1: generation failed on rank 1: RuntimeError: injected failure; with all-gathered " \
-           "weights every rank's pass joins the others', so the server stops" in out, out[-3000:]
-
-
-@pytest.mark.parametrize("rank,inside", [(0, False), (0, True), (1, True)])
+@pytest.mark.parametrize("rank,inside", [(0, False), (0, True), (1, False), (1, True)])
 def test_a_pass_failing_with_allgather_answers_every_request_with_the_failing_ranks_error(tiny, tmp_path, rank,
                                                                                            inside):
     """A pass failing on either rank, as it starts or midway (after some of its all-gathers, as an
-    out-of-memory in a layer would): every request is answered with that rank's error, the failing
-    rank prints its traceback and one line, the other rank one line that another rank stopped (no
-    gloo traceback), and the server exits 1 in seconds. Before, a failure midway let the engine's
-    reset() issue the next pass's gathers against the other rank's gathers of this pass: gloo
+    out-of-memory in a layer would): with all-gathered weights no rank can go on alone, so every
+    request is answered with that rank's error, the failing rank prints its traceback and one line,
+    the other rank one line that another rank stopped (no gloo traceback), and the server exits 1
+    in seconds. Before, the failing rank rebuilt its rows and went on to the next exchange while
+    the other sat in the pass's all-gathers (on GPUs until the collective timeout, 600 s; on gloo
+    ranks a crash with gloo's traceback and no word of the cause); and a failure midway let the
+    engine's reset() issue the next pass's gathers against the other rank's gathers of this pass: gloo
     aborted the healthy rank (rank 0: requests cut off; rank 1: rank 0 blamed another rank), and
     a failure on rank 0 left rank 1 printing gloo's traceback of the closed connection."""
     import time
