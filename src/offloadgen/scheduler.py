@@ -61,6 +61,11 @@ class Request:
     generator: torch.Generator | None = None  # its own random stream when sampling.seed is set
 
 
+def new_tokens_at_most(prompt_tokens: int, sampling: SamplingParams, max_len: int) -> int:
+    """The tokens a request may generate: its max_new_tokens, or what a slot of max_len leaves."""
+    return min(sampling.max_new_tokens, max_len - prompt_tokens)
+
+
 def fill_ids(req: Request) -> list[int]:
     """The tokens a row prefills: its prompt, or everything so far when its cache is recomputed."""
     return req.refill if req.refill is not None else req.prompt_ids
@@ -219,7 +224,7 @@ class ContinuousBatcher:
         return req
 
     def _longest_first(self, req: Request) -> int:
-        return -min(req.sampling.max_new_tokens, self.max_len - len(req.prompt_ids))
+        return -new_tokens_at_most(len(req.prompt_ids), req.sampling, self.max_len)
 
     def cancel(self, request: Request) -> None:
         with self._lock:
@@ -256,7 +261,7 @@ class ContinuousBatcher:
         """Passes the rows and waiting requests still hold a slot for, at most: prompt chunks left
         to prefill, then a pass per token left (serve's ranks deal new requests by it)."""
         def left(req: Request) -> int:
-            new = min(req.sampling.max_new_tokens, self.max_len - len(req.prompt_ids)) - len(req.output_ids)
+            new = new_tokens_at_most(len(req.prompt_ids), req.sampling, self.max_len) - len(req.output_ids)
             return -(-(len(fill_ids(req)) - req.prefilled) // self.prefill_chunk) + max(new, 0)
         with self._lock:
             waiting = list(self._waiting)

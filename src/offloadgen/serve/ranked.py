@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from .. import distributed
 from ..ranks import LockstepClock, request_cost, sharded
 from ..sampling import SamplingParams
+from ..scheduler import new_tokens_at_most
 from .worker import Event, Worker, recover
 
 HEARTBEAT_S = 1.0  # the longest rank 0 lets the other ranks wait in an exchange while all is idle
@@ -75,7 +76,7 @@ class SharedQueue:
 
     def _longest_first(self, item) -> int:  # as the batcher orders its own queue
         _, ids, sampling = item
-        return -min(sampling.max_new_tokens, self.max_len - len(ids))
+        return -new_tokens_at_most(len(ids), sampling, self.max_len)
 
     def add(self, new: list) -> None:
         for item in new:
@@ -98,7 +99,7 @@ class SharedQueue:
             rank = min((r for r in range(len(free)) if free[r] > 0), key=lambda r: (work[r], -free[r], r))
             key, ids, sampling = self.waiting.pop(0)
             free[rank] -= 1
-            work[rank] += request_cost(len(ids), min(sampling.max_new_tokens, self.max_len - len(ids)),
+            work[rank] += request_cost(len(ids), new_tokens_at_most(len(ids), sampling, self.max_len),
                                        self.prefill_chunk)
             dealt.append((rank, key, ids, sampling))
         return dealt
