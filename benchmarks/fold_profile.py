@@ -8,11 +8,12 @@ the most first, and the innermost frames (where the thread was when sampled). Wi
 Python's GIL (taking it back after a call that released it), the GPU (a CUDA synchronize), or
 neither.
 
-    python benchmarks/fold_profile.py out/profile.txt [--top 25]
+    python benchmarks/fold_profile.py out/profile.txt[.gz] [--top 25]
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import re
 from collections import Counter, defaultdict
 
@@ -25,6 +26,7 @@ WAITS = [("the GIL", ("take_gil", "PyEval_RestoreThread", "PyEval_AcquireThread"
          ("the GPU (synchronize)", ("Synchronize", "synchronize")),
          ("the CUDA driver", ("libcuda.so",)),
          ("gloo", ("gloo::",)),
+         ("a collective (c10d)", ("c10d::",)),
          ("NCCL", ("nccl", "NCCL"))]
 
 
@@ -38,7 +40,8 @@ def waiting_for(frames: list[str]) -> str:
 
 def fold(path: str) -> dict:
     loops: dict = defaultdict(lambda: {"samples": 0, "inclusive": Counter(), "leaf": Counter(), "waits": Counter()})
-    for line in open(path, encoding="utf-8", errors="replace"):
+    opener = gzip.open if path.endswith(".gz") else open  # records are kept gzipped
+    for line in opener(path, "rt", encoding="utf-8", errors="replace"):
         stack, _, count = line.rstrip("\n").rpartition(" ")
         if not count.isdigit():
             continue
