@@ -73,3 +73,42 @@ def test_micro_batches_change_nothing(tiny, variant):
     split = run_ours(path, ids, mask, micro_batch_size=1)
     assert split.tokens == whole.tokens
     assert torch.allclose(split.last_logits, whole.last_logits, atol=1e-5)
+
+
+class CudaLooking(torch.Tensor):
+    """A CPU tensor that says it is on a GPU, so that sdpa takes its GPU path on a CPU machine."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+@pytest.mark.parametrize("allow_cudnn", [False, True])
+def test_gpu_attention_leaves_out_cudnn_only_around_its_own_call(monkeypatch, allow_cudnn):
+    """cuDNN's attention builds an execution plan for every new shape, which a decode pass always
+    has (77 ms a call on an H100: benchmarks/sdpa_backends.py), so sdpa turns PyTorch's cuDNN
+    switch off while it calls attention on a GPU, and back on after, even when attention raises;
+    OFFLOADGEN_CUDNN_ATTENTION=1 (layers.CUDNN_ATTENTION) leaves PyTorch's choice alone."""
+    from offloadgen.models import layers
+    real, seen = layers.F.scaled_dot_product_attention, []
+
+    def spy(q, k, v, attn_mask=None, scale=None):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        if q.shape[0] == 2:
+            raise RuntimeError("attention failed")
+        return real(q.as_subclass(torch.Tensor), k.as_subclass(torch.Tensor), v.as_subclass(torch.Tensor),
+                    attn_mask=attn_mask, scale=scale)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(layers, "CUDNN_ATTENTION", allow_cudnn)
+    q, k, v = (torch.randn(1, 4, 3, 8).as_subclass(CudaLooking) for _ in range(3))
+    mask = torch.zeros(1, 1, 3, 3)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    out = layers.sdpa(q, k, v, mask)
+    assert torch.allclose(out.as_subclass(torch.Tensor),
+                          real(*(t.as_subclass(torch.Tensor) for t in (q, k, v)), attn_mask=mask))
+    with pytest.raises(RuntimeError, match="attention failed"):
+        layers.sdpa(*(torch.randn(2, 4, 3, 8).as_subclass(CudaLooking) for _ in range(3)), torch.zeros(2, 1, 3, 3))
+    layers.sdpa(*(torch.randn(1, 4, 3, 8) for _ in range(3)), mask)  # on the CPU: left alone
+    assert seen == [allow_cudnn, allow_cudnn, True]
+    assert torch.backends.cuda.cudnn_sdp_enabled()

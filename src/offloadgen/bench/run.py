@@ -288,6 +288,8 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, probes, cop
         "dtype": str(plan.dtype),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "gpu_budget_bytes": plan.budget,
+        # the attention kernels depend on it (models/layers.py: cuDNN's is left out)
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "placement": None if p is None else {**p.bytes, "resident_blocks": len(p.resident),
                                              "streamed_blocks": len(p.streamed), "prefill_tokens": p.prefill_tokens,
                                              "resident_layers": [b for b in p.resident if isinstance(b, int)]},

@@ -6,10 +6,21 @@ from wherever the offload runtime keeps them.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+# The attention kernels a GPU may use. PyTorch picks cuDNN's attention first on Hopper when a mask
+# is given, and cuDNN builds an execution plan on the CPU for every new shape: with the key length
+# growing by one each decode pass, every pass built one (session 15's profile of a server on 4
+# H100s: 18-24% of each rank's serving loop in cudnnBackendFinalize; benchmarks/sdpa_backends.py
+# times both). Flash and memory-efficient attention launch at once for any shape. The switch is
+# turned off around our own call only (1-2 us; torch's sdpa_kernel context costs 40 us, 2 ms a
+# pass of 48 layers). OFFLOADGEN_CUDNN_ATTENTION=1 gives PyTorch its own choice back (an A/B
+# switch for benchmarks).
+CUDNN_ATTENTION = os.environ.get("OFFLOADGEN_CUDNN_ATTENTION") == "1"
 
 
 @dataclass
@@ -103,7 +114,14 @@ def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.
     b, h, t, d = q.shape
     h_kv = keys.shape[1]
     q = q.reshape(b, h_kv, (h // h_kv) * t, d)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    if q.is_cuda and not CUDNN_ATTENTION and torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        try:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+        finally:
+            torch.backends.cuda.enable_cudnn_sdp(True)
+    else:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(b, h, t, d)
 
 
