@@ -86,7 +86,7 @@ class CudaLooking(torch.Tensor):
 @pytest.mark.parametrize("allow_cudnn", [False, True])
 def test_gpu_attention_leaves_out_cudnn_only_around_its_own_call(monkeypatch, allow_cudnn):
     """cuDNN's attention builds an execution plan for every new shape, which a decode pass always
-    has (77 ms a call on an H100: benchmarks/sdpa_backends.py), so sdpa turns PyTorch's cuDNN
+    has (44 ms a call on an H100: benchmarks/sdpa_backends.py), so sdpa turns PyTorch's cuDNN
     switch off while it calls attention on a GPU, and back on after, even when attention raises;
     OFFLOADGEN_CUDNN_ATTENTION=1 (layers.CUDNN_ATTENTION) leaves PyTorch's choice alone."""
     from offloadgen.models import layers
