@@ -1,11 +1,12 @@
 """On a GPU: the KV cache in CPU memory (CPU attention, GPU attention, split; pinned or not;
 written back synchronously or on a side stream) against the cache on the GPU, the same for an
 8-bit cache (and the adaptive split), plus the CPU attention bandwidth for OPT-30B's shapes.
-Prints one line per case."""
+Prints one line per case; where tokens differ, the first step that does and the reference's
+top-2 logit gap there (a gap of the order of float16's rounding is a near-tie, not a fault)."""
 import sys
 
 import torch
-from gpu_inputs import padded_batch
+from gpu_inputs import greedy_margins, padded_batch, where_they_differ
 
 from offloadgen.machine import cpu_read_bandwidth
 from offloadgen.offload.kv_cache import probe_cpu_attention_bandwidth as cpu_attention_bandwidth
@@ -34,7 +35,8 @@ for name in ("opt-1.3b", "smollm2-135m", "bloom-560m"):
     ids, mask = padded_batch()
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     weights = ResidentWeights(ck, dev, torch.float16, progress=False)
-    ref = Engine(cfg, weights, dev, torch.float16, 2).generate(ids, mask, params, set(), 0)
+    with greedy_margins() as gaps:
+        ref = Engine(cfg, weights, dev, torch.float16, 2).generate(ids, mask, params, set(), 0)
     for case, opts in cases.items():
         engine = Engine(cfg, weights, dev, torch.float16, 2, kv_offload=opts)
         out = engine.generate(ids, mask, params, set(), 0)
@@ -42,9 +44,11 @@ for name in ("opt-1.3b", "smollm2-135m", "bloom-560m"):
         same = out.tokens == ref.tokens
         diff = (out.last_logits - ref.last_logits).abs().max().item()
         ok &= same and diff < 0.05
-        print(f"{name:14s} {case:32s}: tokens identical {same}, last logits max diff {diff:.2e}")
+        print(f"{name:14s} {case:32s}: tokens identical {same}, last logits max diff {diff:.2e}"
+              + where_they_differ(out.tokens, ref.tokens, gaps))
     # The 8-bit cache: on the GPU (Triton dequantization) against offloaded with each attention
-    ref = Engine(cfg, weights, dev, torch.float16, 2, kv_quant=(8, 64)).generate(ids, mask, params, set(), 0)
+    with greedy_margins() as gaps:
+        ref = Engine(cfg, weights, dev, torch.float16, 2, kv_quant=(8, 64)).generate(ids, mask, params, set(), 0)
     for case, attention in (("8-bit, cpu attention", "cpu"), ("8-bit, gpu attention", "gpu"),
                             ("8-bit, adaptive split", "auto")):
         opts = KVOffload(True, True, attention, gpu_fraction=0.5 if attention == "auto" else None, quant_bits=8)
@@ -56,5 +60,5 @@ for name in ("opt-1.3b", "smollm2-135m", "bloom-560m"):
         diff = (out.last_logits - ref.last_logits).abs().max().item()
         ok &= same and diff < 0.05
         print(f"{name:14s} {case:32s}: tokens identical {same}, last logits max diff {diff:.2e}"
-              + (f", GPU parts per step {history}" if history else ""))
+              + (f", GPU parts per step {history}" if history else "") + where_they_differ(out.tokens, ref.tokens, gaps))
 sys.exit(0 if ok else 1)
