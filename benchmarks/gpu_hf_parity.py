@@ -21,7 +21,8 @@ import transformers
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 from conftest import VARIANTS, make_checkpoint  # noqa: E402
-from test_parity import ragged_batch  # noqa: E402
+from test_parity import generate_drops_longrope_context, ragged_batch  # noqa: E402
+from test_parity import run_hf_by_prefixes as run_hf_by_prefixes_of_test  # noqa: E402
 
 from offloadgen.checkpoint import SafetensorsFolder  # noqa: E402
 from offloadgen.engine import Engine  # noqa: E402
@@ -40,26 +41,11 @@ NEAR_TIE = {torch.float32: 1e-3, torch.float16: 2e-2}  # of the order of each dt
 
 
 def run_hf_by_prefixes(model, ids, mask):
-    """run_hf without generate's cache: each step runs the whole sequence so far. The reference
-    for Phi-3 LongRoPE under transformers before 5.24, whose generate, on crossing the original
-    length, drops the cache but then runs the last token alone, without its context (5.24 fixed
-    it: next_sequence_length in Phi3ForCausalLM.prepare_inputs_for_generation)."""
-    seq, seen = ids.to(dev), mask.to(dev)
-    logits_per_step = []
-    for _ in range(NEW_TOKENS):
-        positions = (seen.long().cumsum(-1) - 1).clamp(min=0)  # left padding, as generate sets them
-        logits = model(input_ids=seq, attention_mask=seen, position_ids=positions).logits[:, -1]
-        logits_per_step.append(logits)
-        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
-        seen = torch.cat([seen, torch.ones_like(seen[:, :1])], 1)
-    top2 = torch.stack(logits_per_step).float().topk(2, dim=-1).values
-    return (seq[:, ids.shape[1]:].tolist(), logits_per_step[-1].float().cpu(),
-            (top2[..., 0] - top2[..., 1]).cpu())
-
-
-def generate_drops_longrope_context(name: str) -> bool:
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return name == "phi3-longrope" and (major, minor) < (5, 24)
+    """run_hf without generate's cache (test_parity.run_hf_by_prefixes): the reference for
+    phi3-longrope under transformers before 5.24 (test_parity.generate_drops_longrope_context)."""
+    tokens, steps = run_hf_by_prefixes_of_test(model, ids.to(dev), mask.to(dev), NEW_TOKENS)
+    top2 = torch.stack(steps).float().topk(2, dim=-1).values
+    return tokens, steps[-1].float().cpu(), (top2[..., 0] - top2[..., 1]).cpu()
 
 
 def run_hf(model, ids, mask):

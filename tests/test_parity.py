@@ -1,6 +1,7 @@
 """Our engine against transformers on the same weights, float32 on the CPU."""
 import pytest
 import torch
+import transformers
 
 from offloadgen.checkpoint import SafetensorsFolder
 from offloadgen.engine import Engine
@@ -41,15 +42,56 @@ def run_hf(model, ids, mask):
     return out.sequences[:, ids.shape[1]:].tolist(), out.logits[-1]
 
 
+def generate_drops_longrope_context(variant: str) -> bool:
+    """transformers before 5.24: Phi3's generate, where the sequence crosses LongRoPE's original
+    length, drops the cache to recompute it but passes only the last token, which then runs alone
+    without its context (5.24 passes the whole sequence: next_sequence_length = None)."""
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return variant == "phi3-longrope" and (major, minor) < (5, 24)
+
+
+@torch.no_grad()
+def run_hf_by_prefixes(model, ids, mask, new_tokens=NEW_TOKENS):
+    """Greedy tokens and each step's logits from the model's forward over the whole sequence so
+    far, without generate's cache: what generate computes where its cache handling is right."""
+    seq, seen, steps = ids, mask, []
+    for _ in range(new_tokens):
+        positions = (seen.long().cumsum(-1) - 1).clamp(min=0)  # left padding, as generate sets them
+        logits = model(input_ids=seq, attention_mask=seen, position_ids=positions).logits[:, -1]
+        steps.append(logits)
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+        seen = torch.cat([seen, torch.ones_like(seen[:, :1])], 1)
+    return seq[:, ids.shape[1]:].tolist(), steps
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_greedy_tokens_and_logits_match_transformers(tiny, variant):
     model, path = tiny(variant)
     ids, mask = ragged_batch()
-    hf_tokens, hf_logits = run_hf(model, ids, mask)
+    if generate_drops_longrope_context(variant):
+        hf_tokens, steps = run_hf_by_prefixes(model, ids, mask)
+        hf_logits = steps[-1]
+    else:
+        hf_tokens, hf_logits = run_hf(model, ids, mask)
     ours = run_ours(path, ids, mask)
     assert ours.tokens == hf_tokens
     assert len(ours.tokens[0]) == NEW_TOKENS
     assert (ours.last_logits - hf_logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("variant", ["phi3-longrope", "mistral-sliding-window", "gemma3"])
+def test_greedy_tokens_and_logits_match_transformers_forward_over_each_prefix(tiny, variant):
+    """The second reference, which the test above takes for phi3-longrope under transformers
+    before 5.24 (and benchmarks/gpu_hf_parity.py on GPU images that have one): transformers'
+    forward over each step's whole sequence, no cache. It must give our tokens on every version,
+    LongRoPE's switch (phi3-longrope crosses its original length of 32 at step 19) and sliding
+    windows included."""
+    model, path = tiny(variant)
+    ids, mask = ragged_batch()
+    hf_tokens, steps = run_hf_by_prefixes(model, ids, mask)
+    ours = run_ours(path, ids, mask)
+    assert ours.tokens == hf_tokens
+    assert (ours.last_logits - steps[-1]).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("variant", ["llama3-gqa-rope-scaling", "opt", "bloom"])
