@@ -7,10 +7,18 @@ pieces (offload/pinned.copy_in_chunks), while link_probe copies 2 GiB at once fr
 its own made by pin_memory(). On 4 H100s the copy-only pass moved 134-148 GB/s against the
 probe's 155-171 (benchmarks/RESULTS.md, session 15). Each row changes one thing:
 
-  probe            own pin_memory() buffer, one copy of the whole share
-  own, 64 MB       the same buffer, in 64 MB pieces
-  shared, 1/N      one registered shared buffer of whole layers, each GPU its 1/N of each layer, one copy a layer
-  shared, 1/N, 64 MB   the same in 64 MB pieces: what a pass does
+  probe                      own pin_memory() buffer (cudaHostAlloc), one copy of the whole share
+  own pinned, 64 MB          the same buffer, a layer's share at a time in 64 MB pieces
+  own registered, 64 MB      a private mapping registered with cudaHostRegister (offload/pinned.py)
+  own registered, huge       the same with transparent huge pages asked for (madvise)
+  shared, 1/N, whole         one shared mapping of whole layers (as the memfd is), each GPU its 1/N
+                             of each layer, one copy a layer
+  shared, 1/N, 64 MB         the same in 64 MB pieces: what an all-gather pass does
+  shared, 1/N, 64 MB, huge   the same with huge pages asked for
+
+4 KB pages may matter (a guess to test): where DMA goes through an IOMMU, as it may on a virtual
+machine, four links at once walk four times the page translations. The huge page counters of /proc/meminfo are
+printed after each mapping is made, to show whether the kernel gave any.
 
     python benchmarks/link_patterns.py [--layer-gib 1.15] [--layers 12]
 
@@ -55,6 +63,23 @@ def together(n: int, copy_on, repeats: int = 3) -> float:
     return best
 
 
+def host_buffer(nbytes: int, shared: bool, huge: bool) -> tuple[torch.Tensor, mmap.mmap]:
+    """A page-locked host buffer made as offloadgen makes one: mapped, touched, then registered."""
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE)
+    if huge:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    t = torch.frombuffer(region, dtype=torch.uint8)
+    t.fill_(1)  # touch every page before registering, as the fill does
+    if not all(pin_tensors([t])):
+        sys.exit("link_patterns: cudaHostRegister failed")
+    return t, region
+
+
+def huge_pages_in_use() -> str:
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return ", ".join(f"{k} {info[k].strip()}" for k in ("AnonHugePages", "ShmemHugePages") if k in info)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layer-gib", type=float, default=1.15)  # an OPT-30B layer in fp16
@@ -63,53 +88,53 @@ def main() -> None:
     n = torch.cuda.device_count()
     if n == 0:
         sys.exit("link_patterns: needs CUDA GPUs")
+    for name in ("enabled", "shmem_enabled"):
+        f = Path("/sys/kernel/mm/transparent_hugepage", name)
+        print(f"transparent huge pages, {name}: {f.read_text().strip() if f.exists() else 'unknown'}")
     layer = int(args.layer_gib * (1 << 30)) // (n * 4096) * (n * 4096)  # whole pages per share
     share = layer // n
     per_gpu = share * args.layers
     dsts = [torch.empty(share, dtype=torch.uint8, device=f"cuda:{i}") for i in range(n)]
-
-    own = [torch.empty(per_gpu, dtype=torch.uint8).pin_memory() for _ in range(n)]
     results = {}
 
-    own_dst = [torch.empty(per_gpu, dtype=torch.uint8, device=f"cuda:{i}") for i in range(n)]
+    def per_layer(sources, chunked: bool):  # GPU i copies sources(i, l) for every layer l
+        def copy_on(i):
+            for layer_index in range(args.layers):
+                src = sources(i, layer_index)
+                copy_in_chunks(dsts[i], src) if chunked else dsts[i].copy_(src, non_blocking=True)
+        return copy_on
 
-    def own_whole(i):
-        own_dst[i].copy_(own[i], non_blocking=True)
-    results["probe"] = together(n, own_whole)
-    del own_dst
+    own = [torch.empty(per_gpu, dtype=torch.uint8).pin_memory() for _ in range(n)]
+    whole_dst = [torch.empty(per_gpu, dtype=torch.uint8, device=f"cuda:{i}") for i in range(n)]
+    results["probe"] = together(n, lambda i: whole_dst[i].copy_(own[i], non_blocking=True))
+    del whole_dst
     torch.cuda.empty_cache()
-
-    def own_chunks(i):
-        for layer_index in range(args.layers):
-            copy_in_chunks(dsts[i], own[i][layer_index * share:(layer_index + 1) * share])
-    results["own, 64 MB"] = together(n, own_chunks)
+    own_share = lambda i, l: own[i][l * share:(l + 1) * share]  # noqa: E731
+    results["own pinned, 64 MB"] = together(n, per_layer(own_share, True))
     del own
 
-    region = mmap.mmap(-1, layer * args.layers, flags=mmap.MAP_SHARED)  # as a memfd mapping is
-    shared = torch.frombuffer(region, dtype=torch.uint8)
-    shared.fill_(1)  # touch every page before registering, as the fill does
-    if not all(pin_tensors([shared])):
-        sys.exit("link_patterns: cudaHostRegister failed on the shared buffer")
+    for huge in (False, True):
+        bufs = [host_buffer(per_gpu, shared=False, huge=huge) for _ in range(n)]
+        print(f"own registered{', huge' if huge else ''}: {huge_pages_in_use()}")
+        results[f"own registered, 64 MB{', huge' if huge else ''}"] = together(
+            n, per_layer(lambda i, l: bufs[i][0][l * share:(l + 1) * share], True))
+        unpin_tensors([b[0] for b in bufs])
+        del bufs
 
-    def part(i, layer_index):
-        start = layer_index * layer + i * share
-        return shared[start:start + share]
-
-    def shared_whole(i):
-        for layer_index in range(args.layers):
-            dsts[i].copy_(part(i, layer_index), non_blocking=True)
-    results["shared, 1/N"] = together(n, shared_whole)
-
-    def shared_chunks(i):
-        for layer_index in range(args.layers):
-            copy_in_chunks(dsts[i], part(i, layer_index))
-    results["shared, 1/N, 64 MB"] = together(n, shared_chunks)
-    unpin_tensors([shared])
+    for huge in (False, True):
+        shared, region = host_buffer(layer * args.layers, shared=True, huge=huge)
+        print(f"shared{', huge' if huge else ''}: {huge_pages_in_use()}")
+        part = lambda i, l: shared[l * layer + i * share:l * layer + (i + 1) * share]  # noqa: E731
+        if not huge:
+            results["shared, 1/N, whole"] = together(n, per_layer(part, False))
+        results[f"shared, 1/N, 64 MB{', huge' if huge else ''}"] = together(n, per_layer(part, True))
+        unpin_tensors([shared])
+        del shared, part
 
     table = {k: n * per_gpu / t for k, t in results.items()}
     print(f"{n} GPUs, {per_gpu / 1e9:.2f} GB each ({args.layers} layers of {layer / 1e9:.2f} GB, 1/{n} each)")
     for k, rate in table.items():
-        print(f"  {k:<20} {rate / 1e9:7.1f} GB/s together ({rate / n / 1e9:5.1f} a GPU)")
+        print(f"  {k:<28} {rate / 1e9:7.1f} GB/s together ({rate / n / 1e9:5.1f} a GPU)")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "link_patterns.json").write_text(json.dumps({"gpus": n, "bytes_per_gpu": per_gpu,
                                                                              "bytes_s": table}))
