@@ -44,7 +44,7 @@ from offloadgen.offload.pinned import copy_in_chunks, pin_tensors, unpin_tensors
 def together(n: int, copy_on, repeats: int = 3) -> float:
     """Best wall time of n threads, thread i running copy_on(i) on GPU i, started at once."""
     best = float("inf")
-    for _ in range(repeats + 1):  # the first is a warm-up
+    for _ in range(repeats + 1):  # one more than asked: the first pays for first use
         barrier = threading.Barrier(n + 1)
 
         def run(i):

@@ -6,10 +6,10 @@
 """
 import json
 import os
-import threading
 import time
 
 import torch
+from link_patterns import together
 
 GiB = 1 << 30
 
@@ -18,24 +18,7 @@ def h2d_together(n: int, nbytes: int = 2 * GiB, repeats: int = 3) -> float:
     """Total bytes/s when n GPUs each copy nbytes from their own pinned buffer at the same time."""
     srcs = [torch.empty(nbytes, dtype=torch.uint8).pin_memory() for _ in range(n)]
     dsts = [torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{i}") for i in range(n)]
-    best = 0.0
-    for _ in range(repeats + 1):
-        barrier = threading.Barrier(n + 1)
-
-        def copy(i):
-            torch.cuda.set_device(i)
-            barrier.wait()
-            dsts[i].copy_(srcs[i], non_blocking=True)
-            torch.cuda.synchronize(i)
-        threads = [threading.Thread(target=copy, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        t0 = time.perf_counter()
-        for t in threads:
-            t.join()
-        best = max(best, n * nbytes / (time.perf_counter() - t0))
-    return best
+    return n * nbytes / together(n, lambda i: dsts[i].copy_(srcs[i], non_blocking=True), repeats)
 
 
 def d2d(src: int, dst: int, nbytes: int = GiB, repeats: int = 5) -> float:
