@@ -154,3 +154,56 @@ def test_gpu_attention_leaves_out_cudnn_only_around_its_own_call(monkeypatch, al
     layers.sdpa(*(torch.randn(1, 4, 3, 8) for _ in range(3)), mask)  # on the CPU: left alone
     assert seen == [allow_cudnn, allow_cudnn, True]
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_gpu_attention_keeps_cudnn_out_until_the_last_thread_in_it_is_done(monkeypatch):
+    """The switch is PyTorch's, one for the process: two threads in sdpa at once (the engine's and
+    a CPU-side lane, a server's batcher and another engine) must not have the first one out turn
+    cuDNN back on under the other's call; and a switch the user turned off stays off."""
+    import threading
+    from offloadgen.models import layers
+    real, seen = layers.F.scaled_dot_product_attention, {"a": [], "b": []}
+    a_in, a_go, b_in, b_go = (threading.Event() for _ in range(4))
+
+    def spy(q, k, v, attn_mask=None, scale=None):
+        me = threading.current_thread().name
+        seen[me].append(torch.backends.cuda.cudnn_sdp_enabled())
+        if me == "a":
+            a_in.set()
+            assert a_go.wait(10)
+        else:
+            b_in.set()
+            assert b_go.wait(10)
+            seen[me].append(torch.backends.cuda.cudnn_sdp_enabled())  # after a's call has ended
+        return real(q.as_subclass(torch.Tensor), k.as_subclass(torch.Tensor), v.as_subclass(torch.Tensor),
+                    attn_mask=attn_mask, scale=scale)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(layers, "CUDNN_ATTENTION", False)
+    mask = torch.zeros(1, 1, 3, 3)
+
+    def call():
+        layers.sdpa(*(torch.randn(1, 4, 3, 8).as_subclass(CudaLooking) for _ in range(3)), mask)
+    a, b = threading.Thread(target=call, name="a"), threading.Thread(target=call, name="b")
+    a.start()
+    assert a_in.wait(10)
+    b.start()
+    assert b_in.wait(10)
+    a_go.set()
+    a.join(10)
+    b_go.set()
+    b.join(10)
+    assert seen == {"a": [False], "b": [False, False]}
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+    torch.backends.cuda.enable_cudnn_sdp(False)  # the user's own choice
+    try:
+        seen["a"].clear()
+        a = threading.Thread(target=call, name="a")
+        a_go.set()
+        a.start()
+        a.join(10)
+        assert seen["a"] == [False]
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)

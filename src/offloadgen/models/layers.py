@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -14,13 +15,38 @@ import torch.nn.functional as F
 
 # The attention kernels a GPU may use. PyTorch picks cuDNN's attention first on Hopper when a mask
 # is given, and cuDNN builds an execution plan on the CPU for every new shape: with the key length
-# growing by one each decode pass, every pass built one (session 15's profile of a server on 4
-# H100s: 18-24% of each rank's serving loop in cudnnBackendFinalize; benchmarks/sdpa_backends.py
-# times both). Flash and memory-efficient attention launch at once for any shape. The switch is
-# turned off around our own call only (1-2 us; torch's sdpa_kernel context costs 40 us, 2 ms a
-# pass of 48 layers). OFFLOADGEN_CUDNN_ATTENTION=1 gives PyTorch its own choice back (an A/B
-# switch for benchmarks).
+# growing by one each decode pass, every pass built one (session 15's native profile of a server on
+# 4 H100s: 22% and 18% of ranks 0's and 1's serving loops in cudnnBackendFinalize, of 25% and 20%
+# in attention; benchmarks/sdpa_backends.py times both). Flash and memory-efficient attention
+# launch at once for any shape. The switch is turned off around our own call only (1.5-3 us with
+# its lock; torch's sdpa_kernel context costs 40 us, 2 ms a pass of 48 layers).
+# OFFLOADGEN_CUDNN_ATTENTION=1 gives PyTorch its own choice back (an A/B switch for benchmarks).
 CUDNN_ATTENTION = os.environ.get("OFFLOADGEN_CUDNN_ATTENTION") == "1"
+# The switch is one for the whole process, and several threads may be in sdpa at once (the
+# engine's and a CPU-side lane, a server's batcher beside another engine): the first call in turns
+# it off, the last one out turns it back on, and only if it was on (a user's own False stays).
+_cudnn_lock = threading.Lock()
+_cudnn_calls = 0  # our GPU attention calls under way
+_cudnn_turned_off = False  # whether those calls turned the switch off (and so turn it back on)
+
+
+def _cudnn_out() -> None:
+    global _cudnn_calls, _cudnn_turned_off
+    with _cudnn_lock:
+        if _cudnn_calls == 0:
+            _cudnn_turned_off = torch.backends.cuda.cudnn_sdp_enabled()
+            if _cudnn_turned_off:
+                torch.backends.cuda.enable_cudnn_sdp(False)
+        _cudnn_calls += 1
+
+
+def _cudnn_back() -> None:
+    global _cudnn_calls, _cudnn_turned_off
+    with _cudnn_lock:
+        _cudnn_calls -= 1
+        if _cudnn_calls == 0 and _cudnn_turned_off:
+            torch.backends.cuda.enable_cudnn_sdp(True)
+            _cudnn_turned_off = False
 
 
 @dataclass
@@ -114,12 +140,12 @@ def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.
     b, h, t, d = q.shape
     h_kv = keys.shape[1]
     q = q.reshape(b, h_kv, (h // h_kv) * t, d)
-    if q.is_cuda and not CUDNN_ATTENTION and torch.backends.cuda.cudnn_sdp_enabled():
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    if q.is_cuda and not CUDNN_ATTENTION:
+        _cudnn_out()
         try:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
         finally:
-            torch.backends.cuda.enable_cudnn_sdp(True)
+            _cudnn_back()
     else:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(b, h, t, d)
