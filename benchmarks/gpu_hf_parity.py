@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from gpu_inputs import first_difference
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -55,13 +56,6 @@ def run_hf(model, ids, mask):
                          eos_token_id=None, pad_token_id=0)
     top2 = torch.stack(out.logits).float().topk(2, dim=-1).values
     return out.sequences[:, ids.shape[1]:].tolist(), out.logits[-1].float().cpu(), (top2[..., 0] - top2[..., 1]).cpu()
-
-
-def first_difference(ours: list, theirs: list, gaps: torch.Tensor) -> tuple[int, int, float]:
-    """(step, row, transformers' top-2 gap there) of the earliest differing token."""
-    step, row = min((next(i for i, (a, b) in enumerate(zip(x, y)) if a != b), r)
-                    for r, (x, y) in enumerate(zip(ours, theirs)) if x != y)
-    return step, row, gaps[step, row].item()
 
 
 def run_ours(path, ids, mask, streamed: bool, dtype: torch.dtype):

@@ -33,10 +33,17 @@ def greedy_margins():
         engine.sample = real_sample
 
 
+def first_difference(tokens: list, reference: list, gaps) -> tuple[int, int, float]:
+    """(step, row, the reference's top-2 gap there) of the earliest token that differs; gaps
+    indexed [step][row] (greedy_margins' list, or a [steps, rows] tensor)."""
+    step, row = min((next(i for i, (a, b) in enumerate(zip(x, y)) if a != b), r)
+                    for r, (x, y) in enumerate(zip(tokens, reference)) if x != y)
+    return step, row, gaps[step][row].item()
+
+
 def where_they_differ(tokens: list, reference: list, gaps: list) -> str:
     """'' if equal, else the first (step, row) that differs and the reference's margin there."""
     if tokens == reference:
         return ""
-    step, row = min((next(i for i, (a, b) in enumerate(zip(x, y)) if a != b), r)
-                    for r, (x, y) in enumerate(zip(tokens, reference)) if x != y)
-    return f" (from step {step} of row {row}, where the reference's top-2 gap is {gaps[step][row].item():.1e})"
+    step, row, gap = first_difference(tokens, reference, gaps)
+    return f" (from step {step} of row {row}, where the reference's top-2 gap is {gap:.1e})"

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 # its lock; torch's sdpa_kernel context costs 40 us, 2 ms a pass of 48 layers).
 # OFFLOADGEN_CUDNN_ATTENTION=1 gives PyTorch its own choice back (an A/B switch for benchmarks).
 CUDNN_ATTENTION = os.environ.get("OFFLOADGEN_CUDNN_ATTENTION") == "1"
-# The switch is one for the whole process, and several threads may be in sdpa at once (the
-# engine's and a CPU-side lane, a server's batcher beside another engine): the first call in turns
-# it off, the last one out turns it back on, and only if it was on (a user's own False stays).
+# The switch is one for the whole process, and several threads may be in sdpa at once (two
+# engines run from threads of one program; our own CPU-side lanes attend on the CPU only): the
+# first call in turns it off, the last one out turns it back on, and only if it was on (a user's
+# own False stays).
 _cudnn_lock = threading.Lock()
 _cudnn_calls = 0  # our GPU attention calls under way
 _cudnn_turned_off = False  # whether those calls turned the switch off (and so turn it back on)
