@@ -8,6 +8,7 @@ its own made by pin_memory(). On 4 H100s the copy-only pass moved 134-148 GB/s a
 probe's 155-171 (benchmarks/RESULTS.md, session 15). Each row changes one thing:
 
   probe                      own pin_memory() buffer (cudaHostAlloc), one copy of the whole share
+  own pinned, a layer whole  the same buffer, a layer's share at a time, one copy each
   own pinned, 64 MB          the same buffer, a layer's share at a time in 64 MB pieces
   own registered, 64 MB      a private mapping registered with cudaHostRegister (offload/pinned.py)
   own registered, huge       the same with transparent huge pages asked for (madvise)
@@ -15,6 +16,9 @@ probe's 155-171 (benchmarks/RESULTS.md, session 15). Each row changes one thing:
                              of each layer, one copy a layer
   shared, 1/N, 64 MB         the same in 64 MB pieces: what an all-gather pass does
   shared, 1/N, 64 MB, huge   the same with huge pages asked for
+  ranks: memfd per layer     as the ranks do it: one process per GPU (not a thread), one memfd per
+                             layer made here and mapped and registered by every process
+                             (distributed.shared_host_buffers), each its 1/N in 64 MB pieces
 
 4 KB pages may matter (a guess to test): where DMA goes through an IOMMU, as it may on a virtual
 machine, four links at once walk four times the page translations. The huge page counters of /proc/meminfo are
@@ -38,6 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from offloadgen.distributed import map_shared_memory, shared_memory  # noqa: E402
 from offloadgen.offload.pinned import copy_in_chunks, pin_tensors, unpin_tensors  # noqa: E402
 
 
@@ -61,6 +66,53 @@ def together(n: int, copy_on, repeats: int = 3) -> float:
             t.join()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def _rank(i, pid, fds, layer, share, start, results, repeats):
+    """One 'rank' of the ranks row: map every layer's memfd, register it, then copy its 1/N of
+    each layer when the barrier opens; report (repeat, start, end) on the system-wide clock."""
+    torch.cuda.set_device(i)
+    host = [map_shared_memory(pid, fd, layer) for fd in fds]
+    if not all(pin_tensors(host)):
+        results.put(None)
+        return
+    dst = torch.empty(share, dtype=torch.uint8, device=f"cuda:{i}")
+    for r in range(repeats + 1):
+        start.wait()
+        t0 = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process
+        for h in host:
+            copy_in_chunks(dst, h[i * share:(i + 1) * share])
+        torch.cuda.synchronize(i)
+        results.put((r, t0, time.perf_counter()))
+    unpin_tensors(host)
+
+
+def as_ranks(n: int, layer: int, share: int, layers: int, repeats: int = 3) -> float:
+    """Best wall time of n processes copying as the ranks of an all-gather run do (see _rank)."""
+    import multiprocessing as mp
+    fds = [shared_memory(layer, f"link-patterns-{l}") for l in range(layers)]
+    for fd in fds:
+        t = map_shared_memory(os.getpid(), fd, layer)
+        t.fill_(1)  # the owner fills before the ranks map, as shared_host_buffers does
+        del t
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(i, os.getpid(), fds, layer, share, start, results, repeats))
+             for i in range(n)]
+    for proc in procs:
+        proc.start()
+    got = [results.get(timeout=300) for _ in range(n * (repeats + 1))]
+    for proc in procs:
+        proc.join()
+    for fd in fds:
+        os.close(fd)
+    if None in got:
+        sys.exit("link_patterns: cudaHostRegister failed in a rank")
+    spans = {}
+    for r, t0, t1 in got:
+        a, b = spans.get(r, (t0, t1))
+        spans[r] = (min(a, t0), max(b, t1))
+    return min(b - a for r, (a, b) in spans.items() if r > 0)  # the first pays for first use
 
 
 def host_buffer(nbytes: int, shared: bool, huge: bool) -> tuple[torch.Tensor, mmap.mmap]:
@@ -110,6 +162,7 @@ def main() -> None:
     del whole_dst
     torch.cuda.empty_cache()
     own_share = lambda i, l: own[i][l * share:(l + 1) * share]  # noqa: E731
+    results["own pinned, a layer whole"] = together(n, per_layer(own_share, False))
     results["own pinned, 64 MB"] = together(n, per_layer(own_share, True))
     del own
 
@@ -130,6 +183,8 @@ def main() -> None:
         results[f"shared, 1/N, 64 MB{', huge' if huge else ''}"] = together(n, per_layer(part, True))
         unpin_tensors([shared])
         del shared, part
+
+    results["ranks: memfd per layer"] = as_ranks(n, layer, share, args.layers)
 
     table = {k: n * per_gpu / t for k, t in results.items()}
     print(f"{n} GPUs, {per_gpu / 1e9:.2f} GB each ({args.layers} layers of {layer / 1e9:.2f} GB, 1/{n} each)")
