@@ -19,6 +19,9 @@ probe's 155-171 (benchmarks/RESULTS.md, session 15). Each row changes one thing:
   ranks: memfd per layer     as the ranks do it: one process per GPU (not a thread), one memfd per
                              layer made here and mapped and registered by every process
                              (distributed.shared_host_buffers), each its 1/N in 64 MB pieces
+  ranks: own parts           one process per GPU, each copying from its own 1/N of every layer in
+                             memory the driver allocated (cudaHostAlloc: offload/pinned.driver_pinned),
+                             what the ranks of allgather and pool hold since session 16
 
 4 KB pages may matter (a guess to test): where DMA goes through an IOMMU, as it may on a virtual
 machine, four links at once walk four times the page translations. The huge page counters of /proc/meminfo are
@@ -68,36 +71,53 @@ def together(n: int, copy_on, repeats: int = 3) -> float:
     return best
 
 
-def _rank(i, pid, fds, layer, share, start, results, repeats):
-    """One 'rank' of the ranks row: map every layer's memfd, register it, then copy its 1/N of
-    each layer when the barrier opens; report (repeat, start, end) on the system-wide clock."""
+def _rank(i, pid, fds, layer, share, layers, start, results, repeats):
+    """One 'rank' of the ranks rows: with fds, map every layer's memfd, register it, and copy its
+    1/N of each layer; without, copy from its own parts in driver-pinned memory (fresh, so its
+    own allocation time is printed). Each repeat starts when the barrier opens; reports (repeat,
+    start, end) on the system-wide clock."""
+    from offloadgen.offload.pinned import driver_pinned
     torch.cuda.set_device(i)
-    host = [map_shared_memory(pid, fd, layer) for fd in fds]
-    if not all(pin_tensors(host)):
-        results.put(None)
-        return
+    if fds:
+        host = [map_shared_memory(pid, fd, layer) for fd in fds]
+        if not all(pin_tensors(host)):
+            results.put(None)
+            return
+        parts = [h[i * share:(i + 1) * share] for h in host]
+    else:
+        t0 = time.perf_counter()
+        parts = [driver_pinned(share) for _ in range(layers)]
+        if any(p is None for p in parts):
+            results.put(None)
+            return
+        for p in parts:
+            p.fill_(1)
+        print(f"rank {i}: {len(parts)} parts of {share / 1e9:.2f} GB allocated and filled in "
+              f"{time.perf_counter() - t0:.2f} s", flush=True)
     dst = torch.empty(share, dtype=torch.uint8, device=f"cuda:{i}")
     for r in range(repeats + 1):
         start.wait()
         t0 = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process
-        for h in host:
-            copy_in_chunks(dst, h[i * share:(i + 1) * share])
+        for p in parts:
+            copy_in_chunks(dst, p)
         torch.cuda.synchronize(i)
         results.put((r, t0, time.perf_counter()))
-    unpin_tensors(host)
+    if fds:
+        unpin_tensors(host)
 
 
-def as_ranks(n: int, layer: int, share: int, layers: int, repeats: int = 3) -> float:
-    """Best wall time of n processes copying as the ranks of an all-gather run do (see _rank)."""
+def as_ranks(n: int, layer: int, share: int, layers: int, shared: bool, repeats: int = 3) -> float:
+    """Best wall time of n processes copying as the ranks of an all-gather run do (see _rank),
+    from one node-shared memfd per layer or from parts of their own."""
     import multiprocessing as mp
-    fds = [shared_memory(layer, f"link-patterns-{l}") for l in range(layers)]
+    fds = [shared_memory(layer, f"link-patterns-{l}") for l in range(layers)] if shared else []
     for fd in fds:
         t = map_shared_memory(os.getpid(), fd, layer)
         t.fill_(1)  # the owner fills before the ranks map, as shared_host_buffers does
         del t
     ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(i, os.getpid(), fds, layer, share, start, results, repeats))
+    procs = [ctx.Process(target=_rank, args=(i, os.getpid(), fds, layer, share, layers, start, results, repeats))
              for i in range(n)]
     for proc in procs:
         proc.start()
@@ -184,7 +204,8 @@ def main() -> None:
         unpin_tensors([shared])
         del shared, part
 
-    results["ranks: memfd per layer"] = as_ranks(n, layer, share, args.layers)
+    results["ranks: memfd per layer"] = as_ranks(n, layer, share, args.layers, shared=True)
+    results["ranks: own parts"] = as_ranks(n, layer, share, args.layers, shared=False)
 
     table = {k: n * per_gpu / t for k, t in results.items()}
     print(f"{n} GPUs, {per_gpu / 1e9:.2f} GB each ({args.layers} layers of {layer / 1e9:.2f} GB, 1/{n} each)")

@@ -11,6 +11,7 @@
 #  default "12 16 24", ~60 s each on 4 H100s)
 # RESIDENT=last (or spread, the default) places the layers each GPU keeps whole with --resident-layers:
 #   bash benchmarks/multi_gpu.sh one allgather && RESIDENT=last bash benchmarks/multi_gpu.sh one allgather
+# allgathershared, poolshared: the same with the whole blocks in one node-shared memory (OFFLOADGEN_HOST_PARTS=0)
 # LANDING=n gives allgather and pool n landing buffers (--landing-buffers), e.g. LANDING=4 ... allgather
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +42,10 @@ for what in "$@"; do
     one) (cd "$out" && timeout $step_limit $bench --batch-size 8) ;;
     whole) (cd "$out" && timeout $step_limit $bench $many --weight-fetch whole) ;;
     allgather) (cd "$out" && timeout $step_limit $bench $many --weight-fetch allgather $land) ;;
+    # the A/B of each rank's own driver-pinned parts: the whole blocks once per node in a shared
+    # memfd registered with cudaHostRegister, as before session 16 (OFFLOADGEN_HOST_PARTS=0)
+    allgathershared) (cd "$out" && OFFLOADGEN_HOST_PARTS=0 timeout $step_limit $bench $many --weight-fetch allgather $land) ;;
+    poolshared) (cd "$out" && OFFLOADGEN_HOST_PARTS=0 timeout $step_limit $bench $many --weight-fetch pool $land) ;;
     pool) (cd "$out" && timeout $step_limit $bench $many --weight-fetch pool $land) ;;
     # a third ring buffer: one more layer in flight, to hide compute behind both links
     allgather2) (cd "$out" && timeout $step_limit $bench $many --weight-fetch allgather --prefetch-depth 2) ;;
@@ -78,14 +83,17 @@ def sec(v):
 def ram(r, key):  # the node's RAM the run took, and docs/distributed.md's model of it
     v = (r.get("host_memory") or {}).get(key)
     return f"{v / 2**30:.1f}" if v is not None else "-"
-print(f"{'gpus':>4} {'fetch':>9} {'gath':>4} {'ahead':>5} {'kept':>6} {'land':>4} {'ch':>3} {'bits':>4} {'kv':>3} {'batch':>5} {'pooled':>6} {'tok/s':>8} {'step s':>7} {'vs 1':>6} "
+def host(r):  # where the streamed weights sat: each rank's own part, or whole blocks shared by the node
+    h = r.get("host_memory") or {}
+    return "-" if r["world_size"] == 1 else "part" if h.get("weight_host_parts") else "node"
+print(f"{'gpus':>4} {'fetch':>9} {'host':>4} {'gath':>4} {'ahead':>5} {'kept':>6} {'land':>4} {'ch':>3} {'bits':>4} {'kv':>3} {'batch':>5} {'pooled':>6} {'tok/s':>8} {'step s':>7} {'vs 1':>6} "
       f"{'PCIe GB/rank':>12} {'NVLink GB/rank':>14} {'start s':>7} {'H2D GB/s':>8} {'NV GB/s':>7} {'pred s':>7} "
       f"{'PCIe s':>7} {'NVLink s':>8} {'copy s':>7} {'bound':>8} {'RAM GiB':>7} {'model':>6}")
 for r in rows:
     ratio = r["decode_throughput"] / one if one else float("nan")
     # H2D: the N links together where probed, else one link alone; NV: the all-gather rate a rank receives
     h2d = r.get("h2d_aggregate_bytes_s") or r.get("h2d_bandwidth_bytes_s")
-    print(f"{r['world_size']:4d} {r['weight_fetch']:>9} {r.get('peer_copy') or r.get('weight_gather', 'nccl'):>4} {r.get('prefetch_depth', 1):5d} {r.get('resident_at') or '-':>6} {r.get('landing_buffers') or '-':>4} {r.get('nccl_max_nchannels') or '-':>3} {r['quant_bits']:4d} {'y' if r['kv_offload'] else 'n':>3} {r['batch_size']:5d} "
+    print(f"{r['world_size']:4d} {r['weight_fetch']:>9} {host(r):>4} {r.get('peer_copy') or r.get('weight_gather', 'nccl'):>4} {r.get('prefetch_depth', 1):5d} {r.get('resident_at') or '-':>6} {r.get('landing_buffers') or '-':>4} {r.get('nccl_max_nchannels') or '-':>3} {r['quant_bits']:4d} {'y' if r['kv_offload'] else 'n':>3} {r['batch_size']:5d} "
           f"{r.get('pooled_blocks', 0):6d} {r['decode_throughput']:8.2f} {r['decode_step_s']:7.3f} {ratio:6.2f} "
           f"{r.get('pcie_bytes_per_step_per_rank', 0) / 1e9:12.2f} {r.get('nvlink_bytes_per_step_per_rank', 0) / 1e9:14.2f} {r['startup_s']:7.1f} "
           f"{gbs(h2d):>8} {gbs(r.get('nvlink_allgather_bytes_s')):>7} {sec(r.get('predicted_step_s')):>7} "

@@ -83,6 +83,13 @@ assert (weights.peers is not None) == (gather == "copy" and mode != "whole")
 # what a bench record says ran: shared memory between CPU ranks, the environment's direction on GPUs
 expected_copy = "shared memory" if DEVICE_TYPE == "cpu" else os.environ.get("OFFLOADGEN_PEER_COPY", "push")
 assert weights.peers is None or weights.peers.mode == expected_copy, (weights.peers.mode, expected_copy)
+if weights.shards > 1:  # each rank keeps only its own 1/N of every streamed block, made by itself
+    assert weights.host_parts == (os.environ.get("OFFLOADGEN_HOST_PARTS") != "0")
+    for block, held in weights.host.items():
+        whole = torch.zeros(weights.layouts[block].nbytes, dtype=torch.uint8)
+        weights._fill_block(ckpt, block, whole)
+        lo, hi = weights._part_span(block)
+        assert torch.equal(held, whole[lo:hi] if weights.host_parts else whole), (world.rank, block)
 if "DIST_KEEP" in os.environ:  # kept whole on this rank, never fetched
     assert set(kept) <= set(weights.resident) and not set(kept) & set(weights.order), weights.order
 if pooled:

@@ -45,6 +45,17 @@ def test_ranks_give_the_tokens_of_one_process(tiny, tmp_path, nproc, mode):
     assert json.loads(out.read_text()) == one_process_tokens(path)
 
 
+def test_ranks_copying_from_whole_shared_blocks_give_the_tokens_of_one_process(tiny, tmp_path):
+    """OFFLOADGEN_HOST_PARTS=0 (an A/B switch for GPU runs): with allgather the streamed blocks stay
+    whole, once per node in shared memory, and each rank copies its 1/N from there (the worker
+    checks which it holds)."""
+    _, path = tiny("llama3-gqa-rope-scaling")
+    out = tmp_path / "tokens.json"
+    r = torchrun(2, str(WORKER), str(path), str(out), "allgather", OFFLOADGEN_HOST_PARTS="0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(out.read_text()) == one_process_tokens(path)
+
+
 @pytest.mark.parametrize("nproc,mode,ring", [(2, "allgather", "2"), (3, "poolspread", "3"), (2, "poolall", "2")])
 def test_ranks_copying_parts_from_each_other_give_the_tokens_of_one_process(tiny, tmp_path, nproc, mode, ring):
     """--weight-gather copy: each rank reads the others' pooled parts and landing buffers from their
@@ -364,3 +375,48 @@ def test_the_launcher_finds_its_ranks_without_the_kernels_children_files(monkeyp
         for p in procs:
             p.kill()
             p.wait()
+
+
+@pytest.mark.parametrize("quant", [None, (4, 32)])
+def test_a_ranks_part_of_a_block_is_those_bytes_of_the_whole_block(tiny, quant):
+    """With allgather and pool a rank makes only its 1/N of each block (StreamingWeights.fill_part):
+    for 2, 3 and 5 ranks every part equals those bytes of the block made whole, padding zeros
+    included, where a part ends inside a tensor, and a 16-bit part reads only the tensors it overlaps."""
+    from offloadgen.offload.packed import ALIGN
+    from offloadgen.offload.placement import disk_placement_on_cpu
+    from offloadgen.offload.streaming import StreamingWeights
+    from offloadgen.quant import QuantConfig
+    ckpt = SafetensorsFolder(tiny("llama3-gqa-rope-scaling")[1])
+    # float16: a norm weight (64 values) takes 128 bytes, padded to 256 in the packed buffer
+    weights = StreamingWeights(ckpt, torch.device("cpu"), torch.float16, disk_placement_on_cpu(ckpt.cfg),
+                               progress=False, quant=QuantConfig(*quant) if quant else None)
+    layout = weights.layouts[0]
+    whole = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    weights._fill_block(ckpt, 0, whole)
+    read, real_read = [], ckpt.read_block
+
+    def counted(block, dtype, out=None, skip=()):
+        got = real_read(block, dtype, out=out, skip=skip)
+        read.extend(got)
+        return got
+    ckpt.read_block = counted
+    starts = {off for off, _, _ in layout.entries.values()}
+    assert sum(torch.Size(s).numel() * 2 for _, _, s in layout.entries.values()) < layout.nbytes or quant  # padding
+    cut = 0
+    for n in (2, 3, 5):
+        part = -(-layout.nbytes // (n * ALIGN)) * ALIGN
+        for r in range(n):
+            lo, hi = min(r * part, layout.nbytes), min((r + 1) * part, layout.nbytes)
+            out = torch.full((hi - lo,), 7, dtype=torch.uint8)
+            read.clear()
+            weights.fill_part(ckpt, 0, lo, hi, out)
+            assert torch.equal(out, whole[lo:hi]), (n, r)
+            cut += lo not in starts and 0 < lo < layout.nbytes
+            if not quant and n == 5:
+                assert len(read) < len(layout.entries), (n, r, read)
+    assert cut >= 3  # parts did end inside tensors
+    for lo in range(0, layout.nbytes, 4099):  # any byte range: ends in padding and mid-element too
+        hi = min(lo + 1531, layout.nbytes)
+        out = torch.full((hi - lo,), 7, dtype=torch.uint8)
+        weights.fill_part(ckpt, 0, lo, hi, out)
+        assert torch.equal(out, whole[lo:hi]), (lo, hi)

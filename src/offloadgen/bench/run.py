@@ -132,7 +132,10 @@ def run_generation(run: RunConfig, w: Workload, out=None) -> dict | None:
     node_during = node_memory_used()  # weights, cache and buffers all still held
     kv_record = _kv_record(rt, timed, w.gen_len)
     host = {"peak_rss_bytes": peak_rss_bytes(), "kv_host_bytes": kv_record["host_bytes"] if kv_record else 0,
-            "weight_host_bytes": sum(t.numel() * t.element_size() for t in getattr(rt.weights, "host", {}).values())}
+            "weight_host_bytes": sum(t.numel() * t.element_size() for t in getattr(rt.weights, "host", {}).values()),
+            # each rank its own 1/N of the streamed weights (allgather, pool), or one copy per node shared
+            "weight_host_parts": bool(getattr(rt.weights, "host_parts", False)),
+            "weight_host_driver_pinned": len(getattr(rt.weights, "driver_pinned", ()))}
     rt.engine.close()
     copy_only = rt.weights.copy_only_pass_s()
     rt.weights.close()
@@ -207,15 +210,19 @@ def _timed_generations(rt: Runtime, input_ids, mask, w: Workload, world) -> dict
 
 def host_memory_record(before: int | None, during: int | None, per_rank: list[dict], ranks_on_node: int) -> dict:
     """The node's memory the run took (MemTotal - MemAvailable while it ran, less before it
-    started) against docs/distributed.md's model: the streamed weights once per node, each rank's
+    started) against docs/distributed.md's model: the streamed weights once per node (one shared
+    copy, or with allgather and pool each rank's 1/N), each rank's
     KV cache in CPU memory, and a few GiB a rank (CUDA context, Python, staging). Under torchrun
     every rank of the node started together, so `before` is the node's before any of them loaded."""
     node_ranks = per_rank[:ranks_on_node]  # rank order: the first node's ranks first
-    weights = max(r["weight_host_bytes"] for r in node_ranks)  # one shared copy, mapped by each
+    parts = [r["weight_host_bytes"] for r in node_ranks]
+    # each rank its own 1/N of the weights, or one shared copy mapped by each
+    weights = sum(parts) if node_ranks[0].get("weight_host_parts") else max(parts)
     model = weights + sum(r["kv_host_bytes"] for r in node_ranks) + ranks_on_node * RANK_OVERHEAD_BYTES
     used = during - before if before is not None and during is not None else None
     return {"node_used_by_run_bytes": used, "model_bytes": model, "used_over_model": used / model if used else None,
-            "weight_host_bytes": weights, "ranks_on_node": ranks_on_node,
+            "weight_host_bytes": weights, "weight_host_parts": bool(node_ranks[0].get("weight_host_parts")),
+            "ranks_on_node": ranks_on_node,
             "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in per_rank]}
 
 

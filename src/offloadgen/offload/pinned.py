@@ -7,7 +7,10 @@ cudaHostRegister, exact in size, and several buffers are registered at once from
 """
 from __future__ import annotations
 
+import ctypes
+import weakref
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -33,6 +36,46 @@ def unpin_tensors(tensors: list[torch.Tensor]) -> None:
     cudart = torch.cuda.cudart()
     for t in tensors:
         cudart.cudaHostUnregister(t.data_ptr())
+
+
+_cudart_lib = None
+
+
+def _cudart():
+    """The CUDA runtime library PyTorch loaded, through ctypes, for what torch.cuda.cudart() lacks
+    (cudaHostAlloc); None where PyTorch has none loaded as its own library."""
+    global _cudart_lib
+    if _cudart_lib is None:
+        torch.cuda.init()
+        maps = Path("/proc/self/maps")
+        path = next((line.split()[-1] for line in maps.read_text().splitlines() if "libcudart.so" in line),
+                    None) if maps.exists() else None
+        _cudart_lib = ctypes.CDLL(path) if path else False
+        if path:
+            _cudart_lib.cudaHostAlloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
+            _cudart_lib.cudaFreeHost.argtypes = [ctypes.c_void_p]
+    return _cudart_lib or None
+
+
+def driver_pinned(nbytes: int) -> torch.Tensor | None:
+    """nbytes of page-locked memory allocated by the CUDA driver (cudaHostAlloc, what pin_memory()
+    uses, without its caching allocator's rounding up to a power of two), as a uint8 tensor whose
+    memory is freed when the last view of it goes; None without CUDA or where it is refused.
+
+    Four H100s copying at once read such memory at 178-194 GB/s together, and ordinary memory
+    registered with cudaHostRegister at 135-181 GB/s, varying with the state of the host's memory
+    (benchmarks/link_patterns.py; docs/distributed.md)."""
+    lib = _cudart() if torch.cuda.is_available() and nbytes > 0 else None
+    if lib is None:
+        return None
+    ptr = ctypes.c_void_p()
+    if lib.cudaHostAlloc(ctypes.byref(ptr), nbytes, 1) != 0:  # 1: cudaHostAllocPortable, every context
+        lib.cudaGetLastError()  # clear the error so that it is not reported by an unrelated later call
+        return None
+    buf = (ctypes.c_uint8 * nbytes).from_address(ptr.value)
+    # torch.frombuffer keeps buf while a view lives; at exit the process's end frees it, after CUDA's
+    weakref.finalize(buf, lib.cudaFreeHost, ptr.value).atexit = False
+    return torch.frombuffer(buf, dtype=torch.uint8)
 
 
 COPY_CHUNK = 64 << 20  # bytes

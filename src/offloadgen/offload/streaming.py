@@ -15,6 +15,7 @@ one through a pinned buffer: no slow pinning at start-up, at the price of a CPU 
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import sys
 import threading
@@ -28,7 +29,7 @@ from ..models import family_of
 from ..quant import QuantConfig
 from .experts import WHOLE_SPAN_SHARE, ArrivingExperts, ExpertCache, expert_layouts
 from .packed import ALIGN, PackedBlock
-from .pinned import copy_in_chunks, pin_tensors, unpin_tensors
+from .pinned import copy_in_chunks, driver_pinned, pin_tensors, unpin_tensors
 from .weights import load_resident_blocks
 
 RESIDENT_FILL_THREADS = 4  # packed resident blocks filled at once (read or quantized, then copied over)
@@ -66,6 +67,10 @@ class StreamingWeights:
         self.peers = None
         self.peer_copy = gather == "copy" and self.shards > 1
         self.order = placement.fetched
+        # Sharded, each rank keeps only its part of the streamed blocks (_place_parts);
+        # OFFLOADGEN_HOST_PARTS=0 keeps the whole blocks once per node in shared memory instead (an A/B).
+        self.host_parts = self.shards > 1 and os.environ.get("OFFLOADGEN_HOST_PARTS", "1") != "0"
+        self.driver_pinned: set = set()  # blocks whose host memory came page-locked from the driver
         self.quant = quant
         family = family_of(self.cfg)
         self.layouts = {b: PackedBlock(b, {k: s for k, (_, s) in family.block_tensors(self.cfg, b).items()}, dtype, quant)
@@ -127,6 +132,43 @@ class StreamingWeights:
             if self.quant_cache is not None:
                 self.quant_cache.save(b, layout, flat)
 
+    def fill_part(self, checkpoint, b, lo: int, hi: int, out: torch.Tensor) -> None:
+        """Fill `out` with bytes [lo, hi) of block b's packed buffer: a rank's 1/N of a block. A
+        16-bit block's tensors that lie wholly inside are read straight into place; the one or two
+        cut by the part's ends are read whole into a temporary and their bytes in the part copied,
+        so that N ranks making their parts read the block about once between them. A quantized
+        block is made whole (its entries are encoded a tensor at a time) and its part copied."""
+        layout = self.layouts[b]
+        if layout.quantized:
+            flat = torch.zeros(layout.nbytes, dtype=torch.uint8)
+            self._fill_block(checkpoint, b, flat)
+            out.copy_(flat[lo:hi])
+            return
+        inside, cut, pos = set(), [], lo
+        for key, (off, dt, shape) in sorted(layout.entries.items(), key=lambda kv: kv[1][0]):
+            end = off + torch.Size(shape).numel() * dt.itemsize
+            if end <= lo or off >= hi:
+                continue
+            if pos < off:  # the padding before an entry: zeros, as in a whole block's buffer
+                out[pos - lo:off - lo].zero_()
+            pos = min(hi, end)
+            (inside.add(key) if lo <= off and end <= hi else cut.append((key, off)))
+        out[pos - lo:].zero_()
+        everything = set(layout.entries)
+        if inside:
+            checkpoint.read_block(b, self.dtype, out=layout.views(out, inside, base=lo), skip=everything - inside)
+        for key, off in cut:
+            whole = checkpoint.read_block(b, self.dtype, skip=everything - {key})[key].reshape(-1).view(torch.uint8)
+            a, z = max(lo, off), min(hi, off + whole.numel())
+            out[a - lo:z - lo].copy_(whole[a - off:z - off])
+
+    def _part_span(self, b) -> tuple[int, int]:
+        """The bytes [lo, hi) of block b's packed buffer that are this rank's 1/N (the last rank's
+        may be shorter, or empty)."""
+        n = self.layouts[b].nbytes
+        part, r = self._part_bytes(n), self.world.rank
+        return min(r * part, n), min((r + 1) * part, n)
+
     def _place_resident(self, checkpoint, bar) -> None:
         """Resident blocks go straight to the device; tied tensors (same checkpoint name) are shared.
         Quantized ones stay packed there and are dequantized per use."""
@@ -152,10 +194,10 @@ class StreamingWeights:
             self._make_arenas()
 
         def make(b, _):
-            flat = torch.zeros(self.layouts[b].nbytes, dtype=torch.uint8)
-            self._fill_block(checkpoint, b, flat)
-            part = self._part_bytes(flat.numel())
-            mine = flat[self.world.rank * part:(self.world.rank + 1) * part]
+            part = self._part_bytes(self.layouts[b].nbytes)
+            lo, hi = self._part_span(b)
+            mine = torch.empty(hi - lo, dtype=torch.uint8)
+            self.fill_part(checkpoint, b, lo, hi, mine)
             if self.peer_copy:  # its place in this rank's arena, which the other ranks read
                 shard = self.peers.view(self.world.rank, self.arena_offset[b], part)
             else:
@@ -210,7 +252,9 @@ class StreamingWeights:
                 self._registered.append(flat)
             bar.update()
         sizes = {b: self.layouts[b].nbytes for b in self.placement.streamed}
-        if self.world is not None:
+        if self.host_parts:
+            self._place_parts(checkpoint, bar)
+        elif self.world is not None:
             from ..distributed import shared_host_buffers
             self.host = shared_host_buffers(sizes, self.world, key, fill)
         else:
@@ -219,12 +263,36 @@ class StreamingWeights:
             fill_in_parallel(self.host, fill)
         bar.close()
 
+    def _place_parts(self, checkpoint, bar) -> None:
+        """With the fetch sharded (allgather, pool) each rank copies only its 1/N of every streamed
+        block over its link, so it keeps only that part in host memory and makes it itself: the
+        node holds the weights once in all, filled by every rank at once. A part sits in memory the
+        CUDA driver allocated page-locked (cudaHostAlloc), as pin_memory() does. On 4 H100s copying
+        at once, such memory was read at 178-194 GB/s together, and one shared file registered with
+        cudaHostRegister at 135-181 GB/s, varying from lease to lease with the state of the host's
+        memory (docs/distributed.md)."""
+        from ..distributed import fill_in_parallel
+        self.host = dict.fromkeys(self.placement.streamed)
+
+        def make(b, _):
+            lo, hi = self._part_span(b)
+            part = driver_pinned(hi - lo) if self.cuda else None
+            if part is None:  # no CUDA, or refused: ordinary memory, registered by _pin_host
+                part = torch.empty(hi - lo, dtype=torch.uint8)
+            else:
+                self.driver_pinned.add(b)
+            self.fill_part(checkpoint, b, lo, hi, part)
+            self.host[b] = part
+            bar.update()
+        fill_in_parallel(dict(self.host), make)
+
     def _pin_host(self, pinned: bool) -> None:
         """Pin the host buffers that were not pinned as they were filled."""
         self.pinned = pinned and self.cuda and self.disk is None
         if self.pinned:
             done = {t.data_ptr() for t in self._registered}
-            todo = [b for b, t in self.host.items() if t.data_ptr() not in done]
+            todo = [b for b, t in self.host.items()
+                    if t.data_ptr() not in done and b not in self.driver_pinned and t.numel()]
             ok = pin_tensors([self.host[b] for b in todo])
             self._registered += [self.host[b] for b, good in zip(todo, ok) if good]
             for b, good in zip(todo, ok):  # registration refused (e.g. no permission): fall back to the allocator
@@ -381,9 +449,10 @@ class StreamingWeights:
             buf = self.copies % len(self.landing)
             if self.landing_held[buf]:
                 return
-            src = self.host[block]
-            part, r = self._part_bytes(self.layouts[block].nbytes), self.world.rank
-            src = src[min(r * part, src.numel()):min((r + 1) * part, src.numel())]
+            src = self.host[block]  # this rank's part (or, with the node-shared buffers, the whole block)
+            if not self.host_parts:
+                lo, hi = self._part_span(block)
+                src = src[lo:hi]
             dst = self.landing[buf][:src.numel()]
             event = None
             if self.cuda:
