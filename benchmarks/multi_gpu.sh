@@ -12,6 +12,7 @@
 # RESIDENT=last (or spread, the default) places the layers each GPU keeps whole with --resident-layers:
 #   bash benchmarks/multi_gpu.sh one allgather && RESIDENT=last bash benchmarks/multi_gpu.sh one allgather
 # allgathershared, poolshared: the same with the whole blocks in one node-shared memory (OFFLOADGEN_HOST_PARTS=0)
+# OFFLOADGEN_COPY_CHUNK_MB=n: host copies in n MB pieces (default 64; column MB)
 # LANDING=n gives allgather and pool n landing buffers (--landing-buffers), e.g. LANDING=4 ... allgather
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -86,14 +87,14 @@ def ram(r, key):  # the node's RAM the run took, and docs/distributed.md's model
 def host(r):  # where the streamed weights sat: each rank's own part, or whole blocks shared by the node
     h = r.get("host_memory") or {}
     return "-" if r["world_size"] == 1 else "part" if h.get("weight_host_parts") else "node"
-print(f"{'gpus':>4} {'fetch':>9} {'host':>4} {'gath':>4} {'ahead':>5} {'kept':>6} {'land':>4} {'ch':>3} {'bits':>4} {'kv':>3} {'batch':>5} {'pooled':>6} {'tok/s':>8} {'step s':>7} {'vs 1':>6} "
+print(f"{'gpus':>4} {'fetch':>9} {'host':>4} {'MB':>4} {'gath':>4} {'ahead':>5} {'kept':>6} {'land':>4} {'ch':>3} {'bits':>4} {'kv':>3} {'batch':>5} {'pooled':>6} {'tok/s':>8} {'step s':>7} {'vs 1':>6} "
       f"{'PCIe GB/rank':>12} {'NVLink GB/rank':>14} {'start s':>7} {'H2D GB/s':>8} {'NV GB/s':>7} {'pred s':>7} "
       f"{'PCIe s':>7} {'NVLink s':>8} {'copy s':>7} {'bound':>8} {'RAM GiB':>7} {'model':>6}")
 for r in rows:
     ratio = r["decode_throughput"] / one if one else float("nan")
     # H2D: the N links together where probed, else one link alone; NV: the all-gather rate a rank receives
     h2d = r.get("h2d_aggregate_bytes_s") or r.get("h2d_bandwidth_bytes_s")
-    print(f"{r['world_size']:4d} {r['weight_fetch']:>9} {host(r):>4} {r.get('peer_copy') or r.get('weight_gather', 'nccl'):>4} {r.get('prefetch_depth', 1):5d} {r.get('resident_at') or '-':>6} {r.get('landing_buffers') or '-':>4} {r.get('nccl_max_nchannels') or '-':>3} {r['quant_bits']:4d} {'y' if r['kv_offload'] else 'n':>3} {r['batch_size']:5d} "
+    print(f"{r['world_size']:4d} {r['weight_fetch']:>9} {host(r):>4} {r.get('copy_chunk_bytes', 64 << 20) >> 20:4d} {r.get('peer_copy') or r.get('weight_gather', 'nccl'):>4} {r.get('prefetch_depth', 1):5d} {r.get('resident_at') or '-':>6} {r.get('landing_buffers') or '-':>4} {r.get('nccl_max_nchannels') or '-':>3} {r['quant_bits']:4d} {'y' if r['kv_offload'] else 'n':>3} {r['batch_size']:5d} "
           f"{r.get('pooled_blocks', 0):6d} {r['decode_throughput']:8.2f} {r['decode_step_s']:7.3f} {ratio:6.2f} "
           f"{r.get('pcie_bytes_per_step_per_rank', 0) / 1e9:12.2f} {r.get('nvlink_bytes_per_step_per_rank', 0) / 1e9:14.2f} {r['startup_s']:7.1f} "
           f"{gbs(h2d):>8} {gbs(r.get('nvlink_allgather_bytes_s')):>7} {sec(r.get('predicted_step_s')):>7} "

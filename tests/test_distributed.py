@@ -420,3 +420,25 @@ def test_a_ranks_part_of_a_block_is_those_bytes_of_the_whole_block(tiny, quant):
         out = torch.full((hi - lo,), 7, dtype=torch.uint8)
         weights.fill_part(ckpt, 0, lo, hi, out)
         assert torch.equal(out, whole[lo:hi]), (lo, hi)
+
+
+def test_copy_pieces_come_from_the_environment_and_a_bad_size_is_refused(monkeypatch):
+    from offloadgen.errors import OffloadgenError
+    from offloadgen.offload import pinned
+    for raw, expect in (("64", 64 << 20), ("1024", 1 << 30), ("0", None), ("1.5", None), ("big", None)):
+        pinned.copy_chunk.cache_clear()
+        monkeypatch.setenv("OFFLOADGEN_COPY_CHUNK_MB", raw)
+        if expect is None:
+            with pytest.raises(OffloadgenError, match=f"whole number of megabytes above 0; got '{raw}'"):
+                pinned.copy_chunk()
+        else:
+            assert pinned.copy_chunk() == expect
+    pinned.copy_chunk.cache_clear()
+    monkeypatch.delenv("OFFLOADGEN_COPY_CHUNK_MB")
+    assert pinned.copy_chunk() == 64 << 20
+    pieces = []
+    dst, src = torch.empty(10), torch.arange(10.0)
+    real = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda d, s, **kw: pieces.append(s.numel()) or real(d, s, **kw))
+    pinned.copy_in_chunks(dst, src, chunk=16)  # 40 bytes in pieces of 16
+    assert pieces == [16, 16, 8] and torch.equal(dst, src)

@@ -27,7 +27,7 @@ from ..machine import (Calibration, GiB, cpu_read_bandwidth, dense_matmul_flops,
 from ..metrics import RunMetrics
 from ..models import param_count
 from ..offload import cpu_attention, kv_cache
-from ..offload.pinned import zero_copy_used
+from ..offload.pinned import copy_chunk, zero_copy_used
 from ..plan import Links, link_bytes, predict
 from ..runtime import Runtime, build_runtime, resolve_device
 from ..sampling import SamplingParams
@@ -297,6 +297,7 @@ def _record(rt: Runtime, run: RunConfig, w: Workload, m: RunMetrics, probes, cop
         "torch": torch.__version__, "gpu_budget_bytes": plan.budget,
         # the attention kernels depend on it (models/layers.py: cuDNN's is left out)
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "copy_chunk_bytes": copy_chunk(),  # the pieces host-to-device copies are issued in
         "placement": None if p is None else {**p.bytes, "resident_blocks": len(p.resident),
                                              "streamed_blocks": len(p.streamed), "prefill_tokens": p.prefill_tokens,
                                              "resident_layers": [b for b in p.resident if isinstance(b, int)]},
