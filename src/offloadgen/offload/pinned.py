@@ -66,9 +66,10 @@ def driver_pinned(nbytes: int) -> torch.Tensor | None:
     uses, without its caching allocator's rounding up to a power of two), as a uint8 tensor whose
     memory is freed when the last view of it goes; None without CUDA or where it is refused.
 
-    Four H100s copying at once read such memory at 178-194 GB/s together, and ordinary memory
-    registered with cudaHostRegister at 135-181 GB/s, varying with the state of the host's memory
-    (benchmarks/link_patterns.py; docs/distributed.md)."""
+    Four H100s copying from such memory at once, one thread each, moved 171-194 GB/s together;
+    from ordinary memory registered with cudaHostRegister, 108-150 in 11 of 12 cases
+    (benchmarks/link_patterns.py, two leases). A whole all-gather run did not show that
+    difference (docs/distributed.md)."""
     lib = _cudart() if torch.cuda.is_available() and nbytes > 0 else None
     if lib is None:
         return None
