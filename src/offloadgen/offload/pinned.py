@@ -47,39 +47,57 @@ _cudart_lib = None
 
 def _cudart():
     """The CUDA runtime library PyTorch loaded, through ctypes, for what torch.cuda.cudart() lacks
-    (cudaHostAlloc); None where PyTorch has none loaded as its own library."""
+    (cudaHostAlloc); None where PyTorch has none loaded as its own library (cudart linked
+    statically) or it cannot be opened: the caller then falls back to registered memory."""
     global _cudart_lib
     if _cudart_lib is None:
         torch.cuda.init()
         maps = Path("/proc/self/maps")
-        path = next((line.split()[-1] for line in maps.read_text().splitlines() if "libcudart.so" in line),
-                    None) if maps.exists() else None
-        _cudart_lib = ctypes.CDLL(path) if path else False
-        if path:
-            _cudart_lib.cudaHostAlloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
-            _cudart_lib.cudaFreeHost.argtypes = [ctypes.c_void_p]
+        # a line is "address perms offset dev inode path": the path may hold spaces
+        paths = [fields[5] for line in (maps.read_text().splitlines() if maps.exists() else ())
+                 if len(fields := line.split(maxsplit=5)) == 6 and "libcudart.so" in fields[5]]
+        lib = False
+        try:
+            lib = ctypes.CDLL(paths[0]) if paths else False
+        except OSError:  # e.g. "(deleted)": the file was replaced after it was loaded
+            pass
+        if lib:
+            lib.cudaHostAlloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
+            lib.cudaFreeHost.argtypes = [ctypes.c_void_p]
+        # published only with its argtypes set: the fill threads call this at once, and one that
+        # took the library before them would pass sizes as C ints (over 2 GiB refused)
+        _cudart_lib = lib
     return _cudart_lib or None
 
 
-def driver_pinned(nbytes: int) -> torch.Tensor | None:
+def _free_host(lib, ptr: int, device: torch.device | None) -> None:
+    with torch.cuda.device(device):
+        lib.cudaFreeHost(ptr)
+
+
+def driver_pinned(nbytes: int, device: torch.device | None = None) -> torch.Tensor | None:
     """nbytes of page-locked memory allocated by the CUDA driver (cudaHostAlloc, what pin_memory()
     uses, without its caching allocator's rounding up to a power of two), as a uint8 tensor whose
     memory is freed when the last view of it goes; None without CUDA or where it is refused.
 
     Four H100s copying from such memory at once, one thread each, moved 171-194 GB/s together;
-    from ordinary memory registered with cudaHostRegister, 108-150 in 11 of 12 cases
+    from ordinary memory registered with cudaHostRegister, 108-150 in 9 of 10 cases
     (benchmarks/link_patterns.py, two leases). A whole all-gather run did not show that
-    difference (docs/distributed.md)."""
+    difference (docs/distributed.md).
+
+    `device` (the rank's GPU) is made current around the runtime's calls: a fill thread's current
+    device is otherwise GPU 0, and the call would open a CUDA context there in every rank."""
     lib = _cudart() if torch.cuda.is_available() and nbytes > 0 else None
     if lib is None:
         return None
     ptr = ctypes.c_void_p()
-    if lib.cudaHostAlloc(ctypes.byref(ptr), nbytes, 1) != 0:  # 1: cudaHostAllocPortable, every context
-        lib.cudaGetLastError()  # clear the error so that it is not reported by an unrelated later call
-        return None
+    with torch.cuda.device(device):
+        if lib.cudaHostAlloc(ctypes.byref(ptr), nbytes, 1) != 0:  # 1: cudaHostAllocPortable, every context
+            lib.cudaGetLastError()  # clear the error so that it is not reported by an unrelated later call
+            return None
     buf = (ctypes.c_uint8 * nbytes).from_address(ptr.value)
     # torch.frombuffer keeps buf while a view lives; at exit the process's end frees it, after CUDA's
-    weakref.finalize(buf, lib.cudaFreeHost, ptr.value).atexit = False
+    weakref.finalize(buf, _free_host, lib, ptr.value, device).atexit = False
     return torch.frombuffer(buf, dtype=torch.uint8)
 
 

@@ -50,8 +50,9 @@ class StreamingWeights:
         if self.cuda and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.placement = placement
-        # Several ranks (distributed.World): streamed blocks sit once per node in shared memory; with
-        # fetch="allgather" each rank copies 1/N of a block over its own link and all-gathers the rest.
+        # Several ranks (distributed.World): streamed blocks sit once per node, in shared memory with
+        # fetch="whole"; with "allgather" and "pool" each rank copies 1/N of a block over its own link
+        # (and holds only that 1/N: _place_parts) and all-gathers the rest.
         self.world = world if world is not None and world.active else None
         if fetch not in ("whole", "allgather", "pool"):
             raise ValueError(f"fetch must be 'whole', 'allgather' or 'pool', not {fetch!r}")
@@ -227,8 +228,8 @@ class StreamingWeights:
         self.peers = PeerArenas(offset, self.world, self.device)
 
     def _place_streamed(self, checkpoint, offload_dir, bar, progress, pin_now: bool) -> None:
-        """Streamed blocks: packed host buffers filled straight from the checkpoint (once per node
-        in shared memory under torchrun), each pinned as soon as it is filled where pin_now, or
+        """Streamed blocks: packed host buffers filled straight from the checkpoint (under torchrun
+        once per node: in shared memory, or each rank its 1/N with allgather and pool), each pinned as soon as it is filled where pin_now, or
         packed files on disk, written once and reused by a later run with the same model."""
         self.host = {}
         if not self.placement.streamed:
@@ -276,7 +277,7 @@ class StreamingWeights:
 
         def make(b, _):
             lo, hi = self._part_span(b)
-            part = driver_pinned(hi - lo) if self.cuda else None
+            part = driver_pinned(hi - lo, self.device) if self.cuda else None
             if part is None:  # no CUDA, or refused: ordinary memory, registered by _pin_host
                 part = torch.empty(hi - lo, dtype=torch.uint8)
             else:
