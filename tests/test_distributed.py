@@ -442,3 +442,72 @@ def test_copy_pieces_come_from_the_environment_and_a_bad_size_is_refused(monkeyp
     monkeypatch.setattr(torch.Tensor, "copy_", lambda d, s, **kw: pieces.append(s.numel()) or real(d, s, **kw))
     pinned.copy_in_chunks(dst, src, chunk=16)  # 40 bytes in pieces of 16
     assert pieces == [16, 16, 8] and torch.equal(dst, src)
+    pinned.copy_chunk.cache_clear()  # without a chunk, the environment's
+    monkeypatch.setenv("OFFLOADGEN_COPY_CHUNK_MB", "1")
+    pieces.clear()
+    dst, src = torch.empty(3 << 18), torch.ones(3 << 18)  # 3 MB
+    pinned.copy_in_chunks(dst, src)
+    pinned.copy_chunk.cache_clear()
+    assert pieces == [1 << 20] * 3 and torch.equal(dst, src)
+
+
+def test_a_nodes_weights_are_counted_once_whether_shared_or_held_in_parts():
+    """bench's host-memory model: node-shared blocks are mapped whole by every rank (counted once,
+    the largest), parts held by each rank add up (allgather and pool since session 16)."""
+    from offloadgen.bench.run import RANK_OVERHEAD_BYTES, host_memory_record
+    ranks = [{"weight_host_bytes": n, "kv_host_bytes": 0, "peak_rss_bytes": 0} for n in (30, 30, 30, 10)]
+    shared = host_memory_record(0, 1, [{**r, "weight_host_bytes": 100} for r in ranks], 4)
+    parts = host_memory_record(0, 1, [{**r, "weight_host_parts": True} for r in ranks], 4)
+    assert shared["weight_host_bytes"] == 100 and not shared["weight_host_parts"]
+    assert parts["weight_host_bytes"] == 100 and parts["weight_host_parts"]
+    assert parts["model_bytes"] == 100 + 4 * RANK_OVERHEAD_BYTES
+
+
+def test_driver_pinned_memory_lives_while_a_view_does_and_is_freed_on_the_ranks_device(monkeypatch):
+    """driver_pinned's memory (cudaHostAlloc, here a fake runtime over malloc) is freed once, by
+    cudaFreeHost, when the last view goes, with the rank's device current; a refusal gives None."""
+    import contextlib
+    import ctypes
+    import gc
+    from offloadgen.offload import pinned
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    freed, current = [], []
+
+    class FakeRuntime:
+        refuse = False
+
+        def cudaHostAlloc(self, ptr, nbytes, flags):
+            if self.refuse:
+                return 2  # cudaErrorMemoryAllocation
+            ptr._obj.value = libc.malloc(nbytes)
+            return 0
+
+        def cudaFreeHost(self, ptr):
+            freed.append((ptr, current[-1] if current else None))
+            libc.free(ctypes.c_void_p(ptr))
+
+        def cudaGetLastError(self):
+            return 0
+    fake = FakeRuntime()
+
+    @contextlib.contextmanager
+    def device(d):
+        current.append(d)
+        yield
+        current.pop()
+    monkeypatch.setattr(pinned, "_cudart", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    t = pinned.driver_pinned(4096, "cuda:3")
+    t.fill_(5)
+    view = t[100:200].view(torch.int16)
+    del t
+    gc.collect()
+    assert not freed and view.sum().item() == 50 * (5 * 256 + 5)
+    del view
+    gc.collect()
+    assert len(freed) == 1 and freed[0][1] == "cuda:3"
+    fake.refuse = True
+    assert pinned.driver_pinned(4096, "cuda:3") is None
+    assert pinned.driver_pinned(0) is None
