@@ -11,7 +11,8 @@ Two ways for the weights to reach each GPU (`--weight-fetch`):
 - allgather: rank r copies only bytes [r/N, (r+1)/N) of a layer over its link and the GPUs
   all-gather the rest among themselves (what ZeRO stage 3 does). With NVLink much faster than
   PCIe this divides the host-link time per layer by N; see docs/distributed.md for the model.
-Either way the streamed weights sit once in a node's shared memory, not once per rank.
+Either way the streamed weights sit once per node, not once per rank: with whole in the node's
+shared memory, with allgather (and pool) as each rank's own 1/N (offload/streaming.py).
 """
 from __future__ import annotations
 
