@@ -3,6 +3,7 @@ one process, in both weight-fetch modes; weights are shared on a node; bad input
 end with a clear error, not a hang."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -511,3 +512,51 @@ def test_driver_pinned_memory_lives_while_a_view_does_and_is_freed_on_the_ranks_
     fake.refuse = True
     assert pinned.driver_pinned(4096, "cuda:3") is None
     assert pinned.driver_pinned(0) is None
+
+
+def test_pinning_registers_from_its_threads_with_the_callers_device_current(monkeypatch):
+    """pin_tensors registers from a thread pool, whose threads' current GPU is 0: each call runs
+    with the given device (or the caller's) current, so that no rank opens a context on GPU 0."""
+    import contextlib
+    import threading
+    from offloadgen.offload import pinned
+    seen, current = [], threading.local()
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, nbytes, flags):
+            seen.append(getattr(current, "device", None))
+            return 0
+
+    @contextlib.contextmanager
+    def device(d):
+        current.device = d
+        yield
+        current.device = None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert pinned.pin_tensors([torch.empty(8) for _ in range(5)], threads=3, device="cuda:1") == [True] * 5
+    assert seen == ["cuda:1"] * 5
+    seen.clear()
+    assert pinned.pin_tensors([torch.empty(8)], threads=2) == [True]
+    assert seen == [2]  # the caller's current device
+
+
+@pytest.mark.parametrize("name,value,says", [("OFFLOADGEN_HOST_PARTS", "false", "must be 1 (each rank keeps"),
+                                             ("OFFLOADGEN_COPY_CHUNK_MB", "64MB", "whole number of megabytes")])
+def test_a_bad_ab_switch_is_refused_when_the_run_is_planned(monkeypatch, name, value, says):
+    """Refused before any weight is placed (a CPU bench used to fail only when writing its record)."""
+    from offloadgen.config import RunConfig
+    from offloadgen.errors import OffloadgenError
+    from offloadgen.models import preset
+    from offloadgen.offload import pinned
+    from offloadgen.runtime import plan_run
+    pinned.copy_chunk.cache_clear()
+    monkeypatch.setenv(name, value)
+    with pytest.raises(OffloadgenError, match=re.escape(says)):
+        plan_run(RunConfig(device="cpu", dtype="float32"), preset("opt-125m"), torch.device("cpu"))
+    monkeypatch.delenv(name)
+    pinned.copy_chunk.cache_clear()
+    plan_run(RunConfig(device="cpu", dtype="float32"), preset("opt-125m"), torch.device("cpu"))

@@ -106,6 +106,11 @@ def plan_run(config: RunConfig, model_cfg, device: torch.device, world: World | 
         from .offload.peer_copy import check_peer_copy
         check_peer_copy(world)
     check_model_settings(config, model_cfg)
+    # the A/B switches' values are refused now, not at the first copy or once weights are placed
+    from .offload.pinned import copy_chunk
+    from .offload.streaming import host_parts_wanted
+    copy_chunk()
+    host_parts_wanted()
     quant = QuantConfig(config.quant_bits, config.quant_group_size) if config.quant_bits != 16 else None
     dtype = resolve_dtype(config.dtype, device, model_cfg)
     elem = torch.empty((), dtype=dtype).element_size()

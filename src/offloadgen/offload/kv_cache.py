@@ -216,7 +216,7 @@ class OffloadedKVCache:
         self._registered = []
         if opts.pinned and self.cuda:
             flat = [t for layer in self.k + self.v for t in layer]
-            ok = pin_tensors(flat)
+            ok = pin_tensors(flat, device=self.device)
             self._registered = [t for t, good in zip(flat, ok) if good]
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.pending: dict[tuple[int, int], torch.cuda.Event] = {}  # asynchronous writes still landing

@@ -19,19 +19,23 @@ import torch
 from ..errors import OffloadgenError
 
 
-def _register(t: torch.Tensor) -> bool:
-    cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+def _register(t: torch.Tensor, device: torch.device | int) -> bool:
+    # A new thread's current GPU is 0: registering from it would open a CUDA context on GPU 0 in
+    # every rank of a node, memory no budget counts. The caller's GPU is made current instead.
+    with torch.cuda.device(device):
+        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
     return int(err) == 0
 
 
-def pin_tensors(tensors: list[torch.Tensor], threads: int = 8) -> list[bool]:
-    """Register each tensor's memory as pinned; returns which succeeded (the rest stay pageable)."""
+def pin_tensors(tensors: list[torch.Tensor], threads: int = 8, device: torch.device | None = None) -> list[bool]:
+    """Register each tensor's memory as pinned, from `threads` threads with `device` (the
+    caller's current GPU by default) current; returns which succeeded (the rest stay pageable)."""
     if not torch.cuda.is_available() or not tensors:
         return [False] * len(tensors)
     torch.cuda.init()
+    device = torch.cuda.current_device() if device is None else device
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(_register, tensors))
+        return list(pool.map(lambda t: _register(t, device), tensors))
 
 
 def unpin_tensors(tensors: list[torch.Tensor]) -> None:
@@ -103,8 +107,10 @@ def driver_pinned(nbytes: int, device: torch.device | None = None) -> torch.Tens
 
 @functools.cache
 def copy_chunk() -> int:
-    """The piece size of copy_in_chunks: 64 MB, or OFFLOADGEN_COPY_CHUNK_MB (for A/B runs: on 4
-    H100s copying at once, whole 0.3 GB copies moved 1-7% more than 64 MB pieces in link_patterns)."""
+    """The piece size of copy_in_chunks, for every host-to-device copy in pieces (streamed weights
+    and the offloaded KV cache): 64 MB, or OFFLOADGEN_COPY_CHUNK_MB for A/B runs (4 H100s copying
+    at once moved 1-7% more in whole 0.3 GB copies in link_patterns; an all-gather run did not
+    gain: docs/distributed.md)."""
     raw = os.environ.get("OFFLOADGEN_COPY_CHUNK_MB", "64")
     if not raw.isdigit() or int(raw) == 0:
         raise OffloadgenError(f"OFFLOADGEN_COPY_CHUNK_MB must be a whole number of megabytes above 0; got {raw!r}")

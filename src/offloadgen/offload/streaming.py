@@ -35,6 +35,15 @@ from .weights import load_resident_blocks
 RESIDENT_FILL_THREADS = 4  # packed resident blocks filled at once (read or quantized, then copied over)
 
 
+def host_parts_wanted() -> bool:
+    """OFFLOADGEN_HOST_PARTS: 1 (the default) or 0; anything else is refused, not read as either."""
+    raw = os.environ.get("OFFLOADGEN_HOST_PARTS", "1")
+    if raw not in ("0", "1"):
+        raise OffloadgenError(f"OFFLOADGEN_HOST_PARTS must be 1 (each rank keeps its own parts of the streamed "
+                              f"weights, the default) or 0 (whole blocks shared by the node); got {raw!r}")
+    return raw == "1"
+
+
 class StreamingWeights:
     """The streaming weight source (weights.WeightSource). Start-up has four steps, each its own
     method: resident blocks to the device, streamed blocks into host memory (or onto disk),
@@ -70,7 +79,7 @@ class StreamingWeights:
         self.order = placement.fetched
         # Sharded, each rank keeps only its part of the streamed blocks (_place_parts);
         # OFFLOADGEN_HOST_PARTS=0 keeps the whole blocks once per node in shared memory instead (an A/B).
-        self.host_parts = self.shards > 1 and os.environ.get("OFFLOADGEN_HOST_PARTS", "1") != "0"
+        self.host_parts = self.shards > 1 and host_parts_wanted()
         self.driver_pinned: set = set()  # blocks whose host memory came page-locked from the driver
         self.quant = quant
         family = family_of(self.cfg)
@@ -249,7 +258,8 @@ class StreamingWeights:
 
         def fill(b, flat):
             self._fill_block(checkpoint, b, flat)
-            if pin_now and pin_tensors([flat], threads=1)[0]:  # pinned while other blocks are still read
+            # pinned while other blocks are still read
+            if pin_now and pin_tensors([flat], threads=1, device=self.device)[0]:
                 self._registered.append(flat)
             bar.update()
         sizes = {b: self.layouts[b].nbytes for b in self.placement.streamed}
@@ -294,7 +304,7 @@ class StreamingWeights:
             done = {t.data_ptr() for t in self._registered}
             todo = [b for b, t in self.host.items()
                     if t.data_ptr() not in done and b not in self.driver_pinned and t.numel()]
-            ok = pin_tensors([self.host[b] for b in todo])
+            ok = pin_tensors([self.host[b] for b in todo], device=self.device)
             self._registered += [self.host[b] for b, good in zip(todo, ok) if good]
             for b, good in zip(todo, ok):  # registration refused (e.g. no permission): fall back to the allocator
                 if not good:
@@ -342,7 +352,7 @@ class StreamingWeights:
         if self.staged:
             if self.disk is not None:  # O_DIRECT targets: page-aligned, then pinned in place
                 self.staging = [aligned_buffer(ring_numel) for _ in range(slots)]
-                ok = pin_tensors(self.staging)
+                ok = pin_tensors(self.staging, device=self.device)
                 self._registered += [t for t, good in zip(self.staging, ok) if good]
             else:
                 self.staging = [torch.empty(ring_numel, dtype=torch.uint8).pin_memory() for _ in range(slots)]
