@@ -17,7 +17,7 @@ from offloadgen.jobs import run_job
 from offloadgen.outputs import JobOutput
 from offloadgen.sampling import SamplingParams
 
-N_PROMPTS = 120
+N_PROMPTS = 48  # the kill lands after 8 answers, the rest still to do (asserted)
 
 
 @pytest.fixture(scope="module")
