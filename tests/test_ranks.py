@@ -637,3 +637,26 @@ def test_torchrun_stopping_the_other_ranks_is_said_only_when_rank_0_has_not(tmp_
     assert r.stderr.count("offloadgen: error: said by rank 0") == 1
     assert ("closing signal SIGTERM" in r.stderr) == (code != 2), r.stderr[-3000:]
     assert ("ChildFailedError" in r.stderr) == (code != 2), r.stderr[-3000:]
+
+
+def test_torchruns_lines_about_ranks_that_found_the_error_are_held_until_the_outcome_is_known():
+    """Every rank finds a bad setting and exits 2; rank 1 may exit before rank 0, and torchrun then
+    logs 'failed (exitcode: 2) local_rank: 1' (once seen in CI). Such lines, and the closing
+    signals, are held: dropped when rank 0 has said the error, let through (release) otherwise."""
+    import logging
+    from offloadgen.launcher import HeldClosingLines
+    seen = []
+    log = logging.getLogger("test-held-closing-lines")
+    log.propagate = False
+    handler = logging.Handler()
+    handler.emit = seen.append
+    log.addHandler(handler)
+    held = HeldClosingLines(log)
+    log.addFilter(held)
+    fmt = "failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s"
+    log.error(fmt, 2, 1, 123, "python")
+    log.warning("Sending process %s closing signal %s", 124, "SIGTERM")
+    log.error(fmt, 1, 1, 125, "python")  # another failure: not held
+    assert [r.args[0] for r in seen] == [1]
+    held.release()
+    assert [r.args[0] for r in seen] == [1, 2, 124] and not held.held

@@ -72,16 +72,18 @@ def _not_rank_0_said(record: logging.LogRecord) -> bool:
 
 class HeldClosingLines(logging.Filter):
     """Holds torchrun's 'Sending process N closing signal SIGTERM' (the other ranks stopped once one
-    has failed) until the run's outcome is known: after rank 0 has said its error in one line, the
-    other ranks have nothing to add, and the line is dropped; after any other failure it is let
-    through (release), late."""
+    has failed) and its 'failed (exitcode: 2) local_rank: N' for another rank (every rank finds
+    the same bad input, and one may exit before rank 0) until the run's outcome is known: after rank
+    0 has said its error in one line, the other ranks have nothing to add, and the lines are
+    dropped; after any other failure they are let through (release), late."""
 
     def __init__(self, logger: logging.Logger):
         super().__init__()
         self.logger, self.held = logger, []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith("Sending process"):
+        said_elsewhere = str(record.msg).startswith("failed (exitcode") and tuple(record.args or ())[:1] == (SAID,)
+        if str(record.msg).startswith("Sending process") or said_elsewhere:
             self.held.append(record)
             return False
         return True
