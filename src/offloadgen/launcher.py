@@ -65,15 +65,10 @@ def rank_pids(parent: int) -> dict[int, int]:
     return found
 
 
-def _not_rank_0_said(record: logging.LogRecord) -> bool:
-    """Drop torchrun's 'failed (exitcode: 2) local_rank: 0' line: rank 0 has said why."""
-    return not (str(record.msg).startswith("failed (exitcode") and tuple(record.args or ())[:2] == (SAID, 0))
-
-
 class HeldClosingLines(logging.Filter):
     """Holds torchrun's 'Sending process N closing signal SIGTERM' (the other ranks stopped once one
-    has failed) and its 'failed (exitcode: 2) local_rank: N' for another rank (every rank finds
-    the same bad input, and one may exit before rank 0) until the run's outcome is known: after rank
+    has failed) and its 'failed (exitcode: 2) local_rank: N' of any rank (every rank finds the
+    same bad input, and rank 0 says it; another may exit first) until the run's outcome is known: after rank
     0 has said its error in one line, the other ranks have nothing to add, and the lines are
     dropped; after any other failure they are let through (release), late."""
 
@@ -82,8 +77,8 @@ class HeldClosingLines(logging.Filter):
         self.logger, self.held = logger, []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        said_elsewhere = str(record.msg).startswith("failed (exitcode") and tuple(record.args or ())[:1] == (SAID,)
-        if str(record.msg).startswith("Sending process") or said_elsewhere:
+        found_the_error = str(record.msg).startswith("failed (exitcode") and tuple(record.args or ())[:1] == (SAID,)
+        if str(record.msg).startswith("Sending process") or found_the_error:
             self.held.append(record)
             return False
         return True
@@ -153,7 +148,6 @@ def main(argv: list[str]) -> int:
     for s in STOP_SIGNALS:
         signal.signal(s, stop)
     agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
-    agent_log.addFilter(_not_rank_0_said)
     closing = HeldClosingLines(agent_log)
     agent_log.addFilter(closing)
     try:

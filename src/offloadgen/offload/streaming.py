@@ -238,8 +238,9 @@ class StreamingWeights:
 
     def _place_streamed(self, checkpoint, offload_dir, bar, progress, pin_now: bool) -> None:
         """Streamed blocks: packed host buffers filled straight from the checkpoint (under torchrun
-        once per node: in shared memory, or each rank its 1/N with allgather and pool), each pinned as soon as it is filled where pin_now, or
-        packed files on disk, written once and reused by a later run with the same model."""
+        once per node: in shared memory, or each rank its 1/N with allgather and pool), each pinned
+        as soon as it is filled where pin_now, or packed files on disk, written once and reused by
+        a later run with the same model."""
         self.host = {}
         if not self.placement.streamed:
             bar.close()
